@@ -1,0 +1,349 @@
+"""Model facts: what the sizing core needs to know about a GGUF model.
+
+Built from a real header (`facts_from_header`) or from the catalog; both paths
+produce the same `ModelFacts`, so the memory model never cares where facts came
+from. Layer kinds (attention, sliding-window, recurrent) follow llama.cpp's
+per-architecture rules in ``src/models/*.cpp`` and ``llama-hparams.cpp``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .gguf_reader import GGUFHeader
+
+_BLK_RE = re.compile(r"^blk\.(\d+)\.")
+
+# Architectures whose every layer is recurrent (no KV cache).
+RECURRENT_ARCHS = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"}
+# Hybrids whose recurrent layers are marked by full_attention_interval / recurrent_layers.
+INTERVAL_HYBRIDS = {"qwen3next", "qwen35", "qwen35moe"}
+# Hybrids whose recurrent layers are those with zero KV heads.
+ZERO_KV_HYBRIDS = {"jamba", "granitehybrid", "lfm2", "lfm2moe", "nemotron_h", "nemotron_h_moe"}
+# Default sliding-window patterns (n_pattern: every n-th layer is global).
+SWA_PATTERNS: dict[str, int] = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2, "llama4": 4}
+# Architectures llama.cpp has graph code for (a subset we know well); others get a warning.
+KNOWN_ARCHS = {
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen3moe",
+    "qwen35",
+    "qwen35moe",
+    "qwen3next",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "mistral3",
+    "phi3",
+    "granite",
+    "granitehybrid",
+    "jamba",
+    "mamba",
+    "mamba2",
+    "falcon-h1",
+    "gpt-oss",
+    "cohere2",
+    "llama4",
+    "deepseek2",
+    "olmo2",
+    "smollm3",
+}
+
+
+class TensorFact(BaseModel):
+    """One weight tensor: its GGUF type, shape and exact bytes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    ggml_type: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def layer(self) -> int | None:
+        """Block index for ``blk.N.*`` tensors, else None (embedding, output, norms)."""
+        return layer_of(self.name)
+
+
+def layer_of(name: str) -> int | None:
+    """Block index of a ``blk.N.*`` tensor name."""
+    m = _BLK_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+class LayerFact(BaseModel):
+    """What one block keeps in memory besides its weights."""
+
+    model_config = ConfigDict(frozen=True)
+
+    attention: bool = True  # has a KV cache
+    swa: bool = False  # KV capped at the sliding window
+    recurrent: bool = False  # has recurrent (conv + ssm) state
+    n_embd_k_gqa: int = 0
+    n_embd_v_gqa: int = 0
+    n_head: int = 0
+
+
+class SSMFacts(BaseModel):
+    """Recurrent state dimensions (llama.cpp's n_embd_r / n_embd_s per layer)."""
+
+    d_conv: int = 0
+    d_inner: int = 0
+    d_state: int = 0
+    n_group: int = 0
+
+    @property
+    def n_embd_r(self) -> int:
+        return max(self.d_conv - 1, 0) * (self.d_inner + 2 * self.n_group * self.d_state)
+
+    @property
+    def n_embd_s(self) -> int:
+        return self.d_state * self.d_inner
+
+
+class ModelFacts(BaseModel):
+    """Everything about a model that decides llama-server's memory."""
+
+    name: str
+    architecture: str
+    file_bytes: int
+    header_bytes: int
+    n_layer: int  # trunk blocks (excludes MTP/nextn blocks)
+    n_layer_all: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_ff: int
+    n_vocab: int
+    context_length: int
+    tied_embeddings: bool
+    n_swa: int = 0
+    n_expert: int = 0
+    n_expert_used: int = 0
+    ssm: SSMFacts = Field(default_factory=SSMFacts)
+    layers: list[LayerFact]
+    tensors: list[TensorFact]
+    file_type: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def parameters(self) -> int:
+        total = 0
+        for t in self.tensors:
+            n = 1
+            for d in t.shape:
+                n *= d
+            total += n
+        return total
+
+    @property
+    def has_attention(self) -> bool:
+        return any(lf.attention for lf in self.layers)
+
+    @property
+    def has_recurrent(self) -> bool:
+        return any(lf.recurrent for lf in self.layers)
+
+    @property
+    def has_swa(self) -> bool:
+        return any(lf.swa for lf in self.layers)
+
+
+def _per_layer(value: Any, n: int, default: int) -> list[int]:
+    if value is None:
+        return [default] * n
+    if isinstance(value, list):
+        vals = [int(v) for v in value]
+        if len(vals) < n:
+            vals += [vals[-1] if vals else default] * (n - len(vals))
+        return vals[:n]
+    return [int(value)] * n
+
+
+def build_layers(
+    arch: str,
+    n_layer_all: int,
+    n_layer: int,
+    n_head: list[int],
+    n_head_kv: list[int],
+    n_ff: list[int],
+    head_dim_k: int,
+    head_dim_v: int,
+    *,
+    n_swa: int = 0,
+    swa_pattern: int | list[bool] | None = None,
+    full_attention_interval: int | None = None,
+    recurrent_layers: list[bool] | None = None,
+) -> list[LayerFact]:
+    """Per-layer kinds, following llama.cpp's rules for the architecture."""
+    recurrent = [arch in RECURRENT_ARCHS] * n_layer_all
+    if arch in INTERVAL_HYBRIDS:
+        if recurrent_layers is not None:
+            recurrent = [bool(x) for x in recurrent_layers][:n_layer_all]
+            recurrent += [False] * (n_layer_all - len(recurrent))
+        else:
+            interval = full_attention_interval or 4
+            recurrent = [i < n_layer and (i + 1) % interval != 0 for i in range(n_layer_all)]
+    elif arch in ZERO_KV_HYBRIDS:
+        recurrent = [n_head_kv[i] == 0 for i in range(n_layer_all)]
+        if arch.startswith("nemotron_h"):
+            recurrent = [n_head_kv[i] == 0 and n_ff[i] == 0 for i in range(n_layer_all)]
+    elif arch == "falcon-h1":
+        recurrent = [True] * n_layer_all
+
+    swa = [False] * n_layer_all
+    if n_swa > 0:
+        if isinstance(swa_pattern, list):
+            swa = [bool(x) for x in swa_pattern][:n_layer_all]
+            swa += [False] * (n_layer_all - len(swa))
+        else:
+            pattern = swa_pattern if isinstance(swa_pattern, int) else SWA_PATTERNS.get(arch)
+            if pattern is not None:
+                swa = [i < n_layer and (pattern == 0 or i % pattern < pattern - 1) for i in range(n_layer_all)]
+        if arch.startswith("lfm2"):
+            swa = [not r for r in recurrent]
+
+    layers = []
+    for i in range(n_layer_all):
+        if arch in RECURRENT_ARCHS:
+            attention = False
+        elif arch == "falcon-h1":
+            attention = True
+        elif arch.startswith("nemotron_h"):
+            attention = not recurrent[i] and n_ff[i] == 0
+        else:
+            attention = not recurrent[i]
+        # Trunk KV only: nextn (MTP) blocks get KV only in a draft context.
+        attention = attention and i < n_layer
+        layers.append(
+            LayerFact(
+                attention=attention,
+                swa=swa[i] and attention,
+                recurrent=recurrent[i] and i < n_layer,
+                n_embd_k_gqa=head_dim_k * n_head_kv[i] if attention else 0,
+                n_embd_v_gqa=head_dim_v * n_head_kv[i] if attention else 0,
+                n_head=n_head[i],
+            )
+        )
+    return layers
+
+
+def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts:
+    """Model facts from a GGUF header; unknown architectures are planned as dense."""
+    meta = header.metadata
+    arch = header.architecture
+    warnings: list[str] = []
+    if arch not in KNOWN_ARCHS:
+        warnings.append(f"architecture {arch!r} is not known to modelfit; planned as a generic dense transformer")
+
+    def key(suffix: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{suffix}", default)
+
+    n_layer_all = int(key("block_count", 0) or 0)
+    if n_layer_all <= 0:
+        blocks = [t for t in (layer_of(x.name) for x in header.tensors) if t is not None]
+        n_layer_all = max(blocks) + 1 if blocks else 0
+        warnings.append(f"{arch}.block_count missing; counted {n_layer_all} blocks from tensor names")
+    n_nextn = int(key("nextn_predict_layers", 0) or 0)
+    n_layer = max(n_layer_all - n_nextn, 0)
+    n_embd = int(key("embedding_length", 0) or 0)
+    token_embd = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
+    if n_embd <= 0 and token_embd is not None:
+        n_embd = int(token_embd.shape[0])
+    heads = _per_layer(key("attention.head_count"), n_layer_all, 0)
+    heads_kv = _per_layer(key("attention.head_count_kv"), n_layer_all, 0)
+    if key("attention.head_count_kv") is None:
+        heads_kv = list(heads)
+    n_ff = _per_layer(key("feed_forward_length"), n_layer_all, 0)
+    n_head_max = max(heads) if heads else 0
+    head_k = int(key("attention.key_length", 0) or (n_embd // n_head_max if n_head_max else 0))
+    head_v = int(key("attention.value_length", 0) or head_k)
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    n_vocab = int(key("vocab_size", 0) or (len(tokens) if tokens is not None else 0))
+    if n_vocab <= 0 and token_embd is not None and len(token_embd.shape) > 1:
+        n_vocab = int(token_embd.shape[1])
+
+    names = {t.name for t in header.tensors}
+    tied = "output.weight" not in names
+
+    swa_pattern_raw = key("attention.sliding_window_pattern")
+    swa_pattern: int | list[bool] | None
+    if isinstance(swa_pattern_raw, list):
+        swa_pattern = [bool(x) for x in swa_pattern_raw]
+    elif swa_pattern_raw is not None:
+        swa_pattern = int(swa_pattern_raw)
+    else:
+        swa_pattern = None
+    n_swa = int(key("attention.sliding_window", 0) or 0)
+    if arch == "llama4":
+        n_swa = int(key("attention.chunk_size", n_swa) or 0)
+    rec_layers = key("attention.recurrent_layers")
+    layers = build_layers(
+        arch,
+        n_layer_all,
+        n_layer,
+        heads,
+        heads_kv,
+        n_ff,
+        head_k,
+        head_v,
+        n_swa=n_swa,
+        swa_pattern=swa_pattern,
+        full_attention_interval=key("full_attention_interval"),
+        recurrent_layers=[bool(x) for x in rec_layers] if isinstance(rec_layers, list) else None,
+    )
+    ssm = SSMFacts(
+        d_conv=int(key("ssm.conv_kernel", 0) or 0),
+        d_inner=int(key("ssm.inner_size", 0) or 0),
+        d_state=int(key("ssm.state_size", 0) or 0),
+        n_group=int(key("ssm.group_count", 0) or 0),
+    )
+    ftype = meta.get("general.file_type")
+    return ModelFacts(
+        name=name or str(meta.get("general.name") or header.source.rsplit("/", 1)[-1]),
+        architecture=arch,
+        file_bytes=header.file_bytes,
+        header_bytes=header.header_bytes,
+        n_layer=n_layer,
+        n_layer_all=n_layer_all,
+        n_embd=n_embd,
+        n_head=n_head_max,
+        n_head_kv=max(heads_kv) if heads_kv else 0,
+        head_dim_k=head_k,
+        head_dim_v=head_v,
+        n_ff=max(n_ff) if n_ff else 0,
+        n_vocab=n_vocab,
+        context_length=int(key("context_length", 0) or 4096),
+        tied_embeddings=tied,
+        n_swa=n_swa if any(lf.swa for lf in layers) else 0,
+        n_expert=int(key("expert_count", 0) or 0),
+        n_expert_used=int(key("expert_used_count", 0) or 0),
+        ssm=ssm,
+        layers=layers,
+        tensors=[TensorFact(name=t.name, ggml_type=t.type_name, shape=t.shape, nbytes=t.nbytes) for t in header.tensors],
+        file_type=_ftype_name(ftype),
+        warnings=warnings,
+    )
+
+
+def _ftype_name(ftype: Any) -> str | None:
+    if ftype is None:
+        return None
+    try:
+        from gguf import LlamaFileType
+
+        return LlamaFileType(int(ftype)).name.replace("MOSTLY_", "").replace("ALL_", "")
+    except ValueError:
+        return str(ftype)

@@ -1,0 +1,373 @@
+"""Read a GGUF file's header and tensor infos without touching the weights.
+
+The `gguf` package's ``GGUFReader`` memory-maps a whole local file, which cannot
+work over HTTP and would need the full download. GGUF's header is a simple
+length-prefixed format, so we parse it here from a byte source that grows its
+reads on demand (local file or HTTP Range requests) and take every constant
+(value types, block sizes) from the `gguf` package.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+_FIRST_CHUNK = 1 << 20  # 1 MiB: most headers fit; a 248k-token vocabulary needs ~11 MB
+_MAX_HEADER = 1 << 30  # refuse to read more than 1 GiB of "header"
+_SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<idx>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+class GGUFError(ValueError):
+    """The input is not a readable GGUF file; the message names the problem."""
+
+
+class ByteSource(Protocol):
+    """Random-access bytes, read in ranges."""
+
+    name: str
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Return up to ``size`` bytes at ``offset`` (fewer only at end of data)."""
+        ...
+
+    def total_size(self) -> int | None:
+        """Whole size in bytes, when known."""
+        ...
+
+
+class LocalSource:
+    """A local file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.name = str(path)
+        if not self.path.is_file():
+            raise GGUFError(f"{self.name}: no such file")
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self.path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
+
+    def total_size(self) -> int | None:
+        return self.path.stat().st_size
+
+
+class HttpSource:
+    """An http(s) URL read with Range requests; never downloads the weights."""
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        self.url = url
+        self.name = url
+        self.timeout = timeout
+        self._size: int | None = None
+
+    def read(self, offset: int, size: int) -> bytes:
+        req = urllib.request.Request(
+            self.url,
+            headers={"Range": f"bytes={offset}-{offset + size - 1}", "User-Agent": "modelfit"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+                status = resp.status
+                content_range = resp.headers.get("Content-Range", "")
+                if status == 206:
+                    m = re.search(r"/(\d+)$", content_range)
+                    if m:
+                        self._size = int(m.group(1))
+                    return bytes(resp.read(size))
+                if status == 200:
+                    # Server ignored Range: read only what we need, then drop the connection.
+                    length = resp.headers.get("Content-Length")
+                    if length is not None:
+                        self._size = int(length)
+                    data = resp.read(offset + size)
+                    return bytes(data[offset : offset + size])
+                raise GGUFError(f"{self.url}: HTTP {status}")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416:
+                return b""
+            raise GGUFError(f"{self.url}: HTTP {exc.code} {exc.reason}") from exc
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise GGUFError(f"{self.url}: cannot fetch ({reason})") from exc
+
+    def total_size(self) -> int | None:
+        if self._size is None:
+            req = urllib.request.Request(self.url, method="HEAD", headers={"User-Agent": "modelfit"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+                    length = resp.headers.get("Content-Length")
+                    self._size = int(length) if length is not None else None
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError):
+                return None
+        return self._size
+
+
+def open_source(location: str | Path) -> ByteSource:
+    """A byte source for a local path or an http(s) URL."""
+    text = str(location)
+    if text.startswith(("http://", "https://")):
+        return HttpSource(text)
+    return LocalSource(text)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's header entry; ``nbytes`` is its exact size in the file."""
+
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        try:
+            return GGMLQuantizationType(self.ggml_type).name
+        except ValueError:
+            return f"TYPE_{self.ggml_type}"
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class GGUFHeader:
+    """Metadata and tensor infos of a (possibly split) GGUF model."""
+
+    source: str
+    version: int
+    metadata: dict[str, Any]
+    tensors: list[TensorInfo]
+    header_bytes: int
+    file_bytes: int
+    shards: int = 1
+    data_offsets: list[int] = field(default_factory=list)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "unknown"))
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
+    """Exact byte size of a tensor: (elements / block size) * block bytes."""
+    try:
+        qtype = GGMLQuantizationType(ggml_type)
+    except ValueError as exc:
+        raise GGUFError(f"unknown tensor type {ggml_type}") from exc
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in shape:
+        n *= d
+    if shape and shape[0] % block:
+        raise GGUFError(f"tensor row of {shape[0]} elements is not a multiple of {qtype.name}'s block {block}")
+    return n // block * block_bytes
+
+
+class _Cursor:
+    """Sequential reads over a byte source, fetching growing chunks as needed."""
+
+    def __init__(self, src: ByteSource, first_chunk: int = _FIRST_CHUNK) -> None:
+        self.src = src
+        self.buf = b""
+        self.pos = 0
+        self.chunk = first_chunk
+        self.eof = False
+
+    def _ensure(self, n: int) -> None:
+        while len(self.buf) < self.pos + n:
+            if self.eof:
+                raise GGUFError(f"{self.src.name}: truncated GGUF header (ended at byte {len(self.buf)})")
+            if len(self.buf) >= _MAX_HEADER:
+                raise GGUFError(f"{self.src.name}: GGUF header larger than {_MAX_HEADER} bytes; corrupt?")
+            want = max(self.chunk, self.pos + n - len(self.buf))
+            data = self.src.read(len(self.buf), want)
+            if len(data) < want:
+                self.eof = True
+            self.buf += data
+            self.chunk = min(self.chunk * 2, 64 << 20)
+
+    def take(self, n: int) -> bytes:
+        self._ensure(n)
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack("<" + fmt, self.take(size))[0]
+
+
+_SCALAR_FMT: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "B",
+    GGUFValueType.INT8: "b",
+    GGUFValueType.UINT16: "H",
+    GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I",
+    GGUFValueType.INT32: "i",
+    GGUFValueType.FLOAT32: "f",
+    GGUFValueType.BOOL: "?",
+    GGUFValueType.UINT64: "Q",
+    GGUFValueType.INT64: "q",
+    GGUFValueType.FLOAT64: "d",
+}
+
+# Arrays this long are tokenizer tables; we keep their length, not their items.
+_KEEP_ARRAY_ITEMS = 4096
+
+
+@dataclass(frozen=True)
+class ArraySummary:
+    """A long metadata array (tokens, merges, scores) kept as its length only."""
+
+    item_type: str
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _read_string(cur: _Cursor) -> str:
+    n = cur.unpack("Q")
+    if n > _MAX_HEADER:
+        raise GGUFError(f"{cur.src.name}: string length {n} at byte {cur.pos - 8} is impossible; corrupt header")
+    return cur.take(n).decode("utf-8", errors="replace")
+
+
+def _read_value(cur: _Cursor, vtype: int) -> Any:
+    try:
+        t = GGUFValueType(vtype)
+    except ValueError as exc:
+        raise GGUFError(f"{cur.src.name}: unknown metadata value type {vtype} at byte {cur.pos - 4}") from exc
+    if t == GGUFValueType.STRING:
+        return _read_string(cur)
+    if t == GGUFValueType.ARRAY:
+        item_type = cur.unpack("I")
+        count = cur.unpack("Q")
+        if count > _MAX_HEADER:
+            raise GGUFError(f"{cur.src.name}: array of {count} items is impossible; corrupt header")
+        try:
+            it = GGUFValueType(item_type)
+        except ValueError as exc:
+            raise GGUFError(f"{cur.src.name}: unknown array item type {item_type}") from exc
+        if it in _SCALAR_FMT:
+            raw = cur.take(struct.calcsize(_SCALAR_FMT[it]) * count)
+            if count > _KEEP_ARRAY_ITEMS:
+                return ArraySummary(it.name, count)
+            return list(struct.unpack(f"<{count}{_SCALAR_FMT[it]}", raw))
+        items = [_read_value(cur, item_type) for _ in range(count)]
+        if count > _KEEP_ARRAY_ITEMS:
+            return ArraySummary(it.name, count)
+        return items
+    return cur.unpack(_SCALAR_FMT[t])
+
+
+def _read_one(src: ByteSource) -> tuple[int, dict[str, Any], list[tuple[str, int, tuple[int, ...], int]], int]:
+    cur = _Cursor(src)
+    try:
+        magic = cur.take(4)
+    except GGUFError as exc:
+        raise GGUFError(f"{src.name}: empty or unreadable file, not GGUF") from exc
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{src.name}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    version = cur.unpack("I")
+    if version not in (2, 3):
+        raise GGUFError(f"{src.name}: unsupported GGUF version {version} (supported: 2, 3)")
+    n_tensors = cur.unpack("Q")
+    n_kv = cur.unpack("Q")
+    if n_tensors > 1_000_000 or n_kv > 1_000_000:
+        raise GGUFError(f"{src.name}: implausible counts ({n_tensors} tensors, {n_kv} keys); corrupt header")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = _read_string(cur)
+        vtype = cur.unpack("I")
+        meta[key] = _read_value(cur, vtype)
+    raw_tensors = []
+    for _ in range(n_tensors):
+        name = _read_string(cur)
+        n_dims = cur.unpack("I")
+        if n_dims > 8:
+            raise GGUFError(f"{src.name}: tensor {name!r} has {n_dims} dimensions; corrupt header")
+        shape = tuple(int(cur.unpack("Q")) for _ in range(n_dims))
+        ggml_type = cur.unpack("I")
+        offset = cur.unpack("Q")
+        raw_tensors.append((name, int(ggml_type), shape, int(offset)))
+    alignment = int(meta.get("general.alignment", DEFAULT_ALIGNMENT))
+    data_offset = (cur.pos + alignment - 1) // alignment * alignment
+    return int(version), meta, raw_tensors, data_offset
+
+
+def split_paths(location: str) -> list[str]:
+    """All shard locations of a split model (``-00001-of-0000N.gguf``), or just ``location``."""
+    m = _SPLIT_RE.match(location)
+    if not m:
+        return [location]
+    count = int(m.group("count"))
+    return [f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def read_gguf(location: str | Path) -> GGUFHeader:
+    """Read the header and tensor infos of a local path or http(s) URL.
+
+    Split models are read shard by shard and merged; tensors' sizes are checked
+    against the file size when it is known, so a truncated file is reported.
+    """
+    locs = split_paths(str(location))
+    meta: dict[str, Any] = {}
+    tensors: list[TensorInfo] = []
+    header_bytes = 0
+    file_bytes = 0
+    version = 3
+    offsets: list[int] = []
+    for loc in locs:
+        src = open_source(loc)
+        version, shard_meta, raw, data_offset = _read_one(src)
+        if not meta:
+            meta = shard_meta
+        header_bytes += data_offset
+        offsets.append(data_offset)
+        shard_end = data_offset
+        for name, ggml_type, shape, offset in raw:
+            nbytes = tensor_nbytes(ggml_type, shape)
+            tensors.append(TensorInfo(name, ggml_type, shape, offset, nbytes))
+            shard_end = max(shard_end, data_offset + offset + nbytes)
+        size = src.total_size()
+        if size is not None and size < shard_end:
+            raise GGUFError(
+                f"{src.name}: truncated: tensor data ends at byte {shard_end} but the file has {size} bytes"
+            )
+        file_bytes += size if size is not None else shard_end
+    if not tensors:
+        raise GGUFError(f"{location}: GGUF file holds no tensors")
+    return GGUFHeader(
+        source=str(location),
+        version=version,
+        metadata=meta,
+        tensors=tensors,
+        header_bytes=header_bytes,
+        file_bytes=file_bytes,
+        shards=len(locs),
+        data_offsets=offsets,
+    )

