@@ -11,9 +11,8 @@ upstream config.json files.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
-
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from pydantic import BaseModel, Field
 
 from .facts import LayerFact, ModelFacts, SSMFacts, TensorFact, build_layers
 
@@ -62,7 +61,9 @@ class ArchSpec(BaseModel):
         return f"https://huggingface.co/{self.hf_repo}/resolve/main/{self.hf_file.format(quant=quant)}"
 
 
-def _qwen35(display: str, n_layer: int, n_embd: int, n_head: int, n_kv: int, n_ff: int, v_heads: int, repo: str, tied: bool) -> ArchSpec:
+def _qwen35(
+    display: str, n_layer: int, n_embd: int, n_head: int, n_kv: int, n_ff: int, v_heads: int, repo: str, tied: bool
+) -> ArchSpec:
     return ArchSpec(
         arch="qwen35",
         display=display,
@@ -93,47 +94,144 @@ MODELS: dict[str, ArchSpec] = {
     "qwen3.5-4b": _qwen35("Qwen3.5-4B", 32, 2560, 16, 4, 9216, 32, "unsloth/Qwen3.5-4B-GGUF", True),
     "qwen3.5-9b": _qwen35("Qwen3.5-9B", 32, 4096, 16, 4, 12288, 32, "unsloth/Qwen3.5-9B-GGUF", False),
     "qwen3-0.6b": ArchSpec(
-        arch="qwen3", display="Qwen3-0.6B", n_layer=28, n_embd=1024, n_head=16, n_head_kv=8, head_dim=128,
-        n_ff=3072, n_vocab=151936, context_length=40960, tied=True, qk_norm=True, header_bytes=5_950_000,
-        hf_repo="unsloth/Qwen3-0.6B-GGUF", hf_file="Qwen3-0.6B-{quant}.gguf",
+        arch="qwen3",
+        display="Qwen3-0.6B",
+        n_layer=28,
+        n_embd=1024,
+        n_head=16,
+        n_head_kv=8,
+        head_dim=128,
+        n_ff=3072,
+        n_vocab=151936,
+        context_length=40960,
+        tied=True,
+        qk_norm=True,
+        header_bytes=5_950_000,
+        hf_repo="unsloth/Qwen3-0.6B-GGUF",
+        hf_file="Qwen3-0.6B-{quant}.gguf",
     ),
     "qwen3-8b": ArchSpec(
-        arch="qwen3", display="Qwen3-8B", n_layer=36, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128,
-        n_ff=12288, n_vocab=151936, context_length=40960, tied=False, qk_norm=True, header_bytes=5_950_000,
-        hf_repo="unsloth/Qwen3-8B-GGUF", hf_file="Qwen3-8B-{quant}.gguf",
+        arch="qwen3",
+        display="Qwen3-8B",
+        n_layer=36,
+        n_embd=4096,
+        n_head=32,
+        n_head_kv=8,
+        head_dim=128,
+        n_ff=12288,
+        n_vocab=151936,
+        context_length=40960,
+        tied=False,
+        qk_norm=True,
+        header_bytes=5_950_000,
+        hf_repo="unsloth/Qwen3-8B-GGUF",
+        hf_file="Qwen3-8B-{quant}.gguf",
     ),
     "llama-3.2-1b": ArchSpec(
-        arch="llama", display="Llama-3.2-1B-Instruct", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8,
-        head_dim=64, n_ff=8192, n_vocab=128256, context_length=131072, tied=True, rope_freqs=True,
-        header_bytes=7_700_000, hf_repo="unsloth/Llama-3.2-1B-Instruct-GGUF",
+        arch="llama",
+        display="Llama-3.2-1B-Instruct",
+        n_layer=16,
+        n_embd=2048,
+        n_head=32,
+        n_head_kv=8,
+        head_dim=64,
+        n_ff=8192,
+        n_vocab=128256,
+        context_length=131072,
+        tied=True,
+        rope_freqs=True,
+        header_bytes=7_700_000,
+        hf_repo="unsloth/Llama-3.2-1B-Instruct-GGUF",
         hf_file="Llama-3.2-1B-Instruct-{quant}.gguf",
     ),
     "llama-3.2-3b": ArchSpec(
-        arch="llama", display="Llama-3.2-3B-Instruct", n_layer=28, n_embd=3072, n_head=24, n_head_kv=8,
-        head_dim=128, n_ff=8192, n_vocab=128256, context_length=131072, tied=True, rope_freqs=True,
-        header_bytes=7_700_000, hf_repo="unsloth/Llama-3.2-3B-Instruct-GGUF",
+        arch="llama",
+        display="Llama-3.2-3B-Instruct",
+        n_layer=28,
+        n_embd=3072,
+        n_head=24,
+        n_head_kv=8,
+        head_dim=128,
+        n_ff=8192,
+        n_vocab=128256,
+        context_length=131072,
+        tied=True,
+        rope_freqs=True,
+        header_bytes=7_700_000,
+        hf_repo="unsloth/Llama-3.2-3B-Instruct-GGUF",
         hf_file="Llama-3.2-3B-Instruct-{quant}.gguf",
     ),
     "llama-3.1-8b": ArchSpec(
-        arch="llama", display="Meta-Llama-3.1-8B-Instruct", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
-        head_dim=128, n_ff=14336, n_vocab=128256, context_length=131072, tied=False, rope_freqs=True,
-        header_bytes=7_700_000, hf_repo="unsloth/Meta-Llama-3.1-8B-Instruct-GGUF",
+        arch="llama",
+        display="Meta-Llama-3.1-8B-Instruct",
+        n_layer=32,
+        n_embd=4096,
+        n_head=32,
+        n_head_kv=8,
+        head_dim=128,
+        n_ff=14336,
+        n_vocab=128256,
+        context_length=131072,
+        tied=False,
+        rope_freqs=True,
+        header_bytes=7_700_000,
+        hf_repo="unsloth/Meta-Llama-3.1-8B-Instruct-GGUF",
         hf_file="Meta-Llama-3.1-8B-Instruct-{quant}.gguf",
     ),
     "gemma-3-1b": ArchSpec(
-        arch="gemma3", display="gemma-3-1b-it", n_layer=26, n_embd=1152, n_head=4, n_head_kv=1, head_dim=256,
-        n_ff=6912, n_vocab=262144, context_length=32768, tied=True, qk_norm=True, n_swa=512,
-        header_bytes=4_700_000, hf_repo="unsloth/gemma-3-1b-it-GGUF", hf_file="gemma-3-1b-it-{quant}.gguf",
+        arch="gemma3",
+        display="gemma-3-1b-it",
+        n_layer=26,
+        n_embd=1152,
+        n_head=4,
+        n_head_kv=1,
+        head_dim=256,
+        n_ff=6912,
+        n_vocab=262144,
+        context_length=32768,
+        tied=True,
+        qk_norm=True,
+        n_swa=512,
+        header_bytes=4_700_000,
+        hf_repo="unsloth/gemma-3-1b-it-GGUF",
+        hf_file="gemma-3-1b-it-{quant}.gguf",
     ),
     "gemma-3-4b": ArchSpec(
-        arch="gemma3", display="gemma-3-4b-it", n_layer=34, n_embd=2560, n_head=8, n_head_kv=4, head_dim=256,
-        n_ff=10240, n_vocab=262208, context_length=131072, tied=True, qk_norm=True, n_swa=1024,
-        header_bytes=4_700_000, hf_repo="unsloth/gemma-3-4b-it-GGUF", hf_file="gemma-3-4b-it-{quant}.gguf",
+        arch="gemma3",
+        display="gemma-3-4b-it",
+        n_layer=34,
+        n_embd=2560,
+        n_head=8,
+        n_head_kv=4,
+        head_dim=256,
+        n_ff=10240,
+        n_vocab=262208,
+        context_length=131072,
+        tied=True,
+        qk_norm=True,
+        n_swa=1024,
+        header_bytes=4_700_000,
+        hf_repo="unsloth/gemma-3-4b-it-GGUF",
+        hf_file="gemma-3-4b-it-{quant}.gguf",
     ),
     "qwen3-30b-a3b": ArchSpec(
-        arch="qwen3moe", display="Qwen3-30B-A3B", n_layer=48, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128,
-        n_ff=6144, n_vocab=151936, context_length=40960, tied=False, qk_norm=True, n_expert=128,
-        n_expert_used=8, n_ff_exp=768, header_bytes=5_950_000, hf_repo="unsloth/Qwen3-30B-A3B-GGUF",
+        arch="qwen3moe",
+        display="Qwen3-30B-A3B",
+        n_layer=48,
+        n_embd=2048,
+        n_head=32,
+        n_head_kv=4,
+        head_dim=128,
+        n_ff=6144,
+        n_vocab=151936,
+        context_length=40960,
+        tied=False,
+        qk_norm=True,
+        n_expert=128,
+        n_expert_used=8,
+        n_ff_exp=768,
+        header_bytes=5_950_000,
+        hf_repo="unsloth/Qwen3-30B-A3B-GGUF",
         hf_file="Qwen3-30B-A3B-{quant}.gguf",
     ),
 }
@@ -336,7 +434,9 @@ def catalog_facts(name: str, quant: str) -> ModelFacts:
     spec = MODELS[key]
     q = normalize_quant(quant)
     types = recipe_types(spec, q)
-    tensors = [TensorFact(name=n, ggml_type=types[n], shape=s, nbytes=_nbytes(types[n], s)) for n, s in tensor_shapes(spec)]
+    tensors = [
+        TensorFact(name=n, ggml_type=types[n], shape=s, nbytes=_nbytes(types[n], s)) for n, s in tensor_shapes(spec)
+    ]
     n = spec.n_layer
     layers: list[LayerFact] = build_layers(
         spec.arch,

@@ -15,8 +15,8 @@ import yaml
 from . import catalog
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, read_gguf
-from .nodes import GiB, MiB, NodeFacts, PROFILES, host_facts, parse_quantity, profile
-from .sizing import Policy, PlanResult, plan
+from .nodes import PROFILES, GiB, MiB, NodeFacts, host_facts, parse_quantity, profile
+from .sizing import PlanResult, Policy, plan
 
 
 def load_model(model: str, quant: str | None) -> tuple[ModelFacts, str]:
@@ -27,7 +27,9 @@ def load_model(model: str, quant: str | None) -> tuple[ModelFacts, str]:
         path = model if not model.startswith("http") else "/models/" + model.rsplit("/", 1)[-1].split("?")[0]
         return facts, path
     if catalog.resolve_name(model) is None:
-        raise KeyError(f"{model!r} is neither a .gguf file, a URL, nor a catalog model ({', '.join(sorted(catalog.MODELS))})")
+        raise KeyError(
+            f"{model!r} is neither a .gguf file, a URL, nor a catalog model ({', '.join(sorted(catalog.MODELS))})"
+        )
     q = catalog.normalize_quant(quant or "Q4_K_M")
     facts = catalog_facts_cached(model, q)
     spec = catalog.MODELS[catalog.resolve_name(model) or model]
@@ -231,11 +233,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     res = plan(facts, node, policy, model_path=path)
     print(table(facts, node, res), file=sys.stderr)
     if not res.fits:
-        print(f"modelfit: the model does not fit this machine (short by {res.shortfall_bytes // MiB} MiB)", file=sys.stderr)
+        print(
+            f"modelfit: the model does not fit this machine (short by {res.shortfall_bytes // MiB} MiB)",
+            file=sys.stderr,
+        )
         return 3
     binary = args.llama_server or find_llama_server()
     if not binary:
-        print("modelfit: llama-server not found (set MODELFIT_LLAMA_BIN or run scripts/build-llama-server.sh)", file=sys.stderr)
+        print(
+            "modelfit: llama-server not found (set MODELFIT_LLAMA_BIN or run scripts/build-llama-server.sh)",
+            file=sys.stderr,
+        )
         return 2
     if args.dry_run:
         print(" ".join([binary, *res.plan.args]))

@@ -332,7 +332,9 @@ def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts
         n_expert_used=int(key("expert_used_count", 0) or 0),
         ssm=ssm,
         layers=layers,
-        tensors=[TensorFact(name=t.name, ggml_type=t.type_name, shape=t.shape, nbytes=t.nbytes) for t in header.tensors],
+        tensors=[
+            TensorFact(name=t.name, ggml_type=t.type_name, shape=t.shape, nbytes=t.nbytes) for t in header.tensors
+        ],
         file_type=_ftype_name(ftype),
         warnings=warnings,
     )

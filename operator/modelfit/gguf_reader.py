@@ -77,7 +77,7 @@ class HttpSource:
             headers={"Range": f"bytes={offset}-{offset + size - 1}", "User-Agent": "modelfit"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 status = resp.status
                 content_range = resp.headers.get("Content-Range", "")
                 if status == 206:
@@ -105,7 +105,7 @@ class HttpSource:
         if self._size is None:
             req = urllib.request.Request(self.url, method="HEAD", headers={"User-Agent": "modelfit"})
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     length = resp.headers.get("Content-Length")
                     self._size = int(length) if length is not None else None
             except (urllib.error.URLError, TimeoutError, OSError, ValueError):
@@ -289,7 +289,9 @@ def _read_one(src: ByteSource) -> tuple[int, dict[str, Any], list[tuple[str, int
     try:
         magic = cur.take(4)
     except GGUFError as exc:
-        raise GGUFError(f"{src.name}: empty or unreadable file, not GGUF") from exc
+        if "truncated" not in str(exc):
+            raise
+        raise GGUFError(f"{src.name}: empty file, not GGUF") from exc
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{src.name}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
     version = cur.unpack("I")

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
-
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from pydantic import BaseModel, Field
 
 from .facts import ModelFacts, TensorFact
 
@@ -153,7 +152,7 @@ def checkpoint_size(facts: ModelFacts, cfg: ServerConfig) -> int:
 
 def repackable(t: TensorFact, cfg: ServerConfig) -> bool:
     """Whether the CPU backend copies this weight into its repack buffer."""
-    if not cfg.repack or t.layer is None and t.name != "output.weight":
+    if not cfg.repack or (t.layer is None and t.name != "output.weight"):
         return False
     if len(t.shape) < 2 or t.shape[1] % 8 != 0:
         return False

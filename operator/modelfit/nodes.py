@@ -38,23 +38,43 @@ PROFILES: dict[str, NodeFacts] = {
         name="cpu-large", cpu_millis=16000, memory_bytes=64 * GiB, cpu_features=["avx2", "avx512f", "avx512bw"]
     ),
     "rtx-3060-12gb": NodeFacts(
-        name="rtx-3060-12gb", cpu_millis=8000, memory_bytes=32 * GiB, gpus=1, gpu_vendor="nvidia",
+        name="rtx-3060-12gb",
+        cpu_millis=8000,
+        memory_bytes=32 * GiB,
+        gpus=1,
+        gpu_vendor="nvidia",
         gpu_memory_bytes=12288 * MiB,
     ),
     "rtx-4090-24gb": NodeFacts(
-        name="rtx-4090-24gb", cpu_millis=16000, memory_bytes=64 * GiB, gpus=1, gpu_vendor="nvidia",
+        name="rtx-4090-24gb",
+        cpu_millis=16000,
+        memory_bytes=64 * GiB,
+        gpus=1,
+        gpu_vendor="nvidia",
         gpu_memory_bytes=24564 * MiB,
     ),
     "l4-24gb": NodeFacts(
-        name="l4-24gb", cpu_millis=8000, memory_bytes=32 * GiB, gpus=1, gpu_vendor="nvidia",
+        name="l4-24gb",
+        cpu_millis=8000,
+        memory_bytes=32 * GiB,
+        gpus=1,
+        gpu_vendor="nvidia",
         gpu_memory_bytes=23034 * MiB,
     ),
     "a100-80gb": NodeFacts(
-        name="a100-80gb", cpu_millis=32000, memory_bytes=128 * GiB, gpus=1, gpu_vendor="nvidia",
+        name="a100-80gb",
+        cpu_millis=32000,
+        memory_bytes=128 * GiB,
+        gpus=1,
+        gpu_vendor="nvidia",
         gpu_memory_bytes=81920 * MiB,
     ),
     "h100-80gb": NodeFacts(
-        name="h100-80gb", cpu_millis=32000, memory_bytes=128 * GiB, gpus=1, gpu_vendor="nvidia",
+        name="h100-80gb",
+        cpu_millis=32000,
+        memory_bytes=128 * GiB,
+        gpus=1,
+        gpu_vendor="nvidia",
         gpu_memory_bytes=81559 * MiB,
     ),
 }
@@ -70,7 +90,19 @@ def profile(name: str) -> NodeFacts:
 # ---- Kubernetes quantities ------------------------------------------------------------------
 
 _BIN = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60}
-_DEC = {"n": 10**-9, "u": 10**-6, "m": 10**-3, "": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+_DEC = {
+    "n": 10**-9,
+    "u": 10**-6,
+    "m": 10**-3,
+    "": 1,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+}
 
 
 def parse_quantity(q: str | int | float) -> float:
@@ -126,7 +158,19 @@ def cpu_features_from_cpuinfo(text: str) -> list[str]:
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[1].split())
-    wanted = ["avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8", "amx_bf16", "fma", "f16c", "asimddp", "i8mm", "sve"]
+    wanted = [
+        "avx2",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "amx_int8",
+        "amx_bf16",
+        "fma",
+        "f16c",
+        "asimddp",
+        "i8mm",
+        "sve",
+    ]
     return [f for f in wanted if f in flags]
 
 

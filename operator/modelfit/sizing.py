@@ -112,23 +112,39 @@ def _checkpoints(policy: Policy, facts: ModelFacts) -> int:
 def build_args(facts: ModelFacts, cfg: ServerConfig, policy: Policy, model_path: str, threads: int) -> list[str]:
     """The complete llama-server argument list for a config."""
     args = [
-        "-m", model_path,
-        "--host", policy.host,
-        "--port", str(policy.port),
-        "-c", str(cfg.n_ctx),
-        "-np", str(cfg.n_parallel),
+        "-m",
+        model_path,
+        "--host",
+        policy.host,
+        "--port",
+        str(policy.port),
+        "-c",
+        str(cfg.n_ctx),
+        "-np",
+        str(cfg.n_parallel),
         "--kv-unified" if cfg.kv_unified else "--no-kv-unified",
-        "-b", str(cfg.n_batch),
-        "-ub", str(cfg.n_ubatch),
-        "-t", str(threads),
-        "-fa", "on" if cfg.flash_attn else "off",
-        "-ctk", cfg.type_k,
-        "-ctv", cfg.type_v,
-        "-ngl", str(cfg.n_gpu_layers),
-        "--load-mode", cfg.load_mode,
-        "--cache-ram", str(cfg.cache_ram_mib),
-        "-ctxcp", str(cfg.ctx_checkpoints),
-        "--fit", "off",
+        "-b",
+        str(cfg.n_batch),
+        "-ub",
+        str(cfg.n_ubatch),
+        "-t",
+        str(threads),
+        "-fa",
+        "on" if cfg.flash_attn else "off",
+        "-ctk",
+        cfg.type_k,
+        "-ctv",
+        cfg.type_v,
+        "-ngl",
+        str(cfg.n_gpu_layers),
+        "--load-mode",
+        cfg.load_mode,
+        "--cache-ram",
+        str(cfg.cache_ram_mib),
+        "-ctxcp",
+        str(cfg.ctx_checkpoints),
+        "--fit",
+        "off",
     ]
     if not cfg.repack:
         args.append("--no-repack")
@@ -138,12 +154,53 @@ def build_args(facts: ModelFacts, cfg: ServerConfig, policy: Policy, model_path:
 
 
 OWNED_FLAGS = {
-    "-m", "--model", "--host", "--port", "-c", "--ctx-size", "-np", "--parallel", "--kv-unified", "-kvu",
-    "--no-kv-unified", "-no-kvu", "-b", "--batch-size", "-ub", "--ubatch-size", "-t", "--threads", "-fa",
-    "--flash-attn", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-ngl", "--gpu-layers",
-    "--n-gpu-layers", "--load-mode", "-lm", "--mmap", "--no-mmap", "--mlock", "--cache-ram", "-cram",
-    "-ctxcp", "--ctx-checkpoints", "--swa-checkpoints", "--fit", "-fit", "--no-repack", "-nr", "--repack",
-    "--swa-full", "-hf", "--hf-repo", "-mu", "--model-url",
+    "-m",
+    "--model",
+    "--host",
+    "--port",
+    "-c",
+    "--ctx-size",
+    "-np",
+    "--parallel",
+    "--kv-unified",
+    "-kvu",
+    "--no-kv-unified",
+    "-no-kvu",
+    "-b",
+    "--batch-size",
+    "-ub",
+    "--ubatch-size",
+    "-t",
+    "--threads",
+    "-fa",
+    "--flash-attn",
+    "-ctk",
+    "--cache-type-k",
+    "-ctv",
+    "--cache-type-v",
+    "-ngl",
+    "--gpu-layers",
+    "--n-gpu-layers",
+    "--load-mode",
+    "-lm",
+    "--mmap",
+    "--no-mmap",
+    "--mlock",
+    "--cache-ram",
+    "-cram",
+    "-ctxcp",
+    "--ctx-checkpoints",
+    "--swa-checkpoints",
+    "--fit",
+    "-fit",
+    "--no-repack",
+    "-nr",
+    "--repack",
+    "--swa-full",
+    "-hf",
+    "--hf-repo",
+    "-mu",
+    "--model-url",
 }
 
 
@@ -166,7 +223,9 @@ def _fits(c: _Candidate, node: NodeFacts, policy: Policy) -> bool:
     return host_ok and gpu_ok
 
 
-def _largest_context(facts: ModelFacts, base: ServerConfig, policy: Policy, node: NodeFacts, lo: int, hi: int) -> _Candidate | None:
+def _largest_context(
+    facts: ModelFacts, base: ServerConfig, policy: Policy, node: NodeFacts, lo: int, hi: int
+) -> _Candidate | None:
     """Largest context in [lo, hi] (multiples of 256) that fits; binary search, memory grows with context."""
     lo_c = _evaluate(facts, base.model_copy(update={"n_ctx": lo}), policy)
     if not _fits(lo_c, node, policy):
@@ -186,7 +245,9 @@ def _largest_context(facts: ModelFacts, base: ServerConfig, policy: Policy, node
     return best
 
 
-def plan(facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model_path: str = "/models/model.gguf") -> PlanResult:
+def plan(
+    facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model_path: str = "/models/model.gguf"
+) -> PlanResult:
     """Choose llama-server's flags for a model on a node, and the pod's resources."""
     policy = policy or Policy()
     reasons: list[str] = []
@@ -228,7 +289,7 @@ def plan(facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model
         n_ubatch=policy.ubatch,
         flash_attn=not fa_forced_off,
         n_gpus=gpus,
-        backend=backend,  # type: ignore[arg-type]
+        backend=backend,
         cpu_arch=node.cpu_arch,
         cpu_features=node.cpu_features,
         repack=policy.repack,
@@ -243,8 +304,10 @@ def plan(facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model
             c = _largest_context(facts, cfg, policy, node, min_ctx, target)
             if c is None:
                 continue
-            if best is None or c.cfg.n_ctx > best.cfg.n_ctx or (
-                c.cfg.n_ctx == best.cfg.n_ctx and c.mem.total_bytes < best.mem.total_bytes
+            if (
+                best is None
+                or c.cfg.n_ctx > best.cfg.n_ctx
+                or (c.cfg.n_ctx == best.cfg.n_ctx and c.mem.total_bytes < best.mem.total_bytes)
             ):
                 best = c
         return best
@@ -277,7 +340,12 @@ def plan(facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model
     if chosen is None:
         # Nothing fits: report the smallest sensible configuration and the shortfall.
         cfg = base.model_copy(
-            update={"n_ctx": min_ctx, "type_k": kv_types[-1], "type_v": kv_types[-1], "n_gpu_layers": 0 if gpus == 0 else layer_options[-1]}
+            update={
+                "n_ctx": min_ctx,
+                "type_k": kv_types[-1],
+                "type_v": kv_types[-1],
+                "n_gpu_layers": 0 if gpus == 0 else layer_options[-1],
+            }
         )
         modes = [_evaluate(facts, cfg.model_copy(update={"load_mode": lm}), policy) for lm in load_modes]
         chosen = min(modes, key=lambda c: c.mem.total_bytes)
@@ -297,7 +365,9 @@ def plan(facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model
     if backend == "cpu":
         reasons.append("backend cpu: " + ("no GPU on the node" if node.gpus == 0 else "CPU backend requested"))
     else:
-        reasons.append(f"backend {backend}: {node.gpus}x {node.gpu_vendor} GPU with {format_memory(node.gpu_memory_bytes)} each")
+        reasons.append(
+            f"backend {backend}: {node.gpus}x {node.gpu_vendor} GPU with {format_memory(node.gpu_memory_bytes)} each"
+        )
         if cfg.n_gpu_layers >= total_units:
             reasons.append(f"gpu layers {cfg.n_gpu_layers}/{total_units}: the whole model fits in GPU memory")
         else:
@@ -306,7 +376,9 @@ def plan(facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model
                 f"with {format_memory(policy.gpu_margin_bytes)} spare; the rest run on the CPU"
             )
     if cfg.n_ctx >= target:
-        reasons.append(f"context {cfg.n_ctx}: " + ("the model's maximum" if policy.context == "max" else "as requested"))
+        reasons.append(
+            f"context {cfg.n_ctx}: " + ("the model's maximum" if policy.context == "max" else "as requested")
+        )
     elif fits:
         reasons.append(f"context {cfg.n_ctx}: the largest that fits (asked {target}, minimum {min_ctx})")
     if cfg.type_k == "f16":
@@ -316,7 +388,8 @@ def plan(facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model
     else:
         reasons.append(f"kv cache {cfg.type_k}: as requested")
     reasons.append(
-        "flash attention " + ("off: as requested" if not cfg.flash_attn else "on: smaller compute buffer, needed for quantized KV")
+        "flash attention "
+        + ("off: as requested" if not cfg.flash_attn else "on: smaller compute buffer, needed for quantized KV")
     )
     if policy.load_mode == "auto":
         if cfg.load_mode == "none":
@@ -325,11 +398,17 @@ def plan(facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model
                 "with mmap the file pages would stay resident beside the copy"
             )
         else:
-            reasons.append("load mode mmap: weights stay in the page cache, shared and reclaimable; nothing is repacked")
+            reasons.append(
+                "load mode mmap: weights stay in the page cache, shared and reclaimable; nothing is repacked"
+            )
     else:
         reasons.append(f"load mode {cfg.load_mode}: as requested")
-    reasons.append(f"threads {threads}: from the CPU limit ({format_cpu(node.cpu_millis)}), never the host's core count")
-    reasons.append(f"cache-ram {cfg.cache_ram_mib} MiB: set explicitly (llama-server's default is 8192 MiB) and counted")
+    reasons.append(
+        f"threads {threads}: from the CPU limit ({format_cpu(node.cpu_millis)}), never the host's core count"
+    )
+    reasons.append(
+        f"cache-ram {cfg.cache_ram_mib} MiB: set explicitly (llama-server's default is 8192 MiB) and counted"
+    )
 
     request = _request(policy, mem.total_bytes)
     cpu_req = max(1000, threads * 1000)

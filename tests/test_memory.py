@@ -1,0 +1,100 @@
+"""Memory model against llama.cpp's own accounting (published load logs, see shared notes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelfit.catalog import MODELS, catalog_facts, recipe_types
+from modelfit.memory import MiB, ServerConfig, estimate, kv_cells
+
+QWEN = "qwen3.5-0.8b"
+
+
+def test_weights_match_published_sizes() -> None:
+    # Q4_0 with the tied embedding at Q6_K: 490,491,136 B of tensor data (seed page: 0.47 GB)
+    assert catalog_facts(QWEN, "Q4_0").weights_bytes == 490_491_136
+    # Q8_0: 763.78 MiB in llama.cpp's load log
+    assert catalog_facts(QWEN, "Q8_0").weights_bytes == 800_881_920
+    assert catalog_facts(QWEN, "Q4_0").parameters == 752_393_024
+
+
+def test_recipe_keeps_tied_embedding_at_q6k() -> None:
+    types = recipe_types(MODELS[QWEN], "Q4_0")
+    assert types["token_embd.weight"] == "Q6_K"
+    assert types["blk.0.ffn_down.weight"] == "Q4_0"
+    assert types["blk.0.ssm_conv1d.weight"] == "F32"
+    # Q4_K_M bumps every third attn_v/attn_qkv and ffn_down (use_more_bits) to Q6_K
+    km = recipe_types(MODELS[QWEN], "Q4_K_M")
+    assert km["blk.0.ffn_down.weight"] == "Q6_K"
+    assert km["blk.4.ffn_down.weight"] == "Q4_K"
+    assert km["blk.5.ffn_down.weight"] == "Q6_K"
+    # gemma3's 1152-wide rows are not a multiple of 256: Q4_K falls back to Q5_0
+    g = recipe_types(MODELS["gemma-3-1b"], "Q4_K_M")
+    assert g["blk.1.attn_q.weight"] == "Q5_0"
+
+
+def test_qwen35_kv_and_recurrent_state() -> None:
+    f = catalog_facts(QWEN, "Q4_0")
+    m = estimate(f, ServerConfig(n_ctx=262144, n_parallel=4))
+    assert m.kv_cache_bytes == 3072 * MiB  # 6 attention layers only, not 24
+    assert m.recurrent_bytes == pytest.approx(77.0625 * MiB)  # 4 slots
+    m1 = estimate(f, ServerConfig(n_ctx=4096, n_parallel=1, type_k="q8_0", type_v="q8_0"))
+    assert m1.kv_cache_bytes == pytest.approx(25.5 * MiB)
+    assert m1.recurrent_bytes == 20_201_472
+    assert m.output_bytes == pytest.approx(3.79 * MiB, rel=1e-3)
+
+
+def test_context_is_padded_to_256() -> None:
+    f = catalog_facts(QWEN, "Q4_0")
+    full, _ = kv_cells(f, ServerConfig(n_ctx=1000))
+    assert full == 1024
+
+
+def test_sliding_window_layers_are_capped() -> None:
+    f = catalog_facts("gemma-3-1b", "Q4_0")
+    assert sum(lf.swa for lf in f.layers) == 22  # 5 of every 6 layers
+    full, swa = kv_cells(f, ServerConfig(n_ctx=32768, n_ubatch=512))
+    assert full == 32768
+    assert swa == 1024  # pad(512 + 512, 256)
+    m = estimate(f, ServerConfig(n_ctx=32768))
+    per_cell = 2 * 256 * 2  # K and V, one KV head of 256, f16
+    assert m.kv_cache_bytes == 4 * 32768 * per_cell + 22 * 1024 * per_cell
+
+
+def test_mmap_with_repack_keeps_both_copies() -> None:
+    f = catalog_facts(QWEN, "Q4_0")
+    mm = estimate(f, ServerConfig(n_ctx=4096, load_mode="mmap"))
+    none = estimate(f, ServerConfig(n_ctx=4096, load_mode="none"))
+    assert mm.repack_bytes > 200 * MiB
+    assert mm.total_bytes - none.total_bytes == mm.repack_bytes
+    assert mm.weights_file_bytes == f.weights_bytes and none.weights_file_bytes == 0
+    no_repack = estimate(f, ServerConfig(n_ctx=4096, load_mode="mmap", repack=False))
+    assert no_repack.total_bytes == none.total_bytes
+    # Q8_0 is not repacked on x86
+    assert estimate(catalog_facts(QWEN, "Q8_0"), ServerConfig(n_ctx=4096)).repack_bytes == 0
+
+
+def test_gpu_offload_splits_weights_and_duplicates_tied_head() -> None:
+    f = catalog_facts(QWEN, "Q8_0")
+    full = estimate(f, ServerConfig(n_ctx=2048, n_parallel=4, n_gpus=1, backend="cuda", n_gpu_layers=25))
+    embd = next(t.nbytes for t in f.tensors if t.name == "token_embd.weight")
+    # load log: CUDA0 model 763.78 MiB, CPU_Mapped 257.66 MiB (token_embd stays on the host)
+    assert full.vram_weights_bytes == pytest.approx(763.78 * MiB, rel=1e-3)
+    assert full.weights_bytes == embd
+    assert full.vram_kv_bytes == pytest.approx((24 + 77.0625) * MiB)
+    partial = estimate(f, ServerConfig(n_ctx=2048, n_gpus=1, backend="cuda", n_gpu_layers=12))
+    assert 0 < partial.vram_weights_bytes < full.vram_weights_bytes
+    assert partial.kv_cache_bytes > 0  # CPU layers keep their KV on the host
+
+
+def test_moe_weights_are_counted_whole() -> None:
+    f = catalog_facts("qwen3-30b-a3b", "Q4_K_M")
+    assert 17e9 < f.weights_bytes < 19.5e9  # published Q4_K_M files are ~18.6 GB
+    assert f.n_expert == 128 and f.n_expert_used == 8
+
+
+def test_flash_attention_off_adds_the_kq_matrix() -> None:
+    f = catalog_facts("llama-3.2-1b", "Q4_0")
+    on = estimate(f, ServerConfig(n_ctx=8192, flash_attn=True))
+    off = estimate(f, ServerConfig(n_ctx=8192, flash_attn=False))
+    assert off.compute_bytes - on.compute_bytes >= 8192 * 512 * 32 * 4
