@@ -1,0 +1,380 @@
+"""ModelDeployment v1alpha1: the spec users write and the status the operator reports.
+
+The CRD's OpenAPI schema is generated from these models (see ``crd.py``), so a
+description here is what ``kubectl explain`` shows.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from .catalog import RECIPES
+from .sizing import OWNED_FLAGS
+
+GROUP = "modelfit.io"
+VERSION = "v1alpha1"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Quant = Literal["Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"]
+assert set(Quant.__args__) == set(RECIPES), "Quant must list catalog.RECIPES"  # type: ignore[attr-defined]
+Backend = Literal["auto", "cpu", "cuda", "rocm", "vulkan"]
+
+# Owned flags written as --flag=value are refused too; CEL checks both spellings.
+OWNED_SORTED = sorted(OWNED_FLAGS)
+_OWNED_CEL_LIST = "[" + ", ".join(f"'{f}'" for f in OWNED_SORTED) + "]"
+OWNED_FLAGS_RULE: dict[str, Any] = {
+    "rule": f"self.all(a, !{_OWNED_CEL_LIST}.exists(f, a == f || a.startsWith(f + '=')))",
+    "message": "serverArgs must not contain flags the plan owns (model, context, parallel, KV cache, GPU layers, "
+    "threads, batch, load mode, host, port, fit...); set the matching spec field instead",
+}
+INT_OR_STRING: dict[str, Any] = {"x-kubernetes-int-or-string": True}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class HuggingFaceSource(_Model):
+    """A GGUF file in a Hugging Face repository, downloaded over HTTPS."""
+
+    repo: str = Field(min_length=3, max_length=256, description="Repository, e.g. unsloth/Qwen3.5-0.8B-GGUF.")
+    file: str = Field(min_length=1, max_length=512, description="GGUF file name inside the repository.")
+    revision: str = Field(default="main", max_length=128, description="Branch, tag or commit (default main).")
+
+
+class PvcSource(_Model):
+    """A GGUF file already on a PersistentVolumeClaim in the same namespace (mounted read-only)."""
+
+    claim_name: str = Field(min_length=1, max_length=253, description="Name of the PersistentVolumeClaim.")
+    path: str = Field(min_length=1, max_length=1024, description="Path of the .gguf file inside the volume.")
+
+
+class ModelSource(_Model):
+    """Where the GGUF model comes from: exactly one of catalog (with quant), url, huggingFace or pvc."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[has(self.catalog), has(self.url), has(self.huggingFace), has(self.pvc)]"
+                    ".filter(x, x).size() == 1",
+                    "message": "exactly one of catalog, url, huggingFace or pvc must be set",
+                },
+                {"rule": "!has(self.catalog) || has(self.quant)", "message": "catalog requires quant"},
+                {"rule": "!has(self.quant) || has(self.catalog)", "message": "quant applies to catalog models only"},
+            ]
+        }
+    )
+
+    catalog: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Name of a model in modelfit's catalog, e.g. qwen3.5-0.8b.",
+    )
+    quant: Quant | None = Field(default=None, description="Quantization of a catalog model.")
+    url: str | None = Field(
+        default=None, max_length=2048, pattern=r"^https?://", description="HTTP(S) URL of a .gguf file."
+    )
+    hugging_face: HuggingFaceSource | None = Field(default=None, description="A file in a Hugging Face repository.")
+    pvc: PvcSource | None = Field(default=None, description="A file on an existing PersistentVolumeClaim.")
+    sha256: str | None = Field(
+        default=None, pattern=r"^[a-f0-9]{64}$", description="Expected SHA-256 of the file; the download is verified."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        n = sum(x is not None for x in (self.catalog, self.url, self.hugging_face, self.pvc))
+        if n != 1:
+            raise ValueError("exactly one of catalog, url, huggingFace or pvc must be set")
+        if self.catalog is not None and self.quant is None:
+            raise ValueError("catalog requires quant")
+        if self.quant is not None and self.catalog is None:
+            raise ValueError("quant applies to catalog models only")
+        return self
+
+
+class ImageOverrides(_Model):
+    """Container image per backend; unset backends use the pinned official llama.cpp server images."""
+
+    cpu: str | None = Field(default=None, max_length=512, description="Image for the CPU backend.")
+    cuda: str | None = Field(default=None, max_length=512, description="Image for the CUDA backend.")
+    rocm: str | None = Field(default=None, max_length=512, description="Image for the ROCm backend.")
+    vulkan: str | None = Field(default=None, max_length=512, description="Image for the Vulkan backend.")
+
+
+class SecretKeyRef(_Model):
+    """A key in a Secret of the same namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(default="api-key", min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+class EmptyDirCache(_Model):
+    """Download into an emptyDir on every new pod (sized from the model file)."""
+
+    medium: Literal["", "Memory"] = Field(default="", description="emptyDir medium; Memory counts against the pod.")
+
+
+class PvcCache(_Model):
+    """Download once into a PersistentVolumeClaim the operator creates."""
+
+    storage_class: str | None = Field(
+        default=None, max_length=253, description="StorageClass (cluster default when unset)."
+    )
+    size: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        description="Requested size; by default the model file size plus 10% and 1Gi.",
+    )
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
+        default="ReadWriteOnce", description="Access mode; use ReadWriteMany for replicas on several nodes."
+    )
+
+
+class HostPathCache(_Model):
+    """Keep models in a directory on the node (not allowed by the restricted Pod Security Standard)."""
+
+    path: str = Field(min_length=1, max_length=1024, pattern=r"^/", description="Absolute directory on the node.")
+
+
+class ModelCache(_Model):
+    """Where the downloaded model lives: at most one of emptyDir (default), pvc or hostPath."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[has(self.emptyDir), has(self.pvc), has(self.hostPath)].filter(x, x).size() <= 1",
+                    "message": "set at most one of emptyDir, pvc or hostPath",
+                }
+            ]
+        }
+    )
+
+    empty_dir: EmptyDirCache | None = Field(default=None, description="Cache in an emptyDir (default).")
+    pvc: PvcCache | None = Field(default=None, description="Cache in a PersistentVolumeClaim created for this model.")
+    host_path: HostPathCache | None = Field(default=None, description="Cache in a node directory.")
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> ModelCache:
+        if sum(x is not None for x in (self.empty_dir, self.pvc, self.host_path)) > 1:
+            raise ValueError("set at most one of emptyDir, pvc or hostPath")
+        return self
+
+
+class ServiceSpec(_Model):
+    """The Service in front of llama-server."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(default="ClusterIP", description="Service type.")
+    port: int = Field(default=8080, ge=1, le=65535, description="Service port (llama-server listens on 8080).")
+
+
+class ResourceOverride(_Model):
+    """Requests and limits that replace the planned ones key by key (use with care: the plan is sized to fit)."""
+
+    requests: dict[str, str] | None = Field(default=None, description="Resource requests, e.g. cpu: '4'.")
+    limits: dict[str, str] | None = Field(default=None, description="Resource limits, e.g. memory: 8Gi.")
+
+
+class ModelDeploymentSpec(_Model):
+    """A GGUF model served by llama-server, sized by modelfit for the nodes of the cluster."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.minContext) || !has(self.context) || type(self.context) == string "
+                    "|| self.minContext <= int(self.context)",
+                    "message": "minContext must not exceed context",
+                }
+            ]
+        }
+    )
+
+    model: ModelSource = Field(description="The GGUF model to serve.")
+    context: Annotated[int, Field(ge=256, le=16777216)] | Literal["max"] = Field(
+        default="max",
+        description="Context size in tokens, or max for the model's trained context.",
+        json_schema_extra={
+            **INT_OR_STRING,
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) == string ? self == 'max' : (int(self) >= 256 && int(self) <= 16777216)",
+                    "message": "context must be max or a number between 256 and 16777216",
+                }
+            ],
+        },
+    )
+    min_context: int | None = Field(
+        default=None,
+        ge=256,
+        le=16777216,
+        description="Smallest acceptable context when adapt may shrink it (default 4096).",
+    )
+    parallel: int = Field(default=1, ge=1, le=256, description="Parallel sequences (slots) llama-server serves.")
+    kv_cache_type: Literal["auto", "f16", "q8_0", "q4_0"] = Field(
+        default="auto", description="KV cache type; auto picks f16 unless only a quantized cache fits."
+    )
+    load_mode: Literal["auto", "mmap", "none", "mlock"] = Field(
+        default="auto", description="How weights are loaded; auto picks the lower resident memory."
+    )
+    flash_attention: Literal["auto", "on", "off"] = Field(default="auto", description="Flash attention.")
+    backend: Backend = Field(
+        default="auto", description="Compute backend; auto uses the GPU of the chosen node, else the CPU."
+    )
+    gpu_layers: Annotated[int, Field(ge=0, le=1000)] | Literal["auto"] = Field(
+        default="auto",
+        description="Layers offloaded to the GPU, or auto for as many as fit.",
+        json_schema_extra={
+            **INT_OR_STRING,
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) == string ? self == 'auto' : (int(self) >= 0 && int(self) <= 1000)",
+                    "message": "gpuLayers must be auto or a number between 0 and 1000",
+                }
+            ],
+        },
+    )
+    replicas: int = Field(default=1, ge=0, le=1000, description="Number of llama-server pods.")
+    resources: ResourceOverride | None = Field(default=None, description="Override the planned requests/limits.")
+    node_selector: dict[str, str] | None = Field(default=None, description="Only consider nodes with these labels.")
+    tolerations: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Pod tolerations (core/v1 Toleration); tainted nodes are considered only if tolerated.",
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="Pod affinity (core/v1 Affinity); required node affinity limits the nodes planned for.",
+    )
+    image: ImageOverrides | None = Field(default=None, description="Container image override per backend.")
+    server_args: list[str] | None = Field(
+        default=None,
+        max_length=64,
+        description="Extra llama-server arguments appended to the plan's; flags the plan owns are refused.",
+        json_schema_extra={"x-kubernetes-validations": [OWNED_FLAGS_RULE]},
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the API key (LLAMA_API_KEY)."
+    )
+    model_cache: ModelCache | None = Field(default=None, description="Where the downloaded model is kept.")
+    service: ServiceSpec | None = Field(default=None, description="The Service in front of the pods.")
+    adapt: bool = Field(
+        default=False,
+        description="May the operator shrink the context, quantize the KV cache or change backend to fit a node.",
+    )
+
+    def owned_flags_in_server_args(self) -> list[str]:
+        bad = []
+        for a in self.server_args or []:
+            flag = a.split("=", 1)[0]
+            if flag in OWNED_FLAGS:
+                bad.append(flag)
+        return bad
+
+
+# ---- status ------------------------------------------------------------------------------------
+
+
+class Condition(_Model):
+    """A condition of the ModelDeployment (metav1.Condition)."""
+
+    type: Literal["Ready", "Planned", "Progressing", "Degraded", "Unschedulable"] = Field(description="Condition type.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, description="CamelCase reason.")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    observed_generation: int | None = Field(default=None, ge=0, description="Spec generation this condition is about.")
+    last_transition_time: str | None = Field(default=None, description="When the status last changed (RFC 3339).")
+
+
+class MemoryStatus(_Model):
+    """Predicted memory of one llama-server process, in bytes."""
+
+    weights_bytes: int = Field(default=0, description="Weights in host memory.")
+    weights_file_bytes: int = Field(default=0, description="Part of the weights backed by the file (page cache).")
+    repack_bytes: int = Field(default=0, description="CPU repacked copy of weights.")
+    kv_cache_bytes: int = Field(default=0, description="KV cache in host memory.")
+    recurrent_bytes: int = Field(default=0, description="Recurrent state in host memory.")
+    compute_bytes: int = Field(default=0, description="Host compute buffers.")
+    output_bytes: int = Field(default=0, description="Output buffer.")
+    cache_ram_bytes: int = Field(default=0, description="Prompt cache (--cache-ram).")
+    checkpoint_bytes: int = Field(default=0, description="Context checkpoints.")
+    overhead_bytes: int = Field(default=0, description="Runtime and vocabulary.")
+    total_bytes: int = Field(default=0, description="Predicted peak RSS.")
+    anon_bytes: int = Field(default=0, description="Anonymous memory (total less file-backed pages).")
+    vram_bytes: list[int] = Field(default_factory=list, description="Predicted GPU memory per GPU.")
+    vram_weights_bytes: int = Field(default=0, description="Weights in GPU memory.")
+    vram_kv_bytes: int = Field(default=0, description="KV cache in GPU memory.")
+    vram_compute_bytes: int = Field(default=0, description="GPU compute buffers.")
+    kv_cells: int = Field(default=0, description="KV cells of full-attention layers.")
+    kv_cells_swa: int = Field(default=0, description="KV cells of sliding-window layers.")
+
+
+class PlanStatus(_Model):
+    """The planner's output for the node class this ModelDeployment targets."""
+
+    model: str = Field(default="", description="Model name (for printer columns).")
+    quant: str = Field(default="", description="Quantization of the weights.")
+    model_bytes: int = Field(default=0, description="Size of the GGUF file.")
+    node_class: str = Field(default="", description="The node (class) the plan targets.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods are pinned to.")
+    backend: str = Field(default="", description="Backend: cpu, cuda, rocm or vulkan.")
+    gpu_layers: int = Field(default=0, description="Layers offloaded to the GPU.")
+    total_layers: int = Field(default=0, description="Offloadable layers (blocks plus output).")
+    context: int = Field(default=0, description="Context size in tokens.")
+    parallel: int = Field(default=1, description="Parallel slots.")
+    kv_cache_type: str = Field(default="", description="KV cache type.")
+    load_mode: str = Field(default="", description="Weight load mode.")
+    flash_attention: bool = Field(default=False, description="Flash attention on.")
+    threads: int = Field(default=0, description="CPU threads.")
+    ubatch: int = Field(default=0, description="Micro-batch size.")
+    cache_ram_mib: int = Field(default=0, description="Prompt cache budget in MiB.")
+    ctx_checkpoints: int = Field(default=0, description="Context checkpoints per slot.")
+    args: list[str] = Field(default_factory=list, description="llama-server arguments of the plan.")
+    memory: MemoryStatus = Field(default_factory=MemoryStatus, description="Predicted memory breakdown.")
+    memory_request: str = Field(default="", description="Memory request and limit of each pod.")
+    memory_request_bytes: int = Field(default=0, description="Memory request in bytes.")
+    resources: dict[str, dict[str, str]] = Field(default_factory=dict, description="Requests and limits of each pod.")
+    fits: bool = Field(default=False, description="Whether the plan fits the node.")
+    shortfall_bytes: int = Field(default=0, description="Memory missing when it does not fit.")
+    adapted: bool = Field(default=False, description="The plan deviates from the spec because adapt is true.")
+    headroom_boost: float = Field(default=0.0, ge=0, description="Extra memory headroom added after OOM kills.")
+    hash: str = Field(default="", description="Hash of the rendered workload; changes only when a rollout is needed.")
+    reasons: list[str] = Field(default_factory=list, description="Why each choice was made.")
+    warnings: list[str] = Field(default_factory=list, description="Planner warnings.")
+
+
+class ModelDeploymentStatus(_Model):
+    """What the operator planned and observed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    plan: PlanStatus | None = Field(default=None, description="The current plan.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Planned, Progressing, Degraded, Unschedulable."
+    )
+    endpoint: str = Field(default="", description="In-cluster URL of the OpenAI-compatible API.")
+    replicas: int = Field(default=0, description="Pods of the current Deployment.")
+    ready_replicas: int = Field(default=0, description="Pods ready to serve.")
+    selector: str = Field(default="", description="Label selector of the pods (scale subresource).")
+    observed_generation: int = Field(default=0, description="Spec generation last reconciled.")
+    oom_kills: int = Field(default=0, description="OOM kills observed (each raises the memory headroom).")
+
+
+class ModelDeployment(_Model):
+    """A GGUF model served by llama-server, right-sized for the cluster's nodes."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["modelfit.io/v1alpha1"] = Field(
+        default="modelfit.io/v1alpha1", description="modelfit.io/v1alpha1"
+    )
+    kind: Literal["ModelDeployment"] = Field(default="ModelDeployment", description="ModelDeployment")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: ModelDeploymentSpec = Field(description="What to serve and how.")
+    status: ModelDeploymentStatus | None = Field(default=None, description="What the operator planned and observed.")

@@ -1,0 +1,388 @@
+"""kopf handlers: a thin shell over placement, render and status.
+
+- ModelDeployment created/updated/resumed -> reconcile (plan, apply children, status).
+- Node added/changed/removed -> a node generation counter moves; the resync loop re-plans
+  every ModelDeployment on its next tick, and only a changed plan is applied (rolls out).
+- Pod of ours changed -> the resync loop refreshes that ModelDeployment's status, reacts to
+  FailedScheduling (adapt: plan elsewhere/smaller), OOMKilled (more headroom), download failures.
+Nothing raised by a bad spec or an unreadable model escapes: it becomes a condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import kopf
+from pydantic import ValidationError
+
+from . import api, catalog, metrics
+from .api import ModelDeploymentSpec
+from .facts import ModelFacts, facts_from_header
+from .gguf_reader import GGUFError, read_gguf
+from .kube import ClusterSnapshot, Kube, KubeError, get_client, node_facts, path_for
+from .placement import Placement, class_selector, place
+from .render import APPLIED_ANNOTATION, HASH_ANNOTATION, MD_LABEL, model_file, render, selector_string
+from .status import apply_conditions, plan_status, planning_failure_conditions, pod_signals, workload_conditions
+
+RESYNC_TICK = 5.0  # seconds between resync checks
+FULL_RESYNC = 300.0  # re-plan at least this often
+OOM_HEADROOM_STEP = 0.25
+AVOID_SECONDS = 300.0
+
+
+@dataclass
+class _Seen:
+    node_generation: int = -1
+    at: float = 0.0
+    pods_dirty: bool = False
+    avoid: dict[tuple[tuple[str, str], ...], float] = field(default_factory=dict)
+
+
+class OperatorState:
+    """In-memory indexes; everything here can be rebuilt from the cluster after a restart."""
+
+    def __init__(self) -> None:
+        self.node_generation = 0
+        self.node_signatures: dict[str, Any] = {}
+        self.snapshot = ClusterSnapshot()
+        self.facts: dict[tuple[str, str | None], tuple[ModelFacts, int]] = {}
+        self.seen: dict[tuple[str, str], _Seen] = {}
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self.seen.pop(key, None)
+        self.locks.pop(key, None)
+        self.bodies.pop(key, None)
+
+    def lock(self, key: tuple[str, str]) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    def node_changed(self, event_type: str | None, node: dict[str, Any]) -> bool:
+        meta, st = node.get("metadata") or {}, node.get("status") or {}
+        name = str(meta.get("name"))
+        if event_type == "DELETED":
+            changed = self.node_signatures.pop(name, None) is not None
+        else:
+            ready = [c.get("status") for c in st.get("conditions") or [] if c.get("type") == "Ready"]
+            sig = (
+                meta.get("labels"),
+                st.get("allocatable"),
+                (node.get("spec") or {}).get("taints"),
+                (node.get("spec") or {}).get("unschedulable"),
+                ready,
+            )
+            changed = self.node_signatures.get(name) != sig
+            self.node_signatures[name] = sig
+        if changed:
+            self.node_generation += 1
+            self.snapshot.invalidate()
+        return changed
+
+    def due(self, key: tuple[str, str]) -> bool:
+        s = self.seen.get(key)
+        if s is None:
+            return True
+        return s.node_generation != self.node_generation or s.pods_dirty or time.monotonic() - s.at > FULL_RESYNC
+
+
+STATE = OperatorState()
+
+
+# ---- model facts -------------------------------------------------------------------------------
+
+
+def _catalog_for_file(file_name: str) -> tuple[str, str] | None:
+    for key, spec in catalog.MODELS.items():
+        for quant in catalog.RECIPES:
+            if spec.hf_file.format(quant=quant) == file_name:
+                return key, quant
+    return None
+
+
+async def load_facts(spec: ModelDeploymentSpec, state: OperatorState = STATE) -> tuple[ModelFacts, int]:
+    """Model facts and file size; HTTP headers are read once per (url, sha256)."""
+    m = spec.model
+    if m.catalog is not None:
+        facts = catalog.catalog_facts(m.catalog, m.quant or "Q4_K_M")
+        return facts, facts.file_bytes
+    mf = model_file(spec)
+    if mf.url is None:
+        known = _catalog_for_file(mf.file_name)
+        if known is None:
+            raise GGUFError(
+                f"cannot read {mf.file_name} on PVC {mf.pvc_claim} from the operator; "
+                "name the file like a catalog model or serve it from a URL"
+            )
+        facts = catalog.catalog_facts(*known)
+        return facts, facts.file_bytes
+    key = (mf.url, m.sha256)
+    if key not in state.facts:
+        header = await asyncio.to_thread(read_gguf, mf.url)
+        facts = facts_from_header(header)
+        state.facts[key] = (facts, facts.file_bytes)
+    return state.facts[key]
+
+
+# ---- reconcile ---------------------------------------------------------------------------------
+
+
+def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Only what changed; map keys that disappeared are nulled (merge-patch semantics)."""
+    out: dict[str, Any] = {}
+    for k, v in new.items():
+        if old.get(k) == v:
+            continue
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            sub = _status_patch(old[k], v)
+            for gone in set(old[k]) - set(v):
+                sub[gone] = None
+            out[k] = sub
+        else:
+            out[k] = v
+    return out
+
+
+async def _place(
+    spec: ModelDeploymentSpec, facts: ModelFacts, size: int, nodes: list[Any], boost: float, seen: _Seen
+) -> Placement:
+    now = time.monotonic()
+    seen.avoid = {k: t for k, t in seen.avoid.items() if t > now}
+    usable = [n for n in nodes if tuple(sorted(class_selector(n).items())) not in seen.avoid] or nodes
+    return place(spec, facts, usable, model_file(spec, size).path, boost)
+
+
+async def reconcile(
+    body: dict[str, Any],
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    kube: Kube | None = None,
+    state: OperatorState = STATE,
+) -> dict[str, Any]:
+    """Plan, apply children and compute the status of one ModelDeployment; returns the status patch."""
+    kube = kube or get_client()
+    started = time.monotonic()
+    meta = body.get("metadata") or {}
+    ns, name = str(meta.get("namespace")), str(meta.get("name"))
+    key = (ns, name)
+    async with state.lock(key):
+        seen = state.seen.setdefault(key, _Seen())
+        seen.node_generation, seen.at, seen.pods_dirty = state.node_generation, time.monotonic(), False
+        result = "error"
+        try:
+            patch, result = await _reconcile(body, logger, kube, state, seen)
+        finally:
+            metrics.RECONCILES.labels(result=result).inc()
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        return patch
+
+
+async def _reconcile(
+    body: dict[str, Any],
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    kube: Kube,
+    state: OperatorState,
+    seen: _Seen,
+) -> tuple[dict[str, Any], str]:
+    meta = body.get("metadata") or {}
+    ns, name, gen = str(meta.get("namespace")), str(meta.get("name")), meta.get("generation")
+    old: dict[str, Any] = dict(body.get("status") or {})
+    conds: list[dict[str, Any]] = list(old.get("conditions") or [])
+    new: dict[str, Any] = {"observedGeneration": gen, "selector": selector_string(name)}
+
+    def fail(reason: str, message: str, result: str) -> tuple[dict[str, Any], str]:
+        logger.warning(f"{reason}: {message}")
+        new["conditions"] = apply_conditions(conds, planning_failure_conditions(reason, message), gen)
+        return _status_patch(old, new), result
+
+    try:
+        spec = ModelDeploymentSpec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return fail("InvalidSpec", f"spec is invalid: {errors}", "invalid")
+    owned = spec.owned_flags_in_server_args()
+    if owned:
+        return fail(
+            "InvalidSpec",
+            f"serverArgs contains flags the plan owns: {', '.join(owned)}; set the matching spec field instead",
+            "invalid",
+        )
+    try:
+        facts, size = await load_facts(spec, state)
+    except (GGUFError, KeyError, ValueError, OSError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        return fail("ModelUnreadable", f"cannot read the model: {msg}", "model_unreadable")
+
+    await state.snapshot.refresh(kube)
+    mine = {MD_LABEL: name}
+
+    def is_mine(pod: dict[str, Any]) -> bool:
+        pm = pod.get("metadata") or {}
+        return bool(pm.get("namespace") == ns and all((pm.get("labels") or {}).get(k) == v for k, v in mine.items()))
+
+    nodes = node_facts(state.snapshot.nodes, state.snapshot.pods, exclude=is_mine)
+    old_plan = old.get("plan") or {}
+    boost = float(old_plan.get("headroomBoost") or 0.0)
+    oom_kills = int(old.get("oomKills") or 0)
+    placement = await _place(spec, facts, size, nodes, boost, seen)
+    mf = model_file(spec, size)
+    pods = await kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector_string(name))
+
+    if placement.fits:
+        rendered = render(meta, spec, placement, mf)
+        template_hash = _template_hash(rendered.by_kind("Deployment"))
+        sig = pod_signals(pods, template_hash)
+        if sig.oom_killed and boost < 1.0:
+            boost = min(1.0, boost + OOM_HEADROOM_STEP)
+            oom_kills += 1
+            logger.warning(f"OOMKilled in {sig.oom_killed}; memory headroom boost now {boost:.2f}")
+            placement = await _place(spec, facts, size, nodes, boost, seen)
+        elif sig.unschedulable and spec.adapt:
+            seen.avoid[tuple(sorted(placement.selector.items()))] = time.monotonic() + AVOID_SECONDS
+            other = await _place(spec, facts, size, nodes, boost, seen)
+            if other.fits and other.selector != placement.selector:
+                logger.info(f"pods unschedulable on {placement.selector}; adapting to {other.selector}")
+                placement = other
+    new["oomKills"] = oom_kills
+    metrics.track_node_facts_age(state.snapshot.age)
+
+    if not placement.fits or placement.result is None:
+        if placement.result is not None:
+            new["plan"] = plan_status(placement, facts, size, "", boost)
+        return fail(placement.reason, placement.message, "unschedulable")
+
+    rendered = render(meta, spec, placement, mf)
+    new["plan"] = plan_status(placement, facts, size, rendered.hash, boost)
+    metrics.PLANNED_MEMORY.labels(namespace=ns, name=name).set(placement.result.memory_request_bytes)
+    deploy = await kube.get(path_for("apps/v1", "Deployment", ns, name))
+    applied = ((deploy or {}).get("metadata") or {}).get("annotations", {}).get(APPLIED_ANNOTATION)
+    if applied != rendered.hash:
+        for obj in rendered.objects:
+            out = await kube.apply(obj)
+            if obj["kind"] == "Deployment":
+                deploy = out
+        for api_version, kind, child in rendered.absent:
+            await kube.delete(path_for(api_version, kind, ns, child))
+        if old_plan.get("hash") != rendered.hash:
+            metrics.PLAN_CHANGES.inc()
+            what = (
+                f"{placement.result.plan.backend} on {placement.result.plan.node}, "
+                f"{placement.result.plan.gpu_layers}/{placement.result.plan.total_layers} GPU layers, "
+                f"context {placement.result.plan.context}, memory {placement.result.resources.requests['memory']}"
+            )
+            _post_event(body, "PlanChanged", f"new plan: {what}")
+            logger.info(f"plan applied: {what}")
+    template_hash = _template_hash(rendered.by_kind("Deployment"))
+    values = workload_conditions(deploy, pods, spec.replicas, template_hash)
+    values["Planned"] = ("True", placement.reason, placement.message)
+    new["conditions"] = apply_conditions(conds, values, gen)
+    dst = (deploy or {}).get("status") or {}
+    new["replicas"] = int(dst.get("replicas") or 0)
+    new["readyReplicas"] = int(dst.get("readyReplicas") or 0)
+    port = spec.service.port if spec.service else api.ServiceSpec().port
+    new["endpoint"] = f"http://{name}.{ns}.svc:{port}"
+    return _status_patch(old, new), "ready" if values["Ready"][0] == "True" else "progressing"
+
+
+def _post_event(body: dict[str, Any], reason: str, message: str) -> None:
+    try:
+        kopf.event(cast(kopf.Body, body), type="Normal", reason=reason, message=message)
+    except LookupError:  # outside a running operator (unit tests calling reconcile directly)
+        pass
+
+
+def _template_hash(deploy: dict[str, Any] | None) -> str | None:
+    if deploy is None:
+        return None
+    annotations: dict[str, str] = deploy["spec"]["template"]["metadata"]["annotations"]
+    return annotations.get(HASH_ANNOTATION)
+
+
+def _merge_into(patch: kopf.Patch, status_patch: dict[str, Any]) -> None:
+    for k, v in status_patch.items():
+        patch.status[k] = v
+
+
+# ---- kopf handlers -----------------------------------------------------------------------------
+
+G, V, P = api.GROUP, api.VERSION, api.PLURAL
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.posting.level = logging.WARNING  # warnings become Events; plan changes are posted explicitly
+    settings.watching.server_timeout = 300
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="modelfit.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="modelfit.io")
+    metrics.track_node_facts_age(STATE.snapshot.age)
+    STATE.task = asyncio.create_task(resync_loop())
+
+
+@kopf.on.cleanup()
+async def close_client(**_: Any) -> None:
+    if STATE.task is not None:
+        STATE.task.cancel()
+    await get_client().close()
+
+
+@kopf.on.create(G, V, P)
+@kopf.on.update(G, V, P)
+@kopf.on.resume(G, V, P)
+async def modeldeployment_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
+    _merge_into(patch, await reconcile(dict(body), logger))
+
+
+@kopf.on.event(G, V, P)
+def modeldeployment_event(event: kopf.RawEvent, **_: Any) -> None:
+    """Keep the bodies the resync loop works on; a timer would need a finalizer on every object."""
+    body: dict[str, Any] = dict(event.get("object") or {})
+    meta: dict[str, Any] = body.get("metadata") or {}
+    key = (str(meta.get("namespace")), str(meta.get("name")))
+    if event.get("type") == "DELETED":
+        STATE.forget(key)
+        metrics.forget(*key)
+    else:
+        STATE.bodies[key] = body
+
+
+async def resync_loop(state: OperatorState = STATE, tick: float = RESYNC_TICK) -> None:
+    """Re-plan ModelDeployments whose nodes or pods changed; write their status directly."""
+    log = logging.getLogger("modelfit.resync")
+    while True:
+        await asyncio.sleep(tick)
+        for key, body in list(state.bodies.items()):
+            if (body.get("metadata") or {}).get("deletionTimestamp") or not state.due(key):
+                continue
+            try:
+                status_patch = await reconcile(body, log, state=state)
+                if status_patch:
+                    path = path_for(api.API_VERSION, api.KIND, key[0], key[1]) + "/status"
+                    await get_client().merge_patch(path, {"status": status_patch})
+            except Exception as exc:  # noqa: BLE001 - one object's failure must not stop the loop
+                log.warning(f"resync of {key[0]}/{key[1]} failed: {exc}")
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(event: kopf.RawEvent, logger: kopf.Logger, **_: Any) -> None:
+    node = event.get("object") or {}
+    if STATE.node_changed(event.get("type"), dict(node)):
+        logger.debug(f"node {node.get('metadata', {}).get('name')} changed; re-planning on the next tick")
+
+
+@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": "modelfit"})
+def pod_event(body: kopf.Body, **_: Any) -> None:
+    owner = body.metadata.labels.get(MD_LABEL)
+    if owner:
+        STATE.seen.setdefault((str(body.metadata.namespace), owner), _Seen()).pods_dirty = True
+
+
+@kopf.on.probe(id="nodeFactsAgeSeconds")
+def node_facts_age(**_: Any) -> float:
+    return round(STATE.snapshot.age(), 1)
+
+
+__all__ = ["STATE", "KubeError", "OperatorState", "load_facts", "reconcile"]

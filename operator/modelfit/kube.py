@@ -1,0 +1,246 @@
+"""A small async Kubernetes REST client (aiohttp) and the cluster reads the operator needs.
+
+Credentials come from the in-cluster service account or the kubeconfig, via the
+kubernetes package's loaders. Server-side apply uses field manager ``modelfit``;
+a server that answers 404 to an apply (an emulator) gets a create instead.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from .nodes import NodeFacts, node_facts_from_k8s, parse_quantity
+
+FIELD_MANAGER = "modelfit"
+
+_PLURALS = {
+    "Deployment": "deployments",
+    "Service": "services",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "Pod": "pods",
+    "Node": "nodes",
+    "Event": "events",
+    "ModelDeployment": "modeldeployments",
+}
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def path_for(api_version: str, kind: str, namespace: str | None = None, name: str | None = None) -> str:
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    ns = f"/namespaces/{namespace}" if namespace else ""
+    tail = f"/{name}" if name else ""
+    return f"{base}{ns}/{_PLURALS[kind]}{tail}"
+
+
+class Kube:
+    """Just enough of the API: get, list, apply, create, delete."""
+
+    def __init__(
+        self,
+        server: str,
+        headers: Callable[[], dict[str, str]] | None = None,
+        ssl_context: ssl.SSLContext | bool = True,
+    ) -> None:
+        self.server = server.rstrip("/")
+        self._headers = headers or dict
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        self.requests = 0
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        from kubernetes import client, config  # the loaders only; requests go through aiohttp
+
+        cfg = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        ctx: ssl.SSLContext | bool = False
+        if cfg.verify_ssl:
+            ctx = (
+                ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.ssl_ca_cert else ssl.create_default_context()
+            )
+            if cfg.cert_file:
+                ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+
+        def headers() -> dict[str, str]:
+            token = cfg.get_api_key_with_prefix("authorization")  # runs the refresh hook (rotated tokens)
+            return {"Authorization": token} if token else {}
+
+        return cls(cfg.host, headers, ctx)
+
+    async def _request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json", **params: str
+    ) -> Any:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        headers = {"Accept": "application/json", **self._headers()}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body)
+        self.requests += 1
+        async with self._session.request(
+            method, self.server + path, data=data, headers=headers, params=params or None, ssl=self._ssl
+        ) as resp:
+            text = await resp.text()
+            if resp.status >= 400:
+                try:
+                    message = json.loads(text).get("message", text)
+                except (ValueError, AttributeError):
+                    message = text
+                raise KubeError(resp.status, str(message)[:500])
+            return json.loads(text) if text else {}
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        try:
+            out: dict[str, Any] = await self._request("GET", path)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return out
+
+    async def list(self, path: str, **params: str) -> list[dict[str, Any]]:
+        out = await self._request("GET", path, **params)
+        return list(out.get("items") or [])
+
+    async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = await self._request("POST", path, body)
+        return out
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        path = path_for(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        try:
+            out: dict[str, Any] = await self._request(
+                "PATCH", path, obj, "application/apply-patch+yaml", fieldManager=FIELD_MANAGER, force="true"
+            )
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            out = await self.create(path_for(obj["apiVersion"], obj["kind"], meta.get("namespace")), obj)
+        return out
+
+    async def merge_patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = await self._request("PATCH", path, body, "application/merge-patch+json")
+        return out
+
+    async def delete(self, path: str) -> bool:
+        try:
+            await self._request("DELETE", path, {"propagationPolicy": "Background"})
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+
+_client: Kube | None = None
+
+
+def set_client(client: Kube | None) -> None:
+    global _client
+    _client = client
+
+
+def get_client() -> Kube:
+    global _client
+    if _client is None:
+        _client = Kube.from_environment()
+    return _client
+
+
+# ---- node facts from the live cluster ------------------------------------------------------------
+
+
+def node_usable(node: dict[str, Any]) -> bool:
+    """Schedulable and not NotReady (a node without a Ready condition yet counts as usable)."""
+    if (node.get("spec") or {}).get("unschedulable"):
+        return False
+    for c in (node.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return bool(c.get("status") == "True")
+    return True
+
+
+def pod_requests(pod: dict[str, Any]) -> tuple[int, int]:
+    """(CPU millis, memory bytes) a pod requests: containers summed, init containers at their max."""
+    spec = pod.get("spec") or {}
+
+    def req(c: dict[str, Any]) -> tuple[int, int]:
+        r = (c.get("resources") or {}).get("requests") or {}
+        return int(parse_quantity(r.get("cpu", "0")) * 1000), int(parse_quantity(r.get("memory", "0")))
+
+    cpu = mem = 0
+    for c in spec.get("containers") or []:
+        a, b = req(c)
+        cpu, mem = cpu + a, mem + b
+    for c in spec.get("initContainers") or []:
+        a, b = req(c)
+        cpu, mem = max(cpu, a), max(mem, b)
+    over = spec.get("overhead") or {}
+    return cpu + int(parse_quantity(over.get("cpu", "0")) * 1000), mem + int(parse_quantity(over.get("memory", "0")))
+
+
+def node_facts(
+    nodes: list[dict[str, Any]], pods: list[dict[str, Any]], exclude: Callable[[dict[str, Any]], bool] | None = None
+) -> list[NodeFacts]:
+    """Facts of usable nodes, less what their running pods request (pods matching ``exclude`` don't count)."""
+    used: dict[str, tuple[int, int]] = {}
+    for pod in pods:
+        node = (pod.get("spec") or {}).get("nodeName")
+        phase = (pod.get("status") or {}).get("phase")
+        if not node or phase in ("Succeeded", "Failed") or (exclude is not None and exclude(pod)):
+            continue
+        cpu, mem = pod_requests(pod)
+        a, b = used.get(node, (0, 0))
+        used[node] = (a + cpu, b + mem)
+    out = []
+    for n in nodes:
+        if not node_usable(n):
+            continue
+        name = str((n.get("metadata") or {}).get("name"))
+        cpu, mem = used.get(name, (0, 0))
+        out.append(node_facts_from_k8s(n, cpu, mem))
+    return out
+
+
+class ClusterSnapshot:
+    """Nodes and pods, listed at most every ``ttl`` seconds unless invalidated by a node event."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self.nodes: list[dict[str, Any]] = []
+        self.pods: list[dict[str, Any]] = []
+        self.taken = 0.0
+
+    def invalidate(self) -> None:
+        self.taken = 0.0
+
+    def age(self) -> float:
+        return time.monotonic() - self.taken if self.taken else 0.0
+
+    async def refresh(self, kube: Kube) -> None:
+        if self.taken and time.monotonic() - self.taken < self.ttl:
+            return
+        self.nodes = await kube.list("/api/v1/nodes")
+        self.pods = await kube.list("/api/v1/pods", fieldSelector="status.phase!=Succeeded,status.phase!=Failed")
+        self.taken = time.monotonic()

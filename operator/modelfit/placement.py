@@ -1,0 +1,217 @@
+"""Which node class a ModelDeployment should run on, and its plan there. Pure.
+
+Nodes are filtered by the spec's nodeSelector, required node affinity and
+tolerations (a GPU taint is tolerated for GPU-capable specs, since the pod
+then tolerates it). Each node class (instance type, else the host) is planned
+for its roomiest member; the best fitting plan wins: full GPU offload, then any
+GPU, then the longest context, then the most memory left over.
+
+``adapt: false`` keeps the spec's word: the requested context is the minimum
+and an explicit backend must be honoured. ``adapt: true`` lets the planner
+shrink the context down to ``minContext``, quantize the KV cache and change
+backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .api import ModelDeploymentSpec
+from .facts import ModelFacts
+from .nodes import NodeFacts, format_memory
+from .sizing import MIN_CONTEXT_DEFAULT, PlanResult, Policy, plan
+
+GPU_TAINT_KEYS = ("nvidia.com/gpu", "amd.com/gpu")
+CLASS_LABEL = "node.kubernetes.io/instance-type"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+BASE_HEADROOM = 0.05
+
+
+@dataclass
+class Placement:
+    """The outcome: a fitting plan on a node class, or why there is none."""
+
+    fits: bool
+    reason: str  # Planned, Adapted, NoNodeFits, NoEligibleNodes, NoNodes
+    message: str
+    node: NodeFacts | None = None
+    result: PlanResult | None = None
+    selector: dict[str, str] = field(default_factory=dict)
+    adapted: bool = False
+
+
+def tolerates(tolerations: list[dict[str, Any]], taint: dict[str, str]) -> bool:
+    if taint.get("effect") == "PreferNoSchedule":
+        return True
+    for t in tolerations:
+        if t.get("effect") and t.get("effect") != taint.get("effect"):
+            continue
+        op = t.get("operator", "Equal")
+        if op == "Exists" and (not t.get("key") or t.get("key") == taint.get("key")):
+            return True
+        if op == "Equal" and t.get("key") == taint.get("key") and (t.get("value") or "") == (taint.get("value") or ""):
+            return True
+    return False
+
+
+def _expr_matches(labels: dict[str, str], expr: dict[str, Any]) -> bool:
+    key, op, values = expr.get("key", ""), expr.get("operator", "In"), [str(v) for v in expr.get("values") or []]
+    present = key in labels
+    if op == "In":
+        return present and labels[key] in values
+    if op == "NotIn":
+        return not present or labels[key] not in values
+    if op == "Exists":
+        return present
+    if op == "DoesNotExist":
+        return not present
+    if op in ("Gt", "Lt") and present and values:
+        try:
+            a, b = int(labels[key]), int(values[0])
+        except ValueError:
+            return False
+        return a > b if op == "Gt" else a < b
+    return False
+
+
+def affinity_matches(labels: dict[str, str], name: str, affinity: dict[str, Any] | None) -> bool:
+    """Required node affinity: any term matches when all its expressions do."""
+    required = ((affinity or {}).get("nodeAffinity") or {}).get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    terms = required.get("nodeSelectorTerms") or []
+    if not terms:
+        return True
+    for term in terms:
+        exprs = term.get("matchExpressions") or []
+        fields = [
+            {**f, "key": "metadata.name"} for f in term.get("matchFields") or [] if f.get("key") == "metadata.name"
+        ]
+        if all(_expr_matches(labels, e) for e in exprs) and all(
+            _expr_matches({"metadata.name": name}, f) for f in fields
+        ):
+            return True
+    return False
+
+
+def ineligible_reason(spec: ModelDeploymentSpec, node: NodeFacts) -> str | None:
+    """Why a node cannot host this spec's pods, or None."""
+    for k, v in (spec.node_selector or {}).items():
+        if node.labels.get(k) != v:
+            return f"nodeSelector {k}={v} does not match"
+    if not affinity_matches(node.labels, node.name, spec.affinity):
+        return "required node affinity does not match"
+    tolerations = list(spec.tolerations or [])
+    if node.gpus > 0 and spec.backend != "cpu":
+        tolerations += [{"key": k, "operator": "Exists"} for k in GPU_TAINT_KEYS]
+    for taint in node.taints:
+        if not tolerates(tolerations, taint):
+            return f"taint {taint.get('key')}={taint.get('value', '')}:{taint.get('effect')} is not tolerated"
+    return None
+
+
+def class_selector(node: NodeFacts) -> dict[str, str]:
+    if CLASS_LABEL in node.labels:
+        return {CLASS_LABEL: node.labels[CLASS_LABEL]}
+    return {HOSTNAME_LABEL: node.labels.get(HOSTNAME_LABEL, node.name)}
+
+
+def node_classes(nodes: list[NodeFacts]) -> list[tuple[dict[str, str], NodeFacts]]:
+    """One representative per class: the member with the most free memory, with the class size as count."""
+    groups: dict[tuple[tuple[str, str], ...], list[NodeFacts]] = {}
+    for n in nodes:
+        groups.setdefault(tuple(sorted(class_selector(n).items())), []).append(n)
+    out = []
+    for key, members in sorted(groups.items()):
+        best = max(members, key=lambda n: (n.memory_bytes or 0, n.cpu_millis, n.name))
+        out.append((dict(key), best.model_copy(update={"count": len(members)})))
+    return out
+
+
+def policy_for(spec: ModelDeploymentSpec, headroom_boost: float = 0.0, relaxed: bool = False) -> Policy:
+    if relaxed or spec.context == "max":
+        min_ctx = spec.min_context or MIN_CONTEXT_DEFAULT
+    else:
+        min_ctx = int(spec.context)
+    return Policy(
+        context=spec.context,
+        min_context=min_ctx,
+        parallel=spec.parallel,
+        kv_cache_type="auto" if relaxed else spec.kv_cache_type,
+        load_mode=spec.load_mode,
+        flash_attention=spec.flash_attention,
+        backend="auto" if relaxed else spec.backend,
+        gpu_layers="auto" if relaxed else spec.gpu_layers,
+        headroom=min(1.0, BASE_HEADROOM + headroom_boost),
+    )
+
+
+def _honours_spec(spec: ModelDeploymentSpec, res: PlanResult) -> str | None:
+    if spec.backend != "auto" and res.plan.backend != spec.backend:
+        return f"backend {spec.backend} is not available (the plan would use {res.plan.backend})"
+    return None
+
+
+def _score(res: PlanResult, node: NodeFacts) -> tuple[bool, bool, int, int]:
+    p = res.plan
+    gpu = p.backend != "cpu" and p.gpu_layers > 0
+    spare = (node.memory_bytes or 0) - res.memory_request_bytes
+    return (gpu and p.gpu_layers >= p.total_layers, gpu, p.context, spare)
+
+
+def place(
+    spec: ModelDeploymentSpec,
+    facts: ModelFacts,
+    nodes: list[NodeFacts],
+    model_path: str,
+    headroom_boost: float = 0.0,
+) -> Placement:
+    """The best node class and its plan for a spec, or why nothing fits."""
+    if not nodes:
+        return Placement(False, "NoNodes", "the cluster has no schedulable nodes")
+    eligible, excluded = [], []
+    for n in nodes:
+        why = ineligible_reason(spec, n)
+        if why is None:
+            eligible.append(n)
+        else:
+            excluded.append(f"{n.name}: {why}")
+    if not eligible:
+        return Placement(False, "NoEligibleNodes", "no node is eligible: " + "; ".join(excluded[:10]))
+
+    classes = node_classes(eligible)
+    tiers = [False, True] if spec.adapt else [False]
+    misses: dict[str, str] = {}
+    closest: tuple[int, NodeFacts, dict[str, str], PlanResult] | None = None
+    for relaxed in tiers:
+        policy = policy_for(spec, headroom_boost, relaxed)
+        best: tuple[tuple[bool, bool, int, int], NodeFacts, dict[str, str], PlanResult] | None = None
+        for selector, node in classes:
+            res = plan(facts, node, policy, model_path=model_path)
+            why = _honours_spec(spec, res) if not relaxed else None
+            if res.fits and why is None:
+                score = _score(res, node)
+                if best is None or score > best[0]:
+                    best = (score, node, selector, res)
+                continue
+            short = res.shortfall_bytes if not res.fits else 0
+            misses[node.name] = why or f"short by {format_memory(res.shortfall_bytes)}"
+            if closest is None or short < closest[0]:
+                closest = (short, node, selector, res)
+        if best is not None:
+            _, node, selector, res = best
+            adapted = relaxed  # the spec's own terms fit nowhere; this plan bends them
+            where = f"{res.plan.backend} on {node.name}" + (f" (class of {node.count})" if node.count > 1 else "")
+            msg = (
+                f"{where}: {res.plan.gpu_layers}/{res.plan.total_layers} GPU layers, context {res.plan.context}, "
+                f"KV {res.plan.kv_cache_type}, memory {res.resources.requests['memory']}"
+            )
+            return Placement(True, "Adapted" if adapted else "Planned", msg, node, res, selector, adapted)
+    detail = "; ".join(f"{k}: {v}" for k, v in sorted(misses.items())[:10])
+    wanted = "the requested context" if not spec.adapt else f"context {spec.min_context or MIN_CONTEXT_DEFAULT}"
+    msg = f"no node fits the model at {wanted}: {detail}"
+    if excluded:
+        msg += f" (not eligible: {'; '.join(excluded[:5])})"
+    if closest is not None:
+        _, node, selector, res = closest
+        return Placement(False, "NoNodeFits", msg, node, res, selector)
+    return Placement(False, "NoNodeFits", msg)

@@ -1,0 +1,372 @@
+"""A plan -> the Kubernetes objects that run it. Pure: no I/O.
+
+Children: PersistentVolumeClaim (modelCache.pvc), Deployment, Service and,
+with more than one replica, a PodDisruptionBudget. Every child carries the
+owner reference and the standard ``app.kubernetes.io/*`` labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from . import api, catalog
+from .api import ModelDeploymentSpec
+from .memory import LLAMA_CPP_BUILD
+from .nodes import GiB, MiB, format_memory
+from .placement import GPU_TAINT_KEYS, Placement
+
+# The only place image tags live. Official llama.cpp server images, pinned to the build the memory model matches.
+IMAGES: dict[str, str] = {
+    "cpu": f"ghcr.io/ggml-org/llama.cpp:server-{LLAMA_CPP_BUILD}",
+    "cuda": f"ghcr.io/ggml-org/llama.cpp:server-cuda-{LLAMA_CPP_BUILD}",
+    "rocm": f"ghcr.io/ggml-org/llama.cpp:server-rocm-{LLAMA_CPP_BUILD}",
+    "vulkan": f"ghcr.io/ggml-org/llama.cpp:server-vulkan-{LLAMA_CPP_BUILD}",
+}
+DOWNLOADER_IMAGE = "docker.io/curlimages/curl:8.11.1"
+PORT = 8080
+CACHE_DIR = "/models"
+SOURCE_DIR = "/model-source"
+FIELD_MANAGER = "modelfit"
+HASH_ANNOTATION = "modelfit.io/plan-hash"
+APPLIED_ANNOTATION = "modelfit.io/applied-hash"
+MD_LABEL = "modelfit.io/modeldeployment"
+UID = 1000
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """Where the GGUF comes from and where llama-server finds it."""
+
+    file_name: str
+    url: str | None = None  # None: the file is on a user PVC
+    size_bytes: int = 0
+    sha256: str | None = None
+    pvc_claim: str | None = None
+    pvc_path: str | None = None
+
+    @property
+    def path(self) -> str:
+        if self.pvc_claim:
+            return f"{SOURCE_DIR}/{(self.pvc_path or '').lstrip('/')}"
+        return f"{CACHE_DIR}/{self.file_name}"
+
+
+def model_file(spec: ModelDeploymentSpec, size_bytes: int = 0) -> ModelFile:
+    m = spec.model
+    if m.catalog is not None:
+        url = catalog.catalog_url(m.catalog, m.quant or "Q4_K_M")
+    elif m.url is not None:
+        url = m.url
+    elif m.hugging_face is not None:
+        hf = m.hugging_face
+        url = f"https://huggingface.co/{hf.repo}/resolve/{hf.revision}/{hf.file}"
+    else:
+        assert m.pvc is not None
+        name = m.pvc.path.rsplit("/", 1)[-1]
+        return ModelFile(name, None, size_bytes, m.sha256, m.pvc.claim_name, m.pvc.path)
+    name = url.split("?", 1)[0].rsplit("/", 1)[-1] or "model.gguf"
+    return ModelFile(name, url, size_bytes, m.sha256)
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "llama-server",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "inference",
+        "app.kubernetes.io/part-of": "modelfit",
+        "app.kubernetes.io/managed-by": "modelfit",
+        MD_LABEL: name,
+    }
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "llama-server", "app.kubernetes.io/instance": name}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
+def owner_reference(meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(md_meta: dict[str, Any], name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": name,
+        "namespace": md_meta["namespace"],
+        "labels": labels(md_meta["name"]),
+        "ownerReferences": [owner_reference(md_meta)],
+    }
+    if annotations:
+        out["annotations"] = annotations
+    return out
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def startup_failure_threshold(size_bytes: int, period: int = 10) -> int:
+    """Budget to map and load the weights: a minute plus 30 s per GiB (slow disks), capped at an hour."""
+    budget = min(3600, 60 + 30 * math.ceil(size_bytes / GiB))
+    return max(6, math.ceil(budget / period))
+
+
+def cache_size(size_bytes: int) -> str:
+    return format_memory(int(size_bytes * 1.1) + GiB if size_bytes else 64 * GiB)
+
+
+DOWNLOAD_SCRIPT = """\
+set -eu
+f="$MODEL_FILE"
+if [ -s "$f" ]; then echo "model already present: $f"; exit 0; fi
+fail() { echo "$1" | tee /dev/termination-log >&2; exit 1; }
+echo "downloading $MODEL_URL to $f"
+rc=0
+curl -fSL --retry 5 --retry-delay 3 --retry-connrefused -C - -o "$f.part" "$MODEL_URL" || rc=$?
+if [ "$rc" -eq 22 ]; then fail "model download failed: HTTP error (404 or similar) for $MODEL_URL"; fi
+if [ "$rc" -ne 0 ]; then fail "model download failed: curl exit $rc for $MODEL_URL"; fi
+if [ -n "${MODEL_SHA256:-}" ]; then
+  got=$(sha256sum "$f.part" | cut -d' ' -f1)
+  if [ "$got" != "$MODEL_SHA256" ]; then
+    rm -f "$f.part"
+    fail "model checksum mismatch: expected $MODEL_SHA256, got $got for $MODEL_URL"
+  fi
+fi
+mv "$f.part" "$f"
+echo "model ready: $f"
+"""
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _resources(placement: Placement, spec: ModelDeploymentSpec) -> dict[str, dict[str, str]]:
+    assert placement.result is not None
+    req = dict(placement.result.resources.requests)
+    lim = dict(placement.result.resources.limits)
+    if spec.resources is not None:
+        req.update(spec.resources.requests or {})
+        lim.update(spec.resources.limits or {})
+    return {"requests": req, "limits": lim}
+
+
+def _cache_volume(name: str, spec: ModelDeploymentSpec, model: ModelFile) -> dict[str, Any]:
+    cache = spec.model_cache
+    if cache is not None and cache.pvc is not None:
+        return {"name": "model-cache", "persistentVolumeClaim": {"claimName": f"{name}-models"}}
+    if cache is not None and cache.host_path is not None:
+        return {"name": "model-cache", "hostPath": {"path": cache.host_path.path, "type": "DirectoryOrCreate"}}
+    empty: dict[str, Any] = {"sizeLimit": format_memory(int(model.size_bytes * 1.1) + 512 * MiB)}
+    if cache is not None and cache.empty_dir is not None and cache.empty_dir.medium:
+        empty["medium"] = cache.empty_dir.medium
+    return {"name": "model-cache", "emptyDir": empty}
+
+
+def deployment(
+    md_meta: dict[str, Any], spec: ModelDeploymentSpec, placement: Placement, model: ModelFile
+) -> dict[str, Any]:
+    assert placement.result is not None
+    name = md_meta["name"]
+    p = placement.result.plan
+    image = getattr(spec.image, p.backend, None) if spec.image else None
+    image = image or IMAGES[p.backend]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    init: list[dict[str, Any]] = []
+    if model.pvc_claim:
+        mounts.append({"name": "model-source", "mountPath": SOURCE_DIR, "readOnly": True})
+        volumes.append(
+            {"name": "model-source", "persistentVolumeClaim": {"claimName": model.pvc_claim, "readOnly": True}}
+        )
+    else:
+        mounts.append({"name": "model-cache", "mountPath": CACHE_DIR, "readOnly": True})
+        volumes.append(_cache_volume(name, spec, model))
+        env = [{"name": "MODEL_URL", "value": model.url or ""}, {"name": "MODEL_FILE", "value": model.path}]
+        if model.sha256:
+            env.append({"name": "MODEL_SHA256", "value": model.sha256})
+        init.append(
+            {
+                "name": "fetch-model",
+                "image": DOWNLOADER_IMAGE,
+                "command": ["/bin/sh", "-c", DOWNLOAD_SCRIPT],
+                "env": env,
+                "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+                "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+                "securityContext": _container_security(),
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        )
+    env_main: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}]
+    if spec.api_key_secret_ref is not None:
+        ref = spec.api_key_secret_ref
+        env_main.append({"name": "LLAMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+
+    def probe() -> dict[str, Any]:
+        return {"httpGet": {"path": "/health", "port": "http"}}
+
+    container = {
+        "name": "llama-server",
+        "image": image,
+        "args": [*p.args, *(spec.server_args or [])],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": env_main,
+        "resources": _resources(placement, spec),
+        "startupProbe": {
+            **probe(),
+            "periodSeconds": 10,
+            "failureThreshold": startup_failure_threshold(model.size_bytes),
+        },
+        "readinessProbe": {**probe(), "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {**probe(), "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 6},
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    tolerations = list(spec.tolerations or [])
+    gpu_key = {"cuda": GPU_TAINT_KEYS[0], "rocm": GPU_TAINT_KEYS[1]}.get(p.backend)
+    if gpu_key:
+        tolerations.append({"key": gpu_key, "operator": "Exists", "effect": "NoSchedule"})
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "nodeSelector": {**(spec.node_selector or {}), **placement.selector},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "initContainers": init,
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if spec.affinity:
+        pod_spec["affinity"] = spec.affinity
+    if not init:
+        del pod_spec["initContainers"]
+    pod_annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(PORT),
+        "prometheus.io/path": "/metrics",
+    }
+    if volumes[-1].get("emptyDir") is not None and volumes[-1]["name"] == "model-cache":
+        pod_annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] = "true"
+    template = {"metadata": {"labels": labels(name), "annotations": pod_annotations}, "spec": pod_spec}
+    template["metadata"]["annotations"][HASH_ANNOTATION] = digest(template)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(md_meta, name),
+        "spec": {
+            "replicas": spec.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector_labels(name)},
+            # Never two copies of a right-sized pod on a node at once: replace in place.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": template,
+        },
+    }
+
+
+def service(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any]:
+    svc = spec.service or api.ServiceSpec()
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(md_meta, md_meta["name"]),
+        "spec": {
+            "type": svc.type,
+            "selector": selector_labels(md_meta["name"]),
+            "ports": [{"name": "http", "port": svc.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def pvc(md_meta: dict[str, Any], spec: ModelDeploymentSpec, model: ModelFile) -> dict[str, Any] | None:
+    if spec.model_cache is None or spec.model_cache.pvc is None or model.pvc_claim:
+        return None
+    c = spec.model_cache.pvc
+    body: dict[str, Any] = {
+        "accessModes": [c.access_mode],
+        "resources": {"requests": {"storage": c.size or cache_size(model.size_bytes)}},
+    }
+    if c.storage_class:
+        body["storageClassName"] = c.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(md_meta, f"{md_meta['name']}-models"),
+        "spec": body,
+    }
+
+
+def pdb(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any] | None:
+    if spec.replicas <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(md_meta, md_meta["name"]),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(md_meta["name"])}},
+    }
+
+
+@dataclass
+class Rendered:
+    objects: list[dict[str, Any]]  # in apply order
+    absent: list[tuple[str, str, str]]  # (apiVersion, kind, name) that must not exist
+    hash: str
+
+    def by_kind(self, kind: str) -> dict[str, Any] | None:
+        return next((o for o in self.objects if o["kind"] == kind), None)
+
+
+def render(md_meta: dict[str, Any], spec: ModelDeploymentSpec, placement: Placement, model: ModelFile) -> Rendered:
+    """Every child of a ModelDeployment for a fitting placement."""
+    name = md_meta["name"]
+    objs: list[dict[str, Any]] = []
+    absent: list[tuple[str, str, str]] = []
+    claim = pvc(md_meta, spec, model)
+    if claim is not None:
+        objs.append(claim)
+    deploy = deployment(md_meta, spec, placement, model)
+    objs.append(deploy)
+    objs.append(service(md_meta, spec))
+    budget = pdb(md_meta, spec)
+    if budget is not None:
+        objs.append(budget)
+    else:
+        absent.append(("policy/v1", "PodDisruptionBudget", name))
+    h = digest(objs)
+    deploy["metadata"]["annotations"] = {APPLIED_ANNOTATION: h}
+    return Rendered(objs, absent, h)
+
+
+def command_line(placement: Placement, spec: ModelDeploymentSpec) -> str:
+    assert placement.result is not None
+    return shlex.join(["llama-server", *placement.result.plan.args, *(spec.server_args or [])])

@@ -1,0 +1,235 @@
+"""Status of a ModelDeployment from its plan, Deployment and pods. Pure.
+
+Conditions and their reasons:
+
+- Planned: True Planned | Adapted; False InvalidSpec | ModelUnreadable | NoNodeFits | NoEligibleNodes | NoNodes
+- Ready: True ReplicasReady | ScaledToZero; False ReplicasNotReady | NotPlanned
+- Progressing: True RollingOut; False RolloutComplete | ProgressDeadlineExceeded | NotPlanned
+- Degraded: True InvalidSpec | ModelUnreadable | ModelDownloadFailed | OOMKilled | ImagePullFailed | CrashLoopBackOff;
+  False AsExpected
+- Unschedulable: True FailedScheduling (the scheduler's message) | NoNodeFits | NoEligibleNodes | NoNodes;
+  False Scheduled
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from .api import MemoryStatus, PlanStatus
+from .facts import ModelFacts
+from .placement import Placement
+from .render import HASH_ANNOTATION
+
+CONDITION_TYPES = ("Ready", "Planned", "Progressing", "Degraded", "Unschedulable")
+PLAN_FAILURES = ("InvalidSpec", "ModelUnreadable", "NoNodeFits", "NoEligibleNodes", "NoNodes")
+DOWNLOADER = "fetch-model"
+
+Cond = tuple[str, str, str]  # status, reason, message
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str | None = None,
+) -> list[dict[str, Any]]:
+    """Conditions with one replaced; lastTransitionTime changes only when the status flips."""
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    ltt = old.get("lastTransitionTime") if old and old.get("status") == status else None
+    new = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message[:32768],
+        "observedGeneration": generation,
+        "lastTransitionTime": ltt or now or now_iso(),
+    }
+    rest = [c for c in conditions if c.get("type") != type_] + [new]
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    return sorted(rest, key=lambda c: order.get(str(c.get("type")), 99))
+
+
+def apply_conditions(
+    conditions: list[dict[str, Any]], values: dict[str, Cond], generation: int | None, now: str | None = None
+) -> list[dict[str, Any]]:
+    out = list(conditions)
+    for type_, (status, reason, message) in values.items():
+        out = set_condition(out, type_, status, reason, message, generation, now)
+    return out
+
+
+def get_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == type_), None)
+
+
+@dataclass
+class PodSignals:
+    """What the pods of a ModelDeployment say about its health."""
+
+    unschedulable: str | None = None
+    oom_killed: list[str] = field(default_factory=list)  # pod names, current template only when filtered
+    download_failed: str | None = None
+    image_pull: str | None = None
+    crash: str | None = None
+    running: int = 0
+
+
+def _terminated(cs: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for key in ("state", "lastState"):
+        t = (cs.get(key) or {}).get("terminated")
+        if t:
+            out.append(t)
+    return out
+
+
+def pod_signals(pods: list[dict[str, Any]], template_hash: str | None = None) -> PodSignals:
+    """Scheduling failures, OOM kills (of pods of ``template_hash`` when given), download and image failures."""
+    sig = PodSignals()
+    for pod in pods:
+        meta, st = pod.get("metadata") or {}, pod.get("status") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        if st.get("phase") == "Running":
+            sig.running += 1
+        if st.get("phase") == "Pending":
+            for c in st.get("conditions") or []:
+                if (
+                    c.get("type") == "PodScheduled"
+                    and c.get("status") == "False"
+                    and c.get("reason") == "Unschedulable"
+                ):
+                    sig.unschedulable = c.get("message") or "the scheduler found no node for the pod"
+        for cs in st.get("initContainerStatuses") or []:
+            if cs.get("name") != DOWNLOADER:
+                continue
+            for t in _terminated(cs):
+                if t.get("exitCode", 0) != 0:
+                    sig.download_failed = (t.get("message") or t.get("reason") or "model download failed").strip()
+        for cs in (st.get("containerStatuses") or []) + (st.get("initContainerStatuses") or []):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
+                sig.image_pull = f"{cs.get('image')}: {waiting.get('message') or waiting.get('reason')}"
+        for cs in st.get("containerStatuses") or []:
+            if any(t.get("reason") == "OOMKilled" for t in _terminated(cs)):
+                annotations = meta.get("annotations") or {}
+                if template_hash is None or annotations.get(HASH_ANNOTATION) == template_hash:
+                    sig.oom_killed.append(str(meta.get("name")))
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") == "CrashLoopBackOff":
+                last = next(iter(_terminated(cs)), {})
+                sig.crash = (last.get("message") or waiting.get("message") or "llama-server keeps exiting").strip()
+    return sig
+
+
+def workload_conditions(
+    deploy: dict[str, Any] | None, pods: list[dict[str, Any]], desired: int, template_hash: str | None = None
+) -> dict[str, Cond]:
+    """Ready, Progressing, Degraded and Unschedulable of a planned ModelDeployment."""
+    st = (deploy or {}).get("status") or {}
+    ready = int(st.get("readyReplicas") or 0)
+    updated = int(st.get("updatedReplicas") or 0)
+    total = int(st.get("replicas") or 0)
+    sig = pod_signals(pods, template_hash)
+    out: dict[str, Cond] = {}
+    if desired == 0:
+        out["Ready"] = ("True", "ScaledToZero", "replicas is 0")
+    elif ready >= desired:
+        out["Ready"] = ("True", "ReplicasReady", f"{ready}/{desired} replicas ready")
+    else:
+        why = sig.unschedulable or sig.download_failed or sig.image_pull or sig.crash or "starting"
+        out["Ready"] = ("False", "ReplicasNotReady", f"{ready}/{desired} replicas ready: {why}")
+    dep_gen, obs_gen = (deploy or {}).get("metadata", {}).get("generation"), st.get("observedGeneration")
+    deadline = next(
+        (
+            c
+            for c in st.get("conditions") or []
+            if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
+        ),
+        None,
+    )
+    if deadline is not None:
+        out["Progressing"] = ("False", "ProgressDeadlineExceeded", deadline.get("message") or "rollout stalled")
+    elif updated < desired or ready < desired or total > desired or (dep_gen is not None and obs_gen != dep_gen):
+        out["Progressing"] = ("True", "RollingOut", f"{updated}/{desired} updated, {ready} ready")
+    else:
+        out["Progressing"] = ("False", "RolloutComplete", f"{desired} replicas on the current plan")
+    if sig.unschedulable:
+        out["Unschedulable"] = ("True", "FailedScheduling", sig.unschedulable)
+    else:
+        out["Unschedulable"] = ("False", "Scheduled", "all pods are scheduled")
+    if sig.download_failed:
+        out["Degraded"] = ("True", "ModelDownloadFailed", sig.download_failed)
+    elif sig.oom_killed:
+        out["Degraded"] = ("True", "OOMKilled", f"llama-server was OOM-killed in {', '.join(sorted(sig.oom_killed))}")
+    elif sig.image_pull:
+        out["Degraded"] = ("True", "ImagePullFailed", sig.image_pull)
+    elif sig.crash:
+        out["Degraded"] = ("True", "CrashLoopBackOff", sig.crash)
+    else:
+        out["Degraded"] = ("False", "AsExpected", "")
+    return out
+
+
+def planning_failure_conditions(reason: str, message: str) -> dict[str, Cond]:
+    """Conditions when there is no plan to run."""
+    out: dict[str, Cond] = {
+        "Planned": ("False", reason, message),
+        "Ready": ("False", "NotPlanned", message),
+        "Progressing": ("False", "NotPlanned", message),
+    }
+    if reason in ("InvalidSpec", "ModelUnreadable"):
+        out["Degraded"] = ("True", reason, message)
+    else:
+        out["Unschedulable"] = ("True", reason, message)
+    return out
+
+
+def plan_status(
+    placement: Placement, facts: ModelFacts, model_bytes: int, rendered_hash: str, headroom_boost: float
+) -> dict[str, Any]:
+    """status.plan: every planner output, the memory breakdown, the node class (camelCase)."""
+    assert placement.result is not None
+    res = placement.result
+    p = res.plan
+    ps = PlanStatus(
+        model=facts.name,
+        quant=facts.file_type or "",
+        model_bytes=model_bytes,
+        node_class=p.node,
+        node_selector=placement.selector,
+        backend=p.backend,
+        gpu_layers=p.gpu_layers,
+        total_layers=p.total_layers,
+        context=p.context,
+        parallel=p.parallel,
+        kv_cache_type=p.kv_cache_type,
+        load_mode=p.load_mode,
+        flash_attention=p.flash_attention,
+        threads=p.threads,
+        ubatch=p.ubatch,
+        cache_ram_mib=p.cache_ram_mib,
+        ctx_checkpoints=p.ctx_checkpoints,
+        args=p.args,
+        memory=MemoryStatus(**res.memory.model_dump()),
+        memory_request=res.resources.requests.get("memory", ""),
+        memory_request_bytes=res.memory_request_bytes,
+        resources=res.resources.model_dump(),
+        fits=res.fits,
+        shortfall_bytes=res.shortfall_bytes,
+        adapted=placement.adapted,
+        headroom_boost=round(headroom_boost, 4),
+        hash=rendered_hash,
+        reasons=res.reasons,
+        warnings=res.warnings,
+    )
+    return ps.model_dump(by_alias=True)

@@ -1,0 +1,334 @@
+import asyncio
+import logging
+
+import pytest
+
+from modelfit import handlers, kube
+from modelfit.gguf_reader import GGUFError
+from modelfit.handlers import OperatorState, reconcile
+from modelfit.kube import path_for
+
+LOG = logging.getLogger("test")
+
+
+def node(name, cpu="16", memory="64Gi", labels=None, gpus=0, gpu_mem=None, taints=None):
+    lab = {"kubernetes.io/hostname": name, "kubernetes.io/arch": "amd64", **(labels or {})}
+    alloc = {"cpu": cpu, "memory": memory, "pods": "110"}
+    if gpus:
+        alloc["nvidia.com/gpu"] = str(gpus)
+        lab["nvidia.com/gpu.memory"] = str(gpu_mem)
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": lab},
+        "spec": {"taints": taints or []},
+        "status": {"allocatable": alloc, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+CPU_SMALL = node("cpu-small", "2", "4Gi")
+CPU_LARGE = node("cpu-large", "16", "64Gi")
+GPU = node(
+    "gpu-24g",
+    "8",
+    "32Gi",
+    gpus=1,
+    gpu_mem=24576,
+    taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+)
+
+
+def md(spec, name="qwen", status=None, generation=1):
+    return {
+        "apiVersion": "modelfit.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": "default", "uid": "uid-1", "generation": generation},
+        "spec": spec,
+        "status": status or {},
+    }
+
+
+SEED = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 32768, "adapt": True}
+
+
+class FakeKube:
+    """Stores applied objects by path; lists nodes and pods."""
+
+    def __init__(self, nodes, pods=()):
+        self.nodes = list(nodes)
+        self.pods = list(pods)
+        self.objects = {}
+        self.applies = 0
+        self.deletes = []
+
+    async def list(self, path, **params):
+        return list(self.nodes) if path.endswith("/nodes") else list(self.pods)
+
+    async def get(self, path):
+        return self.objects.get(path)
+
+    async def apply(self, obj):
+        self.applies += 1
+        m = obj["metadata"]
+        self.objects[path_for(obj["apiVersion"], obj["kind"], m["namespace"], m["name"])] = obj
+        return obj
+
+    async def delete(self, path):
+        self.deletes.append(path)
+        return self.objects.pop(path, None) is not None
+
+
+def go(body, k, state):
+    return asyncio.run(reconcile(body, LOG, k, state))
+
+
+def deploy_path(name="qwen"):
+    return path_for("apps/v1", "Deployment", "default", name)
+
+
+def test_create_plans_applies_and_reports():
+    k, st = FakeKube([CPU_SMALL, CPU_LARGE]), OperatorState()
+    patch = go(md(SEED), k, st)
+    d = k.objects[deploy_path()]
+    assert path_for("v1", "Service", "default", "qwen") in k.objects
+    plan = patch["plan"]
+    assert plan["backend"] == "cpu" and plan["context"] == 32768 and plan["nodeClass"] == "cpu-large"
+    assert plan["model"].startswith("Qwen3.5-0.8B") and plan["quant"] == "Q4_0" and plan["memoryRequest"].endswith("Mi")
+    assert d["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["-m", "/models/Qwen3.5-0.8B-Q4_0.gguf"]
+    conds = {c["type"]: c for c in patch["conditions"]}
+    assert conds["Planned"]["status"] == "True" and conds["Planned"]["reason"] == "Planned"
+    assert conds["Ready"]["status"] == "False" and conds["Progressing"]["reason"] == "RollingOut"
+    assert patch["endpoint"] == "http://qwen.default.svc:8080" and patch["observedGeneration"] == 1
+    assert k.deletes == [path_for("policy/v1", "PodDisruptionBudget", "default", "qwen")]
+
+
+def test_unchanged_plan_is_not_reapplied_and_node_change_rolls_out():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    status = go(md(SEED), k, st)
+    first = k.applies
+    k.objects[deploy_path()]["status"] = {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}
+    again = go(md(SEED, status=status), k, st)
+    assert k.applies == first  # nothing written when nothing changed
+    assert {c["type"]: c["status"] for c in again["conditions"]}["Ready"] == "True"
+    # A GPU node arrives: backend auto re-plans to cuda with full offload.
+    k.nodes.append(GPU)
+    st.node_changed("ADDED", GPU)
+    assert st.due(("default", "qwen"))
+    gpu = go(md({**SEED, "backend": "auto"}, status={**status, **again}), k, st)
+    plan = {**status["plan"], **gpu["plan"]}
+    assert plan["backend"] == "cuda" and plan["gpuLayers"] == plan["totalLayers"]
+    assert k.applies > first
+    pod = k.objects[deploy_path()]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/hostname": "gpu-24g"}
+
+
+def test_own_pods_do_not_shrink_the_plan():
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    status = go(md(SEED), k, st)
+    running = {
+        "metadata": {"name": "qwen-1", "namespace": "default", "labels": {"modelfit.io/modeldeployment": "qwen"}},
+        "spec": {"nodeName": "cpu-small", "containers": [{"resources": {"requests": {"memory": "3Gi", "cpu": "2"}}}]},
+        "status": {"phase": "Running"},
+    }
+    k.pods.append(running)
+    st.snapshot.invalidate()
+    again = go(md(SEED, status=status), k, st)
+    assert again.get("plan", status["plan"])["context"] == status["plan"]["context"]
+
+
+def test_bad_spec_and_owned_flags_become_conditions():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    p = go(md({"model": {"url": "https://x/m.gguf"}, "context": "lots"}), k, st)
+    planned = next(c for c in p["conditions"] if c["type"] == "Planned")
+    assert planned["status"] == "False" and planned["reason"] == "InvalidSpec"
+    p = go(md({**SEED, "serverArgs": ["--ctx-size=9", "--jinja"]}), k, st)
+    planned = next(c for c in p["conditions"] if c["type"] == "Planned")
+    assert planned["reason"] == "InvalidSpec" and "--ctx-size" in planned["message"]
+    assert k.applies == 0
+
+
+def test_unreadable_model(monkeypatch):
+    def boom(url):
+        raise GGUFError(f"{url}: HTTP 404")
+
+    monkeypatch.setattr(handlers, "read_gguf", boom)
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    p = go(md({"model": {"url": "https://example.invalid/m.gguf"}}), k, st)
+    conds = {c["type"]: c for c in p["conditions"]}
+    assert conds["Planned"]["reason"] == "ModelUnreadable" and "404" in conds["Planned"]["message"]
+    assert conds["Degraded"]["status"] == "True" and k.applies == 0
+
+
+def test_nothing_fits_is_unschedulable():
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    p = go(md({"model": {"catalog": "llama-3.1-8b", "quant": "Q8_0"}, "context": 131072}), k, st)
+    conds = {c["type"]: c for c in p["conditions"]}
+    assert conds["Unschedulable"]["status"] == "True" and conds["Unschedulable"]["reason"] == "NoNodeFits"
+    assert p["plan"]["fits"] is False and k.applies == 0
+
+
+def test_oom_raises_headroom_once():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    status = go(md(SEED), k, st)
+    template = k.objects[deploy_path()]["spec"]["template"]["metadata"]["annotations"]["modelfit.io/plan-hash"]
+    k.pods.append(
+        {
+            "metadata": {
+                "name": "qwen-1",
+                "namespace": "default",
+                "annotations": {"modelfit.io/plan-hash": template},
+                "labels": {"modelfit.io/modeldeployment": "qwen"},
+            },
+            "spec": {"nodeName": "cpu-large"},
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [{"name": "llama-server", "lastState": {"terminated": {"reason": "OOMKilled"}}}],
+            },
+        }
+    )
+    p = go(md(SEED, status=status), k, st)
+    assert p["plan"]["headroomBoost"] == 0.25 and p["oomKills"] == 1
+    assert p["plan"]["memoryRequestBytes"] > status["plan"]["memoryRequestBytes"]
+    merged = {**status, **p, "plan": {**status["plan"], **p["plan"]}}
+    p2 = go(md(SEED, status=merged), k, st)
+    assert "oomKills" not in p2 and p2.get("plan", {}).get("headroomBoost") is None  # old pods don't count twice
+
+
+def test_failed_scheduling_with_adapt_moves_elsewhere():
+    other = node("cpu-other", "8", "32Gi")
+    k, st = FakeKube([CPU_LARGE, other]), OperatorState()
+    status = go(md(SEED), k, st)
+    first = status["plan"]["nodeClass"]
+    k.pods.append(
+        {
+            "metadata": {"name": "qwen-1", "namespace": "default", "labels": {"modelfit.io/modeldeployment": "qwen"}},
+            "spec": {},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/2 nodes: Insufficient cpu",
+                    }
+                ],
+            },
+        }
+    )
+    p = go(md(SEED, status=status), k, st)
+    assert p["plan"]["nodeClass"] != first
+    unsched = next(c for c in p["conditions"] if c["type"] == "Unschedulable")
+    assert unsched["reason"] == "FailedScheduling" and "Insufficient cpu" in unsched["message"]
+
+
+def test_node_signature_changes():
+    st = OperatorState()
+    assert st.node_changed("ADDED", CPU_LARGE)
+    assert not st.node_changed("MODIFIED", CPU_LARGE)  # heartbeats don't re-plan
+    relabeled = {**CPU_LARGE, "metadata": {**CPU_LARGE["metadata"], "labels": {"x": "y"}}}
+    assert st.node_changed("MODIFIED", relabeled)
+    assert st.node_changed("DELETED", relabeled) and not st.node_changed("DELETED", relabeled)
+
+
+def test_pod_requests_and_node_facts():
+    pod = {
+        "metadata": {"name": "x", "namespace": "a"},
+        "spec": {
+            "nodeName": "cpu-large",
+            "containers": [{"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}}] * 2,
+            "initContainers": [{"resources": {"requests": {"cpu": "2", "memory": "1Mi"}}}],
+        },
+        "status": {"phase": "Running"},
+    }
+    assert kube.pod_requests(pod) == (2000, 2 << 30)
+    cordoned = {**CPU_SMALL, "spec": {"unschedulable": True}}
+    facts = kube.node_facts([CPU_LARGE, cordoned], [pod])
+    assert [f.name for f in facts] == ["cpu-large"] and facts[0].memory_bytes == 62 << 30
+
+
+# ---- kopf against kmock's Kubernetes emulator ----------------------------------------------------
+
+
+async def _wait(predicate, timeout=30.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(90)
+async def test_kopf_operator_on_kmock(kmock):
+    import aiohttp
+    import kopf
+    from kmock import ResourceInfo
+
+    kmock.resources.load_bundled()
+    kmock.resources["modelfit.io/v1alpha1/modeldeployments"] = ResourceInfo(
+        kind="ModelDeployment",
+        singular="modeldeployment",
+        namespaced=True,
+        subresources={"status", "scale"},
+        verbs={"get", "list", "watch", "patch", "update", "create", "delete"},
+    )
+    kmock.objects["v1/nodes", None, "cpu-large"] = {
+        **CPU_LARGE,
+        "metadata": {**CPU_LARGE["metadata"], "resourceVersion": "1"},
+    }
+    body = md({**SEED, "backend": "auto"})
+    body["metadata"]["resourceVersion"] = "1"
+    kmock.objects["modelfit.io/v1alpha1/modeldeployments", "default", "qwen"] = body
+    kube.set_client(kube.Kube(str(kmock.url)))
+    handlers.STATE.__init__()
+    registry = kopf.get_default_registry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_):
+        return kopf.ConnectionInfo(server=str(kmock.url).rstrip("/"), insecure=True)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(registry=registry, standalone=True, clusterwide=True, stop_flag=stop))
+    try:
+        key = ("apps/v1/deployments", "default", "qwen")
+
+        def has(k):
+            try:
+                return not kmock.objects[k].deleted
+            except KeyError:
+                return False
+
+        assert await _wait(lambda: has(key)), "no Deployment was created"
+        mdkey = ("modelfit.io/v1alpha1/modeldeployments", "default", "qwen")
+
+        def status():
+            return kmock.objects[mdkey].raw.get("status") or {}
+
+        assert await _wait(lambda: (status().get("plan") or {}).get("backend") == "cpu")
+        assert has(("v1/services", "default", "qwen"))
+        assert not kmock.objects[mdkey].raw["metadata"].get("finalizers")  # deletable without the operator
+        deployment = kmock.objects[key].raw
+        assert deployment["metadata"]["ownerReferences"][0]["name"] == "qwen"
+        conds = {c["type"]: c for c in status()["conditions"]}
+        assert conds["Planned"]["status"] == "True"
+
+        # A GPU node joins: the timer re-plans to cuda with every layer on the GPU and rolls out.
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(f"{str(kmock.url).rstrip('/')}/api/v1/nodes", json=GPU)
+            assert resp.status < 300
+
+        def on_gpu():
+            spec = kmock.objects[key].raw["spec"]["template"]["spec"]
+            return spec["nodeSelector"] == {"kubernetes.io/hostname": "gpu-24g"}
+
+        assert await _wait(on_gpu, 30), "the Deployment did not move to the GPU node"
+        assert await _wait(lambda: status()["plan"]["backend"] == "cuda")
+        c = kmock.objects[key].raw["spec"]["template"]["spec"]["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await kube.get_client().close()
+        kube.set_client(None)

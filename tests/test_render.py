@@ -1,0 +1,170 @@
+import kubernetes_validate
+import pytest
+
+from modelfit import catalog
+from modelfit.api import ModelDeploymentSpec
+from modelfit.nodes import GiB, MiB, NodeFacts, format_memory
+from modelfit.placement import place
+from modelfit.render import IMAGES, model_file, render, startup_failure_threshold
+
+META = {"name": "qwen", "namespace": "ml", "uid": "1234-5678"}
+CPU = NodeFacts(
+    name="cpu-large", cpu_millis=16000, memory_bytes=64 * GiB, labels={"kubernetes.io/hostname": "cpu-large"}
+)
+GPU = NodeFacts(
+    name="gpu",
+    cpu_millis=8000,
+    memory_bytes=32 * GiB,
+    gpus=1,
+    gpu_vendor="nvidia",
+    gpu_memory_bytes=24576 * MiB,
+    taints=[{"key": "nvidia.com/gpu", "effect": "NoSchedule"}],
+)
+
+
+def build(node=CPU, **kw):
+    spec = ModelDeploymentSpec.model_validate(
+        {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 8192, **kw}
+    )
+    facts = catalog.catalog_facts("qwen3.5-0.8b", "Q4_0")
+    mf = model_file(spec, facts.file_bytes)
+    p = place(spec, facts, [node], mf.path)
+    assert p.fits
+    return spec, p, render(META, spec, p, mf)
+
+
+def pod(r):
+    return r.by_kind("Deployment")["spec"]["template"]["spec"]
+
+
+def test_children_and_owner_refs():
+    _, _, r = build()
+    kinds = [o["kind"] for o in r.objects]
+    assert kinds == ["Deployment", "Service"]
+    assert r.absent == [("policy/v1", "PodDisruptionBudget", "qwen")]
+    for o in r.objects:
+        ref = o["metadata"]["ownerReferences"][0]
+        assert ref["uid"] == "1234-5678" and ref["controller"] and ref["kind"] == "ModelDeployment"
+        assert o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "modelfit"
+        assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == "qwen"
+        assert o["metadata"]["namespace"] == "ml"
+
+
+def test_args_resources_image_and_probes():
+    _, p, r = build(serverArgs=["--jinja"])
+    c = pod(r)["containers"][0]
+    assert c["args"] == [*p.result.plan.args, "--jinja"]
+    assert "--metrics" in c["args"] and c["args"][c["args"].index("-m") + 1] == "/models/Qwen3.5-0.8B-Q4_0.gguf"
+    assert c["resources"]["requests"]["memory"] == p.result.resources.requests["memory"]
+    assert c["resources"]["limits"]["memory"] == p.result.resources.limits["memory"]
+    assert c["image"] == IMAGES["cpu"] and IMAGES["cpu"].endswith("server-b11434")
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health" and c["livenessProbe"]
+    size = catalog.catalog_facts("qwen3.5-0.8b", "Q4_0").file_bytes
+    assert c["startupProbe"]["failureThreshold"] == startup_failure_threshold(size)
+    assert pod(r)["nodeSelector"] == {"kubernetes.io/hostname": "cpu-large"}
+
+
+def test_startup_budget_grows_with_size():
+    assert startup_failure_threshold(40 * GiB) > startup_failure_threshold(1 * GiB) >= 6
+    assert startup_failure_threshold(10_000 * GiB) == 360
+
+
+def test_restricted_security():
+    _, _, r = build()
+    ps = pod(r)
+    assert ps["securityContext"]["runAsNonRoot"] and ps["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for c in ps["containers"] + ps["initContainers"]:
+        sc = c["securityContext"]
+        assert (
+            sc["readOnlyRootFilesystem"]
+            and not sc["allowPrivilegeEscalation"]
+            and sc["capabilities"]["drop"] == ["ALL"]
+        )
+    assert any(v["name"] == "tmp" and "emptyDir" in v for v in ps["volumes"])
+
+
+def test_init_download_with_resume_and_checksum():
+    sha = "a" * 64
+    spec = ModelDeploymentSpec.model_validate({"model": {"url": "https://h/m/model.gguf?x=1", "sha256": sha}})
+    mf = model_file(spec, 2 * GiB)
+    assert mf.file_name == "model.gguf" and mf.path == "/models/model.gguf"
+    _, p, _ = build()
+    r = render(META, spec, p, mf)
+    init = pod(r)["initContainers"][0]
+    script = init["command"][-1]
+    assert "-C -" in script and "sha256sum" in script and '[ -s "$f" ]' in script
+    env = {e["name"]: e["value"] for e in init["env"]}
+    assert env == {"MODEL_URL": "https://h/m/model.gguf?x=1", "MODEL_FILE": "/models/model.gguf", "MODEL_SHA256": sha}
+    vol = next(v for v in pod(r)["volumes"] if v["name"] == "model-cache")
+    assert vol["emptyDir"]["sizeLimit"] == format_memory(int(2 * GiB * 1.1) + 512 * MiB)
+    ann = r.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert ann["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "true"
+
+
+def test_pvc_cache_pdb_and_service():
+    _, _, r = build(
+        replicas=3,
+        modelCache={"pvc": {"storageClass": "fast", "size": "5Gi"}},
+        service={"type": "NodePort", "port": 80},
+    )
+    assert [o["kind"] for o in r.objects] == ["PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget"]
+    claim = r.by_kind("PersistentVolumeClaim")
+    assert claim["spec"]["storageClassName"] == "fast" and claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    vol = next(v for v in pod(r)["volumes"] if v["name"] == "model-cache")
+    assert vol["persistentVolumeClaim"]["claimName"] == "qwen-models"
+    assert (
+        "cluster-autoscaler.kubernetes.io/safe-to-evict"
+        not in r.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    )
+    assert r.by_kind("Deployment")["spec"]["replicas"] == 3 and r.absent == []
+    svc = r.by_kind("Service")["spec"]
+    assert svc["type"] == "NodePort" and svc["ports"][0]["port"] == 80 and svc["ports"][0]["targetPort"] == "http"
+
+
+def test_pvc_model_source_has_no_init():
+    spec = ModelDeploymentSpec.model_validate({"model": {"pvc": {"claimName": "models", "path": "/q/m.gguf"}}})
+    mf = model_file(spec, GiB)
+    _, p, _ = build()
+    r = render(META, spec, p, mf)
+    assert "initContainers" not in pod(r) and mf.path == "/model-source/q/m.gguf"
+    vol = next(v for v in pod(r)["volumes"] if v["name"] == "model-source")
+    assert vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+
+
+def test_gpu_plan_requests_and_tolerates_gpu():
+    _, p, r = build(node=GPU)
+    assert p.result.plan.backend == "cuda"
+    ps = pod(r)
+    c = ps["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" and c["image"] == IMAGES["cuda"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in ps["tolerations"]
+
+
+def test_overrides_api_key_and_image():
+    _, _, r = build(
+        resources={"limits": {"cpu": "3"}}, image={"cpu": "my/llama:1"}, apiKeySecretRef={"name": "keys", "key": "k"}
+    )
+    c = pod(r)["containers"][0]
+    assert c["resources"]["limits"]["cpu"] == "3" and c["image"] == "my/llama:1"
+    env = next(e for e in c["env"] if e["name"] == "LLAMA_API_KEY")
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "k"}
+
+
+def test_hash_is_stable_and_tracks_changes():
+    _, _, a = build()
+    _, _, b = build()
+    _, _, c = build(parallel=2)
+    _, _, d = build(replicas=2)
+    assert a.hash == b.hash and a.hash != c.hash and a.hash != d.hash
+    ta = a.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]["modelfit.io/plan-hash"]
+    td = d.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]["modelfit.io/plan-hash"]
+    assert ta == td  # scaling does not roll the pods
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"replicas": 2, "modelCache": {"pvc": {}}}, {"modelCache": {"hostPath": {"path": "/data"}}}]
+)
+def test_children_validate_against_kubernetes_schemas(kw):
+    _, _, r = build(**kw)
+    for obj in r.objects:
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
