@@ -1,0 +1,222 @@
+"""`modelfit values`: the helmfile state values for one model, quantization and node profile.
+
+    helmfile --state-values-file <(modelfit values qwen3.5-0.8b --quant q4_0 --node cpu) apply
+
+The output has four parts, read by ``helmfile.yaml`` at the repository root:
+
+- ``name`` and ``namespace``: the model's release (and ModelDeployment) and where it runs;
+- ``operator``: whether to install ``charts/modelfit`` and its values;
+- ``modelDeployment``: the values of ``charts/modeldeployment`` (the ModelDeployment spec);
+- ``expectedPlan``: what the planner chooses on the named node profile (backend, GPU layers,
+  context, memory request, llama-server args). Informational: the operator plans from the
+  live nodes and writes its own plan to ``status.plan``; the chart records this one in the
+  ``modelfit.io/expected-plan`` annotation so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any, Literal, cast
+
+import yaml
+
+from . import catalog
+from .cli import load_model
+from .nodes import PROFILES, NodeFacts, profile
+from .sizing import PlanResult, Policy, plan
+
+_DNS = re.compile(r"[^a-z0-9]+")
+
+
+def release_name(model: str) -> str:
+    """A DNS-1123 label for a model: ``qwen3.5-0.8b`` -> ``qwen3-5-0-8b`` (the seed's slug)."""
+    base = model.rsplit("/", 1)[-1].split("?", 1)[0]
+    if base.lower().endswith(".gguf"):
+        base = base[: -len(".gguf")]
+    slug = _DNS.sub("-", base.lower()).strip("-")[:63].rstrip("-")
+    return slug or "model"
+
+
+def _context(value: str) -> int | Literal["max"]:
+    if value == "max":
+        return "max"
+    n = int(value)
+    if n < 256:
+        raise ValueError(f"context {n} is below the minimum of 256")
+    return n
+
+
+def _gpu_layers(value: str) -> int | Literal["auto"]:
+    return "auto" if value == "auto" else int(value)
+
+
+def model_source(model: str, quant: str | None) -> dict[str, Any]:
+    """The ``model`` section of the ModelDeployment: a catalog entry or a URL."""
+    if model.startswith(("http://", "https://")):
+        return {"url": model}
+    key = catalog.resolve_name(model)
+    if key is None:
+        raise KeyError(f"{model!r} is neither a catalog model ({', '.join(sorted(catalog.MODELS))}) nor an http(s) URL")
+    return {"catalog": key, "quant": catalog.normalize_quant(quant or "Q4_K_M")}
+
+
+def expected_plan(res: PlanResult, node: NodeFacts) -> dict[str, Any]:
+    """The camelCase summary of a plan that the values file carries."""
+    p = res.plan
+    return {
+        "nodeProfile": node.name,
+        "backend": p.backend,
+        "gpuLayers": p.gpu_layers,
+        "totalLayers": p.total_layers,
+        "context": p.context,
+        "parallel": p.parallel,
+        "kvCacheType": p.kv_cache_type,
+        "loadMode": p.load_mode,
+        "flashAttention": p.flash_attention,
+        "threads": p.threads,
+        "memoryRequest": res.resources.requests["memory"],
+        "memoryRequestBytes": res.memory_request_bytes,
+        "predictedPeakBytes": res.memory.total_bytes,
+        "vramBytes": sum(res.memory.vram_bytes),
+        "resources": res.resources.model_dump(),
+        "fits": res.fits,
+        "shortfallBytes": res.shortfall_bytes,
+        "args": list(p.args),
+        "reasons": list(res.reasons),
+        "warnings": list(res.warnings),
+    }
+
+
+def state_values(
+    model: str,
+    quant: str | None = None,
+    node: str = "cpu",
+    *,
+    context: int | Literal["max"] = "max",
+    namespace: str = "default",
+    name: str | None = None,
+    min_context: int | None = None,
+    parallel: int | None = None,
+    replicas: int | None = None,
+    backend: str | None = None,
+    gpu_layers: int | Literal["auto"] | None = None,
+    kv_cache_type: str | None = None,
+    load_mode: str | None = None,
+    flash_attention: str | None = None,
+    adapt: bool | None = None,
+    install_operator: bool = True,
+    operator_values: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The helmfile state values (a plain dict, ready for YAML)."""
+    source = model_source(model, quant)
+    facts, path = load_model(model, source.get("quant"))
+    node_facts = profile(node)
+    kw: dict[str, Any] = {"context": context}
+    spec: dict[str, Any] = {"model": source, "nodeProfile": node_facts.name, "context": context}
+    for key, pkey, value in (
+        ("minContext", "min_context", min_context),
+        ("parallel", "parallel", parallel),
+        ("backend", "backend", backend),
+        ("gpuLayers", "gpu_layers", gpu_layers),
+        ("kvCacheType", "kv_cache_type", kv_cache_type),
+        ("loadMode", "load_mode", load_mode),
+        ("flashAttention", "flash_attention", flash_attention),
+    ):
+        if value is not None:
+            spec[key] = value
+            kw[pkey] = value
+    if replicas is not None:
+        spec["replicas"] = replicas
+    if adapt is not None:
+        spec["adapt"] = adapt
+    res = plan(facts, node_facts, Policy(**kw), model_path=path)
+    return {
+        "name": name or release_name(model),
+        "namespace": namespace,
+        "operator": {"enabled": install_operator, "values": operator_values or {}},
+        "modelDeployment": spec,
+        "expectedPlan": expected_plan(res, node_facts),
+    }
+
+
+def render(values: dict[str, Any], command: str) -> str:
+    header = (
+        f"# Generated by: {command}\n"
+        "# Use: helmfile --state-values-file <this file> apply   (from the modelfit repository root)\n"
+    )
+    return header + yaml.safe_dump(values, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def _operator_values(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.operator_image:
+        repo, _, tag = cast(str, args.operator_image).rpartition(":")
+        if not repo or "/" in tag:
+            repo, tag = args.operator_image, ""
+        out["image"] = {"repository": repo, "pullPolicy": "IfNotPresent"}
+        if tag:
+            out["image"]["tag"] = tag
+    if args.watch_namespace:
+        out["watchNamespaces"] = list(args.watch_namespace)
+    return out
+
+
+def cmd_values(args: argparse.Namespace) -> int:
+    values = state_values(
+        args.model,
+        args.quant,
+        args.node,
+        context=_context(args.context),
+        namespace=args.namespace,
+        name=args.name,
+        min_context=args.min_context,
+        parallel=args.parallel,
+        replicas=args.replicas,
+        backend=args.backend,
+        gpu_layers=_gpu_layers(args.gpu_layers) if args.gpu_layers is not None else None,
+        kv_cache_type=args.kv_cache_type,
+        load_mode=args.load_mode,
+        flash_attention=args.flash_attention,
+        adapt=args.adapt,
+        install_operator=not args.no_operator,
+        operator_values=_operator_values(args),
+    )
+    quant = values["modelDeployment"]["model"].get("quant")
+    what = f"modelfit values {args.model}" + (f" --quant {quant}" if quant else "") + f" --node {args.node}"
+    sys.stdout.write(render(values, what))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``modelfit values`` to the CLI's subparsers."""
+    sp: argparse.ArgumentParser = sub.add_parser(
+        "values",
+        help="print helmfile state values for a model, quantization and node profile",
+        description="Print the helmfile state values (operator, ModelDeployment, expected plan) for a model. "
+        "Use: helmfile --state-values-file <(modelfit values MODEL --quant Q --node PROFILE) apply",
+    )
+    sp.add_argument("model", help="catalog name (e.g. qwen3.5-0.8b) or http(s) URL of a .gguf")
+    sp.add_argument("--quant", help="quantization of a catalog model (Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16)")
+    sp.add_argument("--node", default="cpu", choices=list(PROFILES), help="hardware profile the plan expects")
+    sp.add_argument("--context", default="max", help="context size or 'max' (default: max)")
+    sp.add_argument("--min-context", type=int)
+    sp.add_argument("--parallel", type=int)
+    sp.add_argument("--replicas", type=int)
+    sp.add_argument("--backend", choices=["auto", "cpu", "cuda", "rocm", "vulkan"])
+    sp.add_argument("--gpu-layers", help="'auto' or a number")
+    sp.add_argument("--kv-cache-type", choices=["auto", "f16", "q8_0", "q4_0"])
+    sp.add_argument("--load-mode", choices=["auto", "mmap", "none", "mlock"])
+    sp.add_argument("--flash-attention", choices=["auto", "on", "off"])
+    sp.add_argument(
+        "--adapt", action=argparse.BooleanOptionalAction, default=None, help="let the operator shrink the plan to fit"
+    )
+    sp.add_argument("-n", "--namespace", default="default", help="namespace of the ModelDeployment")
+    sp.add_argument("--name", help="release and ModelDeployment name (default: from the model)")
+    sp.add_argument("--no-operator", action="store_true", help="do not install the operator chart (already installed)")
+    sp.add_argument("--operator-image", help="operator image, REPOSITORY[:TAG]")
+    sp.add_argument(
+        "--watch-namespace", action="append", help="namespace the operator watches (repeatable; default: all)"
+    )
+    sp.set_defaults(func=cmd_values)

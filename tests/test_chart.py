@@ -1,0 +1,674 @@
+"""The Helm charts (charts/modelfit, charts/modeldeployment) and helmfile.yaml.
+
+Needs the helm binary (MODELFIT_HELM, PATH, or $MODELFIT_CACHE/bin from e2e/build.sh).
+Without it the helm tests skip locally and fail in CI (env CI set).
+Rendered manifests are validated against the Kubernetes OpenAPI schemas
+(kubernetes-validate) and, for ModelDeployment, against the CRD's schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+OPERATOR_CHART = ROOT / "charts" / "modelfit"
+MD_CHART = ROOT / "charts" / "modeldeployment"
+CRD_NAME = "modelfit.io_modeldeployments.yaml"
+TOP_CRD = ROOT / "crds" / CRD_NAME
+CHART_CRD = OPERATOR_CHART / "crds" / CRD_NAME
+KUBE_VERSION = "1.35.0"
+
+# Kinds without a schema in kubernetes-validate (custom resources).
+CUSTOM_KINDS = {"ServiceMonitor", "ModelDeployment"}
+
+
+def _find_tool(name: str, env: str) -> str | None:
+    explicit = os.environ.get(env)
+    if explicit and Path(explicit).is_file():
+        return explicit
+    found = shutil.which(name)
+    if found:
+        return found
+    cache = Path(os.environ.get("MODELFIT_CACHE", Path.home() / ".cache" / "modelfit"))
+    candidate = cache / "bin" / name
+    return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
+
+
+def _require_tool(name: str, env: str) -> str:
+    path = _find_tool(name, env)
+    if path is None:
+        msg = f"{name} not found (set {env}, put it on PATH, or run e2e/build.sh {name})"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    return _require_tool("helm", "MODELFIT_HELM")
+
+
+@pytest.fixture(scope="session")
+def helmfile() -> str:
+    return _require_tool("helmfile", "MODELFIT_HELMFILE")
+
+
+@pytest.fixture(scope="session")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Helm homes in a temp dir, so the tests never touch the user's helm config."""
+    home = tmp_path_factory.mktemp("helm-home")
+    env = dict(os.environ)
+    for var, sub in (("HELM_CACHE_HOME", "cache"), ("HELM_CONFIG_HOME", "config"), ("HELM_DATA_HOME", "data")):
+        env[var] = str(home / sub)
+    env.pop("KUBECONFIG", None)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _template(
+    helm: str,
+    env: dict[str, str],
+    chart: Path,
+    values: dict[str, Any] | None = None,
+    *,
+    tmp_path: Path,
+    release: str = "mf",
+    namespace: str = "modelfit-system",
+    sets: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    cmd = [helm, "template", release, str(chart), "--namespace", namespace, "--kube-version", KUBE_VERSION]
+    if values is not None:
+        vf = tmp_path / f"values-{abs(hash(json.dumps(values, sort_keys=True)))}.yaml"
+        vf.write_text(yaml.safe_dump(values))
+        cmd += ["-f", str(vf)]
+    for s in sets or []:
+        cmd += ["--set", s]
+    return _run(cmd, env)
+
+
+def render(
+    helm: str, env: dict[str, str], chart: Path, values: dict[str, Any] | None = None, **kw: Any
+) -> list[dict[str, Any]]:
+    proc = _template(helm, env, chart, values, **kw)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def crd_schema() -> dict[str, Any] | None:
+    if not TOP_CRD.is_file():
+        return None
+    crd = yaml.safe_load(TOP_CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _openapi_to_jsonschema(node: Any) -> Any:
+    """x-kubernetes-int-or-string means integer or string; everything else is plain JSON Schema."""
+    if isinstance(node, dict):
+        out = {k: _openapi_to_jsonschema(v) for k, v in node.items()}
+        if node.get("x-kubernetes-int-or-string"):
+            out.pop("type", None)
+            out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+        if node.get("nullable"):
+            t = out.get("type")
+            if isinstance(t, str):
+                out["type"] = [t, "null"]
+        return out
+    if isinstance(node, list):
+        return [_openapi_to_jsonschema(x) for x in node]
+    return node
+
+
+def validate_manifests(docs: list[dict[str, Any]]) -> None:
+    import jsonschema
+    import kubernetes_validate
+
+    md_schema = crd_schema()
+    for doc in docs:
+        kind = doc["kind"]
+        if kind == "ModelDeployment":
+            assert doc["apiVersion"] == "modelfit.io/v1alpha1"
+            if md_schema is not None:
+                jsonschema.validate(doc, _openapi_to_jsonschema(md_schema))
+            continue
+        if kind in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{kind}/{doc['metadata']['name']}: {exc}") from exc
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield d["metadata"]["name"], d["spec"]["template"]["spec"]
+        elif d["kind"] == "Pod":
+            yield d["metadata"]["name"], d["spec"]
+
+
+def assert_restricted(name: str, spec: dict[str, Any]) -> None:
+    """Pod Security Standard "restricted" (plus baseline) for a pod spec."""
+    psc = spec.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not spec.get(key), f"{name}: {key}"
+    for vol in spec.get("volumes", []):
+        assert "hostPath" not in vol, f"{name}: hostPath volume {vol['name']}"
+    containers = spec.get("containers", []) + spec.get("initContainers", []) + spec.get("ephemeralContainers", [])
+    assert containers
+    for c in containers:
+        sc = c.get("securityContext", {})
+        where = f"{name}/{c['name']}"
+        assert not sc.get("privileged"), f"{where}: privileged"
+        assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation must be false"
+        assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, f"{where}: runAsNonRoot"
+        assert sc.get("runAsUser", psc.get("runAsUser", 1)) != 0, f"{where}: runAsUser 0"
+        caps = sc.get("capabilities", {})
+        assert "ALL" in caps.get("drop", []), f"{where}: capabilities must drop ALL"
+        assert set(caps.get("add", [])) <= {"NET_BIND_SERVICE"}, f"{where}: adds {caps.get('add')}"
+        seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {}))
+        assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), f"{where}: seccompProfile"
+        for port in c.get("ports", []):
+            assert "hostPort" not in port, f"{where}: hostPort"
+
+
+# ---- the CRD copy ---------------------------------------------------------------------------
+
+
+def test_crd_copy_identical() -> None:
+    assert TOP_CRD.is_file(), f"{TOP_CRD.relative_to(ROOT)} is missing; generate it (modelfit crd)"
+    assert CHART_CRD.is_file(), f"{CHART_CRD.relative_to(ROOT)} is missing; run charts/sync-crd.sh"
+    assert CHART_CRD.read_bytes() == TOP_CRD.read_bytes(), "chart CRD is stale; run charts/sync-crd.sh"
+
+
+def test_chart_crd_dir_holds_only_the_crd() -> None:
+    extra = [p.name for p in (OPERATOR_CHART / "crds").iterdir() if p.name != CRD_NAME]
+    assert not extra, f"unexpected files in charts/modelfit/crds: {extra}"
+
+
+def test_chart_crd_is_a_valid_crd(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    import kubernetes_validate
+
+    assert CHART_CRD.is_file(), "run charts/sync-crd.sh"
+    proc = _run(
+        [helm, "template", "mf", str(OPERATOR_CHART), "--include-crds", "--kube-version", KUBE_VERSION], helm_env
+    )
+    assert proc.returncode == 0, proc.stderr
+    crds = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "CustomResourceDefinition"]
+    assert [c["metadata"]["name"] for c in crds] == ["modeldeployments.modelfit.io"]
+    kubernetes_validate.validate(crds[0], KUBE_VERSION, strict=True)
+    assert crds[0] == yaml.safe_load(CHART_CRD.read_text())
+
+
+# ---- schemas are valid JSON Schema ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chart", [OPERATOR_CHART, MD_CHART], ids=lambda p: p.name)
+def test_values_schema_is_strict_and_accepts_defaults(chart: Path) -> None:
+    import jsonschema
+
+    schema = json.loads((chart / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    assert schema["additionalProperties"] is False
+    defaults = yaml.safe_load((chart / "values.yaml").read_text())
+    jsonschema.validate(defaults, schema)
+
+
+# ---- helm lint ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chart", [OPERATOR_CHART, MD_CHART], ids=lambda p: p.name)
+def test_helm_lint(helm: str, helm_env: dict[str, str], chart: Path) -> None:
+    proc = _run([helm, "lint", "--strict", "--kube-version", KUBE_VERSION, str(chart)], helm_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---- operator chart -----------------------------------------------------------------------------
+
+OPERATOR_CASES: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "namespaced": {"watchNamespaces": ["models", "team-a"]},
+    "servicemonitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+    "no-metrics-service": {"metrics": {"service": {"enabled": False}}},
+    "custom": {
+        "image": {"repository": "registry.example/mf/op", "tag": "1.2.3", "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "serviceAccount": {"name": "mf-op", "annotations": {"a": "b"}},
+        "extraArgs": ["--no-standalone"],
+        "verbose": True,
+        "logFormat": "plain",
+        "health": {"port": 8181},
+        "metrics": {"port": 9191, "service": {"port": 80}},
+        "extraEnv": [{"name": "FOO", "value": "bar"}],
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "system-cluster-critical",
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(OPERATOR_CASES))
+def test_operator_renders_valid_manifests(helm: str, helm_env: dict[str, str], tmp_path: Path, case: str) -> None:
+    docs = render(helm, helm_env, OPERATOR_CHART, OPERATOR_CASES[case], tmp_path=tmp_path)
+    validate_manifests(docs)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
+    for d in docs:
+        labels = d["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/instance"] == "mf"
+        assert labels["app.kubernetes.io/name"] == "modelfit"
+        assert labels["helm.sh/chart"].startswith("modelfit-")
+
+
+@pytest.mark.parametrize("case", list(OPERATOR_CASES))
+def test_operator_pod_is_restricted(helm: str, helm_env: dict[str, str], tmp_path: Path, case: str) -> None:
+    docs = render(helm, helm_env, OPERATOR_CHART, OPERATOR_CASES[case], tmp_path=tmp_path)
+    specs = list(pod_specs(docs))
+    assert len(specs) == 1
+    for name, spec in specs:
+        assert_restricted(name, spec)
+
+
+def _rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for d in docs if d["kind"] in ("ClusterRole", "Role") for r in d.get("rules", [])]
+
+
+@pytest.mark.parametrize("case", list(OPERATOR_CASES))
+def test_rbac_has_no_wildcards(helm: str, helm_env: dict[str, str], tmp_path: Path, case: str) -> None:
+    docs = render(helm, helm_env, OPERATOR_CHART, OPERATOR_CASES[case], tmp_path=tmp_path)
+    rules = _rules(docs)
+    assert rules
+    for rule in rules:
+        for field in ("verbs", "resources", "apiGroups", "resourceNames", "nonResourceURLs"):
+            assert "*" not in rule.get(field, []), f"wildcard in {field}: {rule}"
+        assert not any("*" in r for r in rule.get("resources", [])), rule
+        assert "nonResourceURLs" not in rule
+
+
+def _grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+MANAGE = {"get", "list", "watch", "create", "update", "patch", "delete"}
+EXPECTED_CLUSTER = (
+    {("", "nodes", v) for v in ("get", "list", "watch")}
+    | {("", "pods", v) for v in ("get", "list", "watch")}
+    | {("", "namespaces", v) for v in ("list", "watch")}
+    | {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
+)
+EXPECTED_NAMESPACED = (
+    {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
+    | {("apps", "deployments", v) for v in MANAGE}
+    | {("", r, v) for r in ("services", "persistentvolumeclaims") for v in MANAGE}
+    | {("policy", "poddisruptionbudgets", v) for v in MANAGE}
+    | {("modelfit.io", "modeldeployments", v) for v in ("get", "list", "watch", "patch", "update")}
+    | {("modelfit.io", f"modeldeployments/{s}", v) for s in ("status", "scale") for v in ("get", "patch", "update")}
+)
+
+
+def test_rbac_is_exactly_least_privilege_cluster_wide(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    docs = render(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path)
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    (cr,) = by_kind(docs, "ClusterRole")
+    assert _grants(cr["rules"]) == EXPECTED_CLUSTER | EXPECTED_NAMESPACED
+    (crb,) = by_kind(docs, "ClusterRoleBinding")
+    (sa,) = by_kind(docs, "ServiceAccount")
+    assert crb["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": cr["metadata"]["name"],
+    }
+    assert crb["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "modelfit-system"}
+    ]
+    (dep,) = by_kind(docs, "Deployment")
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+DEFAULT_TAIL = ["--liveness=http://0.0.0.0:8081/healthz", "--metrics-port=9090", "--log-format=json"]
+
+
+def test_watch_namespaces_args_and_namespaced_rbac(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    docs = render(helm, helm_env, OPERATOR_CHART, {"watchNamespaces": ["models", "team-a"]}, tmp_path=tmp_path)
+    (dep,) = by_kind(docs, "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["modelfit", "run"]
+    assert c["args"] == ["--standalone", "--namespace=models", "--namespace=team-a", *DEFAULT_TAIL]
+    (cr,) = by_kind(docs, "ClusterRole")
+    assert _grants(cr["rules"]) == EXPECTED_CLUSTER  # nothing namespaced cluster-wide
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["models", "team-a"]
+    for role in roles:
+        assert _grants(role["rules"]) == EXPECTED_NAMESPACED
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["models", "team-a"]
+    for b in bindings:
+        assert b["roleRef"]["kind"] == "Role"
+        assert b["subjects"][0]["namespace"] == "modelfit-system"
+
+
+def test_all_namespaces_by_default(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    docs = render(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path)
+    (dep,) = by_kind(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["args"] == ["--standalone", "--all-namespaces", *DEFAULT_TAIL]
+    assert c["image"] == "ghcr.io/modelfit/modelfit-operator:0.1.0"  # appVersion
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"health": 8081, "metrics": 9090}
+    assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize("case", ["defaults", "namespaced", "custom"])
+def test_operator_args_parse_with_modelfit_run(helm: str, helm_env: dict[str, str], tmp_path: Path, case: str) -> None:
+    """The container's command line is accepted by the real `modelfit run` parser."""
+    pytest.importorskip("modelfit.runner")
+    from modelfit.cli import build_parser
+
+    docs = render(helm, helm_env, OPERATOR_CHART, OPERATOR_CASES[case], tmp_path=tmp_path)
+    (dep,) = by_kind(docs, "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["command"][0] == "modelfit"
+    args = build_parser().parse_args([*c["command"][1:], *c["args"]])
+    assert args.cmd == "run"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert args.metrics_port == ports["metrics"]
+    assert args.liveness.endswith(f":{ports['health']}/healthz")
+    assert args.namespace == (OPERATOR_CASES[case].get("watchNamespaces") or None)
+
+
+def test_image_override(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    docs = render(helm, helm_env, OPERATOR_CHART, OPERATOR_CASES["custom"], tmp_path=tmp_path)
+    (dep,) = by_kind(docs, "Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["image"] == "registry.example/mf/op:1.2.3"
+    assert c["imagePullPolicy"] == "Always"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["serviceAccountName"] == "mf-op"
+    assert c["args"][-4:] == [
+        "--metrics-port=9191", "--log-format=plain", "--verbose", "--no-standalone"
+    ]  # fmt: skip
+    assert "--liveness=http://0.0.0.0:8181/healthz" in c["args"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"health": 8181, "metrics": 9191}
+    assert {"name": "FOO", "value": "bar"} in c["env"]
+    assert dep["metadata"]["labels"]["app.kubernetes.io/version"] == "1.2.3"
+
+
+def test_service_monitor_toggle(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    off = render(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path)
+    assert not by_kind(off, "ServiceMonitor")
+    (svc,) = by_kind(off, "Service")
+    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}]
+    on = render(helm, helm_env, OPERATOR_CHART, OPERATOR_CASES["servicemonitor"], tmp_path=tmp_path)
+    (sm,) = by_kind(on, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    (svc,) = by_kind(on, "Service")
+    assert all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+    # the ServiceMonitor needs the metrics Service
+    proc = _template(
+        helm,
+        helm_env,
+        OPERATOR_CHART,
+        {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
+        tmp_path=tmp_path,
+    )
+    assert proc.returncode != 0 and "metrics.service.enabled" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["image.pullPolicy=Sometimes"],
+        ["noSuchValue=1"],
+        ["image.noSuchKey=x"],
+        ["metrics.port=70000"],
+        ["watchNamespaces[0]=Not_A_Namespace"],
+        ["metrics.serviceMonitor.interval=often"],
+        ["resources.limits.memory=lots"],
+    ],
+    ids=lambda s: s[0],
+)
+def test_operator_schema_rejects_bad_values(
+    helm: str, helm_env: dict[str, str], tmp_path: Path, sets: list[str]
+) -> None:
+    proc = _template(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path, sets=sets)
+    assert proc.returncode != 0, f"accepted {sets}"
+    assert "schema" in proc.stderr.lower() or "values don't meet" in proc.stderr.lower(), proc.stderr
+    lint = _run([helm, "lint", str(OPERATOR_CHART), *(x for s in sets for x in ("--set", s))], helm_env)
+    assert lint.returncode != 0
+
+
+def render_notes(
+    helm: str, env: dict[str, str], chart: Path, tmp_path: Path, values: dict[str, Any] | None = None
+) -> str:
+    """NOTES.txt as `helm install` would print it, offline: a copy of the chart renders it into a ConfigMap."""
+    copy = tmp_path / chart.name
+    shutil.copytree(chart, copy)
+    (copy / "notes-under-test.txt").write_text((chart / "templates" / "NOTES.txt").read_text())
+    (copy / "templates" / "zz-notes-under-test.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\n"
+        'data:\n  notes: {{ tpl (.Files.Get "notes-under-test.txt") . | quote }}\n'
+    )
+    docs = render(helm, env, copy, values, tmp_path=tmp_path, sets=None)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "notes"]
+    notes: str = cm["data"]["notes"]
+    return notes
+
+
+def test_notes_render(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    notes = render_notes(helm, helm_env, OPERATOR_CHART, tmp_path)
+    assert "helmfile --state-values-file" in notes
+    assert "kubectl get crd modeldeployments.modelfit.io" in notes
+    assert "deployment/mf-modelfit" in notes
+    assert "all namespaces" in notes
+    notes = render_notes(helm, helm_env, OPERATOR_CHART, tmp_path / "ns", {"watchNamespaces": ["a", "b"]})
+    assert "It watches ModelDeployments in: a, b." in notes
+
+
+# ---- modeldeployment chart ----------------------------------------------------------------------
+
+MD_CASES: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "catalog-full": {
+        "name": "qwen",
+        "model": {"catalog": "qwen3.5-0.8b", "quant": "q4_k_m", "sha256": "A" * 64},
+        "nodeProfile": "cpu",
+        "context": 8192,
+        "minContext": 4096,
+        "parallel": 2,
+        "kvCacheType": "q8_0",
+        "loadMode": "mmap",
+        "flashAttention": "on",
+        "backend": "cpu",
+        "gpuLayers": 0,
+        "replicas": 2,
+        "adapt": True,
+        "serverArgs": ["--jinja"],
+        "resources": {"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}},
+        "nodeSelector": {"kubernetes.io/arch": "amd64"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "image": {"cpu": "ghcr.io/ggml-org/llama.cpp:server"},
+        "apiKeySecretRef": {"name": "llm", "key": "token"},
+        "modelCache": {"pvc": {"size": "2Gi", "storageClass": "standard"}},
+        "service": {"type": "NodePort", "port": 8000},
+        "expectedPlan": {"backend": "cpu", "gpuLayers": 0, "context": 8192, "memoryRequest": "866Mi"},
+    },
+    "url": {"model": {"url": "https://example.com/m.gguf"}, "context": "max", "gpuLayers": "auto"},
+    "huggingFace": {"model": {"huggingFace": {"repo": "unsloth/Qwen3.5-0.8B-GGUF", "file": "Qwen3.5-0.8B-Q4_0.gguf"}}},
+    "pvc": {"model": {"pvc": {"claimName": "models", "path": "/m/qwen.gguf"}}, "modelCache": {"emptyDir": {}}},
+}
+
+
+@pytest.mark.parametrize("case", list(MD_CASES))
+def test_modeldeployment_renders_valid(helm: str, helm_env: dict[str, str], tmp_path: Path, case: str) -> None:
+    docs = render(
+        helm, helm_env, MD_CHART, MD_CASES[case], tmp_path=tmp_path, release="qwen3-5-0-8b", namespace="models"
+    )
+    (md,) = docs
+    assert md["kind"] == "ModelDeployment"
+    assert md["metadata"]["namespace"] == "models"
+    validate_manifests(docs)
+    try:
+        from modelfit.api import ModelDeploymentSpec
+    except ImportError:
+        return
+    ModelDeploymentSpec.model_validate(md["spec"])
+
+
+def test_modeldeployment_defaults(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    (md,) = render(helm, helm_env, MD_CHART, tmp_path=tmp_path, release="qwen3-5-0-8b", namespace="default")
+    assert md["metadata"]["name"] == "qwen3-5-0-8b"
+    assert md["spec"] == {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "replicas": 1}
+
+
+def test_modeldeployment_full(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    (md,) = render(helm, helm_env, MD_CHART, MD_CASES["catalog-full"], tmp_path=tmp_path)
+    spec = md["spec"]
+    assert md["metadata"]["name"] == "qwen"
+    assert spec["model"] == {"catalog": "qwen3.5-0.8b", "quant": "Q4_K_M", "sha256": "a" * 64}
+    assert spec["context"] == 8192 and isinstance(spec["context"], int)
+    assert spec["gpuLayers"] == 0
+    assert spec["adapt"] is True
+    assert spec["modelCache"] == {"pvc": {"size": "2Gi", "storageClass": "standard"}}
+    assert spec["service"] == {"type": "NodePort", "port": 8000}
+    assert md["metadata"]["labels"]["modelfit.io/node-profile"] == "cpu"
+    plan = json.loads(md["metadata"]["annotations"]["modelfit.io/expected-plan"])
+    assert plan["memoryRequest"] == "866Mi"
+    assert "nodeProfile" not in spec and "expectedPlan" not in spec
+
+
+def test_modeldeployment_other_source_wins_over_catalog(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    (md,) = render(helm, helm_env, MD_CHART, MD_CASES["url"], tmp_path=tmp_path)
+    assert md["spec"]["model"] == {"url": "https://example.com/m.gguf"}
+    assert md["spec"]["context"] == "max" and md["spec"]["gpuLayers"] == "auto"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"context": 100},
+        {"context": "huge"},
+        {"backend": "tpu"},
+        {"kvCacheType": "q2"},
+        {"model": {"quant": "Q3_X"}},
+        {"model": {"url": "ftp://x/y.gguf"}},
+        {"model": {"sha256": "xyz"}},
+        {"model": {"huggingFace": {"repo": "nofile"}}},
+        {"modelCache": {"emptyDir": {}, "pvc": {}}},
+        {"service": {"type": "ExternalName"}},
+        {"bogus": True},
+        {"resources": {"requests": {"cpu": 2}}},
+    ],
+    ids=lambda v: json.dumps(v, sort_keys=True),
+)
+def test_modeldeployment_schema_rejects(
+    helm: str, helm_env: dict[str, str], tmp_path: Path, values: dict[str, Any]
+) -> None:
+    proc = _template(helm, helm_env, MD_CHART, values, tmp_path=tmp_path)
+    assert proc.returncode != 0, f"accepted {values}"
+
+
+def test_modeldeployment_two_sources_fail(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    values = {"model": {"url": "https://e.com/m.gguf", "pvc": {"claimName": "c", "path": "/m.gguf"}}}
+    proc = _template(helm, helm_env, MD_CHART, values, tmp_path=tmp_path)
+    assert proc.returncode != 0 and "only one of url, huggingFace and pvc" in proc.stderr
+
+
+# ---- helmfile -----------------------------------------------------------------------------------
+
+
+def _state_values(tmp_path: Path, *args: str) -> Path:
+    from modelfit.cli import main
+
+    out = tmp_path / "state.yaml"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["values", *args]) == 0
+    out.write_text(buf.getvalue())
+    return out
+
+
+def test_modelfit_values_render_through_chart(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    """What helmfile passes to charts/modeldeployment: state values' modelDeployment + name + expectedPlan."""
+    state = yaml.safe_load(_state_values(tmp_path, "qwen3.5-0.8b", "--quant", "q4_0", "--node", "cpu").read_text())
+    values = dict(state["modelDeployment"], name=state["name"], expectedPlan=state["expectedPlan"])
+    docs = render(helm, helm_env, MD_CHART, values, tmp_path=tmp_path, namespace=state["namespace"])
+    validate_manifests(docs)
+    (md,) = docs
+    assert md["metadata"]["name"] == "qwen3-5-0-8b"
+    assert md["spec"]["model"] == {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}
+    plan = json.loads(md["metadata"]["annotations"]["modelfit.io/expected-plan"])
+    assert plan["memoryRequest"] == state["expectedPlan"]["memoryRequest"]
+    assert plan["backend"] == "cpu" and plan["gpuLayers"] == 0 and plan["nodeProfile"] == "cpu"
+    assert "args" not in plan and "reasons" not in plan
+
+
+def _helmfile(helmfile: str, helm: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [helmfile, "--helm-binary", helm, "--file", str(ROOT / "helmfile.yaml"), *args]
+    return _run(cmd, env)
+
+
+def test_helmfile_build_and_template(helmfile: str, helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    state = _state_values(
+        tmp_path, "qwen3.5-0.8b", "--quant", "q4_0", "--node", "cpu", "--context", "8192", "-n", "models"
+    )
+    proc = _helmfile(helmfile, helm, helm_env, "--state-values-file", str(state), "build")
+    assert proc.returncode == 0, proc.stderr
+    proc = _helmfile(helmfile, helm, helm_env, "--state-values-file", str(state), "lint", "--skip-deps")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _helmfile(
+        helmfile, helm, helm_env, "--state-values-file", str(state), "template", "--skip-deps",
+        "--args", f"--kube-version={KUBE_VERSION}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    validate_manifests(docs)
+    (md,) = by_kind(docs, "ModelDeployment")
+    assert md["metadata"] == {**md["metadata"], "name": "qwen3-5-0-8b", "namespace": "models"}
+    assert md["spec"]["context"] == 8192
+    (dep,) = by_kind(docs, "Deployment")
+    assert dep["metadata"]["namespace"] == "modelfit-system"
+
+
+def test_helmfile_defaults_and_no_operator(helmfile: str, helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    proc = _helmfile(helmfile, helm, helm_env, "template", "--skip-deps", "--args", f"--kube-version={KUBE_VERSION}")
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert by_kind(docs, "Deployment") and by_kind(docs, "ModelDeployment")
+    state = _state_values(tmp_path, "qwen3.5-0.8b", "--quant", "q4_0", "--no-operator")
+    proc = _helmfile(
+        helmfile, helm, helm_env, "--state-values-file", str(state), "template", "--skip-deps",
+        "--args", f"--kube-version={KUBE_VERSION}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert not by_kind(docs, "Deployment")
+    assert by_kind(docs, "ModelDeployment")
