@@ -1,0 +1,276 @@
+"""pytest fixtures for the modelfit e2e suite.
+
+A real control plane (etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler) plus kwok for fake nodes/pods, built from Go modules by
+``e2e/build.sh`` and started by ``e2e/cluster.sh``.
+
+Environment:
+  MODELFIT_KUBECONFIG  reuse an existing cluster (nothing is built/started/stopped)
+  MODELFIT_CACHE       binary cache (default ~/.cache/modelfit)
+  MODELFIT_STATE       cluster state dir (default /tmp/modelfit-cluster)
+  MODELFIT_KEEP_CLUSTER=1  leave the cluster running after the session
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pytest
+
+E2E_DIR = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("MODELFIT_CACHE", Path.home() / ".cache" / "modelfit"))
+BIN = CACHE / "bin"
+HELM_PLUGINS = CACHE / "helm-plugins"
+CONTROL_PLANE_BINARIES = (
+    "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok",
+)
+BUILD_TIMEOUT = int(os.environ.get("MODELFIT_BUILD_TIMEOUT", 3600))
+
+FAKE_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+
+
+# --------------------------------------------------------------------------- pytest hooks
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "e2e: end-to-end test against a real (kwok-backed) Kubernetes control plane"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            Path(str(item.fspath)).resolve().relative_to(E2E_DIR)
+        except ValueError:
+            continue
+        item.add_marker(pytest.mark.e2e)
+
+
+# --------------------------------------------------------------------------- helpers
+class KubectlError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return (
+            f"kubectl {' '.join(map(str, self.cmd[1:]))} failed (rc={self.returncode})\n"
+            f"stdout: {self.stdout}\nstderr: {self.stderr}"
+        )
+
+
+def _env_with_tools(kubeconfig: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["HELM_PLUGINS"] = str(HELM_PLUGINS)
+    for var, sub in (("HELM_CACHE_HOME", "cache"), ("HELM_CONFIG_HOME", "config"), ("HELM_DATA_HOME", "data")):
+        env.setdefault(var, str(CACHE / "helm" / sub))
+    if kubeconfig:
+        env["KUBECONFIG"] = kubeconfig
+    return env
+
+
+def _taint(t: str | Mapping[str, str]) -> dict[str, str]:
+    """Accept {'key','value','effect'} dicts or 'key=value:Effect' / 'key:Effect' strings."""
+    if isinstance(t, Mapping):
+        return {k: str(v) for k, v in t.items()}
+    kv, _, effect = t.rpartition(":")
+    if not kv:
+        raise ValueError(f"taint {t!r} needs an effect, e.g. 'key=value:NoSchedule'")
+    key, _, value = kv.partition("=")
+    out = {"key": key, "effect": effect}
+    if value:
+        out["value"] = value
+    return out
+
+
+class Cluster:
+    """Handle on the e2e cluster: ``.kubeconfig``, ``.kubectl(...)``, node helpers."""
+
+    def __init__(self, kubeconfig: str, managed: bool) -> None:
+        self.kubeconfig = kubeconfig
+        self.managed = managed  # True if this session started it (and will stop it)
+        self.env = _env_with_tools(kubeconfig)
+        local = BIN / "kubectl"
+        self.kubectl_bin = str(local) if local.exists() else (shutil.which("kubectl") or "kubectl")
+
+    # -- kubectl -------------------------------------------------------------
+    def kubectl(
+        self, *args: Any, input: str | bytes | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        cmd = [self.kubectl_bin, "--kubeconfig", self.kubeconfig, *map(str, args)]
+        if isinstance(input, (dict, list)):
+            input = json.dumps(input)
+        text = not isinstance(input, bytes)
+        proc = subprocess.run(
+            cmd, input=input, capture_output=True, text=text, env=self.env, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise KubectlError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        return proc
+
+    def get_json(self, *args: Any, check: bool = True) -> Any:
+        proc = self.kubectl("get", *args, "-o", "json", check=check)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def apply(self, obj: Mapping[str, Any] | str) -> subprocess.CompletedProcess:
+        return self.kubectl("apply", "-f", "-", input=obj if isinstance(obj, str) else json.dumps(obj))
+
+    def wait_for(
+        self, predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.5, what: str = "condition"
+    ) -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            try:
+                last = predicate()
+                if last:
+                    return last
+            except (KubectlError, json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+                last = exc
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+            time.sleep(interval)
+
+    # -- fake nodes ------------------------------------------------------------
+    def make_node(
+        self,
+        name: str,
+        cpu: str = "2",
+        memory: str = "4Gi",
+        gpus: int = 0,
+        gpu_memory_mib: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        taints: Iterable[str | Mapping[str, str]] | None = None,
+        pods: str = "110",
+        wait_ready: bool = True,
+    ) -> dict:
+        """Create a kwok-managed fake Node and (by default) wait until kwok marks it Ready."""
+        resources = {"cpu": str(cpu), "memory": str(memory), "pods": str(pods)}
+        if gpus:
+            resources["nvidia.com/gpu"] = str(gpus)
+        node_labels = {
+            "type": "kwok",
+            "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+        }
+        if gpu_memory_mib is not None:
+            node_labels["nvidia.com/gpu.memory"] = str(gpu_memory_mib)
+        node_labels.update({k: str(v) for k, v in (labels or {}).items()})
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": node_labels,
+                "annotations": {FAKE_NODE_ANNOTATION[0]: FAKE_NODE_ANNOTATION[1],
+                                "node.alpha.kubernetes.io/ttl": "0"},
+            },
+            "spec": {"taints": [_taint(t) for t in (taints or [])]},
+            "status": {
+                "allocatable": dict(resources),
+                "capacity": dict(resources),
+                "nodeInfo": {"kubeletVersion": "fake", "kubeProxyVersion": "fake",
+                             "operatingSystem": "linux", "architecture": "amd64"},
+            },
+        }
+        self.kubectl("create", "-f", "-", input=json.dumps(node))
+        if wait_ready:
+            self.wait_for(lambda: self.node_ready(name), timeout=60, what=f"node {name} Ready")
+        return self.get_json("node", name)
+
+    def node_ready(self, name: str) -> bool:
+        node = self.get_json("node", name, check=False)
+        conds = (node or {}).get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+    def delete_node(self, name: str, wait: bool = True) -> None:
+        self.kubectl("delete", "node", name, "--ignore-not-found", f"--wait={str(wait).lower()}")
+
+
+# --------------------------------------------------------------------------- build / start
+def _missing_binaries() -> list[str]:
+    return [b for b in CONTROL_PLANE_BINARIES if not os.access(BIN / b, os.X_OK)]
+
+
+def _ensure_built() -> None:
+    if not _missing_binaries():
+        return
+    cmd = [str(E2E_DIR / "build.sh"), "k8s", "etcd", "kwok"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"e2e/build.sh timed out after {BUILD_TIMEOUT}s", pytrace=False)
+    if proc.returncode != 0 or _missing_binaries():
+        pytest.fail(
+            f"e2e/build.sh failed (rc={proc.returncode}); missing: {_missing_binaries()}\n"
+            f"--- stdout (tail) ---\n{proc.stdout[-4000:]}\n--- stderr (tail) ---\n{proc.stderr[-4000:]}",
+            pytrace=False,
+        )
+
+
+def _cluster_sh(*args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(E2E_DIR / "cluster.sh"), *args], capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"e2e/cluster.sh {' '.join(args)} failed (rc={proc.returncode})\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}",
+            pytrace=False,
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterable[Cluster]:
+    reuse = os.environ.get("MODELFIT_KUBECONFIG")
+    if reuse:
+        yield Cluster(reuse, managed=False)
+        return
+    _ensure_built()
+    already_running = _cluster_sh("status", check=False).returncode == 0
+    _cluster_sh("up")
+    kubeconfig = _cluster_sh("kubeconfig").stdout.strip()
+    c = Cluster(kubeconfig, managed=not already_running)
+    try:
+        yield c
+    finally:
+        if c.managed and os.environ.get("MODELFIT_KEEP_CLUSTER") != "1":
+            _cluster_sh("down", check=False)
+
+
+@pytest.fixture
+def make_node(cluster: Cluster) -> Iterable[Callable[..., dict]]:
+    """Factory: ``make_node(name, cpu=..., memory=..., gpus=..., gpu_memory_mib=..., labels=..., taints=...)``.
+    Nodes created through it are deleted when the test ends."""
+    created: list[str] = []
+
+    def _make(name: str, **kwargs: Any) -> dict:
+        node = cluster.make_node(name, **kwargs)
+        created.append(name)
+        return node
+
+    yield _make
+    for name in reversed(created):
+        cluster.delete_node(name, wait=False)
+
+
+@pytest.fixture
+def delete_node(cluster: Cluster) -> Callable[[str], None]:
+    return cluster.delete_node
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterable[str]:
+    """A fresh namespace, deleted (without waiting) after the test."""
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.wait_for(
+        lambda: cluster.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
+        timeout=30, what=f"default ServiceAccount in {name}",
+    )
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
