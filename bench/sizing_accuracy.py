@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="mmap,none")
     ap.add_argument("--parallel", default="1,4")
     ap.add_argument("--kv", default="f16,q8_0")
-    ap.add_argument("--prompt-words", type=int, default=200)
+    ap.add_argument("--prompt-words", type=int, default=300, help="long enough for a full 512-token ubatch")
     ap.add_argument("--quick", action="store_true", help="tiny models, small grid")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)

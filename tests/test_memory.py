@@ -97,4 +97,5 @@ def test_flash_attention_off_adds_the_kq_matrix() -> None:
     f = catalog_facts("llama-3.2-1b", "Q4_0")
     on = estimate(f, ServerConfig(n_ctx=8192, flash_attn=True))
     off = estimate(f, ServerConfig(n_ctx=8192, flash_attn=False))
-    assert off.compute_bytes - on.compute_bytes >= 8192 * 512 * 32 * 4
+    assert off.compute_bytes >= 8192 * 512 * 32 * 4  # the F32 KQ matrix of 32 heads
+    assert on.compute_bytes < 100 * MiB  # flash attention: only an F16 mask grows with context

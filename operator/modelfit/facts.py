@@ -127,6 +127,9 @@ class ModelFacts(BaseModel):
     n_swa: int = 0
     n_expert: int = 0
     n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_merges: int = 0
+    tokenizer: str = ""
     ssm: SSMFacts = Field(default_factory=SSMFacts)
     layers: list[LayerFact]
     tensors: list[TensorFact]
@@ -330,6 +333,9 @@ def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts
         n_swa=n_swa if any(lf.swa for lf in layers) else 0,
         n_expert=int(key("expert_count", 0) or 0),
         n_expert_used=int(key("expert_used_count", 0) or 0),
+        n_ff_exp=int(key("expert_feed_forward_length", 0) or 0),
+        n_merges=len(meta.get("tokenizer.ggml.merges") or []),
+        tokenizer=str(meta.get("tokenizer.ggml.model", "")),
         ssm=ssm,
         layers=layers,
         tensors=[

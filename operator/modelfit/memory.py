@@ -37,17 +37,32 @@ REPACK_AVX512 = {"Q2_K"}
 # On arm64 with i8mm/dotprod the set is larger.
 REPACK_ARM = {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}
 
-# --- calibrated constants (llama-server b11434, x86-64 CPU build) ---------------------------
-# Resident memory of an idle llama-server before any model buffer: binary, libraries,
-# HTTP server, thread stacks, allocator arenas.
-RUNTIME_BASE = 40 * MiB
-# Tokenizer tables held in the heap (id_to_token, token_to_id, BPE ranks), per token.
-VOCAB_BYTES_PER_TOKEN = 200
-# Per-device GPU runtime (CUDA context, cuBLAS workspace); host side of the GPU libraries.
+# --- calibrated constants (llama-server b11434, x86-64 CPU build; bench/sizing_accuracy.py) ---
+# Resident memory of llama-server besides its buffers: binary pages, libraries, HTTP
+# server, thread stacks, sampler, allocator arenas.
+RUNTIME_BASE = 16 * MiB
+# Tokenizer tables (id_to_token, token_to_id, and BPE merge ranks), per vocabulary entry.
+VOCAB_BYTES_PER_TOKEN_BPE = 297
+VOCAB_BYTES_PER_TOKEN_SPM = 216
+# Hybrid Gated-DeltaNet models (qwen35, qwen3next) keep a further fixed working set.
+HYBRID_RUNTIME_EXTRA = 26 * MiB
+HYBRID_ARCHS = {"qwen35", "qwen35moe", "qwen3next"}
+# Per-device GPU runtime (CUDA context, cuBLAS workspace) and host side of the GPU
+# libraries: published load logs, not measured here (no GPU on this project's machines).
 GPU_DEVICE_OVERHEAD = 300 * MiB
 GPU_HOST_OVERHEAD = 250 * MiB
-# Activation working set of one ubatch, in multiples of n_ubatch * widest row * 4 B.
-ACTIVATION_ROWS = 4
+# Compute buffer of one ubatch, in floats per token: a*F + b*E (+ d_inner for recurrent
+# layers, + n_expert_used*E for MoE), fitted on qwen35, llama, gemma3 and qwen3moe shapes.
+ACT_FF = 2.84
+ACT_EMBD = 5.51
+ACT_RECURRENT = 0.8
+ACT_RECURRENT_PER_SEQ = 3.5  # extra recurrent-state copies per additional slot
+# Context length whose mask pages a typical prompt touches; the rest of the compute
+# buffer is reserved (allocated, touched only as the context fills) and goes into the
+# memory limit, not into the predicted peak.
+TOUCHED_KV_CELLS = 4096
+# Without flash attention the KQ matrix is materialized; the fixed part is smaller.
+ACT_NO_FA_CAP = 26 * MiB
 
 
 def type_size(type_name: str, n: int) -> int:
@@ -90,12 +105,14 @@ class MemoryBreakdown(BaseModel):
     repack_bytes: int = 0
     kv_cache_bytes: int = 0  # host KV
     recurrent_bytes: int = 0  # host recurrent state
-    compute_bytes: int = 0  # host compute buffers
+    compute_bytes: int = 0  # host compute buffers, as allocated
+    compute_reserve_bytes: int = 0  # allocated compute pages touched only as the context fills
     output_bytes: int = 0
     cache_ram_bytes: int = 0
     checkpoint_bytes: int = 0
     overhead_bytes: int = 0
-    total_bytes: int = 0  # predicted peak RSS
+    total_bytes: int = 0  # predicted peak RSS in service (prompts of up to TOUCHED_KV_CELLS)
+    full_context_bytes: int = 0  # total_bytes plus the compute reserve: RSS once the context is full
     anon_bytes: int = 0  # total minus file-backed pages
     vram_bytes: list[int] = Field(default_factory=list)  # per GPU
     vram_weights_bytes: int = 0
@@ -141,7 +158,7 @@ def checkpoint_size(facts: ModelFacts, cfg: ServerConfig) -> int:
         return sum(recurrent_layer_bytes(facts, cfg, il) for il in range(len(facts.layers))) // max(1, cfg.n_parallel)
     if facts.has_swa:
         _, swa_cells = kv_cells(facts, cfg)
-        per_seq = min(swa_cells, facts.n_swa + cfg.n_ubatch)
+        per_seq = min(swa_cells, facts.n_swa)  # the window's cells of one sequence
         return sum(
             per_seq * (type_size(cfg.type_k, lf.n_embd_k_gqa) + type_size(cfg.type_v, lf.n_embd_v_gqa))
             for lf in facts.layers
@@ -177,31 +194,40 @@ def output_on_gpu(facts: ModelFacts, cfg: ServerConfig) -> bool:
     return cfg.n_gpus > 0 and cfg.backend != "cpu" and cfg.n_gpu_layers > facts.n_layer
 
 
-def compute_bytes(facts: ModelFacts, cfg: ServerConfig, n_kv: int, on_gpu: bool) -> int:
-    """Compute buffer for the worst-case ubatch (n_ubatch tokens against n_kv cells).
-
-    Mask: F32 n_kv x n_ubatch, cast to F16 under flash attention. Without flash
-    attention the KQ matrix (F32, n_kv x n_ubatch x n_head) dominates. The rest is
-    the widest activations of one ubatch and the logits of the reserved outputs.
-    """
-    n_ub = cfg.n_ubatch
-    mask = n_kv * n_ub * 4
-    if cfg.flash_attn:
-        attn = n_kv * n_ub * 2
+def activation_bytes(facts: ModelFacts, cfg: ServerConfig) -> int:
+    """Fixed part of the compute buffer: one ubatch of activations plus the reserved logits."""
+    n_seq = max(cfg.n_parallel, 1)
+    if facts.n_expert:
+        n_ff_exp = facts.n_ff_exp or facts.n_ff
+        per_token = (
+            ACT_FF * facts.n_expert_used * n_ff_exp + ACT_EMBD * facts.n_embd + facts.n_expert_used * facts.n_embd
+        )
     else:
-        attn = n_kv * n_ub * facts.n_head * 4 * 2 if facts.has_attention else 0
-    widest = max(
-        facts.n_embd,
-        facts.n_ff,
-        facts.n_head * facts.head_dim_k * 2,
-        facts.ssm.d_inner * 3 if facts.has_recurrent else 0,
-        facts.n_expert_used * facts.n_ff if facts.n_expert else 0,
-    )
-    act = ACTIVATION_ROWS * n_ub * widest * 4
-    logits = facts.n_vocab * 4 * max(cfg.n_parallel, 1)
-    if on_gpu:
-        return attn + act + logits + (mask if not cfg.flash_attn else 0)
-    return mask + attn + act + logits
+        per_token = ACT_FF * facts.n_ff + ACT_EMBD * facts.n_embd
+    rs_extra = 0.0
+    if facts.has_recurrent:
+        per_token += ACT_RECURRENT * facts.ssm.d_inner
+        rs_extra = (n_seq - 1) * ACT_RECURRENT_PER_SEQ * (facts.ssm.n_embd_r + facts.ssm.n_embd_s) * 4
+    act = int(cfg.n_ubatch * 4 * per_token + rs_extra)
+    if not cfg.flash_attn:
+        act = min(act, int(ACT_NO_FA_CAP * cfg.n_ubatch / 512))
+    return act + facts.n_vocab * 4 * n_seq
+
+
+def mask_bytes(facts: ModelFacts, cfg: ServerConfig, full_cells: int, swa_cells: int) -> int:
+    """Attention inputs that grow with the KV cells a ubatch attends to.
+
+    Flash attention on the CPU: one F16 mask, 2 B per cell and token. Without it the
+    F32 mask and the KQ matrix (n_head F32 values per cell and token).
+    """
+    if not facts.has_attention:
+        return 0
+    per_cell = 2 if cfg.flash_attn else 4 + 4 * facts.n_head
+    has_full = any(lf.attention and not lf.swa for lf in facts.layers)
+    cells = (full_cells if has_full else 0) + (swa_cells if facts.has_swa else 0)
+    if not cfg.flash_attn:
+        cells = max(full_cells if has_full else 0, swa_cells if facts.has_swa else 0)
+    return cells * cfg.n_ubatch * per_cell
 
 
 def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
@@ -258,28 +284,38 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
     out.kv_cells, out.kv_cells_swa = full_cells, swa_cells
     out.kv_cache_bytes = kv_host
     out.recurrent_bytes = rs_host
-    n_kv = full_cells if any(lf.attention and not lf.swa for lf in facts.layers) else swa_cells
-    if not facts.has_attention:
-        n_kv = 0
-
+    act = activation_bytes(facts, cfg)
+    mask_full = mask_bytes(facts, cfg, full_cells, swa_cells)
+    touched_full = min(full_cells, TOUCHED_KV_CELLS)
+    mask_touched = mask_bytes(facts, cfg, touched_full, min(swa_cells, TOUCHED_KV_CELLS))
     if n_gpus:
-        dev_compute = compute_bytes(facts, cfg, n_kv, on_gpu=True)
-        host_compute = 2 * MiB + n_kv * cfg.n_ubatch * 4
-        out.compute_bytes = host_compute
+        # Device: activations and the F16 mask; host (pinned): the F32 mask input.
+        dev_compute = act + mask_full
+        out.compute_bytes = 2 * MiB + (full_cells if facts.has_attention else 0) * cfg.n_ubatch * 4
+        out.compute_reserve_bytes = 0
+        resident_compute = out.compute_bytes
     else:
         dev_compute = 0
-        out.compute_bytes = compute_bytes(facts, cfg, n_kv, on_gpu=False)
+        out.compute_bytes = act + mask_full
+        resident_compute = act + mask_touched
+        out.compute_reserve_bytes = out.compute_bytes - resident_compute
 
     out.output_bytes = facts.n_vocab * 4 * max(cfg.n_parallel, 1)
     out.cache_ram_bytes = max(cfg.cache_ram_mib, 0) * MiB
     out.checkpoint_bytes = cfg.ctx_checkpoints * max(cfg.n_parallel, 1) * checkpoint_size(facts, cfg)
-    out.overhead_bytes = RUNTIME_BASE + VOCAB_BYTES_PER_TOKEN * facts.n_vocab + (GPU_HOST_OVERHEAD if n_gpus else 0)
+    per_token = VOCAB_BYTES_PER_TOKEN_SPM if facts.tokenizer == "llama" else VOCAB_BYTES_PER_TOKEN_BPE
+    out.overhead_bytes = (
+        RUNTIME_BASE
+        + per_token * facts.n_vocab
+        + (HYBRID_RUNTIME_EXTRA if facts.architecture in HYBRID_ARCHS else 0)
+        + (GPU_HOST_OVERHEAD if n_gpus else 0)
+    )
 
     anon = (
         (weights_resident - out.weights_file_bytes)
         + kv_host
         + rs_host
-        + out.compute_bytes
+        + resident_compute
         + out.output_bytes
         + out.cache_ram_bytes
         + out.checkpoint_bytes
@@ -287,6 +323,7 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
     )
     out.anon_bytes = anon
     out.total_bytes = anon + out.weights_file_bytes
+    out.full_context_bytes = out.total_bytes + out.compute_reserve_bytes
 
     if n_gpus:
         out.vram_weights_bytes = vram_w

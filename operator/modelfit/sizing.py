@@ -214,7 +214,7 @@ class _Candidate(BaseModel):
 def _evaluate(facts: ModelFacts, cfg: ServerConfig, policy: Policy) -> _Candidate:
     mem = estimate(facts, cfg)
     gpu_need = max(mem.vram_bytes) if mem.vram_bytes else 0
-    return _Candidate(cfg=cfg, mem=mem, host_need=_request(policy, mem.total_bytes), gpu_need=gpu_need)
+    return _Candidate(cfg=cfg, mem=mem, host_need=_request(policy, mem.full_context_bytes), gpu_need=gpu_need)
 
 
 def _fits(c: _Candidate, node: NodeFacts, policy: Policy) -> bool:
@@ -410,7 +410,7 @@ def plan(
         f"cache-ram {cfg.cache_ram_mib} MiB: set explicitly (llama-server's default is 8192 MiB) and counted"
     )
 
-    request = _request(policy, mem.total_bytes)
+    request = _request(policy, mem.full_context_bytes)
     cpu_req = max(1000, threads * 1000)
     resources = Resources(
         requests={"cpu": format_cpu(cpu_req), "memory": format_memory(request)},
