@@ -49,7 +49,8 @@ def run_point(model: str, quant: str, ctx: int, mode: str, np_: int, kv: str, pr
     t0 = time.monotonic()
     with LlamaServer(llama_bin("llama-server"), args) as srv:
         load_s = time.monotonic() - t0
-        m = srv.measure([filler_prompt(prompt_words, seed=i) for i in range(np_)], n_predict=4)
+        words = min(prompt_words, res.plan.context // (np_ * 4))  # unified KV: the slots share the context
+        m = srv.measure([filler_prompt(words, seed=i) for i in range(np_)], n_predict=4)
     pred = res.memory.total_bytes
     cfg = ServerConfig(
         n_ctx=res.plan.context, n_parallel=np_, type_k=res.plan.kv_cache_type, type_v=res.plan.kv_cache_type

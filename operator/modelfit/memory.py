@@ -44,6 +44,9 @@ RUNTIME_BASE = 16 * MiB
 # Tokenizer tables (id_to_token, token_to_id, and BPE merge ranks), per vocabulary entry.
 VOCAB_BYTES_PER_TOKEN_BPE = 297
 VOCAB_BYTES_PER_TOKEN_SPM = 216
+# Each slot beyond the first: slot state, batch views and its sampler's candidate array.
+PER_SLOT_BYTES = int(0.9 * MiB)
+PER_SLOT_BYTES_PER_TOKEN = 4
 # Hybrid Gated-DeltaNet models (qwen35, qwen3next) keep a further fixed working set.
 HYBRID_RUNTIME_EXTRA = 26 * MiB
 HYBRID_ARCHS = {"qwen35", "qwen35moe", "qwen3next"}
@@ -308,6 +311,7 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
         RUNTIME_BASE
         + per_token * facts.n_vocab
         + (HYBRID_RUNTIME_EXTRA if facts.architecture in HYBRID_ARCHS else 0)
+        + (max(cfg.n_parallel, 1) - 1) * (PER_SLOT_BYTES + PER_SLOT_BYTES_PER_TOKEN * facts.n_vocab)
         + (GPU_HOST_OVERHEAD if n_gpus else 0)
     )
 
