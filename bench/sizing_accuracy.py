@@ -90,15 +90,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv", default="f16,q8_0")
     ap.add_argument("--prompt-words", type=int, default=300, help="long enough for a full 512-token ubatch")
     ap.add_argument("--quick", action="store_true", help="tiny models, small grid")
+    ap.add_argument(
+        "--balanced",
+        action="store_true",
+        help="per model and context two points that together cover every level: (none, 1, f16) and (mmap, 4, q8_0)",
+    )
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
         a.models, a.contexts, a.parallel = "qwen35-tiny,llama-tiny,gemma3-tiny,qwen3moe-tiny", "4096", "1,4"
     rows = []
     contexts = [c if c == "max" else int(c) for c in a.contexts.split(",")]
-    for model, ctx, mode, np_, kv in itertools.product(
-        a.models.split(","), contexts, a.modes.split(","), [int(x) for x in a.parallel.split(",")], a.kv.split(",")
-    ):
+    grid = list(
+        itertools.product(
+            a.models.split(","), contexts, a.modes.split(","), [int(x) for x in a.parallel.split(",")], a.kv.split(",")
+        )
+    )
+    if a.balanced:
+        grid = [
+            (m, c, *combo)
+            for m, c in itertools.product(a.models.split(","), contexts)
+            for combo in (("none", 1, "f16"), ("mmap", 4, "q8_0"))
+        ]
+    for model, ctx, mode, np_, kv in grid:
         try:
             row = run_point(model, a.quant, ctx if ctx == "max" else int(ctx), mode, np_, kv, a.prompt_words)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - a failed point is reported, the grid goes on
