@@ -64,6 +64,8 @@ ACT_RECURRENT_PER_SEQ = 3.5  # extra recurrent-state copies per additional slot
 # buffer is reserved (allocated, touched only as the context fills) and goes into the
 # memory limit, not into the predicted peak.
 TOUCHED_KV_CELLS = 4096
+# Hybrid (recurrent + attention) graphs touch more of the mask on the same prompts (measured).
+HYBRID_TOUCHED_KV_CELLS = 16384
 # Without flash attention the KQ matrix is materialized; the fixed part is smaller.
 ACT_NO_FA_CAP = 26 * MiB
 
@@ -289,8 +291,8 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
     out.recurrent_bytes = rs_host
     act = activation_bytes(facts, cfg)
     mask_full = mask_bytes(facts, cfg, full_cells, swa_cells)
-    touched_full = min(full_cells, TOUCHED_KV_CELLS)
-    mask_touched = mask_bytes(facts, cfg, touched_full, min(swa_cells, TOUCHED_KV_CELLS))
+    touch = HYBRID_TOUCHED_KV_CELLS if facts.architecture in HYBRID_ARCHS else TOUCHED_KV_CELLS
+    mask_touched = mask_bytes(facts, cfg, min(full_cells, touch), min(swa_cells, touch))
     if n_gpus:
         # Device: activations and the F16 mask; host (pinned): the F32 mask input.
         dev_compute = act + mask_full
