@@ -10,6 +10,7 @@ Environment:
   MODELFIT_STATE       cluster state dir (default /tmp/modelfit-cluster)
   MODELFIT_KEEP_CLUSTER=1  leave the cluster running after the session
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import pytest
 
@@ -28,7 +30,12 @@ CACHE = Path(os.environ.get("MODELFIT_CACHE", Path.home() / ".cache" / "modelfit
 BIN = CACHE / "bin"
 HELM_PLUGINS = CACHE / "helm-plugins"
 CONTROL_PLANE_BINARIES = (
-    "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok",
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
 )
 BUILD_TIMEOUT = int(os.environ.get("MODELFIT_BUILD_TIMEOUT", 3600))
 
@@ -37,9 +44,7 @@ FAKE_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 
 # --------------------------------------------------------------------------- pytest hooks
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "e2e: end-to-end test against a real (kwok-backed) Kubernetes control plane"
-    )
+    config.addinivalue_line("markers", "e2e: end-to-end test against a real (kwok-backed) Kubernetes control plane")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -103,9 +108,7 @@ class Cluster:
         if isinstance(input, (dict, list)):
             input = json.dumps(input)
         text = not isinstance(input, bytes)
-        proc = subprocess.run(
-            cmd, input=input, capture_output=True, text=text, env=self.env, timeout=timeout
-        )
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=text, env=self.env, timeout=timeout)
         if check and proc.returncode != 0:
             raise KubectlError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
@@ -165,15 +168,18 @@ class Cluster:
             "metadata": {
                 "name": name,
                 "labels": node_labels,
-                "annotations": {FAKE_NODE_ANNOTATION[0]: FAKE_NODE_ANNOTATION[1],
-                                "node.alpha.kubernetes.io/ttl": "0"},
+                "annotations": {FAKE_NODE_ANNOTATION[0]: FAKE_NODE_ANNOTATION[1], "node.alpha.kubernetes.io/ttl": "0"},
             },
             "spec": {"taints": [_taint(t) for t in (taints or [])]},
             "status": {
                 "allocatable": dict(resources),
                 "capacity": dict(resources),
-                "nodeInfo": {"kubeletVersion": "fake", "kubeProxyVersion": "fake",
-                             "operatingSystem": "linux", "architecture": "amd64"},
+                "nodeInfo": {
+                    "kubeletVersion": "fake",
+                    "kubeProxyVersion": "fake",
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                },
             },
         }
         self.kubectl("create", "-f", "-", input=json.dumps(node))
@@ -212,9 +218,7 @@ def _ensure_built() -> None:
 
 
 def _cluster_sh(*args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(E2E_DIR / "cluster.sh"), *args], capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run([str(E2E_DIR / "cluster.sh"), *args], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(
             f"e2e/cluster.sh {' '.join(args)} failed (rc={proc.returncode})\n"
@@ -270,7 +274,58 @@ def namespace(cluster: Cluster) -> Iterable[str]:
     cluster.kubectl("create", "namespace", name)
     cluster.wait_for(
         lambda: cluster.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
-        timeout=30, what=f"default ServiceAccount in {name}",
+        timeout=30,
+        what=f"default ServiceAccount in {name}",
     )
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+# --------------------------------------------------------------------------- modelfit
+@pytest.fixture(scope="session")
+def crd(cluster: Cluster) -> str:
+    """The ModelDeployment CRD, applied from crds/ and Established."""
+    from _support import CRD_FILE
+
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/modeldeployments.modelfit.io", "--timeout=60s")
+    return "modeldeployments.modelfit.io"
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster, crd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterable[Any]:
+    """``modelfit run -A`` as a subprocess for the whole session (tests may stop/kill/start it)."""
+    from _support import Operator
+
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = Operator(cluster.kubeconfig, log).start()
+    time.sleep(1)
+    assert op.running(), op.log_tail()
+    try:
+        yield op
+    finally:
+        op.stop()
+        if os.environ.get("MODELFIT_E2E_SHOW_LOG"):
+            print(op.log_tail(400))
+
+
+@pytest.fixture
+def pool(make_node: Callable[..., dict]) -> Any:
+    """A private node pool: ``pool.add(name, **make_node_kwargs)``; ``pool.selector`` for the spec's nodeSelector."""
+    from _support import POOL_LABEL
+
+    class Pool:
+        def __init__(self) -> None:
+            self.id = f"p{uuid.uuid4().hex[:6]}"
+            self.selector = {POOL_LABEL: self.id}
+
+        def name(self, suffix: str) -> str:
+            return f"{self.id}-{suffix}"
+
+        def add(self, suffix: str, **kwargs: Any) -> str:
+            labels = {**self.selector, **(kwargs.pop("labels", None) or {})}
+            name = self.name(suffix)
+            make_node(name, labels=labels, **kwargs)
+            return name
+
+    return Pool()

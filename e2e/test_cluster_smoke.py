@@ -1,5 +1,6 @@
 """Smoke test of the e2e control plane: scheduling onto a kwok node, kwok pod
 lifecycle, and garbage collection (Deployment -> ReplicaSet -> Pods)."""
+
 from __future__ import annotations
 
 import uuid
@@ -18,11 +19,13 @@ def _deployment(name: str, namespace: str, node_selector: dict) -> dict:
                 "metadata": {"labels": labels},
                 "spec": {
                     "nodeSelector": node_selector,
-                    "containers": [{
-                        "name": "main",
-                        "image": "registry.k8s.io/pause:3.10",
-                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
-                    }],
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "registry.k8s.io/pause:3.10",
+                            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+                        }
+                    ],
                 },
             },
         },
@@ -32,8 +35,9 @@ def _deployment(name: str, namespace: str, node_selector: dict) -> dict:
 def test_api_and_rbac_basics(cluster):
     assert cluster.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
     # RBAC is enforced: an unprivileged ServiceAccount may not list nodes ...
-    denied = cluster.kubectl("auth", "can-i", "list", "nodes",
-                             "--as=system:serviceaccount:default:default", check=False)
+    denied = cluster.kubectl(
+        "auth", "can-i", "list", "nodes", "--as=system:serviceaccount:default:default", check=False
+    )
     assert denied.stdout.strip() == "no"
     # ... and ServiceAccount tokens can be minted (token signing configured).
     token = cluster.kubectl("-n", "default", "create", "token", "default").stdout.strip()
@@ -53,8 +57,7 @@ def test_deployment_runs_on_fake_node_and_gc(cluster, make_node, namespace):
     def running_pod():
         pods = cluster.get_json(*ns, "pods", "-l", "app=smoke")["items"]
         for p in pods:
-            ready = any(c["type"] == "Ready" and c["status"] == "True"
-                        for c in p["status"].get("conditions", []))
+            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
             if p["status"].get("phase") == "Running" and ready:
                 return p
         return None
@@ -73,9 +76,11 @@ def test_deployment_runs_on_fake_node_and_gc(cluster, make_node, namespace):
     cluster.kubectl(*ns, "delete", "deployment", "smoke", "--wait=false")
     cluster.wait_for(
         lambda: not cluster.get_json(*ns, "replicasets", "-l", "app=smoke")["items"],
-        timeout=60, what="ReplicaSet garbage-collected",
+        timeout=60,
+        what="ReplicaSet garbage-collected",
     )
     cluster.wait_for(
         lambda: not cluster.get_json(*ns, "pods", "-l", "app=smoke")["items"],
-        timeout=60, what="Pods garbage-collected",
+        timeout=60,
+        what="Pods garbage-collected",
     )

@@ -104,7 +104,7 @@ def openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object: modelfit.io/v1alpha1."},
             "kind": {"type": "string", "description": "Kind of this object: ModelDeployment."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "metadata": {"type": "object"},  # the API server forbids anything else here
             "spec": spec,
             "status": status,
         },

@@ -11,10 +11,12 @@ Nothing raised by a bad spec or an unreadable model escapes: it becomes a condit
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from pydantic import ValidationError
@@ -232,10 +234,17 @@ async def _reconcile(
     mf = model_file(spec, size)
     pods = await kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector_string(name))
 
+    unschedulable = False
     if placement.fits:
         rendered = render(meta, spec, placement, mf)
         template_hash = _template_hash(rendered.by_kind("Deployment"))
         sig = pod_signals(pods, template_hash)
+        unschedulable = bool(sig.unschedulable)
+        if sig.unschedulable:
+            # Until the pods schedule, re-plan every tick on fresh node facts: what other pods request
+            # (seen through a snapshot up to a TTL old) may have changed since this plan was made.
+            seen.pods_dirty = True
+            state.snapshot.invalidate()
         if sig.oom_killed and boost < 1.0:
             boost = min(1.0, boost + OOM_HEADROOM_STEP)
             oom_kills += 1
@@ -257,16 +266,25 @@ async def _reconcile(
 
     rendered = render(meta, spec, placement, mf)
     new["plan"] = plan_status(placement, facts, size, rendered.hash, boost)
-    metrics.PLANNED_MEMORY.labels(namespace=ns, name=name).set(placement.result.memory_request_bytes)
     deploy = await kube.get(path_for("apps/v1", "Deployment", ns, name))
     applied = ((deploy or {}).get("metadata") or {}).get("annotations", {}).get(APPLIED_ANNOTATION)
+    template_hash = _template_hash(rendered.by_kind("Deployment"))
+    if not unschedulable and _sticky(old, gen, old_plan, new["plan"], applied):
+        # Same node class, backend, offload, context and KV: other pods landing on the class only moved
+        # the free CPU (threads) a little; rolling every ModelDeployment for that would churn the cluster.
+        new["plan"] = old_plan
+        rendered.hash = str(old_plan["hash"])
+        template_hash = _template_hash(deploy)
+    metrics.PLANNED_MEMORY.labels(namespace=ns, name=name).set(int(new["plan"].get("memoryRequestBytes") or 0))
     if applied != rendered.hash:
-        for obj in rendered.objects:
+        # The Deployment carries the applied hash, so it goes last: a crash half-way leaves a stale
+        # hash and the next reconcile applies everything again (no missing Service after a restart).
+        for api_version, kind, child in rendered.absent:
+            await kube.delete(path_for(api_version, kind, ns, child))
+        for obj in sorted(rendered.objects, key=lambda o: o["kind"] == "Deployment"):
             out = await kube.apply(obj)
             if obj["kind"] == "Deployment":
                 deploy = out
-        for api_version, kind, child in rendered.absent:
-            await kube.delete(path_for(api_version, kind, ns, child))
         if old_plan.get("hash") != rendered.hash:
             metrics.PLAN_CHANGES.inc()
             what = (
@@ -274,9 +292,8 @@ async def _reconcile(
                 f"{placement.result.plan.gpu_layers}/{placement.result.plan.total_layers} GPU layers, "
                 f"context {placement.result.plan.context}, memory {placement.result.resources.requests['memory']}"
             )
-            _post_event(body, "PlanChanged", f"new plan: {what}")
+            await _post_event(kube, body, "PlanChanged", f"new plan: {what}")
             logger.info(f"plan applied: {what}")
-    template_hash = _template_hash(rendered.by_kind("Deployment"))
     values = workload_conditions(deploy, pods, spec.replicas, template_hash)
     values["Planned"] = ("True", placement.reason, placement.message)
     new["conditions"] = apply_conditions(conds, values, gen)
@@ -288,11 +305,53 @@ async def _reconcile(
     return _status_patch(old, new), "ready" if values["Ready"][0] == "True" else "progressing"
 
 
-def _post_event(body: dict[str, Any], reason: str, message: str) -> None:
+async def _post_event(kube: Kube, body: dict[str, Any], reason: str, message: str) -> None:
+    """A core/v1 Event on the ModelDeployment, posted with our own client: kopf.event() only works
+    inside kopf's handler context, and plan changes also happen in the resync loop."""
+    meta = body.get("metadata") or {}
+    ns, now = str(meta.get("namespace")), datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": ns},
+        "involvedObject": {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "name": meta.get("name"),
+            "namespace": ns,
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": "Normal",
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "modelfit"},
+        "reportingComponent": "modelfit",
+        "reportingInstance": socket.gethostname()[:128],
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
     try:
-        kopf.event(cast(kopf.Body, body), type="Normal", reason=reason, message=message)
-    except LookupError:  # outside a running operator (unit tests calling reconcile directly)
-        pass
+        await kube.create(path_for("v1", "Event", ns), event)
+    except Exception as exc:  # noqa: BLE001 - an event is best effort (namespace terminating, emulator)
+        logging.getLogger("modelfit.events").debug(f"event {reason} not posted: {exc}")
+
+
+_SHAPE = ("nodeSelector", "backend", "gpuLayers", "context", "kvCacheType", "parallel", "loadMode", "headroomBoost")
+
+
+def _sticky(
+    old: dict[str, Any], gen: Any, old_plan: dict[str, Any], new_plan: dict[str, Any], applied: str | None
+) -> bool:
+    """Keep the running plan when the spec is unchanged and a re-plan differs only in minor knobs."""
+    return bool(
+        old_plan.get("hash")
+        and old_plan.get("fits")
+        and applied == old_plan.get("hash")
+        and old.get("observedGeneration") == gen
+        and all(old_plan.get(k) == new_plan.get(k) for k in _SHAPE)
+    )
 
 
 def _template_hash(deploy: dict[str, Any] | None) -> str | None:

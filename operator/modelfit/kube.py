@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from . import metrics
 from .nodes import NodeFacts, node_facts_from_k8s, parse_quantity
 
 FIELD_MANAGER = "modelfit"
@@ -77,7 +78,8 @@ class Kube:
                 ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
 
         def headers() -> dict[str, str]:
-            token = cfg.get_api_key_with_prefix("authorization")  # runs the refresh hook (rotated tokens)
+            # runs the refresh hook (rotated tokens); kubernetes>=32 keys the token as BearerToken
+            token = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
             return {"Authorization": token} if token else {}
 
         return cls(cfg.host, headers, ctx)
@@ -93,6 +95,7 @@ class Kube:
             headers["Content-Type"] = content_type
             data = json.dumps(body)
         self.requests += 1
+        metrics.API_REQUESTS.labels(verb=method).inc()
         async with self._session.request(
             method, self.server + path, data=data, headers=headers, params=params or None, ssl=self._ssl
         ) as resp:

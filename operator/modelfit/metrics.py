@@ -16,6 +16,9 @@ PLAN_CHANGES = Counter("modelfit_plan_changes_total", "Plans that changed and we
 PLANNED_MEMORY = Gauge(
     "modelfit_planned_memory_bytes", "Planned memory request per pod of a ModelDeployment", ["namespace", "name"]
 )
+API_REQUESTS = Counter(
+    "modelfit_api_requests_total", "Requests the operator's own client sent to the API server", ["verb"]
+)
 NODE_FACTS_AGE = Gauge("modelfit_node_facts_age_seconds", "Age of the node facts last used for planning")
 
 

@@ -220,7 +220,7 @@ def plan_status(
         cache_ram_mib=p.cache_ram_mib,
         ctx_checkpoints=p.ctx_checkpoints,
         args=p.args,
-        memory=MemoryStatus(**res.memory.model_dump()),
+        memory=MemoryStatus(**{k: v for k, v in res.memory.model_dump().items() if k in MemoryStatus.model_fields}),
         memory_request=res.resources.requests.get("memory", ""),
         memory_request_bytes=res.memory_request_bytes,
         resources=res.resources.model_dump(),
