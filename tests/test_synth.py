@@ -97,8 +97,7 @@ def llama_bins() -> dict[str, Path]:
         synth.llama_bin("llama-server")
         synth.llama_bin("llama-quantize")
     except FileNotFoundError:
-        subprocess.run(["bash", str(ROOT / "scripts" / "build-llama-server.sh")], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(["bash", str(ROOT / "scripts" / "build-llama-server.sh")], check=True, stdout=subprocess.DEVNULL)
     return {n: synth.llama_bin(n) for n in ("llama-server", "llama-quantize")}
 
 
@@ -126,16 +125,28 @@ def server(llama_bins: dict[str, Path], tmp_path: Path) -> Iterator[object]:
         port = _free_port()
         log = open(tmp_path / "server.log", "wb")
         p = subprocess.Popen(
-            [str(llama_bins["llama-server"]), "-m", str(model), "--port", str(port),
-             "--host", "127.0.0.1", "-c", "512", "-np", "1"],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                str(llama_bins["llama-server"]),
+                "-m",
+                str(model),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "-c",
+                "512",
+                "-np",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         procs.append(p)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if p.poll() is not None:
-                pytest.fail(f"llama-server exited {p.returncode}:\n"
-                            + (tmp_path / "server.log").read_text()[-4000:])
+                pytest.fail(f"llama-server exited {p.returncode}:\n" + (tmp_path / "server.log").read_text()[-4000:])
             try:
                 if _http(base + "/health", timeout=2)[0] == 200:
                     return base
@@ -159,8 +170,10 @@ def test_tiny_q4_0_serves(name: str, server: object, tmp_path_factory: pytest.Te
     model = synth.ensure_model(name, "Q4_0", cache_dir=tmp_path_factory.mktemp("cache"))
     r = gguf.GGUFReader(model)
     types = {t.name: t.tensor_type for t in r.tensors}
-    assert types["blk.0.ffn_norm.weight" if "blk.0.ffn_norm.weight" in types
-                 else "blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert (
+        types["blk.0.ffn_norm.weight" if "blk.0.ffn_norm.weight" in types else "blk.0.attn_norm.weight"]
+        == gguf.GGMLQuantizationType.F32
+    )
     assert gguf.GGMLQuantizationType.Q4_0 in types.values()
     base = server(model)  # type: ignore[operator]
     status, text = _http(base + "/completion", {"prompt": "hello world", "n_predict": 4})

@@ -111,55 +111,177 @@ _LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")
 _GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
 
 _QWEN35 = dict(
-    arch="qwen35", tied=True, rope_base=1e7, tokenizer="gpt2", tokenizer_pre="qwen35",
-    specials=_QWEN_SPECIALS, eos="<|endoftext|>", add_bos=False, full_attention_interval=4,
-    ssm_conv=4, ssm_state=128, rope_dims=64, rope_sections=(11, 11, 10, 0),
+    arch="qwen35",
+    tied=True,
+    rope_base=1e7,
+    tokenizer="gpt2",
+    tokenizer_pre="qwen35",
+    specials=_QWEN_SPECIALS,
+    eos="<|endoftext|>",
+    add_bos=False,
+    full_attention_interval=4,
+    ssm_conv=4,
+    ssm_state=128,
+    rope_dims=64,
+    rope_sections=(11, 11, 10, 0),
 )
 _LLAMA = dict(
-    arch="llama", tied=True, rms_eps=1e-5, rope_base=500000.0, rope_freqs=True, tokenizer="gpt2",
-    tokenizer_pre="llama-bpe", specials=_LLAMA3_SPECIALS, bos="<|begin_of_text|>",
-    eos="<|end_of_text|>", add_bos=True,
+    arch="llama",
+    tied=True,
+    rms_eps=1e-5,
+    rope_base=500000.0,
+    rope_freqs=True,
+    tokenizer="gpt2",
+    tokenizer_pre="llama-bpe",
+    specials=_LLAMA3_SPECIALS,
+    bos="<|begin_of_text|>",
+    eos="<|end_of_text|>",
+    add_bos=True,
 )
 _GEMMA3 = dict(
-    arch="gemma3", tied=True, rope_base=1e6, rope_base_swa=1e4, tokenizer="llama",
-    tokenizer_pre="default", specials=_GEMMA_SPECIALS, bos="<bos>", eos="<eos>", add_bos=True,
+    arch="gemma3",
+    tied=True,
+    rope_base=1e6,
+    rope_base_swa=1e4,
+    tokenizer="llama",
+    tokenizer_pre="default",
+    specials=_GEMMA_SPECIALS,
+    bos="<bos>",
+    eos="<eos>",
+    add_bos=True,
 )
 _QWEN3MOE = dict(
-    arch="qwen3moe", tied=False, rope_base=1e6, tokenizer="gpt2", tokenizer_pre="qwen2",
-    specials=_QWEN_SPECIALS, eos="<|endoftext|>", add_bos=False,
+    arch="qwen3moe",
+    tied=False,
+    rope_base=1e6,
+    tokenizer="gpt2",
+    tokenizer_pre="qwen2",
+    specials=_QWEN_SPECIALS,
+    eos="<|endoftext|>",
+    add_bos=False,
 )
 
 SPECS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
         # Qwen/Qwen3.5-0.8B text model (no MTP layer, like unsloth's GGUFs).
-        ModelSpec(name="qwen35-0.8b", n_layer=24, n_embd=1024, n_head=8, n_head_kv=2, head_dim=256,
-                  n_ff=3584, n_vocab=248320, n_ctx_train=262144, ssm_group=16, ssm_dt_rank=16,
-                  ssm_inner=2048, **_QWEN35),  # type: ignore[arg-type]
-        ModelSpec(name="qwen35-tiny", n_layer=4, n_embd=256, n_head=2, n_head_kv=1, head_dim=256,
-                  n_ff=512, n_vocab=2048, n_ctx_train=4096, ssm_group=2, ssm_dt_rank=4,
-                  ssm_inner=512, **_QWEN35),  # type: ignore[arg-type]
+        ModelSpec(
+            name="qwen35-0.8b",
+            n_layer=24,
+            n_embd=1024,
+            n_head=8,
+            n_head_kv=2,
+            head_dim=256,
+            n_ff=3584,
+            n_vocab=248320,
+            n_ctx_train=262144,
+            ssm_group=16,
+            ssm_dt_rank=16,
+            ssm_inner=2048,
+            **_QWEN35,
+        ),  # type: ignore[arg-type]
+        ModelSpec(
+            name="qwen35-tiny",
+            n_layer=4,
+            n_embd=256,
+            n_head=2,
+            n_head_kv=1,
+            head_dim=256,
+            n_ff=512,
+            n_vocab=2048,
+            n_ctx_train=4096,
+            ssm_group=2,
+            ssm_dt_rank=4,
+            ssm_inner=512,
+            **_QWEN35,
+        ),  # type: ignore[arg-type]
         # meta-llama/Llama-3.2-1B
-        ModelSpec(name="llama-3.2-1b", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, head_dim=64,
-                  n_ff=8192, n_vocab=128256, n_ctx_train=131072, rope_dims=64,
-                  **_LLAMA),  # type: ignore[arg-type]
-        ModelSpec(name="llama-tiny", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64,
-                  n_ff=512, n_vocab=2048, n_ctx_train=4096, rope_dims=64,
-                  **_LLAMA),  # type: ignore[arg-type]
+        ModelSpec(
+            name="llama-3.2-1b",
+            n_layer=16,
+            n_embd=2048,
+            n_head=32,
+            n_head_kv=8,
+            head_dim=64,
+            n_ff=8192,
+            n_vocab=128256,
+            n_ctx_train=131072,
+            rope_dims=64,
+            **_LLAMA,
+        ),  # type: ignore[arg-type]
+        ModelSpec(
+            name="llama-tiny",
+            n_layer=2,
+            n_embd=256,
+            n_head=4,
+            n_head_kv=2,
+            head_dim=64,
+            n_ff=512,
+            n_vocab=2048,
+            n_ctx_train=4096,
+            rope_dims=64,
+            **_LLAMA,
+        ),  # type: ignore[arg-type]
         # google/gemma-3-1b-pt: 5 local (window 512) : 1 global
-        ModelSpec(name="gemma3-1b", n_layer=26, n_embd=1152, n_head=4, n_head_kv=1, head_dim=256,
-                  n_ff=6912, n_vocab=262144, n_ctx_train=32768, sliding_window=512, swa_pattern=6,
-                  **_GEMMA3),  # type: ignore[arg-type]
-        ModelSpec(name="gemma3-tiny", n_layer=4, n_embd=256, n_head=2, n_head_kv=1, head_dim=128,
-                  n_ff=512, n_vocab=2048, n_ctx_train=4096, sliding_window=128, swa_pattern=2,
-                  **_GEMMA3),  # type: ignore[arg-type]
+        ModelSpec(
+            name="gemma3-1b",
+            n_layer=26,
+            n_embd=1152,
+            n_head=4,
+            n_head_kv=1,
+            head_dim=256,
+            n_ff=6912,
+            n_vocab=262144,
+            n_ctx_train=32768,
+            sliding_window=512,
+            swa_pattern=6,
+            **_GEMMA3,
+        ),  # type: ignore[arg-type]
+        ModelSpec(
+            name="gemma3-tiny",
+            n_layer=4,
+            n_embd=256,
+            n_head=2,
+            n_head_kv=1,
+            head_dim=128,
+            n_ff=512,
+            n_vocab=2048,
+            n_ctx_train=4096,
+            sliding_window=128,
+            swa_pattern=2,
+            **_GEMMA3,
+        ),  # type: ignore[arg-type]
         # Qwen/Qwen3-30B-A3B dims, cut to 2 of its 48 blocks (~1.9 B params, ~3.7 GB F16).
-        ModelSpec(name="qwen3moe-a3b-2l", n_layer=2, n_embd=2048, n_head=32, n_head_kv=4,
-                  head_dim=128, n_ff=6144, n_vocab=151936, n_ctx_train=40960, n_expert=128,
-                  n_expert_used=8, n_ff_exp=768, **_QWEN3MOE),  # type: ignore[arg-type]
-        ModelSpec(name="qwen3moe-tiny", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64,
-                  n_ff=512, n_vocab=2048, n_ctx_train=4096, n_expert=8, n_expert_used=2,
-                  n_ff_exp=128, **_QWEN3MOE),  # type: ignore[arg-type]
+        ModelSpec(
+            name="qwen3moe-a3b-2l",
+            n_layer=2,
+            n_embd=2048,
+            n_head=32,
+            n_head_kv=4,
+            head_dim=128,
+            n_ff=6144,
+            n_vocab=151936,
+            n_ctx_train=40960,
+            n_expert=128,
+            n_expert_used=8,
+            n_ff_exp=768,
+            **_QWEN3MOE,
+        ),  # type: ignore[arg-type]
+        ModelSpec(
+            name="qwen3moe-tiny",
+            n_layer=2,
+            n_embd=256,
+            n_head=4,
+            n_head_kv=2,
+            head_dim=64,
+            n_ff=512,
+            n_vocab=2048,
+            n_ctx_train=4096,
+            n_expert=8,
+            n_expert_used=2,
+            n_ff_exp=128,
+            **_QWEN3MOE,
+        ),  # type: ignore[arg-type]
     )
 }
 TINY_SPECS = ("qwen35-tiny", "llama-tiny", "gemma3-tiny", "qwen3moe-tiny")
@@ -246,7 +368,7 @@ def _bytes_to_unicode() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    m = dict(zip(bs, cs))
+    m = dict(zip(bs, cs, strict=True))
     return [chr(m[b]) for b in range(256)]
 
 
@@ -339,8 +461,12 @@ def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, file_type: int) -> None
         w.add_token_scores(vocab.scores)
     if vocab.merges is not None:
         w.add_token_merges(vocab.merges)
-    index = {t: i for i, t in enumerate(vocab.tokens[-len(spec.specials):] if spec.tokenizer == "gpt2"
-                                        else vocab.tokens[: len(spec.specials)])}
+    index = {
+        t: i
+        for i, t in enumerate(
+            vocab.tokens[-len(spec.specials) :] if spec.tokenizer == "gpt2" else vocab.tokens[: len(spec.specials)]
+        )
+    }
     offset = spec.n_vocab - len(spec.specials) if spec.tokenizer == "gpt2" else 0
     if spec.bos:
         w.add_bos_token_id(offset + index[spec.bos])
@@ -355,8 +481,9 @@ def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, file_type: int) -> None
 _POOL_SIZE = 1 << 22
 
 
-def _values(t: TensorSpec, rng: np.random.Generator, pool: npt.NDArray[np.float32],
-            dtype: type[np.floating]) -> npt.NDArray[np.floating]:
+def _values(
+    t: TensorSpec, rng: np.random.Generator, pool: npt.NDArray[np.float32], dtype: type[np.floating]
+) -> npt.NDArray[np.floating]:
     n = t.n_elements
     if t.init == "ones":
         return np.ones(n, dtype=dtype)
@@ -368,13 +495,14 @@ def _values(t: TensorSpec, rng: np.random.Generator, pool: npt.NDArray[np.float3
     while pos < n:  # random slices of one normal pool: fast for GB-sized tensors
         m = min(n - pos, _POOL_SIZE)
         s = int(rng.integers(0, _POOL_SIZE - m + 1))
-        np.multiply(pool[s:s + m], std, out=out[pos:pos + m], casting="unsafe")
+        np.multiply(pool[s : s + m], std, out=out[pos : pos + m], casting="unsafe")
         pos += m
     return out
 
 
-def write_gguf(spec: ModelSpec, path: str | os.PathLike[str],
-               dtype: Literal["f16", "f32"] = "f16", seed: int = 0) -> Path:
+def write_gguf(
+    spec: ModelSpec, path: str | os.PathLike[str], dtype: Literal["f16", "f32"] = "f16", seed: int = 0
+) -> Path:
     """Write ``spec`` with random weights to ``path`` (tensor by tensor); returns the path.
 
     Matrices are ``dtype``; 1-D tensors, ``ssm_conv1d`` and MoE routers are F32.
@@ -388,8 +516,7 @@ def write_gguf(spec: ModelSpec, path: str | os.PathLike[str],
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     w = gguf.GGUFWriter(str(tmp), spec.arch)
     try:
-        _write_metadata(w, spec, int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16"
-                                     else gguf.LlamaFileType.ALL_F32))
+        _write_metadata(w, spec, int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32))
         for t in plan:
             dt = np.dtype(np.float32 if t.f32 or len(t.ne) == 1 else wdtype)
             w.add_tensor_info(t.name, tuple(reversed(t.ne)), dt, t.n_elements * dt.itemsize)
@@ -422,13 +549,16 @@ def llama_bin(name: str) -> Path:
             return c
     if found := shutil.which(name):
         return Path(found)
-    raise FileNotFoundError(f"{name} not found; run scripts/build-llama-server.sh "
-                            f"or set MODELFIT_LLAMA_BIN")
+    raise FileNotFoundError(f"{name} not found; run scripts/build-llama-server.sh or set MODELFIT_LLAMA_BIN")
 
 
-def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], qtype: str,
-             llama_quantize_bin: str | os.PathLike[str] | None = None,
-             threads: int | None = None) -> Path:
+def quantize(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    qtype: str,
+    llama_quantize_bin: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+) -> Path:
     """Quantize ``src`` to ``dst`` with llama-quantize's default recipe for ``qtype``."""
     dst = Path(dst)
     exe = Path(llama_quantize_bin) if llama_quantize_bin else llama_bin("llama-quantize")
