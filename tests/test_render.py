@@ -3,6 +3,7 @@ import pytest
 
 from modelfit import catalog
 from modelfit.api import ModelDeploymentSpec
+from modelfit.download import DOWNLOAD_SCRIPT
 from modelfit.nodes import GiB, MiB, NodeFacts, format_memory
 from modelfit.placement import place
 from modelfit.render import IMAGES, model_file, render, startup_failure_threshold
@@ -91,10 +92,14 @@ def test_init_download_with_resume_and_checksum():
     _, p, _ = build()
     r = render(META, spec, p, mf)
     init = pod(r)["initContainers"][0]
-    script = init["command"][-1]
-    assert "-C -" in script and "sha256sum" in script and '[ -s "$f" ]' in script
+    assert init["command"][-1] == DOWNLOAD_SCRIPT  # its behaviour is tested by running it: test_download.py
     env = {e["name"]: e["value"] for e in init["env"]}
-    assert env == {"MODEL_URL": "https://h/m/model.gguf?x=1", "MODEL_FILE": "/models/model.gguf", "MODEL_SHA256": sha}
+    assert env == {
+        "MODEL_URL": "https://h/m/model.gguf?x=1",
+        "MODEL_FILE": "/models/model.gguf",
+        "MODEL_SHA256": sha,
+        "MODEL_SIZE": str(2 * GiB),
+    }
     vol = next(v for v in pod(r)["volumes"] if v["name"] == "model-cache")
     assert vol["emptyDir"]["sizeLimit"] == format_memory(int(2 * GiB * 1.1) + 512 * MiB)
     ann = r.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]
@@ -168,3 +173,60 @@ def test_children_validate_against_kubernetes_schemas(kw):
     _, _, r = build(**kw)
     for obj in r.objects:
         kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+
+
+# ---- found on a real node --------------------------------------------------------------------
+
+
+def test_host_path_cache_is_handed_to_the_downloader_uid():
+    """kubelet makes a DirectoryOrCreate hostPath root 0755; fsGroup skips hostPath: chown it first."""
+    _, _, r = build(modelCache={"hostPath": {"path": "/var/cache/models"}})
+    init = pod(r)["initContainers"]
+    assert [c["name"] for c in init] == ["prepare-cache", "fetch-model"]
+    prep = init[0]["securityContext"]
+    assert prep["runAsUser"] == 0 and prep["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert prep["allowPrivilegeEscalation"] is False and "chown 1000:1000 /models" in init[0]["command"][-1]
+    _, _, r = build()  # emptyDir: fsGroup applies, no root step
+    assert [c["name"] for c in pod(r)["initContainers"]] == ["fetch-model"]
+
+
+def test_limit_override_below_the_request_keeps_the_pod_valid():
+    _, _, r = build(resources={"limits": {"memory": "256Mi"}}, loadMode="none")
+    res = pod(r)["containers"][0]["resources"]
+    assert res["limits"]["memory"] == "256Mi" and res["requests"]["memory"] == "256Mi"
+    kubernetes_validate.validate(r.by_kind("Deployment"), "1.33", strict=True)
+
+
+def test_tight_memory_override_under_mmap_is_never_applied():
+    from modelfit.render import memory_override_verdict
+
+    spec, p, r = build(resources={"limits": {"memory": "256Mi"}}, loadMode="mmap")
+    why = memory_override_verdict(p, spec, oom_under_override=False)
+    assert why is not None and "thrashes" in why
+    mf = model_file(spec, p.result.memory.total_bytes)
+    r = render(META, spec, p, mf, honour_memory_override=False)
+    res = pod(r)["containers"][0]["resources"]
+    assert res["limits"]["memory"] == p.result.resources.limits["memory"]
+    # under --load-mode none the kernel OOM-kills a tight limit: tried once, dropped after the kill
+    spec, p, _ = build(resources={"limits": {"memory": "256Mi"}}, loadMode="none")
+    assert memory_override_verdict(p, spec, oom_under_override=False) is None
+    assert "OOM-killed" in (memory_override_verdict(p, spec, oom_under_override=True) or "")
+    spec, p, _ = build(resources={"limits": {"memory": "64Gi"}}, loadMode="mmap")
+    assert memory_override_verdict(p, spec, oom_under_override=True) is None
+
+
+def test_metrics_with_an_api_key_go_through_an_authenticated_pod_monitor():
+    spec = {"apiKeySecretRef": {"name": "llm-key", "key": "token"}}
+    s, p, _ = build(**spec)
+    mf = model_file(s, 0)
+    r = render(META, s, p, mf, with_pod_monitor=True)
+    annotations = r.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "false"  # an unauthenticated scrape would get 401
+    pm = r.by_kind("PodMonitor")
+    assert pm is not None and pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "qwen"
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert ep["port"] == "http" and ep["path"] == "/metrics"
+    assert ep["authorization"] == {"type": "Bearer", "credentials": {"name": "llm-key", "key": "token"}}
+    _, _, plain = build()
+    assert plain.by_kind("PodMonitor") is None
+    assert plain.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"

@@ -364,6 +364,10 @@ class ModelDeploymentStatus(_Model):
     selector: str = Field(default="", description="Label selector of the pods (scale subresource).")
     observed_generation: int = Field(default=0, description="Spec generation last reconciled.")
     oom_kills: int = Field(default=0, description="OOM kills observed (each raises the memory headroom).")
+    memory_override_rejected: int | None = Field(
+        default=None,
+        description="A spec.resources memory (bytes) that was OOM-killed; the plan's memory is used while it is set.",
+    )
 
 
 class ModelDeployment(_Model):

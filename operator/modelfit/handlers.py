@@ -26,8 +26,19 @@ from .api import ModelDeploymentSpec
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, read_gguf
 from .kube import ClusterSnapshot, Kube, KubeError, get_client, node_facts, path_for
+from .nodes import parse_quantity
 from .placement import Placement, class_selector, place
-from .render import APPLIED_ANNOTATION, HASH_ANNOTATION, MD_LABEL, model_file, render, selector_string
+from .render import (
+    APPLIED_ANNOTATION,
+    HASH_ANNOTATION,
+    MD_LABEL,
+    POD_MONITOR_API_VERSION,
+    memory_override_bytes,
+    memory_override_verdict,
+    model_file,
+    render,
+    selector_string,
+)
 from .status import apply_conditions, plan_status, planning_failure_conditions, pod_signals, workload_conditions
 
 RESYNC_TICK = 5.0  # seconds between resync checks
@@ -56,6 +67,7 @@ class OperatorState:
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
         self.task: asyncio.Task[None] | None = None
+        self.pod_monitors: tuple[bool, float] = (False, 0.0)  # (served, checked at)
 
     def forget(self, key: tuple[str, str]) -> None:
         self.seen.pop(key, None)
@@ -132,6 +144,22 @@ async def load_facts(spec: ModelDeploymentSpec, state: OperatorState = STATE) ->
 
 
 # ---- reconcile ---------------------------------------------------------------------------------
+
+POD_MONITOR_RECHECK = 60.0
+
+
+async def pod_monitors_served(kube: Kube, state: OperatorState) -> bool:
+    """Does the cluster serve PodMonitors (Prometheus Operator)? Re-checked every minute."""
+    served, at = state.pod_monitors
+    if at and time.monotonic() - at < POD_MONITOR_RECHECK:
+        return served
+    try:
+        group = await kube.get(f"/apis/{POD_MONITOR_API_VERSION}")
+        served = any(r.get("name") == "podmonitors" for r in (group or {}).get("resources") or [])
+    except KubeError:
+        served = False
+    state.pod_monitors = (served, time.monotonic())
+    return served
 
 
 def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -230,13 +258,17 @@ async def _reconcile(
     old_plan = old.get("plan") or {}
     boost = float(old_plan.get("headroomBoost") or 0.0)
     oom_kills = int(old.get("oomKills") or 0)
+    override = memory_override_bytes(spec)
+    rejected = old.get("memoryOverrideRejected")
+    override_failed = override is not None and rejected == override
     placement = await _place(spec, facts, size, nodes, boost, seen)
     mf = model_file(spec, size)
     pods = await kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector_string(name))
 
     unschedulable = False
     if placement.fits:
-        rendered = render(meta, spec, placement, mf)
+        honour = memory_override_verdict(placement, spec, override_failed) is None
+        rendered = render(meta, spec, placement, mf, honour_memory_override=honour)
         template_hash = _template_hash(rendered.by_kind("Deployment"))
         sig = pod_signals(pods, template_hash)
         unschedulable = bool(sig.unschedulable)
@@ -245,7 +277,14 @@ async def _reconcile(
             # (seen through a snapshot up to a TTL old) may have changed since this plan was made.
             seen.pods_dirty = True
             state.snapshot.invalidate()
-        if sig.oom_killed and boost < 1.0:
+        assert placement.result is not None
+        tight_override_ran = honour and override is not None and override < _limit_bytes(placement)
+        if sig.oom_killed and tight_override_ran:
+            # The user's limit was too small, not the plan: drop the override, keep the plan as it is.
+            oom_kills += 1
+            rejected, override_failed = override, True
+            logger.warning(f"OOMKilled in {sig.oom_killed} under the memory override; using the plan's limit")
+        elif sig.oom_killed and boost < 1.0:
             boost = min(1.0, boost + OOM_HEADROOM_STEP)
             oom_kills += 1
             logger.warning(f"OOMKilled in {sig.oom_killed}; memory headroom boost now {boost:.2f}")
@@ -257,6 +296,8 @@ async def _reconcile(
                 logger.info(f"pods unschedulable on {placement.selector}; adapting to {other.selector}")
                 placement = other
     new["oomKills"] = oom_kills
+    if rejected is not None:
+        new["memoryOverrideRejected"] = rejected
     metrics.track_node_facts_age(state.snapshot.age)
 
     if not placement.fits or placement.result is None:
@@ -264,7 +305,9 @@ async def _reconcile(
             new["plan"] = plan_status(placement, facts, size, "", boost)
         return fail(placement.reason, placement.message, "unschedulable")
 
-    rendered = render(meta, spec, placement, mf)
+    verdict = memory_override_verdict(placement, spec, override_failed)
+    pod_monitor = await pod_monitors_served(kube, state)
+    rendered = render(meta, spec, placement, mf, with_pod_monitor=pod_monitor, honour_memory_override=verdict is None)
     new["plan"] = plan_status(placement, facts, size, rendered.hash, boost)
     deploy = await kube.get(path_for("apps/v1", "Deployment", ns, name))
     applied = ((deploy or {}).get("metadata") or {}).get("annotations", {}).get(APPLIED_ANNOTATION)
@@ -296,6 +339,8 @@ async def _reconcile(
             logger.info(f"plan applied: {what}")
     values = workload_conditions(deploy, pods, spec.replicas, template_hash)
     values["Planned"] = ("True", placement.reason, placement.message)
+    if verdict is not None:
+        values["Planned"] = ("True", "MemoryOverrideIgnored", verdict)
     new["conditions"] = apply_conditions(conds, values, gen)
     dst = (deploy or {}).get("status") or {}
     new["replicas"] = int(dst.get("replicas") or 0)
@@ -352,6 +397,11 @@ def _sticky(
         and old.get("observedGeneration") == gen
         and all(old_plan.get(k) == new_plan.get(k) for k in _SHAPE)
     )
+
+
+def _limit_bytes(placement: Placement) -> int:
+    assert placement.result is not None
+    return int(parse_quantity(placement.result.resources.limits["memory"]))
 
 
 def _template_hash(deploy: dict[str, Any] | None) -> str | None:

@@ -28,6 +28,7 @@ _PLURALS = {
     "Pod": "pods",
     "Node": "nodes",
     "Event": "events",
+    "PodMonitor": "podmonitors",
     "ModelDeployment": "modeldeployments",
 }
 

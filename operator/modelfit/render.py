@@ -16,8 +16,9 @@ from typing import Any
 
 from . import api, catalog
 from .api import ModelDeploymentSpec
+from .download import DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
-from .nodes import GiB, MiB, format_memory
+from .nodes import GiB, MiB, format_memory, parse_quantity
 from .placement import GPU_TAINT_KEYS, Placement
 
 # The only place image tags live. Official llama.cpp server images, pinned to the build the memory model matches.
@@ -35,6 +36,7 @@ FIELD_MANAGER = "modelfit"
 HASH_ANNOTATION = "modelfit.io/plan-hash"
 APPLIED_ANNOTATION = "modelfit.io/applied-hash"
 MD_LABEL = "modelfit.io/modeldeployment"
+POD_MONITOR_API_VERSION = "monitoring.coreos.com/v1"
 UID = 1000
 
 
@@ -129,28 +131,6 @@ def cache_size(size_bytes: int) -> str:
     return format_memory(int(size_bytes * 1.1) + GiB if size_bytes else 64 * GiB)
 
 
-DOWNLOAD_SCRIPT = """\
-set -eu
-f="$MODEL_FILE"
-if [ -s "$f" ]; then echo "model already present: $f"; exit 0; fi
-fail() { echo "$1" | tee /dev/termination-log >&2; exit 1; }
-echo "downloading $MODEL_URL to $f"
-rc=0
-curl -fSL --retry 5 --retry-delay 3 --retry-connrefused -C - -o "$f.part" "$MODEL_URL" || rc=$?
-if [ "$rc" -eq 22 ]; then fail "model download failed: HTTP error (404 or similar) for $MODEL_URL"; fi
-if [ "$rc" -ne 0 ]; then fail "model download failed: curl exit $rc for $MODEL_URL"; fi
-if [ -n "${MODEL_SHA256:-}" ]; then
-  got=$(sha256sum "$f.part" | cut -d' ' -f1)
-  if [ "$got" != "$MODEL_SHA256" ]; then
-    rm -f "$f.part"
-    fail "model checksum mismatch: expected $MODEL_SHA256, got $got for $MODEL_URL"
-  fi
-fi
-mv "$f.part" "$f"
-echo "model ready: $f"
-"""
-
-
 def _container_security() -> dict[str, Any]:
     return {
         "allowPrivilegeEscalation": False,
@@ -161,14 +141,60 @@ def _container_security() -> dict[str, Any]:
     }
 
 
-def _resources(placement: Placement, spec: ModelDeploymentSpec) -> dict[str, dict[str, str]]:
+def _resources(
+    placement: Placement, spec: ModelDeploymentSpec, honour_memory_override: bool = True
+) -> dict[str, dict[str, str]]:
+    """The plan's requests and limits, replaced key by key by ``spec.resources``.
+
+    A memory override the operator found too small (see ``memory_override_verdict``) is dropped. A limit
+    below the request would make the pod invalid (HTTP 422), so the request follows a lower limit down.
+    """
     assert placement.result is not None
     req = dict(placement.result.resources.requests)
     lim = dict(placement.result.resources.limits)
-    if spec.resources is not None:
-        req.update(spec.resources.requests or {})
-        lim.update(spec.resources.limits or {})
+    over_req = dict(spec.resources.requests or {}) if spec.resources else {}
+    over_lim = dict(spec.resources.limits or {}) if spec.resources else {}
+    if not honour_memory_override:
+        over_req.pop("memory", None)
+        over_lim.pop("memory", None)
+    req.update(over_req)
+    lim.update(over_lim)
+    for key, value in lim.items():
+        if key in req and key not in over_req and parse_quantity(value) < parse_quantity(req[key]):
+            req[key] = value
     return {"requests": req, "limits": lim}
+
+
+def memory_override_bytes(spec: ModelDeploymentSpec) -> int | None:
+    """The memory limit (or, without one, request) the user set in ``spec.resources``."""
+    if spec.resources is None:
+        return None
+    value = (spec.resources.limits or {}).get("memory") or (spec.resources.requests or {}).get("memory")
+    return int(parse_quantity(value)) if value else None
+
+
+def memory_override_verdict(placement: Placement, spec: ModelDeploymentSpec, oom_under_override: bool) -> str | None:
+    """Why a memory override below the plan is not honoured, or None when it is.
+
+    With ``--load-mode none`` everything is anonymous memory: a limit too small is OOM-killed by the kernel,
+    a clear signal, so the override is tried and dropped after its first OOM kill. With mmap the weights are
+    clean file pages the kernel can always reclaim: a limit below the plan is never OOM-killed, the pod
+    thrashes on page faults (1/18 of its speed, measured), so such an override is never applied.
+    """
+    assert placement.result is not None
+    want = memory_override_bytes(spec)
+    need = int(parse_quantity(placement.result.resources.limits["memory"]))
+    if want is None or want >= need:
+        return None
+    have, plan = format_memory(want), format_memory(need)
+    if placement.result.plan.load_mode != "none":
+        return (
+            f"the memory override {have} is below the {plan} the plan needs with mmap; under mmap a tighter limit "
+            f"is not OOM-killed but thrashes on page faults, so the planned {plan} is used"
+        )
+    if oom_under_override:
+        return f"the memory override {have} was OOM-killed; the planned {plan} is used instead"
+    return None
 
 
 def _cache_volume(name: str, spec: ModelDeploymentSpec, model: ModelFile) -> dict[str, Any]:
@@ -183,8 +209,40 @@ def _cache_volume(name: str, spec: ModelDeploymentSpec, model: ModelFile) -> dic
     return {"name": "model-cache", "emptyDir": empty}
 
 
+def _prepare_host_path() -> dict[str, Any]:
+    """Hand a hostPath cache directory to the unprivileged downloader.
+
+    The kubelet creates a ``DirectoryOrCreate`` hostPath as root 0755 and fsGroup does not apply to
+    hostPath volumes, so uid 1000 could not write the model (curl exit 23 on a real node). This step runs
+    as root with only CAP_CHOWN. hostPath volumes are refused by the baseline and restricted Pod Security
+    Standards anyway, so a namespace that admits the volume admits this container too.
+    """
+    script = f'[ "$(stat -c %u {CACHE_DIR})" = {UID} ] || chown {UID}:{UID} {CACHE_DIR}'
+    return {
+        "name": "prepare-cache",
+        "image": DOWNLOADER_IMAGE,
+        "command": ["/bin/sh", "-c", script],
+        "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_DIR}],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
 def deployment(
-    md_meta: dict[str, Any], spec: ModelDeploymentSpec, placement: Placement, model: ModelFile
+    md_meta: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    placement: Placement,
+    model: ModelFile,
+    honour_memory_override: bool = True,
 ) -> dict[str, Any]:
     assert placement.result is not None
     name = md_meta["name"]
@@ -202,9 +260,12 @@ def deployment(
     else:
         mounts.append({"name": "model-cache", "mountPath": CACHE_DIR, "readOnly": True})
         volumes.append(_cache_volume(name, spec, model))
-        env = [{"name": "MODEL_URL", "value": model.url or ""}, {"name": "MODEL_FILE", "value": model.path}]
-        if model.sha256:
-            env.append({"name": "MODEL_SHA256", "value": model.sha256})
+        # The size is checked only when it is the real file's (read from its header); a catalog size is
+        # an estimate and a split model's is the sum of its shards.
+        exact = spec.model.catalog is None and len(shard_names(model.file_name)) == 1
+        env = download_env(model.url or "", model.path, model.size_bytes if exact else 0, model.sha256)
+        if volumes[-1].get("hostPath") is not None:
+            init.append(_prepare_host_path())
         init.append(
             {
                 "name": "fetch-model",
@@ -231,7 +292,7 @@ def deployment(
         "args": [*p.args, *(spec.server_args or [])],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": env_main,
-        "resources": _resources(placement, spec),
+        "resources": _resources(placement, spec, honour_memory_override),
         "startupProbe": {
             **probe(),
             "periodSeconds": 10,
@@ -269,11 +330,13 @@ def deployment(
         pod_spec["affinity"] = spec.affinity
     if not init:
         del pod_spec["initContainers"]
-    pod_annotations = {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(PORT),
-        "prometheus.io/path": "/metrics",
-    }
+    # Annotation-based scraping cannot authenticate: with an API key /metrics answers 401, so the
+    # pods are scraped through the PodMonitor (Bearer token from the same Secret) instead.
+    pod_annotations = (
+        {"prometheus.io/scrape": "false"}
+        if spec.api_key_secret_ref is not None
+        else {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
+    )
     if volumes[-1].get("emptyDir") is not None and volumes[-1]["name"] == "model-cache":
         pod_annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] = "true"
     template = {"metadata": {"labels": labels(name), "annotations": pod_annotations}, "spec": pod_spec}
@@ -325,6 +388,20 @@ def pvc(md_meta: dict[str, Any], spec: ModelDeploymentSpec, model: ModelFile) ->
     }
 
 
+def pod_monitor(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any]:
+    """A Prometheus Operator PodMonitor for llama-server's /metrics, authenticated when an API key is set."""
+    endpoint: dict[str, Any] = {"port": "http", "path": "/metrics", "interval": "30s"}
+    if spec.api_key_secret_ref is not None:
+        ref = spec.api_key_secret_ref
+        endpoint["authorization"] = {"type": "Bearer", "credentials": {"name": ref.name, "key": ref.key}}
+    return {
+        "apiVersion": POD_MONITOR_API_VERSION,
+        "kind": "PodMonitor",
+        "metadata": _meta(md_meta, md_meta["name"]),
+        "spec": {"selector": {"matchLabels": selector_labels(md_meta["name"])}, "podMetricsEndpoints": [endpoint]},
+    }
+
+
 def pdb(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any] | None:
     if spec.replicas <= 1:
         return None
@@ -346,17 +423,30 @@ class Rendered:
         return next((o for o in self.objects if o["kind"] == kind), None)
 
 
-def render(md_meta: dict[str, Any], spec: ModelDeploymentSpec, placement: Placement, model: ModelFile) -> Rendered:
-    """Every child of a ModelDeployment for a fitting placement."""
+def render(
+    md_meta: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    placement: Placement,
+    model: ModelFile,
+    *,
+    with_pod_monitor: bool = False,
+    honour_memory_override: bool = True,
+) -> Rendered:
+    """Every child of a ModelDeployment for a fitting placement.
+
+    ``with_pod_monitor``: the cluster serves monitoring.coreos.com/v1 PodMonitors (the shell checks).
+    """
     name = md_meta["name"]
     objs: list[dict[str, Any]] = []
     absent: list[tuple[str, str, str]] = []
     claim = pvc(md_meta, spec, model)
     if claim is not None:
         objs.append(claim)
-    deploy = deployment(md_meta, spec, placement, model)
+    deploy = deployment(md_meta, spec, placement, model, honour_memory_override)
     objs.append(deploy)
     objs.append(service(md_meta, spec))
+    if with_pod_monitor:
+        objs.append(pod_monitor(md_meta, spec))
     budget = pdb(md_meta, spec)
     if budget is not None:
         objs.append(budget)
