@@ -45,6 +45,9 @@ FAKE_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 # --------------------------------------------------------------------------- pytest hooks
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: end-to-end test against a real (kwok-backed) Kubernetes control plane")
+    config.addinivalue_line(
+        "markers", "realnode: real pods on one real node (kubelet + containerd + runc) from e2e/node.sh"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -54,6 +57,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         except ValueError:
             continue
         item.add_marker(pytest.mark.e2e)
+    # Real-node scenarios last: they add a node (tainted, so kwok scenarios never plan onto it) and CRDs.
+    items.sort(key=lambda i: i.get_closest_marker("realnode") is not None)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -329,3 +334,65 @@ def pool(make_node: Callable[..., dict]) -> Any:
             return name
 
     return Pool()
+
+
+# --------------------------------------------------------------------------- one real node
+def _real_node_missing() -> str | None:
+    """Why a real node cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "a real node needs root"
+    for path in ("/usr/bin/containerd", "/usr/sbin/runc", "/usr/lib/cni/bridge", "/usr/bin/umoci", "/usr/bin/skopeo"):
+        if not os.access(path, os.X_OK):
+            return f"{path} missing (apt-get install containerd runc containernetworking-plugins umoci skopeo)"
+    if not os.access(BIN / "kubelet", os.X_OK):
+        return f"{BIN / 'kubelet'} missing (e2e/build.sh k8s)"
+    if not os.access("/sys/fs/cgroup/memory", os.W_OK):
+        return "no writable cgroup v1 memory controller"
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_node(cluster: Cluster) -> Iterable[Any]:
+    """``e2e/images.sh`` then ``e2e/node.sh up``: one real node, tainted so only pinned pods land there.
+
+    Skips when the machine cannot host a node, unless MODELFIT_REQUIRE_REALNODE=1 (CI), then fails.
+    """
+    from _realnode import IMAGES_DIR, NODE_LABEL, NODE_TAINT, RealNode
+
+    why = _real_node_missing()
+    if why:
+        if os.environ.get("MODELFIT_REQUIRE_REALNODE") == "1":
+            pytest.fail(f"real node required but unavailable: {why}", pytrace=False)
+        pytest.skip(why)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [str(E2E_DIR / "images.sh"), str(IMAGES_DIR)], capture_output=True, text=True, timeout=BUILD_TIMEOUT
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"e2e/images.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", pytrace=False)
+    t1 = time.monotonic()
+    env = dict(os.environ, NODE_TAINT=f"{NODE_TAINT}=true:NoSchedule", NODE_LABELS=f"{NODE_LABEL}=true")
+    proc = subprocess.run([str(E2E_DIR / "node.sh"), "up"], capture_output=True, text=True, timeout=300, env=env)
+    if proc.returncode != 0:
+        subprocess.run([str(E2E_DIR / "node.sh"), "down"], capture_output=True, timeout=180, env=env)
+        pytest.fail(f"e2e/node.sh up failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", pytrace=False)
+    node = RealNode(cluster, images_s=t1 - t0, up_s=time.monotonic() - t1, log=proc.stderr)
+    print(f"\n[realnode] images {node.images_s:.1f}s, node up {node.up_s:.1f}s\n{proc.stderr.strip()}")
+    try:
+        yield node
+    finally:
+        if os.environ.get("MODELFIT_KEEP_CLUSTER") != "1":
+            subprocess.run([str(E2E_DIR / "node.sh"), "down"], capture_output=True, timeout=180, env=env)
+
+
+@pytest.fixture(scope="session")
+def model_server(real_node: Any) -> Iterable[Any]:
+    """Files over HTTP on the node bridge's address (the harness's own), reachable from real pods."""
+    from _modelserver import ModelServer
+    from _realnode import BRIDGE_IP
+
+    srv = ModelServer(BRIDGE_IP).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -332,3 +332,50 @@ async def test_kopf_operator_on_kmock(kmock):
         await asyncio.wait_for(task, 30)
         await kube.get_client().close()
         kube.set_client(None)
+
+
+def _oom_pod(template):
+    return {
+        "metadata": {
+            "name": "qwen-1",
+            "namespace": "default",
+            "annotations": {"modelfit.io/plan-hash": template},
+            "labels": {"modelfit.io/modeldeployment": "qwen"},
+        },
+        "spec": {"nodeName": "cpu-large"},
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [{"name": "llama-server", "lastState": {"terminated": {"reason": "OOMKilled"}}}],
+        },
+    }
+
+
+def _limit(k):
+    return k.objects[deploy_path()]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+
+
+def test_oom_under_a_tight_memory_override_drops_the_override_not_the_plan():
+    spec = {**SEED, "loadMode": "none", "resources": {"limits": {"memory": "96Mi"}}}
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    status = go(md(spec), k, st)
+    assert _limit(k) == "96Mi"  # --load-mode none: tried, the kernel will tell
+    template = k.objects[deploy_path()]["spec"]["template"]["metadata"]["annotations"]["modelfit.io/plan-hash"]
+    k.pods.append(_oom_pod(template))
+    p = go(md(spec, status=status), k, st)
+    assert p["oomKills"] == 1 and p["memoryOverrideRejected"] == 96 * 1024 * 1024
+    assert "headroomBoost" not in p.get("plan", {})  # the plan was right; the override was not
+    assert _limit(k) == status["plan"]["resources"]["limits"]["memory"]
+    planned = {c["type"]: c for c in p["conditions"]}["Planned"]
+    assert planned["reason"] == "MemoryOverrideIgnored" and "OOM-killed" in planned["message"]
+    merged = {**status, **p, "plan": {**status["plan"], **p.get("plan", {})}}
+    p2 = go(md(spec, status=merged), k, st)
+    assert "oomKills" not in p2 and _limit(k) == status["plan"]["resources"]["limits"]["memory"]
+
+
+def test_tight_memory_override_under_mmap_is_never_applied():
+    spec = {**SEED, "loadMode": "mmap", "resources": {"limits": {"memory": "256Mi"}}}
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    p = go(md(spec), k, st)
+    assert _limit(k) == p["plan"]["resources"]["limits"]["memory"] != "256Mi"
+    planned = {c["type"]: c for c in p["conditions"]}["Planned"]
+    assert planned["reason"] == "MemoryOverrideIgnored" and "thrashes" in planned["message"]

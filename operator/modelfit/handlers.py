@@ -312,7 +312,8 @@ async def _reconcile(
     deploy = await kube.get(path_for("apps/v1", "Deployment", ns, name))
     applied = ((deploy or {}).get("metadata") or {}).get("annotations", {}).get(APPLIED_ANNOTATION)
     template_hash = _template_hash(rendered.by_kind("Deployment"))
-    if not unschedulable and _sticky(old, gen, old_plan, new["plan"], applied):
+    same_override = old.get("memoryOverrideRejected") == new.get("memoryOverrideRejected")
+    if not unschedulable and same_override and _sticky(old, gen, old_plan, new["plan"], applied):
         # Same node class, backend, offload, context and KV: other pods landing on the class only moved
         # the free CPU (threads) a little; rolling every ModelDeployment for that would churn the cluster.
         new["plan"] = old_plan

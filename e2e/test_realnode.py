@@ -1,0 +1,336 @@
+"""Real pods on one real node: the operator's own manifests run the real llama-server image.
+
+What kwok cannot show: the image's entrypoint and arguments, the download init container, the
+restricted securityContext, probes, a memory limit as a real cgroup, OOM kills, Pod Security
+admission, and the operator itself running in the cluster under its chart's RBAC.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _realnode import (
+    NODE_LABEL,
+    NODE_TAINT,
+    RealNode,
+    drop_page_cache,
+    host_path_dir,
+    http,
+    pinned,
+    prompt_of,
+    sha256_of,
+)
+from _support import REPO, condition, free_port, md, wait_condition
+from modelfit.synth import ensure_model
+
+pytestmark = pytest.mark.realnode
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def qwen35() -> Path:
+    """The seed's architecture and shapes (Qwen3.5 0.8B hybrid) at Q4_0, random weights."""
+    return ensure_model("qwen35-0.8b", "Q4_0")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return ensure_model("llama-tiny", "F16")
+
+
+@pytest.fixture
+def ns(cluster: Any, real_node: RealNode) -> Iterator[str]:
+    name = f"rn-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.wait_for(
+        lambda: cluster.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0, timeout=30
+    )
+    yield name
+    real_node.wait_gone(name)
+
+
+def status(cluster: Any, ns: str, name: str) -> dict[str, Any]:
+    return dict(cluster.get_json("-n", ns, "modeldeployment", name).get("status") or {})
+
+
+def test_seed_shape_serves_chat_and_authenticated_metrics(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, qwen35: Path
+) -> None:
+    """The seed's ModelDeployment (qwen35 0.8B Q4_0, full context) over HTTP with sha256 and an API key."""
+    # A Prometheus Operator stack: the operator then renders an authenticated PodMonitor.
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "e2e" / "podmonitor-crd.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/podmonitors.monitoring.coreos.com", "--timeout=60s")
+    operator.stop()
+    operator.start()
+    key = uuid.uuid4().hex
+    cluster.kubectl("-n", ns, "create", "secret", "generic", "llm-key", f"--from-literal=api-key={key}")
+    url = model_server.serve(f"/{ns}/Qwen3.5-0.8B-Q4_0.gguf", qwen35)
+    t0 = time.monotonic()
+    cluster.apply(
+        md("seed", ns, **pinned(model={"url": url, "sha256": sha256_of(qwen35)}, apiKeySecretRef={"name": "llm-key"}))
+    )
+    obj = wait_condition(cluster, ns, "seed", "Ready", timeout=300, operator=operator)
+    ready_s = time.monotonic() - t0
+    plan = obj["status"]["plan"]
+    assert plan["context"] == 262144 and plan["nodeClass"]
+    pod = real_node.ready_pod(ns, "seed")
+    out = real_node.chat(pod, "Say hello.", key=key)
+    assert out["usage"]["completion_tokens"] > 0 and out["choices"][0]["message"]["content"] is not None
+    assert http(f"{real_node.base_url(pod)}/v1/models")[0] == 401  # the key is enforced
+    # Scrape as Prometheus would from the PodMonitor: its port, path and Bearer credentials Secret.
+    pm = cluster.get_json("-n", ns, "podmonitor", "seed")
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    cred = ep["authorization"]["credentials"]
+    secret = cluster.get_json("-n", ns, "secret", cred["name"])
+    token = base64.b64decode(secret["data"][cred["key"]]).decode()
+    port = next(p["containerPort"] for p in pod["spec"]["containers"][0]["ports"] if p["name"] == ep["port"])
+    code, text = http(f"http://{pod['status']['podIP']}:{port}{ep['path']}", key=token)
+    assert code == 200 and "llamacpp:prompt_tokens_total" in text, text[:300]
+    assert http(f"http://{pod['status']['podIP']}:{port}{ep['path']}")[0] == 401
+    annotations = pod["metadata"]["annotations"]
+    assert annotations.get("prometheus.io/scrape") == "false"  # no unauthenticated scrape that would 401
+    print(f"\n[realnode] seed: apply -> Ready {ready_s:.1f}s; memory request {plan['memoryRequest']}")
+
+
+@pytest.mark.parametrize("load_mode", ["none", "mmap"])
+def test_cgroup_peak_matches_the_plan(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, qwen35: Path, load_mode: str
+) -> None:
+    """After a prompt that fills a ubatch, the container's real memory against memory.total_bytes."""
+    cache = host_path_dir(f"mem-{load_mode}")
+    shutil.rmtree(cache, ignore_errors=True)
+    url = model_server.serve(f"/{ns}/qwen35.gguf", qwen35)
+    name = f"mem-{load_mode}"
+    spec = pinned(model={"url": url}, context=8192, loadMode=load_mode, modelCache={"hostPath": {"path": str(cache)}})
+    if load_mode == "mmap":
+        # First let a pod download the file, then measure a pod whose llama-server is the first to touch it.
+        cluster.apply(md(name, ns, **spec))
+        wait_condition(cluster, ns, name, "Ready", timeout=300, operator=operator)
+        cluster.kubectl("-n", ns, "scale", "deployment", name, "--replicas=0")
+        cluster.wait_for(lambda: not real_node.pods(ns, name), timeout=120, what="pods gone")
+        drop_page_cache()
+        cluster.kubectl("-n", ns, "scale", "deployment", name, "--replicas=1")
+    else:
+        cluster.apply(md(name, ns, **spec))
+    wait_condition(cluster, ns, name, "Ready", timeout=300, operator=operator)
+    pod = real_node.ready_pod(ns, name)
+    real_node.chat(pod, prompt_of(700))
+    used = real_node.usage(pod)
+    mem = status(cluster, ns, name)["plan"]["memory"]
+    limit = pod["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    total = int(mem["totalBytes"])
+    err = used.vm_hwm / total - 1
+    print(
+        f"\n[realnode] memory {load_mode}: predicted {total / MiB:.0f} MiB, VmHWM {used.vm_hwm / MiB:.0f} MiB "
+        f"({err:+.1%}), cgroup peak {used.cgroup_peak / MiB:.0f} MiB ({used.cgroup_peak / total - 1:+.1%}), "
+        f"rss {used.rss / MiB:.0f} MiB, mapped file {used.mapped_file / MiB:.0f} MiB, "
+        f"cache {used.cache / MiB:.0f} MiB, limit {limit}, failcnt {used.failcnt}"
+    )
+    assert abs(err) < 0.05, f"VmHWM {used.vm_hwm} vs predicted {total}"
+    if load_mode == "mmap":
+        assert used.mapped_file > 0.8 * int(mem["weightsFileBytes"] or 0), "weights were not charged to the pod"
+    assert used.failcnt == 0, "the planned limit was hit"
+
+
+def test_oom_kill_is_reported_and_converges(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, qwen35: Path
+) -> None:
+    """A memory override far below the plan with loadMode none: the kernel kills it, the operator recovers."""
+    url = model_server.serve(f"/{ns}/qwen35.gguf", qwen35)
+    t0 = time.monotonic()
+    cluster.apply(
+        md(
+            "oom",
+            ns,
+            **pinned(model={"url": url}, context=4096, loadMode="none", resources={"limits": {"memory": "96Mi"}}),
+        )
+    )
+    obj = wait_condition(cluster, ns, "oom", "Planned", reason="MemoryOverrideIgnored", timeout=300, operator=operator)
+    killed_s = time.monotonic() - t0
+    assert obj["status"]["oomKills"] >= 1 and obj["status"]["memoryOverrideRejected"] == 96 * MiB
+    assert "OOM-killed" in condition(obj, "Planned")["message"]
+    wait_condition(cluster, ns, "oom", "Ready", timeout=300, operator=operator)
+    pod = real_node.ready_pod(ns, "oom")
+    assert (
+        pod["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        == obj["status"]["plan"]["resources"]["limits"]["memory"]
+    )
+    real_node.chat(pod, "hello")
+    events = cluster.get_json("-n", ns, "events")["items"]
+    ooms = [e for e in events if "OOM" in (e.get("message") or "") or e.get("reason") == "OOMKilling"]
+    restarts = sum(int(c.get("restartCount") or 0) for c in pod["status"]["containerStatuses"])
+    final = status(cluster, ns, "oom")
+    assert final["oomKills"] <= 2, final
+    print(
+        f"\n[realnode] oom: OOMKilled and reported after {killed_s:.1f}s, Ready {time.monotonic() - t0:.1f}s after apply; "
+        f"oomKills {final['oomKills']}, restarts of the final pod {restarts}, OOM events {len(ooms)}"
+    )
+
+
+def test_tight_limit_under_mmap_is_not_applied(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, qwen35: Path
+) -> None:
+    """Under mmap a limit below the plan is never OOM-killed, it thrashes: the operator does not apply it."""
+    url = model_server.serve(f"/{ns}/qwen35.gguf", qwen35)
+    cluster.apply(
+        md(
+            "tight",
+            ns,
+            **pinned(model={"url": url}, context=4096, loadMode="mmap", resources={"limits": {"memory": "256Mi"}}),
+        )
+    )
+    obj = wait_condition(cluster, ns, "tight", "Ready", timeout=300, operator=operator)
+    c = condition(obj, "Planned")
+    assert c["reason"] == "MemoryOverrideIgnored" and "thrashes" in c["message"]
+    pod = real_node.ready_pod(ns, "tight")
+    limit = pod["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert limit == obj["status"]["plan"]["resources"]["limits"]["memory"]
+    t = time.monotonic()
+    real_node.chat(pod, prompt_of(100))
+    usage = real_node.usage(pod)
+    print(
+        f"\n[realnode] mmap tight override: limit kept at {limit}; 100-token prompt in {time.monotonic() - t:.1f}s, failcnt {usage.failcnt}"
+    )
+    assert usage.failcnt == 0
+
+
+def test_downloads(cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, tiny: Path) -> None:
+    """Wrong sha256, a download cut half-way, a server without Range, a corrupt cached file, hostPath cache."""
+    sha = sha256_of(tiny)
+    cases = {
+        "badsum": (model_server.serve(f"/{ns}/bad.gguf", tiny), "0" * 64, None),
+        "cut": (model_server.serve(f"/{ns}/cut.gguf", tiny, cut_first=1), sha, None),
+        "norange": (model_server.serve(f"/{ns}/norange.gguf", tiny, ranges=False), sha, None),
+        "cached": (model_server.serve(f"/{ns}/cached.gguf", tiny), sha, host_path_dir(f"{ns}-cached")),
+    }
+    # A corrupt file already in the node's cache, with the right size: it must be verified, not served.
+    cached_dir = host_path_dir(f"{ns}-cached")
+    shutil.rmtree(cached_dir, ignore_errors=True)
+    cached_dir.mkdir(parents=True)
+    bad = bytearray(tiny.read_bytes())
+    bad[len(bad) // 2] ^= 0xFF
+    (cached_dir / "cached.gguf").write_bytes(bytes(bad))
+    for name, (url, sum_, cache) in cases.items():
+        spec = pinned(model={"url": url, "sha256": sum_}, context=512)
+        if cache is not None:
+            spec["modelCache"] = {"hostPath": {"path": str(cache)}}
+        cluster.apply(md(name, ns, **spec))
+    obj = wait_condition(
+        cluster, ns, "badsum", "Degraded", reason="ModelDownloadFailed", timeout=180, operator=operator
+    )
+    assert "ChecksumMismatch" in condition(obj, "Degraded")["message"]
+    cluster.kubectl("-n", ns, "delete", "modeldeployment", "badsum", "--wait=false")
+    results = {"badsum": condition(obj, "Degraded")["message"][:90]}
+    for name in ("cut", "norange", "cached"):
+        wait_condition(cluster, ns, name, "Ready", timeout=240, operator=operator)
+        pod = real_node.ready_pod(ns, name)
+        real_node.chat(pod, "hi", max_tokens=2)
+        gets = model_server.gets(f"/{ns}/{name}.gguf")
+        results[name] = f"Ready after {len(gets)} GETs ({', '.join(str(g.range) for g in gets)})"
+        cluster.kubectl("-n", ns, "delete", "modeldeployment", name, "--wait=false")
+    cut = model_server.gets(f"/{ns}/cut.gguf")
+    assert any(g.range and not g.range.startswith("bytes=0-") for g in cut), "the cut download did not resume"
+    assert sha256_of_bytes((cached_dir / "cached.gguf").read_bytes()) == sha
+    assert model_server.gets(f"/{ns}/cached.gguf"), "the corrupt cached file was served without a download"
+    owner = (cached_dir / "cached.gguf").stat().st_uid
+    assert owner == 1000, "hostPath cache file not written by the downloader uid"
+    for k, v in results.items():
+        print(f"\n[realnode] download {k}: {v}")
+
+
+def sha256_of_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_pod_security_restricted(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, tiny: Path
+) -> None:
+    """Every pod the operator makes is admitted by `enforce: restricted` and runs."""
+    cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted", "--overwrite")
+    url = model_server.serve(f"/{ns}/tiny.gguf", tiny)
+    cluster.apply(md("pss", ns, **pinned(model={"url": url}, context=512)))
+    wait_condition(cluster, ns, "pss", "Ready", timeout=180, operator=operator)
+    real_node.chat(real_node.ready_pod(ns, "pss"), "hi", max_tokens=2)
+    failed = [e for e in cluster.get_json("-n", ns, "events")["items"] if e.get("reason") == "FailedCreate"]
+    assert not failed, [e.get("message") for e in failed]
+
+
+def test_operator_restart_keeps_serving_pods(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, tiny: Path
+) -> None:
+    url = model_server.serve(f"/{ns}/tiny.gguf", tiny)
+    cluster.apply(md("keep", ns, **pinned(model={"url": url}, context=512)))
+    wait_condition(cluster, ns, "keep", "Ready", timeout=180, operator=operator)
+    before = real_node.ready_pod(ns, "keep")
+    operator.kill()
+    operator.start()
+    time.sleep(20)  # several resync ticks of the new process
+    after = real_node.ready_pod(ns, "keep")
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert [c["restartCount"] for c in after["status"]["containerStatuses"]] == [0]
+    for kind in ("deployments", "services", "replicasets"):
+        items = cluster.get_json("-n", ns, kind)["items"]
+        assert len(items) == 1, f"{kind}: {[i['metadata']['name'] for i in items]}"
+    real_node.chat(after, "hi", max_tokens=2)
+
+
+def test_operator_in_cluster_with_its_chart(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, tiny: Path
+) -> None:
+    """`helm install charts/modelfit` with the locally built operator image, under its ServiceAccount."""
+    helm = shutil.which("helm", path=str(Path(cluster.kubectl_bin).parent))
+    if helm is None:
+        pytest.fail("helm not built (e2e/build.sh helm)")
+    server = json.loads(cluster.kubectl("config", "view", "--minify", "-o", "json").stdout)["clusters"][0]["cluster"]
+    api_port = server["server"].rsplit(":", 1)[1]
+    values = {
+        "image": {"repository": "localhost/modelfit/operator", "tag": "dev", "pullPolicy": "Never"},
+        "hostNetwork": True,  # the API server listens on 127.0.0.1 only, and there is no kube-proxy
+        "extraEnv": [
+            {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+            {"name": "KUBERNETES_SERVICE_PORT", "value": api_port},
+        ],
+        "health": {"port": free_port()},
+        "metrics": {"port": free_port(), "service": {"enabled": False}},
+        "logFormat": "plain",
+        "nodeSelector": {NODE_LABEL: "true"},
+        "tolerations": [{"key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    vfile = Path(f"/tmp/{ns}-values.json")
+    vfile.write_text(json.dumps(values))
+    operator.stop()  # one operator at a time
+    release = "modelfit"
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [helm, "install", release, str(REPO / "charts" / "modelfit"), "-n", "modelfit-system",
+             "--create-namespace", "-f", str(vfile), "--wait", "--timeout", "180s"],
+            capture_output=True, text=True, env=cluster.env, timeout=240,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        up_s = time.monotonic() - t0
+        url = model_server.serve(f"/{ns}/tiny.gguf", tiny)
+        cluster.apply(md("incluster", ns, **pinned(model={"url": url}, context=512)))
+        wait_condition(cluster, ns, "incluster", "Ready", timeout=180)
+        logs = cluster.kubectl("-n", "modelfit-system", "logs", "deploy/modelfit", check=False).stdout
+        assert "forbidden" not in logs.lower() and "Traceback" not in logs, logs[-3000:]
+        sa = cluster.get_json("-n", "modelfit-system", "pods", "-l", "app.kubernetes.io/name=modelfit")["items"][0]
+        assert sa["spec"]["serviceAccountName"] == "modelfit"
+        print(f"\n[realnode] operator via helm: install --wait {up_s:.1f}s; ModelDeployment Ready through it")
+    finally:
+        subprocess.run(
+            [helm, "uninstall", release, "-n", "modelfit-system", "--wait", "--timeout", "120s"],
+            capture_output=True, env=cluster.env, timeout=180,
+        )  # fmt: skip
+        operator.start()
