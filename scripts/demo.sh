@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job: a real local control plane (etcd, kube-apiserver, controller-manager,
-# scheduler, kwok) on 127.0.0.1, the modelfit operator, and the seed's ModelDeployment
-# (Qwen3.5 0.8B at Q4_0 on CPU nodes). Shows the plan the operator chose.
+# scheduler, kwok) on 127.0.0.1, one real node (kubelet + containerd + runc, e2e/node.sh),
+# the modelfit operator, and the seed's ModelDeployment (Qwen3.5 0.8B at Q4_0 on CPU nodes).
+# Shows the plan the operator chose, then a real answer: the same model shape (generated
+# weights: no downloads here) served by the operator on the real node, asked a question.
 #
 #   bash scripts/demo.sh          # build (cached), start, apply, show; leaves it running
 #   bash scripts/demo.sh down     # stop the operator and the control plane
@@ -13,12 +15,15 @@ STATE="${MODELFIT_STATE:-/tmp/modelfit-cluster}"
 OPLOG="$STATE/operator.log"
 
 if [[ "${1:-up}" == "down" ]]; then
-  [[ -f "$STATE/operator.pid" ]] && kill "$(cat "$STATE/operator.pid")" 2>/dev/null || true
-  bash e2e/cluster.sh down
+  for p in operator modelserver; do
+    [[ -f "$STATE/$p.pid" ]] && kill "$(cat "$STATE/$p.pid")" 2>/dev/null || true
+  done
+  bash e2e/cluster.sh down   # takes the real node down first
   exit 0
 fi
 
-say() { printf '\n==> %s\n' "$*"; }
+T0=$(date +%s)
+say() { printf '\n==> [%ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
 
 say "python package"
 if ! python3 -c "import modelfit.handlers" 2>/dev/null; then
@@ -26,8 +31,17 @@ if ! python3 -c "import modelfit.handlers" 2>/dev/null; then
 fi
 
 say "control plane binaries (built once from Go modules, cached in $MODELFIT_CACHE)"
-bash e2e/build.sh
+bash e2e/build.sh k8s etcd kwok
 source e2e/env.sh
+REAL=0
+if [[ $(id -u) == 0 ]] && command -v containerd >/dev/null && command -v runc >/dev/null; then REAL=1; fi
+if ((REAL)); then
+  say "llama-server and the node's images (built once, cached)"
+  bash scripts/build-llama-server.sh >/dev/null
+  bash e2e/images.sh "$MODELFIT_CACHE/images" pause curl llama
+else
+  echo "no real node here (needs root, containerd and runc: apt-get install containerd runc containernetworking-plugins umoci skopeo busybox-static)"
+fi
 
 say "control plane on 127.0.0.1"
 bash e2e/cluster.sh up
@@ -56,6 +70,12 @@ status:
 NODE
 done
 
+if ((REAL)); then
+  say "one real node (kubelet + containerd + runc)"
+  # tainted: only ModelDeployments that tolerate it (the real-answer one below) run real pods
+  NODE_TAINT=modelfit.io/real-node=true:NoSchedule bash e2e/node.sh up
+fi
+
 say "CRD and operator"
 kubectl apply -f crds/modelfit.io_modeldeployments.yaml >/dev/null
 kubectl wait --for=condition=Established crd/modeldeployments.modelfit.io --timeout=60s >/dev/null
@@ -81,6 +101,45 @@ say "the plan"
 kubectl get modeldeployment qwen3-5-0-8b -o jsonpath='{.status.plan}' | python3 -m json.tool | head -60
 say "children"
 kubectl get deployments,services,pods -o wide
+[[ "$ready" == "True" ]] || { echo "the seed ModelDeployment did not become Ready; operator log: $OPLOG"; exit 1; }
+
+if ((REAL)); then
+  say "a real answer: the seed's model shape served by the operator on the real node"
+  model=$(python3 -m modelfit.synth qwen35-0.8b --quant Q4_0)
+  mkdir -p "$STATE/models" && ln -sf "$model" "$STATE/models/Qwen3.5-0.8B-Q4_0.gguf"
+  if ! [[ -f "$STATE/modelserver.pid" ]] || ! kill -0 "$(cat "$STATE/modelserver.pid")" 2>/dev/null; then
+    # the harness's own bridge address: pods reach it, nothing leaves the machine
+    nohup python3 -m http.server 18080 --bind 10.88.0.1 --directory "$STATE/models" >"$STATE/modelserver.log" 2>&1 &
+    echo $! >"$STATE/modelserver.pid"
+  fi
+  kubectl apply -f - <<MD
+apiVersion: modelfit.io/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: qwen3-5-0-8b-real
+spec:
+  model:
+    url: http://10.88.0.1:18080/Qwen3.5-0.8B-Q4_0.gguf
+  context: 8192
+  nodeSelector:
+    kubernetes.io/hostname: real-0
+  tolerations:
+    - {key: modelfit.io/real-node, operator: Exists, effect: NoSchedule}
+MD
+  for _ in $(seq 1 150); do
+    ready=$(kubectl get modeldeployment qwen3-5-0-8b-real -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null || true)
+    [[ "$ready" == "True" ]] && break
+    sleep 2
+  done
+  kubectl get modeldeployment qwen3-5-0-8b-real -o wide
+  ip=$(kubectl get pods -l app.kubernetes.io/instance=qwen3-5-0-8b-real -o jsonpath='{.items[0].status.podIP}')
+  prompt="What is the capital of France?"
+  echo "prompt: $prompt"
+  curl -sS --noproxy '*' "http://$ip:8080/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d "{\"messages\":[{\"role\":\"user\",\"content\":\"$prompt\"}],\"max_tokens\":24}" \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print("completion:", repr(r["choices"][0]["message"]["content"])); print("tokens:", r["usage"]); print("speed:", r.get("timings", {}).get("predicted_per_second"), "tokens/s")'
+  echo "(random weights of the real architecture and shapes: the words are noise, the memory and speed are real)"
+  [[ "$ready" == "True" ]] || exit 1
+fi
 echo
-echo "Stop everything with: bash scripts/demo.sh down"
-[[ "$ready" == "True" ]]
+echo "Done in $(( $(date +%s) - T0 ))s. Stop everything with: bash scripts/demo.sh down"
