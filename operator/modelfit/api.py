@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 from .catalog import RECIPES
@@ -20,8 +20,29 @@ KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-Quant = Literal["Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"]
-assert set(Quant.__args__) == set(RECIPES), "Quant must list catalog.RECIPES"  # type: ignore[attr-defined]
+QuantName = Literal["Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"]
+assert set(QuantName.__args__) == set(RECIPES), "QuantName must list catalog.RECIPES"  # type: ignore[attr-defined]
+
+
+def _quant_pattern() -> str:
+    """The quant names in any case, with - or _: what `modelfit plan --quant` accepts (catalog.normalize_quant)."""
+
+    def spell(name: str) -> str:
+        return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else "[_-]" if c == "_" else c for c in name)
+
+    return "^(" + "|".join(spell(q) for q in QuantName.__args__) + ")$"  # type: ignore[attr-defined]
+
+
+def _canonical_quant(value: Any) -> Any:
+    return value.upper().replace("-", "_") if isinstance(value, str) else value
+
+
+# Case-insensitive like the CLI; the operator works with (and reports) the canonical upper-case name.
+Quant = Annotated[
+    QuantName,
+    BeforeValidator(_canonical_quant),
+    WithJsonSchema({"type": "string", "pattern": _quant_pattern()}),
+]
 Backend = Literal["auto", "cpu", "cuda", "rocm", "vulkan"]
 
 # Owned flags written as --flag=value are refused too; CEL checks both spellings.
@@ -77,7 +98,10 @@ class ModelSource(_Model):
         max_length=128,
         description="Name of a model in modelfit's catalog, e.g. qwen3.5-0.8b.",
     )
-    quant: Quant | None = Field(default=None, description="Quantization of a catalog model.")
+    quant: Quant | None = Field(
+        default=None,
+        description="Quantization of a catalog model: Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0 or F16 (any case).",
+    )
     url: str | None = Field(
         default=None, max_length=2048, pattern=r"^https?://", description="HTTP(S) URL of a .gguf file."
     )

@@ -5,23 +5,181 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 import yaml
+from pydantic import ValidationError
 
 from . import catalog
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, read_gguf
-from .nodes import PROFILES, GiB, MiB, NodeFacts, host_facts, parse_quantity, profile
+from .nodes import PROFILES, GiB, MiB, NodeFacts, host_facts, profile
 from .sizing import PlanResult, Policy, plan
+
+# ---- option values ---------------------------------------------------------------------------
+#
+# Every option value is checked where it is parsed, with the range the CRD (api.py) and the
+# planner (sizing.Policy) accept, so a bad value is one line naming the option and the range.
+# A converter raises argparse.ArgumentTypeError; ``checked`` turns that into a ``Rejected``
+# value that main() reports (exit 2) -- so main(argv) returns 2 for a bad value like for any
+# other bad input, instead of argparse exiting from inside parse_args.
+
+CONTEXT_MIN, CONTEXT_MAX = 256, 16_777_216  # as spec.context / spec.minContext in the CRD
+GPU_LAYERS_MAX = 1000  # as spec.gpuLayers
+MEMORY_MIN, MEMORY_MAX = MiB, 1 << 50  # 1Mi .. 1Pi
+CPUS_MAX = 4096
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An option value a converter refused; main() prints the message and exits 2."""
+
+    message: str
+
+
+def checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` that hands a refusal to main() as a ``Rejected`` value."""
+
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except argparse.ArgumentTypeError as exc:
+            return Rejected(str(exc))
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def _whole(text: str) -> int | None:
+    return int(text) if re.fullmatch(r"\s*[+-]?[0-9]+\s*", text) else None
+
+
+def int_in(lo: int, hi: int, unit: str = "") -> Callable[[str], int]:
+    """A whole number (of unit) from lo to hi."""
+    what = f"a whole number of {unit}" if unit else "a whole number"
+
+    def whole_number(text: str) -> int:
+        n = _whole(text)
+        if n is None or not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"must be {what} from {lo} to {hi}, not {text!r}")
+        return n
+
+    return whole_number
+
+
+def context_arg(text: str) -> int | Literal["max"]:
+    """``max`` (the model's trained context) or a size in tokens, as spec.context."""
+    if text == "max":
+        return "max"
+    n = _whole(text)
+    if n == 0:
+        # llama-server's `-c 0` means the model's full context: say so rather than plan for 0
+        raise argparse.ArgumentTypeError(
+            f"0 is not a context size; use max for the model's full context, or {CONTEXT_MIN} to {CONTEXT_MAX}"
+        )
+    if n is None or not CONTEXT_MIN <= n <= CONTEXT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be max or a whole number from {CONTEXT_MIN} to {CONTEXT_MAX}, not {text!r}"
+        )
+    return n
+
+
+min_context_arg = int_in(CONTEXT_MIN, CONTEXT_MAX)
+parallel_arg = int_in(1, 256)  # sizing.Policy.parallel, spec.parallel
+ubatch_arg = int_in(16, 8192)  # sizing.Policy.ubatch
+cache_ram_arg = int_in(0, 1 << 20, "MiB")  # up to 1 TiB
+gpus_arg = int_in(0, 64)
+port_arg = int_in(1, 65535)
+replicas_arg = int_in(0, 1000)  # spec.replicas
+
+
+def gpu_layers_arg(text: str) -> int | Literal["auto"]:
+    """``auto`` or a number of layers, as spec.gpuLayers."""
+    if text == "auto":
+        return "auto"
+    n = _whole(text)
+    if n is None or not 0 <= n <= GPU_LAYERS_MAX:
+        raise argparse.ArgumentTypeError(f"must be auto or a whole number from 0 to {GPU_LAYERS_MAX}, not {text!r}")
+    return n
+
+
+def quant_arg(text: str) -> str:
+    """A catalog quantization in any case (q4_k_m, Q4-K-M), as the CRD accepts it; returns Q4_K_M."""
+    try:
+        return catalog.normalize_quant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def node_arg(text: str) -> str:
+    """A hardware profile name or ``host``."""
+    if text != "host" and text not in PROFILES:
+        raise argparse.ArgumentTypeError(f"unknown node profile {text!r}; choose from {', '.join(PROFILES)}, host")
+    return text
+
+
+def _quantity(text: str) -> Decimal:
+    """A Kubernetes quantity, parsed as the API server does (kubernetes.utils.parse_quantity)."""
+    from kubernetes.utils import parse_quantity  # imported here: the kubernetes package is slow to import
+
+    try:
+        q: object = parse_quantity(text)  # type: ignore[no-untyped-call]
+    except (ValueError, InvalidOperation):
+        raise ValueError(text) from None
+    if not isinstance(q, Decimal) or not q.is_finite():
+        raise ValueError(text)
+    return q
+
+
+def _unit_hint(text: str) -> str:
+    """How to write a size that is almost a Kubernetes quantity: 2GB, 2gi, 2GiB."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtpe])i?b?\s*", text, re.IGNORECASE)
+    if m is None:
+        return ""
+    num, unit = m.group(1), m.group(2).upper()
+    return f"; write {num}{unit}i (binary) or {num}{'k' if unit == 'K' else unit} (decimal)"
+
+
+def memory_arg(text: str) -> int:
+    """Bytes from a Kubernetes quantity (4Gi, 4096Mi, 4G), from 1Mi to 1Pi."""
+    rule = "must be a Kubernetes quantity from 1Mi to 1Pi (e.g. 4Gi, 4096Mi, 4G)"
+    try:
+        q = _quantity(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{rule}, not {text!r}{_unit_hint(text)}") from None
+    if not MEMORY_MIN <= q <= MEMORY_MAX:
+        t, hint = text.strip(), ""
+        if _whole(t) is not None and q >= 0:
+            hint = f"; a plain number is bytes: write {t}Gi or {t}Mi"
+        elif t.endswith("m") and q >= 0:
+            hint = f"; m means milli: write {t[:-1]}Mi or {t[:-1]}M"
+        raise argparse.ArgumentTypeError(f"{rule}, not {text!r}{hint}")
+    return int(q)
+
+
+def cpus_arg(text: str) -> int:
+    """CPU millicores from a Kubernetes quantity (2, 1.5, 1500m), from 1m to 4096."""
+    try:
+        q = _quantity(text)
+    except ValueError:
+        q = Decimal(-1)
+    if not Decimal("0.001") <= q <= CPUS_MAX:
+        raise argparse.ArgumentTypeError(f"must be a number of CPUs from 0.001 (1m) to {CPUS_MAX}, not {text!r}")
+    return int(q * 1000)
 
 
 def load_model(model: str, quant: str | None) -> tuple[ModelFacts, str]:
     """Facts and the path llama-server should load, for a catalog name, a .gguf path or a URL."""
     if model.startswith(("http://", "https://")) or model.endswith(".gguf") or Path(model).is_file():
+        if quant is not None:
+            raise ValueError("argument --quant: applies to catalog models only; a .gguf file has its own")
         header = read_gguf(model)
         facts = facts_from_header(header)
         path = model if not model.startswith("http") else "/models/" + model.rsplit("/", 1)[-1].split("?")[0]
@@ -40,31 +198,36 @@ def catalog_facts_cached(model: str, quant: str) -> ModelFacts:
     return catalog.catalog_facts(model, quant)
 
 
-def _ctx(value: str) -> int | str:
-    return "max" if value == "max" else int(value)
-
-
 def node_from_args(args: argparse.Namespace) -> NodeFacts:
     node = profile(args.node) if args.node != "host" else host_facts()
     if args.cpus is not None:
-        node.cpu_millis = int(float(args.cpus) * 1000)
+        node.cpu_millis = args.cpus
     if args.memory is not None:
-        node.memory_bytes = int(parse_quantity(args.memory))
+        node.memory_bytes = args.memory
     if args.gpus is not None:
         node.gpus = args.gpus
         if node.gpus and node.gpu_vendor == "none":
             node.gpu_vendor = "nvidia"
     if args.gpu_memory is not None:
-        node.gpu_memory_bytes = int(parse_quantity(args.gpu_memory))
+        if args.gpus == 0:
+            raise ValueError("argument --gpu-memory: needs at least one GPU, but --gpus is 0")
+        node.gpu_memory_bytes = args.gpu_memory
         if node.gpus == 0:
             node.gpus, node.gpu_vendor = 1, "nvidia"
     return node
 
 
+def check_min_context(context: int | str | None, min_context: int | None) -> None:
+    """--min-context above --context is refused, as the CRD refuses minContext above context."""
+    if isinstance(context, int) and min_context is not None and min_context > context:
+        raise ValueError(f"argument --min-context: {min_context} is above --context {context}")
+
+
 def policy_from_args(args: argparse.Namespace) -> Policy:
     kw: dict[str, Any] = {}
+    check_min_context(args.context, args.min_context)
     if args.context is not None:
-        kw["context"] = _ctx(args.context)
+        kw["context"] = args.context
     for name in ("parallel", "min_context", "ubatch"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
@@ -79,7 +242,7 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     if args.backend:
         kw["backend"] = args.backend
     if args.gpu_layers is not None:
-        kw["gpu_layers"] = "auto" if args.gpu_layers == "auto" else int(args.gpu_layers)
+        kw["gpu_layers"] = args.gpu_layers
     if getattr(args, "port", None) is not None:
         kw["port"] = args.port
     return Policy(**kw)
@@ -125,8 +288,8 @@ def result_json(facts: ModelFacts, res: PlanResult) -> dict[str, Any]:
     }
 
 
-def _gb(n: int) -> str:
-    return f"{n / GiB:.2f} GB"
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
 
 
 def _mib(n: int) -> str:
@@ -138,11 +301,11 @@ def table(facts: ModelFacts, node: NodeFacts, res: PlanResult) -> str:
     vram_avail = node.gpu_memory_bytes * node.gpus if p.backend != "cpu" else 0
     rows = [
         ("Model", f"{facts.name} ({facts.architecture}, {facts.parameters / 1e9:.2f}B params)"),
-        ("Model size", _gb(facts.file_bytes)),
-        ("VRAM available", _gb(vram_avail)),
-        ("VRAM used", _gb(sum(m.vram_bytes))),
-        ("System RAM", _gb(node.memory_bytes) if node.memory_bytes is not None else "not given (reporting needs)"),
-        ("Min RAM required", _gb(res.memory_request_bytes)),
+        ("Model size", _gib(facts.file_bytes)),
+        ("VRAM available", _gib(vram_avail)),
+        ("VRAM used", _gib(sum(m.vram_bytes))),
+        ("System RAM", _gib(node.memory_bytes) if node.memory_bytes is not None else "not given (reporting needs)"),
+        ("Min RAM required", _gib(res.memory_request_bytes)),
         ("GPU layers", f"{p.gpu_layers} / {p.total_layers}"),
         ("Context size", f"{p.context:,}"),
         ("Backend", p.backend),
@@ -184,23 +347,49 @@ def table(facts: ModelFacts, node: NodeFacts, res: PlanResult) -> str:
 
 
 def _add_plan_options(sp: argparse.ArgumentParser) -> None:
+    quants = ", ".join(catalog.RECIPES)
     sp.add_argument("model", help="catalog name, .gguf path or http(s) URL")
-    sp.add_argument("--quant", help="quantization for catalog models (Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16)")
-    sp.add_argument("--node", default="cpu", help=f"hardware profile: {', '.join(PROFILES)} or host")
-    sp.add_argument("--cpus", help="allocatable CPUs (e.g. 2 or 1.5)")
-    sp.add_argument("--memory", help="allocatable memory (e.g. 4Gi); without it, report what the model needs")
-    sp.add_argument("--gpus", type=int)
-    sp.add_argument("--gpu-memory", help="memory per GPU (e.g. 24Gi)")
-    sp.add_argument("--context", help="context size or 'max'")
-    sp.add_argument("--min-context", type=int)
-    sp.add_argument("--parallel", type=int)
-    sp.add_argument("--ubatch", type=int)
+    sp.add_argument(
+        "--quant", type=checked(quant_arg), help=f"quantization of a catalog model, any case ({quants}; default Q4_K_M)"
+    )
+    sp.add_argument(
+        "--node", default="cpu", type=checked(node_arg), help=f"hardware profile: {', '.join(PROFILES)} or host"
+    )
+    sp.add_argument(
+        "--cpus", type=checked(cpus_arg), help=f"allocatable CPUs, 0.001 to {CPUS_MAX} (e.g. 2, 1.5, 1500m)"
+    )
+    sp.add_argument(
+        "--memory",
+        type=checked(memory_arg),
+        help="allocatable memory, a Kubernetes quantity from 1Mi to 1Pi (e.g. 4Gi, 4096Mi, 4G); "
+        "without it, report what the model needs",
+    )
+    sp.add_argument("--gpus", type=checked(gpus_arg), help="GPUs on the node, 0 to 64")
+    sp.add_argument("--gpu-memory", type=checked(memory_arg), help="memory per GPU, 1Mi to 1Pi (e.g. 24Gi)")
+    sp.add_argument(
+        "--context",
+        type=checked(context_arg),
+        help=f"context size in tokens, {CONTEXT_MIN} to {CONTEXT_MAX}, or max for the model's full context",
+    )
+    sp.add_argument(
+        "--min-context",
+        type=checked(min_context_arg),
+        help=f"smallest acceptable context, {CONTEXT_MIN} to {CONTEXT_MAX} (at most --context)",
+    )
+    sp.add_argument("--parallel", type=checked(parallel_arg), help="parallel slots, 1 to 256")
+    sp.add_argument("--ubatch", type=checked(ubatch_arg), help="micro-batch size, 16 to 8192")
     sp.add_argument("--kv-cache-type", choices=["auto", "f16", "q8_0", "q4_0"])
     sp.add_argument("--load-mode", choices=["auto", "mmap", "none", "mlock"])
     sp.add_argument("--flash-attention", choices=["auto", "on", "off"])
-    sp.add_argument("--cache-ram", type=int, help="prompt cache budget in MiB (counted in the memory request)")
+    sp.add_argument(
+        "--cache-ram",
+        type=checked(cache_ram_arg),
+        help="prompt cache budget in MiB, 0 to 1048576 (counted in the memory request)",
+    )
     sp.add_argument("--backend", choices=["auto", "cpu", "cuda", "rocm", "vulkan"])
-    sp.add_argument("--gpu-layers")
+    sp.add_argument(
+        "--gpu-layers", type=checked(gpu_layers_arg), help=f"layers on the GPU, 0 to {GPU_LAYERS_MAX}, or auto"
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -258,8 +447,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``modelfit: error: ...`` without the (long) usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"modelfit: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="modelfit", description="Right-size llama-server for GGUF models.")
+    ap = _Parser(prog="modelfit", description="Right-size llama-server for GGUF models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("plan", help="plan llama-server flags and memory for a model on a node")
     _add_plan_options(sp)
@@ -268,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ss = sub.add_parser("serve", help="plan for this machine and run llama-server")
     _add_plan_options(ss)
-    ss.add_argument("--port", type=int, default=8080)
+    ss.add_argument("--port", type=checked(port_arg), default=8080, help="port llama-server listens on, 1 to 65535")
     ss.add_argument("--llama-server", help="path to the llama-server binary")
     ss.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     ss.set_defaults(func=cmd_serve)
@@ -298,15 +494,60 @@ def _register_more(sub: Any) -> None:
         pass
 
 
+def _rejected(args: argparse.Namespace) -> str | None:
+    """The first option value a converter refused, as `argument --name: why`."""
+    for dest, value in vars(args).items():
+        if isinstance(value, Rejected):
+            return f"argument --{dest.replace('_', '-')}: {value.message}"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _stdout_to_devnull() -> None:
+    """After a closed pipe, point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (tests capture it)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 3 the model does not fit, 2 bad input, 1 unexpected error,
+    130 interrupted, 141 the reader closed stdout (as a shell reports SIGPIPE)."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (GGUFError, KeyError, ValueError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"modelfit: error: {msg}", file=sys.stderr)
+    rejected = _rejected(args)
+    if rejected:
+        print(f"modelfit: error: {rejected}", file=sys.stderr)
         return 2
+    try:
+        rc = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return rc
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 141
+    except KeyboardInterrupt:
+        return 130
+    except (GGUFError, KeyError, ValueError, OSError) as exc:
+        print(f"modelfit: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # no traceback for the user; MODELFIT_DEBUG=1 shows it
+        if os.environ.get("MODELFIT_DEBUG"):
+            raise
+        print(f"modelfit: error: unexpected {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,17 @@ from typing import Any, Literal, cast
 import yaml
 
 from . import catalog
-from .cli import load_model
+from .cli import (
+    check_min_context,
+    checked,
+    context_arg,
+    gpu_layers_arg,
+    load_model,
+    min_context_arg,
+    parallel_arg,
+    quant_arg,
+    replicas_arg,
+)
 from .nodes import PROFILES, NodeFacts, profile
 from .sizing import PlanResult, Policy, plan
 
@@ -37,19 +47,6 @@ def release_name(model: str) -> str:
         base = base[: -len(".gguf")]
     slug = _DNS.sub("-", base.lower()).strip("-")[:63].rstrip("-")
     return slug or "model"
-
-
-def _context(value: str) -> int | Literal["max"]:
-    if value == "max":
-        return "max"
-    n = int(value)
-    if n < 256:
-        raise ValueError(f"context {n} is below the minimum of 256")
-    return n
-
-
-def _gpu_layers(value: str) -> int | Literal["auto"]:
-    return "auto" if value == "auto" else int(value)
 
 
 def model_source(model: str, quant: str | None) -> dict[str, Any]:
@@ -164,18 +161,19 @@ def _operator_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_values(args: argparse.Namespace) -> int:
+    check_min_context(args.context, args.min_context)
     values = state_values(
         args.model,
         args.quant,
         args.node,
-        context=_context(args.context),
+        context=args.context,
         namespace=args.namespace,
         name=args.name,
         min_context=args.min_context,
         parallel=args.parallel,
         replicas=args.replicas,
         backend=args.backend,
-        gpu_layers=_gpu_layers(args.gpu_layers) if args.gpu_layers is not None else None,
+        gpu_layers=args.gpu_layers,
         kv_cache_type=args.kv_cache_type,
         load_mode=args.load_mode,
         flash_attention=args.flash_attention,
@@ -198,14 +196,23 @@ def register(sub: Any) -> None:
         "Use: helmfile --state-values-file <(modelfit values MODEL --quant Q --node PROFILE) apply",
     )
     sp.add_argument("model", help="catalog name (e.g. qwen3.5-0.8b) or http(s) URL of a .gguf")
-    sp.add_argument("--quant", help="quantization of a catalog model (Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16)")
+    sp.add_argument(
+        "--quant",
+        type=checked(quant_arg),
+        help=f"quantization of a catalog model, any case ({', '.join(catalog.RECIPES)}; default Q4_K_M)",
+    )
     sp.add_argument("--node", default="cpu", choices=list(PROFILES), help="hardware profile the plan expects")
-    sp.add_argument("--context", default="max", help="context size or 'max' (default: max)")
-    sp.add_argument("--min-context", type=int)
-    sp.add_argument("--parallel", type=int)
-    sp.add_argument("--replicas", type=int)
+    sp.add_argument(
+        "--context",
+        default="max",
+        type=checked(context_arg),
+        help="context size in tokens, 256 to 16777216, or max for the model's full context (default: max)",
+    )
+    sp.add_argument("--min-context", type=checked(min_context_arg), help="256 to 16777216 (at most --context)")
+    sp.add_argument("--parallel", type=checked(parallel_arg), help="parallel slots, 1 to 256")
+    sp.add_argument("--replicas", type=checked(replicas_arg), help="llama-server pods, 0 to 1000")
     sp.add_argument("--backend", choices=["auto", "cpu", "cuda", "rocm", "vulkan"])
-    sp.add_argument("--gpu-layers", help="'auto' or a number")
+    sp.add_argument("--gpu-layers", type=checked(gpu_layers_arg), help="layers on the GPU, 0 to 1000, or auto")
     sp.add_argument("--kv-cache-type", choices=["auto", "f16", "q8_0", "q4_0"])
     sp.add_argument("--load-mode", choices=["auto", "mmap", "none", "mlock"])
     sp.add_argument("--flash-attention", choices=["auto", "on", "off"])

@@ -104,7 +104,7 @@ manage the children, and read/patch the ModelDeployments themselves.
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["modelfit.io"]
   resources: ["modeldeployments"]
   verbs: ["get", "list", "watch", "patch", "update"]
