@@ -117,10 +117,11 @@ def test_cgroup_peak_matches_the_plan(
         # First let a pod download the file, then measure a pod whose llama-server is the first to touch it.
         cluster.apply(md(name, ns, **spec))
         wait_condition(cluster, ns, name, "Ready", timeout=300, operator=operator)
-        cluster.kubectl("-n", ns, "scale", "deployment", name, "--replicas=0")
+        scale = ["-n", ns, "patch", "modeldeployment", name, "--type=merge", "-p"]
+        cluster.kubectl(*scale, '{"spec": {"replicas": 0}}')
         cluster.wait_for(lambda: not real_node.pods(ns, name), timeout=120, what="pods gone")
         drop_page_cache()
-        cluster.kubectl("-n", ns, "scale", "deployment", name, "--replicas=1")
+        cluster.kubectl(*scale, '{"spec": {"replicas": 1}}')
     else:
         cluster.apply(md(name, ns, **spec))
     wait_condition(cluster, ns, name, "Ready", timeout=300, operator=operator)
@@ -139,8 +140,10 @@ def test_cgroup_peak_matches_the_plan(
     )
     assert abs(err) < 0.05, f"VmHWM {used.vm_hwm} vs predicted {total}"
     if load_mode == "mmap":
+        # The weights are clean file pages: hitting the limit would mean evicting them (thrashing).
+        # Under none, hitting it only reclaims the page cache read() left behind, which is harmless.
         assert used.mapped_file > 0.8 * int(mem["weightsFileBytes"] or 0), "weights were not charged to the pod"
-    assert used.failcnt == 0, "the planned limit was hit"
+        assert used.failcnt == 0, "the planned limit was hit"
 
 
 def test_oom_kill_is_reported_and_converges(
@@ -295,7 +298,7 @@ def test_operator_in_cluster_with_its_chart(
     server = json.loads(cluster.kubectl("config", "view", "--minify", "-o", "json").stdout)["clusters"][0]["cluster"]
     api_port = server["server"].rsplit(":", 1)[1]
     values = {
-        "image": {"repository": "localhost/modelfit/operator", "tag": "dev", "pullPolicy": "Never"},
+        "image": {"repository": "localhost/modelfit/operator", "tag": "dev"},  # IfNotPresent: never pulled
         "hostNetwork": True,  # the API server listens on 127.0.0.1 only, and there is no kube-proxy
         "extraEnv": [
             {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
