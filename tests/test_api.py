@@ -81,3 +81,46 @@ def test_full_object_with_status():
         }
     )
     assert md.status is not None and md.status.ready_replicas == 1
+
+
+@pytest.mark.parametrize("q", ["1", "1.5", ".5", "500m", "2Gi", "2G", "1e3", "1E3", "1.5e-3", "8Ki", "5E", "100n"])
+def test_resource_quantities_accepted_and_parsed(q):
+    from modelfit.nodes import parse_quantity
+
+    r = ModelDeploymentSpec.model_validate({"model": {"url": "https://x"}, "resources": {"limits": {"memory": q}}})
+    assert r.resources is not None and parse_quantity(r.resources.limits["memory"]) >= 0
+
+
+@pytest.mark.parametrize("q", ["lots", "-1Gi", "2GB", "2gib", "1 Gi", "", "Gi", "1e", "+1"])
+def test_resource_quantities_refused(q):
+    with pytest.raises(ValidationError):
+        ModelDeploymentSpec.model_validate({"model": {"url": "https://x"}, "resources": {"requests": {"cpu": q}}})
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("a", True), ("qwen-0-8b", True), ("m" * 63, True), ("m" * 64, False), ("1a", False), ("a.b", False),
+     ("a-", False), ("A", False), ("a_b", False)],
+)  # fmt: skip
+def test_name_problem(name, ok):
+    from modelfit.api import name_problem
+
+    assert (name_problem(name) is None) == ok
+
+
+def test_affinity_shape_checked_only_where_the_planner_reads():
+    fine = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]
+            }
+        },
+        "podAntiAffinity": {"anything": "the API server checks it"},
+    }
+    assert ModelDeploymentSpec.model_validate({"model": {"url": "https://x"}, "affinity": fine}).affinity == fine
+    bad = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{}]}}}
+    bad["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0] = {
+        "matchExpressions": [{"key": "zone", "operator": "Like"}]
+    }
+    with pytest.raises(ValidationError, match="operator must be one of"):
+        ModelDeploymentSpec.model_validate({"model": {"url": "https://x"}, "affinity": bad})

@@ -125,6 +125,21 @@ def test_issue_inputs_in_a_real_process(argv: tuple[str, ...]) -> None:
     assert len(p.stderr.splitlines()) == 1 and p.stderr.startswith("modelfit: error: "), p.stderr
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("values", *MODEL, "--replicas", "-1"),
+        ("values", *MODEL, "--gpu-layers", "x"),
+        ("values", *MODEL, "--context", "0"),
+    ],
+)
+def test_values_inputs_in_a_real_process(argv: tuple[str, ...]) -> None:
+    """`python -m modelfit.cli` runs cli.py as __main__ while values.py imports modelfit.cli: one Rejected class."""
+    p = subprocess_cli(*argv)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("modelfit: error: argument --") and len(p.stderr.splitlines()) == 1, p.stderr
+
+
 def test_no_arguments_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = cli_run(capsys)
     assert rc == 2 and err.count("\n") == 1 and "required" in err

@@ -101,3 +101,26 @@ def test_cli_check(tmp_path, capsys):
     assert main(["crd", "--check"]) == 0
     assert main(["crd"]) == 0
     assert "CustomResourceDefinition" in capsys.readouterr().out
+
+
+def test_root_rules_refuse_names_that_cannot_make_children():
+    import re
+
+    from modelfit import api
+
+    rules = schema()["x-kubernetes-validations"]
+    assert [r["rule"] for r in rules] == [
+        "self.metadata.name.size() <= 63",
+        "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+    ]
+    pattern = re.search(r"matches\('(.*)'\)", rules[1]["rule"]).group(1)
+    assert pattern == api.NAME_PATTERN and re.fullmatch(pattern, "qwen-0-8b") and not re.fullmatch(pattern, "0qwen")
+    assert all("metadata.name" in r["message"] for r in rules)
+
+
+def test_resource_quantities_are_patterns_in_the_crd():
+    from modelfit import api
+
+    res = schema()["properties"]["spec"]["properties"]["resources"]["properties"]
+    for key in ("requests", "limits"):
+        assert res[key]["additionalProperties"]["pattern"] == api.QUANTITY_PATTERN

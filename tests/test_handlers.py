@@ -60,14 +60,23 @@ class FakeKube:
         self.objects = {}
         self.applies = 0
         self.deletes = []
+        self.fail_apply = {}  # kind -> KubeError raised by apply
+        self.fail_get = {}  # path -> KubeError raised by get
+
+    async def create(self, path, body):
+        return body
 
     async def list(self, path, **params):
         return list(self.nodes) if path.endswith("/nodes") else list(self.pods)
 
     async def get(self, path):
+        if path in self.fail_get:
+            raise self.fail_get[path]
         return self.objects.get(path)
 
     async def apply(self, obj):
+        if obj["kind"] in self.fail_apply:
+            raise self.fail_apply[obj["kind"]]
         self.applies += 1
         m = obj["metadata"]
         self.objects[path_for(obj["apiVersion"], obj["kind"], m["namespace"], m["name"])] = obj
@@ -379,3 +388,181 @@ def test_tight_memory_override_under_mmap_is_never_applied():
     assert _limit(k) == p["plan"]["resources"]["limits"]["memory"] != "256Mi"
     planned = {c["type"]: c for c in p["conditions"]}["Planned"]
     assert planned["reason"] == "MemoryOverrideIgnored" and "thrashes" in planned["message"]
+
+
+# ---- API errors become conditions ---------------------------------------------------------------
+
+INVALID = (
+    'Deployment.apps "qwen" is invalid: spec.template.spec.containers[0].resources.requests: '
+    'Invalid value: "8Gi": must be less than or equal to memory limit of 1Gi'
+)
+
+
+def conds_of(patch):
+    return {c["type"]: c for c in patch["conditions"]}
+
+
+def test_invalid_child_is_a_condition_not_a_retry():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    k.fail_apply["Deployment"] = kube.KubeError(422, INVALID)
+    spec = {**SEED, "resources": {"requests": {"memory": "8Gi"}, "limits": {"memory": "1Gi"}}}
+    p = go(md(spec), k, st)  # returns: nothing for kopf to retry
+    c = conds_of(p)
+    assert c["Degraded"]["status"] == "True" and c["Degraded"]["reason"] == "ApplyFailed"
+    assert c["Degraded"]["message"] == f"Deployment qwen: HTTP 422: {INVALID}"
+    assert c["Ready"]["status"] == "False" and c["Ready"]["reason"] == "ApplyFailed"
+    assert c["Progressing"]["status"] == "False"
+    assert c["Planned"]["status"] == "True" and p["plan"]["fits"] is True  # the plan is fine; its child was not
+    seen = st.seen[("default", "qwen")]
+    assert seen.retry_at == 0 and not st.due(("default", "qwen"))  # not retried until something changes
+    # fixed: the next reconcile applies and clears the condition
+    del k.fail_apply["Deployment"]
+    p2 = go(md(SEED, status=p, generation=2), k, st)
+    assert conds_of({"conditions": p2["conditions"]})["Degraded"]["reason"] == "AsExpected"
+    assert deploy_path() in k.objects
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 422])
+def test_every_permanent_error_names_the_child(status):
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    k.fail_apply["Service"] = kube.KubeError(status, "the server said no")
+    p = go(md(SEED), k, st)
+    c = conds_of(p)["Degraded"]
+    assert (c["reason"], c["message"]) == ("ApplyFailed", f"Service qwen: HTTP {status}: the server said no")
+    assert deploy_path() not in k.objects  # the Deployment goes last
+
+
+@pytest.mark.parametrize("status", [0, 409, 429, 500, 503])
+def test_transient_error_is_reported_and_retried_with_backoff(status):
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    k.fail_apply["Deployment"] = kube.KubeError(status, "try again")
+    with pytest.raises(handlers.ApiRetry) as err:
+        go(md(SEED), k, st)
+    c = conds_of(err.value.patch)["Degraded"]
+    assert c["reason"] == "ApiUnavailable" and "try again" in c["message"] and "retrying" in c["message"]
+    seen = st.seen[("default", "qwen")]
+    assert seen.failures == 1 and seen.retry_at > 0 and not st.due(("default", "qwen"))
+    seen.retry_at = 1.0  # the backoff has passed
+    assert st.due(("default", "qwen"))
+    with pytest.raises(handlers.ApiRetry):
+        go(md(SEED), k, st)
+    assert st.seen[("default", "qwen")].failures == 2
+    del k.fail_apply["Deployment"]
+    go(md(SEED), k, st)
+    assert (st.seen[("default", "qwen")].failures, st.seen[("default", "qwen")].retry_at) == (0, 0.0)
+
+
+def test_retry_delay_backs_off_to_a_bound():
+    delays = [handlers.retry_delay(i) for i in range(12)]
+    assert delays[:3] == [10.0, 20.0, 40.0] and max(delays) == handlers.MAX_RETRY_DELAY
+    assert delays == sorted(delays)
+
+
+def test_failed_read_is_a_condition():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    k.fail_get[deploy_path()] = kube.KubeError(403, 'deployments.apps "qwen" is forbidden')
+    c = conds_of(go(md(SEED), k, st))["Degraded"]
+    assert c["reason"] == "ApiError" and c["message"].startswith("reading Deployment qwen: HTTP 403")
+
+
+def test_kopf_handler_writes_the_condition_then_raises_a_temporary_error():
+    import kopf
+
+    k = FakeKube([CPU_LARGE])
+    k.fail_apply["Deployment"] = kube.KubeError(503, "etcdserver: leader changed")
+    kube.set_client(k)
+    handlers.STATE.__init__()
+    patch = kopf.Patch()
+    try:
+        with pytest.raises(kopf.TemporaryError) as err:
+            asyncio.run(handlers.modeldeployment_changed(body=md(SEED), patch=patch, logger=LOG, retry=2))
+        assert err.value.delay == 40.0
+        c = {c["type"]: c for c in patch["status"]["conditions"]}["Degraded"]
+        assert c["reason"] == "ApiUnavailable" and "leader changed" in c["message"]
+        # a permanent error: the condition, and the handler succeeds (kopf does not retry it)
+        k.fail_apply["Deployment"] = kube.KubeError(422, INVALID)
+        patch = kopf.Patch()
+        asyncio.run(handlers.modeldeployment_changed(body=md(SEED), patch=patch, logger=LOG, retry=0))
+        assert {c["type"]: c for c in patch["status"]["conditions"]}["Degraded"]["reason"] == "ApplyFailed"
+    finally:
+        kube.set_client(None)
+        handlers.STATE.__init__()
+
+
+@pytest.mark.parametrize("name", ["x" * 64, "1model", "my.model", "-a", "a-"])
+def test_names_that_cannot_make_children_are_refused(name):
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    c = conds_of(go(md(SEED, name=name), k, st))
+    assert c["Planned"]["reason"] == "InvalidSpec" and "metadata.name" in c["Planned"]["message"]
+    assert k.applies == 0
+
+
+def test_63_character_name_is_fine():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    name = "m" * 63
+    c = conds_of(go(md(SEED, name=name), k, st))
+    assert c["Planned"]["status"] == "True"
+    assert k.objects[deploy_path(name)]["metadata"]["labels"]["modelfit.io/modeldeployment"] == name
+
+
+def test_missing_secret_key_and_pvc_are_reported():
+    secret = path_for("v1", "Secret", "default", "llm-key")
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    spec = {**SEED, "apiKeySecretRef": {"name": "llm-key"}}
+    c = conds_of(go(md(spec), k, st))["Degraded"]
+    assert c["reason"] == "SecretNotFound" and "llm-key" in c["message"]
+    assert deploy_path() in k.objects  # the pods start once it exists
+    k.objects[secret] = {"data": {"other": "eA=="}}
+    c = conds_of(go(md(spec), k, st))["Degraded"]
+    assert c["reason"] == "SecretKeyNotFound" and "api-key" in c["message"]
+    k.objects[secret] = {"data": {"api-key": "eA=="}}
+    assert conds_of(go(md(spec), k, st))["Degraded"]["reason"] == "AsExpected"
+    # no RBAC on Secrets (the chart grants none): the check is skipped, the kubelet will tell
+    k.fail_get[secret] = kube.KubeError(403, "secrets is forbidden")
+    assert conds_of(go(md(spec), k, st))["Degraded"]["reason"] == "AsExpected"
+    pvc_spec = {"model": {"pvc": {"claimName": "models", "path": "/Qwen3.5-0.8B-Q4_0.gguf"}}, "context": 4096}
+    c = conds_of(go(md(pvc_spec, name="onpvc"), k, st))["Degraded"]
+    assert c["reason"] == "PvcNotFound" and "models" in c["message"]
+
+
+def test_planner_warnings_are_in_the_planned_message():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    c = conds_of(go(md({**SEED, "context": 16777216, "adapt": False}), k, st))["Planned"]
+    assert c["reason"] == "Planned" and "exceeds the model's trained 262144; capped" in c["message"]
+
+
+def test_malformed_affinity_is_invalid_not_a_crash():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    for affinity in (
+        {"nodeAffinity": "x"},
+        {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": ["x"]}}},
+        {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"matchExpressions": []}]}},
+    ):
+        c = conds_of(go(md({**SEED, "affinity": affinity}), k, st))["Planned"]
+        assert c["reason"] == "InvalidSpec" and "nodeAffinity" in c["message"]
+
+
+def test_non_http_answer_is_model_unreadable(monkeypatch):
+    import http.client
+
+    def garbage(url):
+        raise http.client.BadStatusLine("SSH-2.0-OpenSSH")
+
+    monkeypatch.setattr(handlers, "read_gguf", garbage)
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    c = conds_of(go(md({"model": {"url": "http://127.0.0.1:22/m.gguf"}}), k, st))["Planned"]
+    assert c["reason"] == "ModelUnreadable" and "not an HTTP answer" in c["message"]
+
+
+def test_unreachable_api_server_is_a_transient_kube_error():
+    async def run():
+        client = kube.Kube("http://127.0.0.1:1")
+        try:
+            await client.get("/api/v1/nodes")
+        finally:
+            await client.close()
+
+    with pytest.raises(kube.KubeError) as err:
+        asyncio.run(run())
+    assert err.value.status == 0 and err.value.transient and "cannot reach the API server" in str(err.value)
+    assert not kube.KubeError(422, "x").transient and kube.KubeError(429, "x").transient

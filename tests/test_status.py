@@ -145,3 +145,45 @@ def test_planning_failures():
     )
     v = planning_failure_conditions("NoNodeFits", "short")
     assert v["Unschedulable"] == ("True", "NoNodeFits", "short") and "Degraded" not in v
+
+
+def test_missing_secret_from_the_kubelet_is_degraded():
+    pod = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "llama-server",
+                    "state": {
+                        "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "llm-key" not found'}
+                    },
+                }
+            ],
+        },
+    }
+    c = workload_conditions(deploy(ready=0), [pod], 1)
+    assert c["Degraded"] == ("True", "ContainerConfigError", 'llama-server: secret "llm-key" not found')
+    assert 'secret "llm-key" not found' in c["Ready"][2]
+
+
+def test_api_failure_conditions_leave_planned_alone():
+    from modelfit.status import api_failure_conditions
+
+    c = api_failure_conditions("ApplyFailed", "Deployment x: HTTP 422: invalid")
+    assert set(c) == {"Ready", "Progressing", "Degraded"} and c["Degraded"][:2] == ("True", "ApplyFailed")
+
+
+def test_pods_the_replicaset_cannot_create_are_degraded():
+    d = deploy(replicas=0, ready=0, updated=0)
+    d["status"]["conditions"] = [
+        {
+            "type": "ReplicaFailure",
+            "status": "True",
+            "reason": "FailedCreate",
+            "message": 'Pod "x-1" is invalid: spec.containers[0].image: must not have leading or trailing whitespace',
+        }
+    ]
+    c = workload_conditions(d, [], 1)
+    assert c["Degraded"][:2] == ("True", "PodCreateFailed") and "whitespace" in c["Degraded"][2]
+    assert c["Ready"][0] == "False" and "whitespace" in c["Ready"][2]

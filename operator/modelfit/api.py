@@ -6,9 +6,10 @@ description here is what ``kubectl explain`` shows.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .catalog import RECIPES
@@ -54,6 +55,79 @@ OWNED_FLAGS_RULE: dict[str, Any] = {
     "threads, batch, load mode, host, port, fit...); set the matching spec field instead",
 }
 INT_OR_STRING: dict[str, Any] = {"x-kubernetes-int-or-string": True}
+
+# The name of a ModelDeployment names its Service (a DNS-1035 label) and is a label value on every child
+# (at most 63 characters), so only names that make valid children are admitted (CEL at the CRD's root).
+NAME_MAX = 63
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_RULES: list[dict[str, str]] = [
+    {
+        "rule": f"self.metadata.name.size() <= {NAME_MAX}",
+        "message": f"metadata.name must be at most {NAME_MAX} characters: it names the Service and is a label "
+        "value on every pod",
+    },
+    {
+        "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "message": "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', starting with a "
+        "letter and ending with a letter or digit (it names the Service)",
+    },
+]
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a ModelDeployment's children (the CRD's NAME_RULES, for older CRDs), or None."""
+    if len(name) > NAME_MAX:
+        return f"metadata.name {name[:20]}... has {len(name)} characters; at most {NAME_MAX} make a valid label value"
+    if not re.match(NAME_PATTERN, name):
+        return (
+            f"metadata.name {name} is not a DNS-1035 label (lowercase letters, digits and '-', starting with a letter)"
+        )
+    return None
+
+
+# A Kubernetes quantity without a sign (requests and limits are never negative), as the API server parses it.
+QUANTITY_PATTERN = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+Quantity = Annotated[str, Field(max_length=64, pattern=QUANTITY_PATTERN)]
+_SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
+
+
+def _node_affinity_problem(affinity: dict[str, Any]) -> str | None:
+    """What is malformed in the required node affinity the planner reads (the API server checks the rest)."""
+    node = affinity.get("nodeAffinity")
+    if node is None:
+        return None
+    if not isinstance(node, dict):
+        return "nodeAffinity must be an object"
+    required = node.get("requiredDuringSchedulingIgnoredDuringExecution")
+    if required is None:
+        return None
+    where = "nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+    if not isinstance(required, dict):
+        return f"{where} must be an object with nodeSelectorTerms"
+    terms = required.get("nodeSelectorTerms")
+    if not isinstance(terms, list) or not terms:
+        return f"{where}.nodeSelectorTerms must be a non-empty list"
+    for i, term in enumerate(terms):
+        if not isinstance(term, dict):
+            return f"{where}.nodeSelectorTerms[{i}] must be an object"
+        for part in ("matchExpressions", "matchFields"):
+            exprs = term.get(part)
+            if exprs is None:
+                continue
+            if not isinstance(exprs, list):
+                return f"{where}.nodeSelectorTerms[{i}].{part} must be a list"
+            for j, e in enumerate(exprs):
+                at = f"{where}.nodeSelectorTerms[{i}].{part}[{j}]"
+                if not isinstance(e, dict) or not isinstance(e.get("key"), str) or not e["key"]:
+                    return f"{at} must be an object with a key"
+                if e.get("operator") not in _SELECTOR_OPERATORS:
+                    return f"{at}.operator must be one of {', '.join(_SELECTOR_OPERATORS)}"
+                values = e.get("values")
+                if values is not None and not (isinstance(values, list) and all(isinstance(v, str) for v in values)):
+                    return f"{at}.values must be a list of strings"
+    return None
 
 
 class _Model(BaseModel):
@@ -202,8 +276,8 @@ class ServiceSpec(_Model):
 class ResourceOverride(_Model):
     """Requests and limits that replace the planned ones key by key (use with care: the plan is sized to fit)."""
 
-    requests: dict[str, str] | None = Field(default=None, description="Resource requests, e.g. cpu: '4'.")
-    limits: dict[str, str] | None = Field(default=None, description="Resource limits, e.g. memory: 8Gi.")
+    requests: dict[str, Quantity] | None = Field(default=None, description="Resource requests, e.g. cpu: '4'.")
+    limits: dict[str, Quantity] | None = Field(default=None, description="Resource limits, e.g. memory: 8Gi.")
 
 
 class ModelDeploymentSpec(_Model):
@@ -292,6 +366,14 @@ class ModelDeploymentSpec(_Model):
         default=False,
         description="May the operator shrink the context, quantize the KV cache or change backend to fit a node.",
     )
+
+    @field_validator("affinity")
+    @classmethod
+    def _affinity_shape(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        why = _node_affinity_problem(value) if value is not None else None
+        if why is not None:
+            raise ValueError(why)
+        return value
 
     def owned_flags_in_server_args(self) -> list[str]:
         bad = []

@@ -551,4 +551,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m modelfit.cli` runs this file as __main__, and values.py imports modelfit.cli: two modules,
+    # two Rejected classes, and a refused value slips past _rejected(). Run the one modelfit.cli instead.
+    from modelfit import cli as _cli
+
+    sys.exit(_cli.main())

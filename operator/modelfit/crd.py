@@ -101,6 +101,8 @@ def openapi_schema() -> dict[str, Any]:
         "type": "object",
         "description": api.ModelDeployment.__doc__,
         "required": ["spec"],
+        # Rules at the root may read metadata.name: names that cannot make valid children are refused.
+        "x-kubernetes-validations": api.NAME_RULES,
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object: modelfit.io/v1alpha1."},
             "kind": {"type": "string", "description": "Kind of this object: ModelDeployment."},

@@ -3,15 +3,19 @@
 - ModelDeployment created/updated/resumed -> reconcile (plan, apply children, status).
 - Node added/changed/removed -> a node generation counter moves; the resync loop re-plans
   every ModelDeployment on its next tick, and only a changed plan is applied (rolls out).
-- Pod of ours changed -> the resync loop refreshes that ModelDeployment's status, reacts to
+- Pod or Deployment of ours changed -> the resync loop refreshes that ModelDeployment's status, reacts to
   FailedScheduling (adapt: plan elsewhere/smaller), OOMKilled (more headroom), download failures.
-Nothing raised by a bad spec or an unreadable model escapes: it becomes a condition.
+Nothing raised by a bad spec or an unreadable model escapes: it becomes a condition. So does an API error
+while applying the children: a 4xx (an invalid child, a forbidden kind) is reported and not retried until
+something changes; unreachable, 5xx, 409 and 429 are reported and retried with backoff, a bounded number
+of times by kopf and every few minutes by the resync loop after that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import http.client
 import logging
 import socket
 import time
@@ -39,12 +43,36 @@ from .render import (
     render,
     selector_string,
 )
-from .status import apply_conditions, plan_status, planning_failure_conditions, pod_signals, workload_conditions
+from .status import (
+    Cond,
+    api_failure_conditions,
+    apply_conditions,
+    get_condition,
+    plan_status,
+    planning_failure_conditions,
+    pod_signals,
+    workload_conditions,
+)
 
 RESYNC_TICK = 5.0  # seconds between resync checks
 FULL_RESYNC = 300.0  # re-plan at least this often
 OOM_HEADROOM_STEP = 0.25
 AVOID_SECONDS = 300.0
+HANDLER_RETRIES = 8  # kopf's attempts at a transient API failure; the resync loop keeps trying after that
+MAX_RETRY_DELAY = 300.0
+
+
+def retry_delay(attempt: int) -> float:
+    """Backoff before retrying a transient API failure: 10 s doubling, at most 5 minutes."""
+    return float(min(MAX_RETRY_DELAY, 10.0 * 2 ** max(0, attempt)))
+
+
+class ApiRetry(Exception):
+    """A transient API failure (unreachable, 5xx, 409, 429): write ``patch`` (the condition), then retry later."""
+
+    def __init__(self, message: str, patch: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.patch = patch
 
 
 @dataclass
@@ -53,6 +81,8 @@ class _Seen:
     at: float = 0.0
     pods_dirty: bool = False
     avoid: dict[tuple[tuple[str, str], ...], float] = field(default_factory=dict)
+    failures: int = 0  # transient API failures in a row
+    retry_at: float = 0.0  # when the resync loop retries after one (monotonic; 0: no retry pending)
 
 
 class OperatorState:
@@ -102,7 +132,13 @@ class OperatorState:
         s = self.seen.get(key)
         if s is None:
             return True
-        return s.node_generation != self.node_generation or s.pods_dirty or time.monotonic() - s.at > FULL_RESYNC
+        now = time.monotonic()
+        return (
+            s.node_generation != self.node_generation
+            or s.pods_dirty
+            or now - s.at > FULL_RESYNC
+            or bool(s.retry_at and now >= s.retry_at)
+        )
 
 
 STATE = OperatorState()
@@ -205,10 +241,53 @@ async def reconcile(
         result = "error"
         try:
             patch, result = await _reconcile(body, logger, kube, state, seen)
+        except ApiRetry:
+            result = "api_retry"
+            seen.failures += 1
+            seen.retry_at = time.monotonic() + retry_delay(seen.failures - 1)
+            raise
         finally:
             metrics.RECONCILES.labels(result=result).inc()
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        seen.failures, seen.retry_at = 0, 0.0
         return patch
+
+
+async def _missing_reference(kube: Kube, ns: str, spec: ModelDeploymentSpec) -> Cond | None:
+    """A Secret, Secret key or PVC the pods need and that does not exist, as a Degraded condition.
+
+    The pods are created anyway (they start once it exists); an answer other than found/not found (no RBAC
+    on Secrets, say) means the check cannot be made, and the kubelet's CreateContainerConfigError tells.
+    """
+    try:
+        ref = spec.api_key_secret_ref
+        if ref is not None:
+            secret = await kube.get(path_for("v1", "Secret", ns, ref.name))
+            if secret is None:
+                return (
+                    "True",
+                    "SecretNotFound",
+                    f"Secret {ref.name} (spec.apiKeySecretRef) does not exist in namespace {ns}; "
+                    "the pods cannot start until it does",
+                )
+            if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
+                return (
+                    "True",
+                    "SecretKeyNotFound",
+                    f"Secret {ref.name} (spec.apiKeySecretRef) has no key {ref.key}; "
+                    "the pods cannot start until it does",
+                )
+        pvc = spec.model.pvc
+        if pvc is not None and await kube.get(path_for("v1", "PersistentVolumeClaim", ns, pvc.claim_name)) is None:
+            return (
+                "True",
+                "PvcNotFound",
+                f"PersistentVolumeClaim {pvc.claim_name} (spec.model.pvc) does not exist in namespace {ns}; "
+                "the pods cannot be scheduled until it does",
+            )
+    except KubeError:
+        return None
+    return None
 
 
 async def _reconcile(
@@ -229,6 +308,23 @@ async def _reconcile(
         new["conditions"] = apply_conditions(conds, planning_failure_conditions(reason, message), gen)
         return _status_patch(old, new), result
 
+    def api_failed(exc: KubeError, what: str, write: bool, planned: Cond | None = None) -> tuple[dict[str, Any], str]:
+        """An API error as conditions; a transient one raises ApiRetry (kopf and the resync loop back off)."""
+        reason = "ApiUnavailable" if exc.transient else "ApplyFailed" if write else "ApiError"
+        message = f"{what}: {exc}" + ("; retrying" if exc.transient else "")
+        logger.warning(f"{reason}: {message}")
+        values = api_failure_conditions(reason, message)
+        if planned is not None:
+            values["Planned"] = planned
+        new["conditions"] = apply_conditions(conds, values, gen)
+        patch = _status_patch(old, new)
+        if exc.transient:
+            raise ApiRetry(f"{reason}: {message}", patch)
+        return patch, "api_error"
+
+    bad_name = api.name_problem(name)
+    if bad_name is not None:
+        return fail("InvalidSpec", f"{bad_name}; delete it and create it under a valid name", "invalid")
     try:
         spec = ModelDeploymentSpec.model_validate(body.get("spec") or {})
     except ValidationError as exc:
@@ -243,11 +339,16 @@ async def _reconcile(
         )
     try:
         facts, size = await load_facts(spec, state)
-    except (GGUFError, KeyError, ValueError, OSError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    except (GGUFError, KeyError, ValueError, OSError, http.client.HTTPException) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc) or type(exc).__name__
+        if isinstance(exc, http.client.HTTPException):
+            msg = f"{model_file(spec).url}: not an HTTP answer ({type(exc).__name__}: {msg})"
         return fail("ModelUnreadable", f"cannot read the model: {msg}", "model_unreadable")
 
-    await state.snapshot.refresh(kube)
+    try:
+        await state.snapshot.refresh(kube)
+    except KubeError as exc:
+        return api_failed(exc, "listing nodes and pods", write=False)
     mine = {MD_LABEL: name}
 
     def is_mine(pod: dict[str, Any]) -> bool:
@@ -263,7 +364,10 @@ async def _reconcile(
     override_failed = override is not None and rejected == override
     placement = await _place(spec, facts, size, nodes, boost, seen)
     mf = model_file(spec, size)
-    pods = await kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector_string(name))
+    try:
+        pods = await kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector_string(name))
+    except KubeError as exc:
+        return api_failed(exc, f"listing the pods of {name}", write=False)
 
     unschedulable = False
     if placement.fits:
@@ -309,7 +413,15 @@ async def _reconcile(
     pod_monitor = await pod_monitors_served(kube, state)
     rendered = render(meta, spec, placement, mf, with_pod_monitor=pod_monitor, honour_memory_override=verdict is None)
     new["plan"] = plan_status(placement, facts, size, rendered.hash, boost)
-    deploy = await kube.get(path_for("apps/v1", "Deployment", ns, name))
+    planned: Cond = ("True", placement.reason, placement.message)
+    if placement.result.warnings:
+        planned = ("True", placement.reason, f"{placement.message}; {'; '.join(placement.result.warnings)}")
+    if verdict is not None:
+        planned = ("True", "MemoryOverrideIgnored", verdict)
+    try:
+        deploy = await kube.get(path_for("apps/v1", "Deployment", ns, name))
+    except KubeError as exc:
+        return api_failed(exc, f"reading Deployment {name}", write=False, planned=planned)
     applied = ((deploy or {}).get("metadata") or {}).get("annotations", {}).get(APPLIED_ANNOTATION)
     template_hash = _template_hash(rendered.by_kind("Deployment"))
     same_override = old.get("memoryOverrideRejected") == new.get("memoryOverrideRejected")
@@ -324,9 +436,15 @@ async def _reconcile(
         # The Deployment carries the applied hash, so it goes last: a crash half-way leaves a stale
         # hash and the next reconcile applies everything again (no missing Service after a restart).
         for api_version, kind, child in rendered.absent:
-            await kube.delete(path_for(api_version, kind, ns, child))
+            try:
+                await kube.delete(path_for(api_version, kind, ns, child))
+            except KubeError as exc:
+                return api_failed(exc, f"deleting {kind} {child}", write=True, planned=planned)
         for obj in sorted(rendered.objects, key=lambda o: o["kind"] == "Deployment"):
-            out = await kube.apply(obj)
+            try:
+                out = await kube.apply(obj)
+            except KubeError as exc:
+                return api_failed(exc, f"{obj['kind']} {obj['metadata']['name']}", write=True, planned=planned)
             if obj["kind"] == "Deployment":
                 deploy = out
         if old_plan.get("hash") != rendered.hash:
@@ -339,9 +457,13 @@ async def _reconcile(
             await _post_event(kube, body, "PlanChanged", f"new plan: {what}")
             logger.info(f"plan applied: {what}")
     values = workload_conditions(deploy, pods, spec.replicas, template_hash)
-    values["Planned"] = ("True", placement.reason, placement.message)
-    if verdict is not None:
-        values["Planned"] = ("True", "MemoryOverrideIgnored", verdict)
+    values["Planned"] = planned
+    missing = await _missing_reference(kube, ns, spec)
+    if missing is not None:
+        values["Degraded"] = missing
+        was = get_condition(conds, "Degraded") or {}
+        if (was.get("reason"), was.get("message")) != missing[1:]:
+            logger.warning(f"{missing[1]}: {missing[2]}")
     new["conditions"] = apply_conditions(conds, values, gen)
     dst = (deploy or {}).get("status") or {}
     new["replicas"] = int(dst.get("replicas") or 0)
@@ -439,11 +561,18 @@ async def close_client(**_: Any) -> None:
     await get_client().close()
 
 
-@kopf.on.create(G, V, P)
-@kopf.on.update(G, V, P)
-@kopf.on.resume(G, V, P)
-async def modeldeployment_changed(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
-    _merge_into(patch, await reconcile(dict(body), logger))
+@kopf.on.create(G, V, P, retries=HANDLER_RETRIES)
+@kopf.on.update(G, V, P, retries=HANDLER_RETRIES)
+@kopf.on.resume(G, V, P, retries=HANDLER_RETRIES)
+async def modeldeployment_changed(
+    body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, retry: int, **_: Any
+) -> None:
+    try:
+        status_patch = await reconcile(dict(body), logger)
+    except ApiRetry as exc:
+        _merge_into(patch, exc.patch)  # kopf writes the patch even when the handler fails
+        raise kopf.TemporaryError(str(exc), delay=retry_delay(retry)) from None
+    _merge_into(patch, status_patch)
 
 
 @kopf.on.event(G, V, P)
@@ -467,13 +596,24 @@ async def resync_loop(state: OperatorState = STATE, tick: float = RESYNC_TICK) -
         for key, body in list(state.bodies.items()):
             if (body.get("metadata") or {}).get("deletionTimestamp") or not state.due(key):
                 continue
+            logger = _ObjectLog(log, {"object": f"{key[0]}/{key[1]}"})
+            path = path_for(api.API_VERSION, api.KIND, key[0], key[1]) + "/status"
             try:
-                status_patch = await reconcile(body, log, state=state)
+                try:
+                    status_patch = await reconcile(body, logger, state=state)
+                except ApiRetry as exc:
+                    status_patch = exc.patch
                 if status_patch:
-                    path = path_for(api.API_VERSION, api.KIND, key[0], key[1]) + "/status"
                     await get_client().merge_patch(path, {"status": status_patch})
             except Exception as exc:  # noqa: BLE001 - one object's failure must not stop the loop
-                log.warning(f"resync of {key[0]}/{key[1]} failed: {exc}")
+                logger.warning(f"resync failed: {exc}")
+
+
+class _ObjectLog(logging.LoggerAdapter[logging.Logger]):
+    """Resync log lines name their object like kopf's: ``[namespace/name] message``."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{(self.extra or {}).get('object')}] {msg}", kwargs
 
 
 @kopf.on.event("", "v1", "nodes")
@@ -490,9 +630,17 @@ def pod_event(body: kopf.Body, **_: Any) -> None:
         STATE.seen.setdefault((str(body.metadata.namespace), owner), _Seen()).pods_dirty = True
 
 
+@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "modelfit"})
+def deployment_event(body: kopf.Body, **_: Any) -> None:
+    """A Deployment's status moved (rollout progress, a ReplicaSet that cannot create pods): look again."""
+    owner = body.metadata.labels.get(MD_LABEL)
+    if owner:
+        STATE.seen.setdefault((str(body.metadata.namespace), owner), _Seen()).pods_dirty = True
+
+
 @kopf.on.probe(id="nodeFactsAgeSeconds")
 def node_facts_age(**_: Any) -> float:
     return round(STATE.snapshot.age(), 1)
 
 
-__all__ = ["STATE", "KubeError", "OperatorState", "load_facts", "reconcile"]
+__all__ = ["STATE", "ApiRetry", "KubeError", "OperatorState", "load_facts", "reconcile"]

@@ -26,6 +26,7 @@ _PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "PodDisruptionBudget": "poddisruptionbudgets",
     "Pod": "pods",
+    "Secret": "secrets",
     "Node": "nodes",
     "Event": "events",
     "PodMonitor": "podmonitors",
@@ -34,9 +35,17 @@ _PLURALS = {
 
 
 class KubeError(Exception):
+    """An API error: the HTTP status (0 when the server could not be reached) and the server's message."""
+
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
+        super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying: unreachable, 5xx, conflict or throttled. Any other 4xx fails the same way again."""
+        return self.status == 0 or self.status >= 500 or self.status in (409, 429)
 
 
 def path_for(api_version: str, kind: str, namespace: str | None = None, name: str | None = None) -> str:
@@ -97,17 +106,23 @@ class Kube:
             data = json.dumps(body)
         self.requests += 1
         metrics.API_REQUESTS.labels(verb=method).inc()
-        async with self._session.request(
-            method, self.server + path, data=data, headers=headers, params=params or None, ssl=self._ssl
-        ) as resp:
-            text = await resp.text()
-            if resp.status >= 400:
-                try:
-                    message = json.loads(text).get("message", text)
-                except (ValueError, AttributeError):
-                    message = text
-                raise KubeError(resp.status, str(message)[:500])
-            return json.loads(text) if text else {}
+        try:
+            async with self._session.request(
+                method, self.server + path, data=data, headers=headers, params=params or None, ssl=self._ssl
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise KubeError(
+                0, f"{method} {path}: cannot reach the API server ({str(exc) or type(exc).__name__})"
+            ) from exc
+        if status >= 400:
+            try:
+                message = json.loads(text).get("message", text)
+            except (ValueError, AttributeError):
+                message = text
+            raise KubeError(status, str(message)[:500])
+        return json.loads(text) if text else {}
 
     async def close(self) -> None:
         if self._session is not None:

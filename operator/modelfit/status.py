@@ -3,10 +3,13 @@
 Conditions and their reasons:
 
 - Planned: True Planned | Adapted; False InvalidSpec | ModelUnreadable | NoNodeFits | NoEligibleNodes | NoNodes
-- Ready: True ReplicasReady | ScaledToZero; False ReplicasNotReady | NotPlanned
-- Progressing: True RollingOut; False RolloutComplete | ProgressDeadlineExceeded | NotPlanned
-- Degraded: True InvalidSpec | ModelUnreadable | ModelDownloadFailed | OOMKilled | ImagePullFailed | CrashLoopBackOff;
+- Ready: True ReplicasReady | ScaledToZero; False ReplicasNotReady | NotPlanned | API_FAILURES
+- Progressing: True RollingOut; False RolloutComplete | ProgressDeadlineExceeded | NotPlanned | API_FAILURES
+- Degraded: True InvalidSpec | ModelUnreadable | ModelDownloadFailed | OOMKilled | ImagePullFailed |
+  ContainerConfigError | CrashLoopBackOff | PodCreateFailed | SecretNotFound | SecretKeyNotFound | PvcNotFound | API_FAILURES;
   False AsExpected
+- API_FAILURES: ApplyFailed (the API server refused a child: HTTP 4xx, the server's message), ApiError (a read was
+  refused), ApiUnavailable (unreachable, 5xx, 409 or 429: retried with backoff)
 - Unschedulable: True FailedScheduling (the scheduler's message) | NoNodeFits | NoEligibleNodes | NoNodes;
   False Scheduled
 """
@@ -24,6 +27,7 @@ from .render import HASH_ANNOTATION
 
 CONDITION_TYPES = ("Ready", "Planned", "Progressing", "Degraded", "Unschedulable")
 PLAN_FAILURES = ("InvalidSpec", "ModelUnreadable", "NoNodeFits", "NoEligibleNodes", "NoNodes")
+API_FAILURES = ("ApplyFailed", "ApiError", "ApiUnavailable")
 DOWNLOADER = "fetch-model"
 
 Cond = tuple[str, str, str]  # status, reason, message
@@ -79,6 +83,7 @@ class PodSignals:
     oom_killed: list[str] = field(default_factory=list)  # pod names, current template only when filtered
     download_failed: str | None = None
     image_pull: str | None = None
+    config_error: str | None = None  # CreateContainerConfigError: a missing Secret or key, usually
     crash: str | None = None
     running: int = 0
 
@@ -119,6 +124,8 @@ def pod_signals(pods: list[dict[str, Any]], template_hash: str | None = None) ->
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
                 sig.image_pull = f"{cs.get('image')}: {waiting.get('message') or waiting.get('reason')}"
+            if waiting.get("reason") == "CreateContainerConfigError":
+                sig.config_error = f"{cs.get('name')}: {waiting.get('message') or waiting.get('reason')}"
         for cs in st.get("containerStatuses") or []:
             if any(t.get("reason") == "OOMKilled" for t in _terminated(cs)):
                 annotations = meta.get("annotations") or {}
@@ -140,13 +147,31 @@ def workload_conditions(
     updated = int(st.get("updatedReplicas") or 0)
     total = int(st.get("replicas") or 0)
     sig = pod_signals(pods, template_hash)
+    # The ReplicaSet could not create a pod (the API server refused it: an image with spaces, a quota, an
+    # admission policy): the Deployment carries the reason, and there are no pods to tell.
+    refused = next(
+        (
+            c.get("message") or c.get("reason") or "the ReplicaSet cannot create pods"
+            for c in st.get("conditions") or []
+            if c.get("type") == "ReplicaFailure" and c.get("status") == "True"
+        ),
+        None,
+    )
     out: dict[str, Cond] = {}
     if desired == 0:
         out["Ready"] = ("True", "ScaledToZero", "replicas is 0")
     elif ready >= desired:
         out["Ready"] = ("True", "ReplicasReady", f"{ready}/{desired} replicas ready")
     else:
-        why = sig.unschedulable or sig.download_failed or sig.image_pull or sig.crash or "starting"
+        why = (
+            refused
+            or sig.unschedulable
+            or sig.download_failed
+            or sig.image_pull
+            or sig.config_error
+            or sig.crash
+            or "starting"
+        )
         out["Ready"] = ("False", "ReplicasNotReady", f"{ready}/{desired} replicas ready: {why}")
     dep_gen, obs_gen = (deploy or {}).get("metadata", {}).get("generation"), st.get("observedGeneration")
     deadline = next(
@@ -167,12 +192,16 @@ def workload_conditions(
         out["Unschedulable"] = ("True", "FailedScheduling", sig.unschedulable)
     else:
         out["Unschedulable"] = ("False", "Scheduled", "all pods are scheduled")
-    if sig.download_failed:
+    if refused:
+        out["Degraded"] = ("True", "PodCreateFailed", refused)
+    elif sig.download_failed:
         out["Degraded"] = ("True", "ModelDownloadFailed", sig.download_failed)
     elif sig.oom_killed:
         out["Degraded"] = ("True", "OOMKilled", f"llama-server was OOM-killed in {', '.join(sorted(sig.oom_killed))}")
     elif sig.image_pull:
         out["Degraded"] = ("True", "ImagePullFailed", sig.image_pull)
+    elif sig.config_error:
+        out["Degraded"] = ("True", "ContainerConfigError", sig.config_error)
     elif sig.crash:
         out["Degraded"] = ("True", "CrashLoopBackOff", sig.crash)
     else:
@@ -192,6 +221,15 @@ def planning_failure_conditions(reason: str, message: str) -> dict[str, Cond]:
     else:
         out["Unschedulable"] = ("True", reason, message)
     return out
+
+
+def api_failure_conditions(reason: str, message: str) -> dict[str, Cond]:
+    """Conditions when the API server refused (or could not take) what the plan needs; Planned is left as is."""
+    return {
+        "Ready": ("False", reason, message),
+        "Progressing": ("False", reason, message),
+        "Degraded": ("True", reason, message),
+    }
 
 
 def plan_status(
