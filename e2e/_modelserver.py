@@ -18,7 +18,8 @@ from typing import cast
 @dataclass
 class Behaviour:
     ranges: bool = True  # False: ignore Range, always 200 with the whole file
-    cut_first: int = 0  # the first N GETs send half the body, then close the connection
+    cut_first: int = 0  # the first N whole-file GETs send half the body, then close the connection
+    # (ranged reads, such as the operator's header read, are never cut: they are not downloads)
     wrong: bool = False  # flip every byte (same length)
 
 
@@ -61,7 +62,7 @@ class _Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.requests.append(Request(self.command, path, rng))
             b = st.behaviour.get(path, Behaviour())
-            cut = not head and b.cut_first > 0
+            cut = not head and rng is None and b.cut_first > 0
             if cut:
                 b.cut_first -= 1
         file = st.files.get(path)

@@ -83,9 +83,9 @@ class RealNode:
         self.up_s = up_s
         self.log = log
 
-    def pods(self, ns: str, name: str) -> list[dict[str, Any]]:
+    def pods(self, ns: str, name: str, terminating: bool = False) -> list[dict[str, Any]]:
         out = self.cluster.get_json("-n", ns, "pods", "-l", f"app.kubernetes.io/instance={name}")
-        return [p for p in out["items"] if not p["metadata"].get("deletionTimestamp")]
+        return [p for p in out["items"] if terminating or not p["metadata"].get("deletionTimestamp")]
 
     def ready_pod(self, ns: str, name: str, timeout: float = 240) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:

@@ -119,7 +119,8 @@ def test_cgroup_peak_matches_the_plan(
         wait_condition(cluster, ns, name, "Ready", timeout=300, operator=operator)
         scale = ["-n", ns, "patch", "modeldeployment", name, "--type=merge", "-p"]
         cluster.kubectl(*scale, '{"spec": {"replicas": 0}}')
-        cluster.wait_for(lambda: not real_node.pods(ns, name), timeout=120, what="pods gone")
+        # Wait for the old pod to be gone for good: a process still mapping the file keeps its pages cached.
+        cluster.wait_for(lambda: not real_node.pods(ns, name, terminating=True), timeout=120, what="pods gone")
         drop_page_cache()
         cluster.kubectl(*scale, '{"spec": {"replicas": 1}}')
     else:
