@@ -18,7 +18,7 @@ QWEN = {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}
 BAD_SPECS = [
     ("context-wrong-string", {"context": "big"}, ["context must be max or a number"]),
     ("parallel-wrong-type", {"parallel": "two"}, ["spec.parallel", "integer"]),
-    ("unknown-quant", {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q3_XYZ"}}, ["spec.model.quant", "Unsupported value", "Q4_K_M"]),
+    ("unknown-quant", {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q3_XYZ"}}, ["spec.model.quant", "quant must be one of", "Q4_K_M"]),
     ("negative-context", {"context": -5}, ["context must be max or a number between 256 and 16777216"]),
     ("two-model-sources", {"model": {**QWEN, "url": "http://127.0.0.1:1/x.gguf"}}, ["exactly one of catalog, url, huggingFace or pvc"]),
     ("no-model-source", {"model": {}}, ["exactly one of catalog, url, huggingFace or pvc"]),

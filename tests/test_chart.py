@@ -317,6 +317,7 @@ EXPECTED_CLUSTER = (
 )
 EXPECTED_NAMESPACED = (
     {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
+    | {("", "secrets", "get")}  # spec.model.tokenSecretRef's token for the header read; missing Secrets reported
     | {("apps", "deployments", v) for v in MANAGE}
     | {("", r, v) for r in ("services", "persistentvolumeclaims") for v in MANAGE}
     | {("policy", "poddisruptionbudgets", v) for v in MANAGE}
@@ -503,6 +504,7 @@ MD_CASES: dict[str, dict[str, Any]] = {
         "minContext": 4096,
         "parallel": 2,
         "kvCacheType": "q8_0",
+        "promptCache": 512,
         "loadMode": "mmap",
         "flashAttention": "on",
         "backend": "cpu",
@@ -519,7 +521,13 @@ MD_CASES: dict[str, dict[str, Any]] = {
         "service": {"type": "NodePort", "port": 8000},
         "expectedPlan": {"backend": "cpu", "gpuLayers": 0, "context": 8192, "memoryRequest": "866Mi"},
     },
-    "url": {"model": {"url": "https://example.com/m.gguf"}, "context": "max", "gpuLayers": "auto"},
+    "url": {
+        "model": {"url": "https://example.com/m.gguf"},
+        "context": "max",
+        "gpuLayers": "auto",
+        "promptCache": "auto",
+    },
+    "prompt-cache-off": {"promptCache": 0},
     "huggingFace": {"model": {"huggingFace": {"repo": "unsloth/Qwen3.5-0.8B-GGUF", "file": "Qwen3.5-0.8B-Q4_0.gguf"}}},
     "pvc": {"model": {"pvc": {"claimName": "models", "path": "/m/qwen.gguf"}}, "modelCache": {"emptyDir": {}}},
 }
@@ -554,6 +562,7 @@ def test_modeldeployment_full(helm: str, helm_env: dict[str, str], tmp_path: Pat
     assert spec["model"] == {"catalog": "qwen3.5-0.8b", "quant": "Q4_K_M", "sha256": "a" * 64}
     assert spec["context"] == 8192 and isinstance(spec["context"], int)
     assert spec["gpuLayers"] == 0
+    assert spec["promptCache"] == 512 and isinstance(spec["promptCache"], int)
     assert spec["adapt"] is True
     assert spec["modelCache"] == {"pvc": {"size": "2Gi", "storageClass": "standard"}}
     assert spec["service"] == {"type": "NodePort", "port": 8000}
@@ -567,6 +576,12 @@ def test_modeldeployment_other_source_wins_over_catalog(helm: str, helm_env: dic
     (md,) = render(helm, helm_env, MD_CHART, MD_CASES["url"], tmp_path=tmp_path)
     assert md["spec"]["model"] == {"url": "https://example.com/m.gguf"}
     assert md["spec"]["context"] == "max" and md["spec"]["gpuLayers"] == "auto"
+    assert md["spec"]["promptCache"] == "auto"
+
+
+def test_modeldeployment_prompt_cache_zero_is_kept(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    (md,) = render(helm, helm_env, MD_CHART, MD_CASES["prompt-cache-off"], tmp_path=tmp_path)
+    assert md["spec"]["promptCache"] == 0  # 0 turns the cache off: it must not be dropped as empty
 
 
 @pytest.mark.parametrize(
@@ -576,6 +591,8 @@ def test_modeldeployment_other_source_wins_over_catalog(helm: str, helm_env: dic
         {"context": "huge"},
         {"backend": "tpu"},
         {"kvCacheType": "q2"},
+        {"promptCache": -1},
+        {"promptCache": "lots"},
         {"model": {"quant": "Q3_X"}},
         {"model": {"url": "ftp://x/y.gguf"}},
         {"model": {"sha256": "xyz"}},

@@ -106,3 +106,48 @@ def test_console_script_yaml() -> None:
         check=True,
     ).stdout
     assert "architecture: gemma3" in out
+
+
+def test_3b_on_a_small_node_keeps_answer_quality(capsys: pytest.CaptureFixture[str]) -> None:
+    """`modelfit plan llama-3.2-3b --quant Q4_K_M --node cpu-small` does not quantize the KV cache to q4_0."""
+    rc, out = run(capsys, "plan", "llama-3.2-3b", "--quant", "Q4_K_M", "--node", "cpu-small", "-o", "json")
+    d = json.loads(out)
+    assert rc == 0 and d["fits"] and d["plan"]["kv_cache_type"] == "q8_0"
+    assert d["plan"]["args"][d["plan"]["args"].index("-ctk") + 1] == "q8_0"
+    assert any("f16 would need" in r for r in d["reasons"])
+    rc, out = run(
+        capsys,
+        "plan",
+        "llama-3.2-3b",
+        "--quant",
+        "Q4_K_M",
+        "--node",
+        "cpu-small",
+        "--kv-cache-type",
+        "q4_0",
+        "-o",
+        "json",
+    )
+    d = json.loads(out)
+    assert rc == 0 and d["plan"]["kv_cache_type"] == "q4_0" and d["plan"]["context"] == 56320
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--cache-ram", "512"), ("--prompt-cache", "512"), ("--cache-ram", "0")])
+def test_prompt_cache_option(capsys: pytest.CaptureFixture[str], flag: str, value: str) -> None:
+    rc, out = run(capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--context", "8192", flag, value, "-o", "json")
+    d = json.loads(out)
+    assert rc == 0 and d["plan"]["cache_ram_mib"] == int(value)
+    assert d["memory"]["cache_ram_bytes"] == int(value) * 2**20
+    assert d["plan"]["args"][d["plan"]["args"].index("--cache-ram") + 1] == value
+
+
+def test_prompt_cache_auto_by_default_and_in_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = run(capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--context", "8192", "--memory", "8Gi")
+    assert rc == 0
+    mib = int(out.split("--cache-ram ")[-1].split()[0])
+    assert mib > 0 and f"prompt cache {mib} MiB (--cache-ram)" in out
+    assert "with --cache-ram 0)" in out  # Min RAM required, with and without the cache
+    rc, auto = run(
+        capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--context", "8192", "--memory", "8Gi", "--cache-ram", "auto"
+    )
+    assert auto == out

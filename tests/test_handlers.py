@@ -157,7 +157,7 @@ def test_bad_spec_and_owned_flags_become_conditions():
 
 
 def test_unreadable_model(monkeypatch):
-    def boom(url):
+    def boom(url, *_):
         raise GGUFError(f"{url}: HTTP 404")
 
     monkeypatch.setattr(handlers, "read_gguf", boom)
@@ -517,7 +517,7 @@ def test_missing_secret_key_and_pvc_are_reported():
     assert c["reason"] == "SecretKeyNotFound" and "api-key" in c["message"]
     k.objects[secret] = {"data": {"api-key": "eA=="}}
     assert conds_of(go(md(spec), k, st))["Degraded"]["reason"] == "AsExpected"
-    # no RBAC on Secrets (the chart grants none): the check is skipped, the kubelet will tell
+    # no RBAC on Secrets (a chart without get on secrets): the check is skipped, the kubelet will tell
     k.fail_get[secret] = kube.KubeError(403, "secrets is forbidden")
     assert conds_of(go(md(spec), k, st))["Degraded"]["reason"] == "AsExpected"
     pvc_spec = {"model": {"pvc": {"claimName": "models", "path": "/Qwen3.5-0.8B-Q4_0.gguf"}}, "context": 4096}
@@ -545,7 +545,7 @@ def test_malformed_affinity_is_invalid_not_a_crash():
 def test_non_http_answer_is_model_unreadable(monkeypatch):
     import http.client
 
-    def garbage(url):
+    def garbage(url, *_):
         raise http.client.BadStatusLine("SSH-2.0-OpenSSH")
 
     monkeypatch.setattr(handlers, "read_gguf", garbage)

@@ -2,7 +2,8 @@
 
 Each case plans with the same flags the operator would use, runs llama-server with
 `plan.args`, sends one prompt per slot and compares the predicted peak RSS with
-the process' VmHWM.
+the process' VmHWM. The prompt cache (--cache-ram) is checked on its own: a chat
+resumed from it, and the peak once it is full.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from modelfit.facts import facts_from_header
 from modelfit.gguf_reader import read_gguf
 from modelfit.memory import MiB
 from modelfit.nodes import NodeFacts
-from modelfit.probe import LlamaServer, filler_prompt, free_port, with_endpoint
+from modelfit.probe import LlamaServer, filler_prompt, free_port, read_status, with_endpoint
 from modelfit.sizing import Policy, plan
 from modelfit.synth import ensure_model, llama_bin
 
@@ -36,7 +37,8 @@ def test_predicted_rss_matches_real_server(model: str, quant: str, ctx: int, mod
     res = plan(
         facts,
         NodeFacts(name="t", cpu_millis=2000, memory_bytes=None),
-        Policy(context=ctx, parallel=np_, kv_cache_type=kv, load_mode=mode),  # type: ignore[arg-type]
+        # a fresh server's peak: the prompt cache (a budget filled as prompts are saved) has its own test
+        Policy(context=ctx, parallel=np_, kv_cache_type=kv, load_mode=mode, cache_ram_mib=0),  # type: ignore[arg-type]
         model_path=str(path),
     )
     assert res.plan.context == ctx
@@ -81,3 +83,62 @@ def test_modelfit_serve_runs_the_plan(tmp_path: pytest.TempPathFactory) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def _timings(r: dict[str, object]) -> dict[str, float]:
+    t = r["timings"]
+    assert isinstance(t, dict)
+    return {k: float(t.get(k, 0)) for k in ("prompt_n", "cache_n", "prompt_ms")}
+
+
+def _chat_turns(srv: LlamaServer, words: int) -> tuple[dict[str, float], dict[str, float], dict[str, float], int]:
+    """Chat A's first turn, another chat B in the only slot, then A's second turn; and VmHWM after A's first."""
+    a = filler_prompt(words, seed=1)
+    first = srv.complete(a, n_predict=8)
+    assert srv.proc is not None
+    fresh = read_status(srv.proc.pid)["VmHWM"]  # nothing saved yet: the slot was empty
+    other = _timings(srv.complete("Another chat. " + filler_prompt(words, seed=2), n_predict=8))
+    second = _timings(srv.complete(a + str(first["content"]) + " And next?", n_predict=8))
+    return _timings(first), other, second, fresh
+
+
+def test_prompt_cache_resumes_a_chat_and_stays_within_the_limit() -> None:
+    """promptCache auto: a chat that lost its slot resumes from the cache; RSS stays in the limit once it is full."""
+    path = ensure_model("qwen35-tiny", "Q4_0")
+    facts = facts_from_header(read_gguf(path))
+    node = NodeFacts(name="t", cpu_millis=2000, memory_bytes=None)
+    res = plan(facts, node, Policy(context=4096, load_mode="none"), model_path=str(path))
+    budget = res.plan.cache_ram_mib
+    assert budget > 0 and res.plan.args[res.plan.args.index("--cache-ram") + 1] == str(budget)
+    assert res.memory.full_context_bytes >= res.memory.total_bytes + budget * MiB
+    words = 500  # ~1850 tokens: a long chat history
+    with LlamaServer(llama_bin("llama-server"), with_endpoint(res.plan.args, str(path), free_port())) as srv:
+        first, other, second, before = _chat_turns(srv, words)
+        assert srv.proc is not None
+        for i in range(5):  # more different long prompts than the cache holds: it fills and evicts
+            srv.complete(f"Chat {i}. " + filler_prompt(words, seed=3 + i), n_predict=4)
+        hwm = read_status(srv.proc.pid)["VmHWM"]
+        log = srv.log
+    print(
+        f"\n[prompt cache {budget} MiB] turn 1: {first['prompt_n']:.0f} tokens in {first['prompt_ms']:.0f} ms; "
+        f"other chat: {other['prompt_n']:.0f} in {other['prompt_ms']:.0f} ms; turn 2: {second['prompt_n']:.0f} "
+        f"new + {second['cache_n']:.0f} cached in {second['prompt_ms']:.0f} ms; VmHWM {before / MiB:.1f} -> "
+        f"{hwm / MiB:.1f} MiB (planned {res.memory.full_context_bytes / MiB:.1f}, limit {res.memory_request_bytes / MiB:.0f})"
+    )
+    # The second turn reuses A's saved state: only the new tokens are processed, far faster.
+    assert second["cache_n"] >= 0.95 * first["prompt_n"], (first, second)
+    assert second["prompt_n"] < 0.05 * first["prompt_n"], (first, second)
+    assert second["prompt_ms"] < 0.25 * other["prompt_ms"], (other, second)
+    assert "removing oldest entry" in log  # the cache filled up to its budget
+    # The cache is real memory, held within its budget: the growth is about the budget, and the peak
+    # matches the plan's context-and-cache-full figure and stays under the pod's limit.
+    assert 0.5 * budget * MiB <= hwm - before <= budget * MiB + 2 * MiB, (before, hwm, budget)
+    assert hwm <= res.memory.full_context_bytes * 1.05, (hwm, res.memory.full_context_bytes)
+    assert hwm <= res.memory_request_bytes
+
+    # Without the prompt cache the same conversation reprocesses its history.
+    off = plan(facts, node, Policy(context=4096, load_mode="none", cache_ram_mib=0), model_path=str(path))
+    with LlamaServer(llama_bin("llama-server"), with_endpoint(off.plan.args, str(path), free_port())) as srv:
+        first, _, second, _ = _chat_turns(srv, words)
+    print(f"[prompt cache 0] turn 2: {second['prompt_n']:.0f} tokens reprocessed in {second['prompt_ms']:.0f} ms")
+    assert second["prompt_n"] >= 0.9 * first["prompt_n"], (first, second)

@@ -1,9 +1,12 @@
+import jsonschema
 import pytest
+from pydantic import ValidationError
 
-from modelfit import catalog
+from modelfit import catalog, crd
 from modelfit.api import ModelDeploymentSpec
+from modelfit.cli import build_parser, policy_from_args
 from modelfit.nodes import GiB, MiB, NodeFacts
-from modelfit.placement import affinity_matches, node_classes, place, tolerates
+from modelfit.placement import affinity_matches, node_classes, place, policy_for, tolerates
 
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 
@@ -142,3 +145,81 @@ def test_node_classes_group_by_instance_type():
     assert len(classes) == 2
     big = next(n for sel, n in classes if "node.kubernetes.io/instance-type" in sel)
     assert big.name == "cpu-large-2" and big.count == 2
+
+
+# ---- KV cache type and prompt cache from the spec -------------------------------------------------
+
+
+def test_spec_kv_auto_never_q4_0_and_adapt_keeps_it_opt_in():
+    p = run(spec("llama-3.2-3b", "Q4_K_M"), [cpu_small()])
+    assert p.fits and p.result.plan.kv_cache_type == "q8_0" and p.result.plan.context < 56320
+    assert "KV q8_0" in p.message
+    opted = run(spec("llama-3.2-3b", "Q4_K_M", kvCacheType="q4_0"), [cpu_small()])
+    assert opted.fits and opted.result.plan.kv_cache_type == "q4_0" and opted.result.plan.context == 56320
+    # adapt's second try frees the KV type, but only to auto (f16, else q8_0) ...
+    strict_f16 = spec("llama-3.2-3b", "Q4_K_M", context=65536, kvCacheType="f16", adapt=True)
+    p = run(strict_f16, [cpu_small()])
+    assert p.fits and p.adapted and p.result.plan.kv_cache_type == "q8_0"
+    # ... and keeps an explicit q4_0
+    q4 = spec("llama-3.2-3b", "Q4_K_M", context=131072, kvCacheType="q4_0", adapt=True)
+    p = run(q4, [cpu_small()])
+    assert p.fits and p.adapted and p.result.plan.kv_cache_type == "q4_0"
+
+
+def test_policy_for_relaxed_kv_types():
+    assert policy_for(spec(kvCacheType="f16"), relaxed=True).kv_cache_type == "auto"
+    assert policy_for(spec(kvCacheType="q4_0"), relaxed=True).kv_cache_type == "q4_0"
+    assert policy_for(spec(kvCacheType="q8_0")).kv_cache_type == "q8_0"
+
+
+@pytest.mark.parametrize(("value", "mib"), [(None, None), ("auto", None), (0, 0), (768, 768)])
+def test_spec_prompt_cache_reaches_the_plan(value, mib):
+    kw = {} if value is None else {"promptCache": value}
+    p = run(spec(context=8192, **kw), [cpu_large()])
+    assert p.fits
+    if mib is None:  # auto on a roomy node: two full-context states of the slot
+        assert p.result.plan.cache_ram_mib > 0
+    else:
+        assert p.result.plan.cache_ram_mib == mib
+    args = p.result.plan.args
+    assert args[args.index("--cache-ram") + 1] == str(p.result.plan.cache_ram_mib)
+    assert p.result.memory.cache_ram_bytes == p.result.plan.cache_ram_mib * MiB
+
+
+@pytest.mark.parametrize("bad", [-1, 1048577, "lots", "Auto", 1.5])
+def test_spec_prompt_cache_rejects(bad):
+    with pytest.raises(ValidationError):
+        spec(promptCache=bad)
+
+
+@pytest.mark.parametrize("value", ["auto", 0, 512, 1048576])
+def test_crd_accepts_what_the_spec_accepts(value):
+    schema = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    doc = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "promptCache": value}
+    assert not list(jsonschema.Draft7Validator(schema).iter_errors(doc))
+    assert spec(promptCache=value).prompt_cache == value
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"kvCacheType": "q4_0", "promptCache": 300},
+        {"kvCacheType": "q8_0", "promptCache": 0, "parallel": 2, "loadMode": "mmap", "flashAttention": "on"},
+        {"kvCacheType": "f16", "backend": "cpu", "gpuLayers": 0, "promptCache": "auto"},
+    ],
+)
+def test_operator_and_cli_translate_the_spec_alike(options):
+    """placement.policy_for (the operator) and cli.policy_from_args (`modelfit plan`) give one Policy."""
+    flags = {
+        "kvCacheType": "--kv-cache-type",
+        "promptCache": "--prompt-cache",
+        "parallel": "--parallel",
+        "loadMode": "--load-mode",
+        "flashAttention": "--flash-attention",
+        "backend": "--backend",
+        "gpuLayers": "--gpu-layers",
+    }
+    argv = ["plan", "qwen3.5-0.8b"] + [x for k, v in options.items() for x in (flags[k], str(v))]
+    args = build_parser().parse_args(argv)
+    assert policy_for(spec(**options)) == policy_from_args(args)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from modelfit.catalog import catalog_facts
-from modelfit.memory import GiB, MiB
+from modelfit.memory import GiB, MiB, ServerConfig, prompt_state_bytes, seq_state_bytes
 from modelfit.nodes import NodeFacts, profile
-from modelfit.sizing import Policy, plan
+from modelfit.sizing import PROMPT_CACHE_UPSTREAM_MIB, Policy, plan
 
 QWEN = catalog_facts("qwen3.5-0.8b", "Q4_0")
 
@@ -18,9 +20,11 @@ def test_seed_case_predicts_gigabytes_not_half_a_gigabyte() -> None:
     r = plan(QWEN, profile("cpu"), Policy(context=262144))
     assert r.fits and r.plan.context == 262144 and r.plan.backend == "cpu"
     # KV 3 GiB + weights 0.47 + compute + runtime: ~3.9 GiB once the context is full
-    assert 3.5 * GiB < r.memory.total_bytes < r.memory.full_context_bytes < 4.5 * GiB
+    cache = r.memory.cache_ram_bytes
+    assert 3.5 * GiB < r.memory.total_bytes < r.memory.full_context_bytes - cache < 4.5 * GiB
     assert r.plan.gpu_layers == 0 and r.plan.total_layers == 25
-    assert "--cache-ram" in r.plan.args and r.plan.args[r.plan.args.index("--cache-ram") + 1] == "0"
+    # the prompt cache is planned (llama-server's own default would be 8192 MiB, uncounted) and counted
+    assert cache > 0 and r.plan.args[r.plan.args.index("--cache-ram") + 1] == str(r.plan.cache_ram_mib)
     assert r.plan.args[r.plan.args.index("--fit") + 1] == "off"
 
 
@@ -45,8 +49,8 @@ def test_f16_kept_when_it_fits() -> None:
 
 
 def test_quantized_kv_when_f16_does_not_fit_the_requested_context() -> None:
-    f16 = plan(QWEN, cpu(None), Policy(context=262144, kv_cache_type="f16"))
-    q8 = plan(QWEN, cpu(None), Policy(context=262144, kv_cache_type="q8_0"))
+    f16 = plan(QWEN, cpu(None), Policy(context=262144, kv_cache_type="f16", cache_ram_mib=0))
+    q8 = plan(QWEN, cpu(None), Policy(context=262144, kv_cache_type="q8_0", cache_ram_mib=0))
     budget = (f16.memory_request_bytes + q8.memory_request_bytes) // 2
     r = plan(QWEN, cpu(budget), Policy(context=262144))
     assert r.fits and r.plan.kv_cache_type == "q8_0" and r.plan.context == 262144
@@ -61,7 +65,7 @@ def test_nothing_fits_reports_shortfall() -> None:
 
 
 def test_exact_fit_boundary() -> None:
-    need = plan(QWEN, cpu(None), Policy(context=8192, kv_cache_type="f16")).memory_request_bytes
+    need = plan(QWEN, cpu(None), Policy(context=8192, kv_cache_type="f16", cache_ram_mib=0)).memory_request_bytes
     exact = plan(QWEN, cpu(need), Policy(context=8192, kv_cache_type="f16", min_context=8192))
     assert exact.fits and exact.plan.context == 8192
     short = plan(QWEN, cpu(need - 1), Policy(context=8192, kv_cache_type="f16", min_context=8192))
@@ -110,3 +114,126 @@ def test_context_above_training_is_capped_with_warning() -> None:
     r = plan(catalog_facts("qwen3-0.6b", "Q8_0"), cpu(None), Policy(context=100000))
     assert r.plan.context == 40960
     assert any("exceeds" in w for w in r.warnings)
+
+
+# ---- KV cache type: answer quality is part of the plan -------------------------------------------
+
+LLAMA_3B = catalog_facts("llama-3.2-3b", "Q4_K_M")
+
+
+def test_small_node_gets_q8_0_kv_and_a_shorter_context_not_q4_0() -> None:
+    """The issue's case: 3B Q4_K_M on a 4Gi node used to take q4_0 KV at context 56320."""
+    r = plan(LLAMA_3B, profile("cpu-small"), Policy())
+    assert r.fits and r.plan.kv_cache_type == "q8_0" and r.plan.flash_attention
+    assert 4096 <= r.plan.context < 56320
+    assert r.plan.args[r.plan.args.index("-ctk") + 1] == "q8_0"
+    kv = next(x for x in r.reasons if x.startswith("KV cache"))
+    assert "f16 would need" in kv and "q4_0 is not used" in kv
+    ctx = next(x for x in r.reasons if x.startswith("context"))
+    assert "q4_0 KV would reach 56320" in ctx and "degrades answers" in ctx
+
+
+def test_q4_0_kv_only_when_asked() -> None:
+    r = plan(LLAMA_3B, profile("cpu-small"), Policy(kv_cache_type="q4_0"))
+    assert r.fits and r.plan.kv_cache_type == "q4_0" and r.plan.context == 56320
+    assert any("q4_0 measurably degrades answers" in x for x in r.reasons)
+
+
+@pytest.mark.parametrize("memory_gib", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize(("model", "quant"), [("llama-3.2-3b", "Q4_K_M"), ("qwen3.5-0.8b", "Q4_0")])
+def test_auto_never_chooses_q4_0(model: str, quant: str, memory_gib: int) -> None:
+    r = plan(catalog_facts(model, quant), cpu(memory_gib * GiB), Policy())
+    assert r.plan.kv_cache_type in ("f16", "q8_0")
+    assert "-ctk" in r.plan.args and r.plan.args[r.plan.args.index("-ctk") + 1] != "q4_0"
+
+
+def test_f16_when_the_context_fits_at_full_precision() -> None:
+    r = plan(LLAMA_3B, profile("cpu-small"), Policy(context=8192))
+    assert r.plan.kv_cache_type == "f16" and r.plan.context == 8192
+    assert "KV cache f16: full precision fits" in r.reasons
+
+
+def test_does_not_fit_says_when_q4_0_would() -> None:
+    def need(kv: str) -> int:
+        p = Policy(context=4096, min_context=4096, kv_cache_type=kv, cache_ram_mib=0)  # type: ignore[arg-type]
+        return plan(LLAMA_3B, cpu(None), p).memory_request_bytes
+
+    between = (need("q4_0") + need("q8_0")) // 2
+    r = plan(LLAMA_3B, cpu(between), Policy(context=4096, min_context=4096))
+    assert not r.fits and r.plan.kv_cache_type == "q8_0"
+    assert "q4_0 KV would fit" in r.reasons[0] and "kvCacheType q4_0" in r.reasons[0]
+    assert plan(LLAMA_3B, cpu(between), Policy(context=4096, min_context=4096, kv_cache_type="q4_0")).fits
+
+
+def test_flash_attention_off_keeps_f16() -> None:
+    r = plan(LLAMA_3B, profile("cpu-small"), Policy(flash_attention="off"))
+    assert r.plan.kv_cache_type == "f16" and not r.plan.flash_attention
+
+
+# ---- prompt cache (--cache-ram) ------------------------------------------------------------------
+
+
+def test_prompt_cache_auto_holds_two_full_context_states() -> None:
+    g = catalog_facts("gemma-3-1b", "Q4_0")
+    r = plan(g, profile("cpu-large"), Policy())
+    off = plan(g, profile("cpu-large"), Policy(cache_ram_mib=0))
+    state = seq_state_bytes(g, ServerConfig(n_ctx=r.plan.context, ctx_checkpoints=r.plan.ctx_checkpoints))
+    assert r.plan.cache_ram_mib == -(-2 * state // MiB)
+    assert r.plan.args[r.plan.args.index("--cache-ram") + 1] == str(r.plan.cache_ram_mib)
+    # counted in the limit (filled as prompts are saved), not in a fresh server's peak
+    assert r.memory.cache_ram_bytes == r.plan.cache_ram_mib * MiB
+    assert r.memory.total_bytes == off.memory.total_bytes
+    assert r.memory.full_context_bytes == off.memory.full_context_bytes + r.memory.cache_ram_bytes
+    assert r.memory_request_bytes > off.memory_request_bytes + r.memory.cache_ram_bytes
+    assert r.cache_free_request_bytes == off.memory_request_bytes
+    why = next(x for x in r.reasons if x.startswith("prompt cache"))
+    assert "2 full-context states of one slot" in why and "counted in the memory limit" in why
+
+
+def test_prompt_cache_auto_is_capped_by_llama_servers_default() -> None:
+    r = plan(catalog_facts("llama-3.1-8b", "Q4_K_M"), profile("cpu-large"), Policy(context=131072))
+    assert r.plan.cache_ram_mib == PROMPT_CACHE_UPSTREAM_MIB
+    assert any("llama-server's default cap" in x for x in r.reasons)
+
+
+def test_prompt_cache_auto_takes_at_most_a_quarter_of_the_free_memory() -> None:
+    off = plan(QWEN, cpu(None), Policy(context=32768, cache_ram_mib=0))
+    free = 2 * GiB
+    r = plan(QWEN, cpu(off.memory_request_bytes + free), Policy(context=32768))
+    assert r.fits and r.plan.context == 32768 and r.plan.kv_cache_type == "f16"
+    assert 0 < r.plan.cache_ram_mib * MiB <= free // 4
+    assert r.memory_request_bytes - off.memory_request_bytes <= free // 4 + MiB
+    assert any("a quarter of the" in x for x in r.reasons)
+
+
+def test_prompt_cache_off_when_memory_is_short() -> None:
+    r = plan(LLAMA_3B, profile("cpu-small"), Policy())  # the context had to shrink: no room for a cache
+    assert r.fits and r.plan.cache_ram_mib == 0
+    assert r.plan.args[r.plan.args.index("--cache-ram") + 1] == "0"
+    assert any(x.startswith("prompt cache off (--cache-ram 0): memory is short") for x in r.reasons)
+
+
+def test_prompt_cache_off_when_nothing_fits() -> None:
+    r = plan(QWEN, cpu(256 * MiB), Policy(context=32768))
+    assert not r.fits and r.plan.cache_ram_mib == 0
+
+
+def test_prompt_cache_explicit_budget_is_counted_and_can_cost_context() -> None:
+    off = plan(QWEN, cpu(None), Policy(context=8192, cache_ram_mib=0))
+    r = plan(QWEN, cpu(None), Policy(context=8192, cache_ram_mib=512))
+    assert r.plan.cache_ram_mib == 512 and r.plan.args[r.plan.args.index("--cache-ram") + 1] == "512"
+    assert r.memory_request_bytes >= off.memory_request_bytes + 512 * MiB
+    assert any("prompt cache 512 MiB (--cache-ram): as requested" in x for x in r.reasons)
+    zero = plan(QWEN, cpu(None), Policy(context=8192, cache_ram_mib=0))
+    assert "prompt cache off (--cache-ram 0): as requested" in zero.reasons
+    # an explicit budget is part of the fit: on a tight node it takes memory from the context
+    tight = plan(QWEN, cpu(2 * GiB), Policy(cache_ram_mib=1024))
+    assert tight.plan.context < plan(QWEN, cpu(2 * GiB), Policy(cache_ram_mib=0)).plan.context
+
+
+def test_prompt_state_of_a_recurrent_model_includes_its_state_and_checkpoints() -> None:
+    cfg = ServerConfig(n_ctx=4096, ctx_checkpoints=1)
+    state = seq_state_bytes(QWEN, cfg)
+    kv_only = seq_state_bytes(QWEN, cfg.model_copy(update={"ctx_checkpoints": 0}))
+    assert state > kv_only > 0
+    assert prompt_state_bytes(QWEN, cfg, 1024) < state

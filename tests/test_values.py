@@ -97,7 +97,7 @@ def test_options_reach_spec_and_operator() -> None:
         "qwen3.5-0.8b", "--quant", "q4_0", "--node", "cpu", "--context", "8192",
         "-n", "models", "--name", "chat", "--replicas", "2", "--backend", "cpu",
         "--kv-cache-type", "q8_0", "--load-mode", "mmap", "--flash-attention", "on",
-        "--gpu-layers", "0", "--min-context", "4096", "--adapt",
+        "--gpu-layers", "0", "--min-context", "4096", "--adapt", "--prompt-cache", "256",
         "--operator-image", "registry.local:5000/mf/op:dev", "--watch-namespace", "models",
     )  # fmt: skip
     assert v["name"] == "chat"
@@ -111,7 +111,10 @@ def test_options_reach_spec_and_operator() -> None:
     assert md["gpuLayers"] == 0
     assert md["minContext"] == 4096
     assert md["adapt"] is True
+    assert md["promptCache"] == 256
     assert v["expectedPlan"]["kvCacheType"] == "q8_0"
+    assert v["expectedPlan"]["cacheRamMib"] == 256
+    assert "--cache-ram" in v["expectedPlan"]["args"] and "256" in v["expectedPlan"]["args"]
     assert v["expectedPlan"]["loadMode"] == "mmap"
     assert v["operator"]["values"] == {
         "image": {"repository": "registry.local:5000/mf/op", "pullPolicy": "IfNotPresent", "tag": "dev"},
@@ -181,3 +184,12 @@ def test_state_values_function() -> None:
     assert v["expectedPlan"]["nodeProfile"] == "cpu-small"
     assert v["expectedPlan"]["fits"] is True
     assert yaml.safe_load(yaml.safe_dump(v)) == v
+
+
+def test_values_plan_like_the_operator_kv_and_prompt_cache() -> None:
+    """The 3B case through `modelfit values`: q8_0 KV by default, q4_0 only when named; promptCache auto is left out."""
+    v = values_of("llama-3.2-3b", "--quant", "Q4_K_M", "--node", "cpu-small")
+    assert v["expectedPlan"]["kvCacheType"] == "q8_0" and "promptCache" not in v["modelDeployment"]
+    assert v["expectedPlan"]["cacheRamMib"] == 0  # the context fills the node: memory is short
+    v = values_of("llama-3.2-3b", "--quant", "Q4_K_M", "--node", "cpu-small", "--kv-cache-type", "q4_0")
+    assert v["expectedPlan"]["kvCacheType"] == "q4_0" and v["modelDeployment"]["kvCacheType"] == "q4_0"

@@ -42,7 +42,22 @@ def _canonical_quant(value: Any) -> Any:
 Quant = Annotated[
     QuantName,
     BeforeValidator(_canonical_quant),
-    WithJsonSchema({"type": "string", "pattern": _quant_pattern()}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 8,
+            "pattern": _quant_pattern(),
+            # The pattern keeps the schema structural; this rule gives the readable message.
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.upperAscii().replace('-', '_') in ["
+                    + ", ".join(f"'{q}'" for q in QuantName.__args__)
+                    + "]",
+                    "message": "quant must be one of " + ", ".join(QuantName.__args__) + " (any case, - or _)",
+                }
+            ],
+        }
+    ),
 ]
 Backend = Literal["auto", "cpu", "cuda", "rocm", "vulkan"]
 
@@ -149,6 +164,13 @@ class PvcSource(_Model):
     path: str = Field(min_length=1, max_length=1024, description="Path of the .gguf file inside the volume.")
 
 
+class TokenSecretRef(_Model):
+    """A key in a Secret of the same namespace holding a Hugging Face (or any Bearer) token."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(default="token", min_length=1, max_length=253, description="Key inside the Secret.")
+
+
 class ModelSource(_Model):
     """Where the GGUF model comes from: exactly one of catalog (with quant), url, huggingFace or pvc."""
 
@@ -162,6 +184,10 @@ class ModelSource(_Model):
                 },
                 {"rule": "!has(self.catalog) || has(self.quant)", "message": "catalog requires quant"},
                 {"rule": "!has(self.quant) || has(self.catalog)", "message": "quant applies to catalog models only"},
+                {
+                    "rule": "!has(self.tokenSecretRef) || !has(self.pvc)",
+                    "message": "tokenSecretRef applies to downloaded models (catalog, url, huggingFace), not pvc",
+                },
             ]
         }
     )
@@ -184,6 +210,11 @@ class ModelSource(_Model):
     sha256: str | None = Field(
         default=None, pattern=r"^[a-f0-9]{64}$", description="Expected SHA-256 of the file; the download is verified."
     )
+    token_secret_ref: TokenSecretRef | None = Field(
+        default=None,
+        description="Secret key holding a Hugging Face token, sent as 'Authorization: Bearer' by the download "
+        "(env HF_TOKEN of the fetch-model init container) and by the operator's header read.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
@@ -194,6 +225,8 @@ class ModelSource(_Model):
             raise ValueError("catalog requires quant")
         if self.quant is not None and self.catalog is None:
             raise ValueError("quant applies to catalog models only")
+        if self.token_secret_ref is not None and self.pvc is not None:
+            raise ValueError("tokenSecretRef applies to downloaded models (catalog, url, huggingFace), not pvc")
         return self
 
 
@@ -317,10 +350,28 @@ class ModelDeploymentSpec(_Model):
     )
     parallel: int = Field(default=1, ge=1, le=256, description="Parallel sequences (slots) llama-server serves.")
     kv_cache_type: Literal["auto", "f16", "q8_0", "q4_0"] = Field(
-        default="auto", description="KV cache type; auto picks f16 unless only a quantized cache fits."
+        default="auto",
+        description="KV cache type. auto keeps f16 when the context fits, else q8_0 (little quality cost); "
+        "q4_0 measurably degrades answers and is used only when set here, never chosen by auto or adapt.",
     )
     load_mode: Literal["auto", "mmap", "none", "mlock"] = Field(
         default="auto", description="How weights are loaded; auto picks the lower resident memory."
+    )
+    prompt_cache: Annotated[int, Field(ge=0, le=1048576)] | Literal["auto"] = Field(
+        default="auto",
+        description="llama-server's prompt cache (--cache-ram) in MiB: host RAM that keeps the state of prompts "
+        "whose slot is reused, so a conversation resumes without reprocessing its history. auto sizes it from "
+        "the model: two full-context states of one slot, at most a quarter of the node memory the plan leaves "
+        "free and 8192 MiB, 0 when memory is short. 0 turns it off. Counted in the memory request and limit.",
+        json_schema_extra={
+            **INT_OR_STRING,
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) == string ? self == 'auto' : (int(self) >= 0 && int(self) <= 1048576)",
+                    "message": "promptCache must be auto or a number of MiB between 0 and 1048576",
+                }
+            ],
+        },
     )
     flash_attention: Literal["auto", "on", "off"] = Field(default="auto", description="Flash attention.")
     backend: Backend = Field(
@@ -453,6 +504,11 @@ class PlanStatus(_Model):
     hash: str = Field(default="", description="Hash of the rendered workload; changes only when a rollout is needed.")
     reasons: list[str] = Field(default_factory=list, description="Why each choice was made.")
     warnings: list[str] = Field(default_factory=list, description="Planner warnings.")
+    facts_source: str = Field(
+        default="",
+        description="Where the model facts came from: 'header: URL' (the file's own GGUF header) or "
+        "'catalog (...)' (built-in facts, and why the header was not used).",
+    )
 
 
 class ModelDeploymentStatus(_Model):

@@ -493,3 +493,24 @@ def catalog_url(name: str, quant: str) -> str:
     if key is None:
         raise KeyError(name)
     return MODELS[key].url(normalize_quant(quant))
+
+
+# A real file may differ a little from the recipe estimate (metadata, llama-quantize's per-tensor choices).
+SIZE_TOLERANCE = 0.05
+
+
+def facts_mismatch(header: ModelFacts, built_in: ModelFacts) -> list[str]:
+    """What a file's header says differently from the catalog's facts on the numbers that matter most:
+    architecture, layers, embedding width, trained context and file size (within SIZE_TOLERANCE)."""
+    out = []
+    for what, h, c in (
+        ("architecture", header.architecture, built_in.architecture),
+        ("layers", header.n_layer, built_in.n_layer),
+        ("embedding width", header.n_embd, built_in.n_embd),
+        ("trained context", header.context_length, built_in.context_length),
+    ):
+        if h != c:
+            out.append(f"{what} {h} (catalog {c})")
+    if abs(header.file_bytes - built_in.file_bytes) > SIZE_TOLERANCE * built_in.file_bytes:
+        out.append(f"file size {header.file_bytes} bytes (catalog {built_in.file_bytes})")
+    return out

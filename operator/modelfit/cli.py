@@ -21,7 +21,7 @@ from . import catalog
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, read_gguf
 from .nodes import PROFILES, GiB, MiB, NodeFacts, host_facts, profile
-from .sizing import PlanResult, Policy, plan
+from .sizing import PROMPT_CACHE_MAX_MIB, PlanResult, Policy, plan, spec_policy
 
 # ---- option values ---------------------------------------------------------------------------
 #
@@ -94,7 +94,6 @@ def context_arg(text: str) -> int | Literal["max"]:
 min_context_arg = int_in(CONTEXT_MIN, CONTEXT_MAX)
 parallel_arg = int_in(1, 256)  # sizing.Policy.parallel, spec.parallel
 ubatch_arg = int_in(16, 8192)  # sizing.Policy.ubatch
-cache_ram_arg = int_in(0, 1 << 20, "MiB")  # up to 1 TiB
 gpus_arg = int_in(0, 64)
 port_arg = int_in(1, 65535)
 replicas_arg = int_in(0, 1000)  # spec.replicas
@@ -107,6 +106,18 @@ def gpu_layers_arg(text: str) -> int | Literal["auto"]:
     n = _whole(text)
     if n is None or not 0 <= n <= GPU_LAYERS_MAX:
         raise argparse.ArgumentTypeError(f"must be auto or a whole number from 0 to {GPU_LAYERS_MAX}, not {text!r}")
+    return n
+
+
+def cache_ram_arg(text: str) -> int | Literal["auto"]:
+    """``auto`` or a prompt cache budget in MiB (0 = off), as spec.promptCache."""
+    if text == "auto":
+        return "auto"
+    n = _whole(text)
+    if n is None or not 0 <= n <= PROMPT_CACHE_MAX_MIB:
+        raise argparse.ArgumentTypeError(
+            f"must be auto or a whole number of MiB from 0 to {PROMPT_CACHE_MAX_MIB}, not {text!r}"
+        )
     return n
 
 
@@ -224,28 +235,21 @@ def check_min_context(context: int | str | None, min_context: int | None) -> Non
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
-    kw: dict[str, Any] = {}
+    """The options as the spec's words, translated by the operator's own function (sizing.spec_policy)."""
     check_min_context(args.context, args.min_context)
-    if args.context is not None:
-        kw["context"] = args.context
-    for name in ("parallel", "min_context", "ubatch"):
-        if getattr(args, name, None) is not None:
-            kw[name] = getattr(args, name)
-    if args.kv_cache_type:
-        kw["kv_cache_type"] = args.kv_cache_type
-    if args.load_mode:
-        kw["load_mode"] = args.load_mode
-    if args.flash_attention:
-        kw["flash_attention"] = args.flash_attention
-    if args.cache_ram is not None:
-        kw["cache_ram_mib"] = args.cache_ram
-    if args.backend:
-        kw["backend"] = args.backend
-    if args.gpu_layers is not None:
-        kw["gpu_layers"] = args.gpu_layers
-    if getattr(args, "port", None) is not None:
-        kw["port"] = args.port
-    return Policy(**kw)
+    return spec_policy(
+        context=args.context,
+        min_context=args.min_context,
+        parallel=args.parallel,
+        kv_cache_type=args.kv_cache_type,
+        load_mode=args.load_mode,
+        flash_attention=args.flash_attention,
+        backend=args.backend,
+        gpu_layers=args.gpu_layers,
+        prompt_cache=args.cache_ram,
+        ubatch=getattr(args, "ubatch", None),
+        port=getattr(args, "port", None),
+    )
 
 
 def result_json(facts: ModelFacts, res: PlanResult) -> dict[str, Any]:
@@ -296,6 +300,12 @@ def _mib(n: int) -> str:
     return f"{n / MiB:,.1f} MiB"
 
 
+def _min_ram(res: PlanResult) -> str:
+    if res.cache_free_request_bytes and res.cache_free_request_bytes < res.memory_request_bytes:
+        return f"{_gib(res.memory_request_bytes)} ({_gib(res.cache_free_request_bytes)} with --cache-ram 0)"
+    return _gib(res.memory_request_bytes)
+
+
 def table(facts: ModelFacts, node: NodeFacts, res: PlanResult) -> str:
     p, m = res.plan, res.memory
     vram_avail = node.gpu_memory_bytes * node.gpus if p.backend != "cpu" else 0
@@ -305,7 +315,7 @@ def table(facts: ModelFacts, node: NodeFacts, res: PlanResult) -> str:
         ("VRAM available", _gib(vram_avail)),
         ("VRAM used", _gib(sum(m.vram_bytes))),
         ("System RAM", _gib(node.memory_bytes) if node.memory_bytes is not None else "not given (reporting needs)"),
-        ("Min RAM required", _gib(res.memory_request_bytes)),
+        ("Min RAM required", _min_ram(res)),
         ("GPU layers", f"{p.gpu_layers} / {p.total_layers}"),
         ("Context size", f"{p.context:,}"),
         ("Backend", p.backend),
@@ -325,7 +335,7 @@ def table(facts: ModelFacts, node: NodeFacts, res: PlanResult) -> str:
         ("Context checkpoints", _mib(m.checkpoint_bytes)),
         ("Runtime + vocabulary", _mib(m.overhead_bytes)),
         ("Predicted peak RSS", _mib(m.total_bytes)),
-        ("RSS with the context full", _mib(m.full_context_bytes)),
+        ("RSS with context and cache full", _mib(m.full_context_bytes)),
         ("Memory request / limit", f"{res.resources.requests['memory']} / {res.resources.limits['memory']}"),
         ("CPU request", res.resources.requests["cpu"]),
         ("Threads", str(p.threads)),
@@ -344,6 +354,17 @@ def table(facts: ModelFacts, node: NodeFacts, res: PlanResult) -> str:
     lines.append("")
     lines.append("llama-server " + " ".join(p.args))
     return "\n".join(lines)
+
+
+KV_CACHE_TYPE_HELP = (
+    "KV cache type (default auto: f16 when the context fits, else q8_0; q4_0 degrades answers and is used "
+    "only when named)"
+)
+CACHE_RAM_HELP = (
+    f"prompt cache (llama-server --cache-ram) in MiB, 0 (off) to {PROMPT_CACHE_MAX_MIB}, or auto (default: "
+    "two full-context states of a slot, at most a quarter of the free memory and 8192; 0 when memory is short); "
+    "counted in the memory limit"
+)
 
 
 def _add_plan_options(sp: argparse.ArgumentParser) -> None:
@@ -378,14 +399,10 @@ def _add_plan_options(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument("--parallel", type=checked(parallel_arg), help="parallel slots, 1 to 256")
     sp.add_argument("--ubatch", type=checked(ubatch_arg), help="micro-batch size, 16 to 8192")
-    sp.add_argument("--kv-cache-type", choices=["auto", "f16", "q8_0", "q4_0"])
+    sp.add_argument("--kv-cache-type", choices=["auto", "f16", "q8_0", "q4_0"], help=KV_CACHE_TYPE_HELP)
     sp.add_argument("--load-mode", choices=["auto", "mmap", "none", "mlock"])
     sp.add_argument("--flash-attention", choices=["auto", "on", "off"])
-    sp.add_argument(
-        "--cache-ram",
-        type=checked(cache_ram_arg),
-        help="prompt cache budget in MiB, 0 to 1048576 (counted in the memory request)",
-    )
+    sp.add_argument("--cache-ram", "--prompt-cache", dest="cache_ram", type=checked(cache_ram_arg), help=CACHE_RAM_HELP)
     sp.add_argument("--backend", choices=["auto", "cpu", "cuda", "rocm", "vulkan"])
     sp.add_argument(
         "--gpu-layers", type=checked(gpu_layers_arg), help=f"layers on the GPU, 0 to {GPU_LAYERS_MAX}, or auto"

@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 import struct
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,22 +64,39 @@ class LocalSource:
         return self.path.stat().st_size
 
 
-class HttpSource:
-    """An http(s) URL read with Range requests; never downloads the weights."""
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but send Authorization only to the host it was meant for (like curl)."""
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameHostRedirects())
+
+
+class HttpSource:
+    """An http(s) URL read with Range requests; never downloads the weights.
+
+    ``headers`` go with every request (an ``Authorization`` header only to the URL's own host, never to a
+    redirect elsewhere); they are never part of an error message.
+    """
+
+    def __init__(self, url: str, timeout: float = 30.0, headers: Mapping[str, str] | None = None) -> None:
         self.url = url
         self.name = url
         self.timeout = timeout
+        self.headers = {"User-Agent": "modelfit", **(headers or {})}
         self._size: int | None = None
 
     def read(self, offset: int, size: int) -> bytes:
-        req = urllib.request.Request(
-            self.url,
-            headers={"Range": f"bytes={offset}-{offset + size - 1}", "User-Agent": "modelfit"},
-        )
+        req = urllib.request.Request(self.url, headers={**self.headers, "Range": f"bytes={offset}-{offset + size - 1}"})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _OPENER.open(req, timeout=self.timeout) as resp:
                 status = resp.status
                 content_range = resp.headers.get("Content-Range", "")
                 if status == 206:
@@ -103,9 +122,9 @@ class HttpSource:
 
     def total_size(self) -> int | None:
         if self._size is None:
-            req = urllib.request.Request(self.url, method="HEAD", headers={"User-Agent": "modelfit"})
+            req = urllib.request.Request(self.url, method="HEAD", headers=self.headers)
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with _OPENER.open(req, timeout=self.timeout) as resp:
                     length = resp.headers.get("Content-Length")
                     self._size = int(length) if length is not None else None
             except (urllib.error.URLError, TimeoutError, OSError, ValueError):
@@ -113,11 +132,11 @@ class HttpSource:
         return self._size
 
 
-def open_source(location: str | Path) -> ByteSource:
-    """A byte source for a local path or an http(s) URL."""
+def open_source(location: str | Path, headers: Mapping[str, str] | None = None, timeout: float = 30.0) -> ByteSource:
+    """A byte source for a local path or an http(s) URL (``headers`` and ``timeout`` apply to URLs)."""
     text = str(location)
     if text.startswith(("http://", "https://")):
-        return HttpSource(text)
+        return HttpSource(text, timeout=timeout, headers=headers)
     return LocalSource(text)
 
 
@@ -330,8 +349,11 @@ def split_paths(location: str) -> list[str]:
     return [f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
-def read_gguf(location: str | Path) -> GGUFHeader:
+def read_gguf(location: str | Path, headers: Mapping[str, str] | None = None, timeout: float = 30.0) -> GGUFHeader:
     """Read the header and tensor infos of a local path or http(s) URL.
+
+    ``headers`` (an ``Authorization: Bearer`` token, say) go with every HTTP request; ``timeout`` bounds
+    each request's connect and reads (not the DNS lookup).
 
     Split models are read shard by shard and merged; tensors' sizes are checked
     against the file size when it is known, so a truncated file is reported.
@@ -344,7 +366,7 @@ def read_gguf(location: str | Path) -> GGUFHeader:
     version = 3
     offsets: list[int] = []
     for loc in locs:
-        src = open_source(loc)
+        src = open_source(loc, headers, timeout)
         version, shard_meta, raw, data_offset = _read_one(src)
         if not meta:
             meta = shard_meta

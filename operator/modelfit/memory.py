@@ -7,7 +7,9 @@ input embedding always stays on the host), CPU weight repacking on x86
 (``llama-kv-cache*.cpp``), F32 recurrent state per slot
 (``llama-memory-recurrent.cpp``), compute buffers sized for one ubatch against a
 full cache (``llama-context.cpp`` sched_reserve), the output buffer, the
-server's prompt cache and context checkpoints, and the process' own runtime.
+server's prompt cache (a budget that fills as prompts are saved: counted in the
+limit, not in the peak of a fresh server) and context checkpoints, and the
+process' own runtime.
 Constants marked *calibrated* were fitted against the real llama-server built by
 ``scripts/build-llama-server.sh`` (see ``bench/sizing_accuracy.py``).
 """
@@ -113,11 +115,11 @@ class MemoryBreakdown(BaseModel):
     compute_bytes: int = 0  # host compute buffers, as allocated
     compute_reserve_bytes: int = 0  # allocated compute pages touched only as the context fills
     output_bytes: int = 0
-    cache_ram_bytes: int = 0
+    cache_ram_bytes: int = 0  # prompt cache budget: filled only as prompts are saved, so in the limit, not the peak
     checkpoint_bytes: int = 0
     overhead_bytes: int = 0
-    total_bytes: int = 0  # predicted peak RSS in service (prompts of up to TOUCHED_KV_CELLS)
-    full_context_bytes: int = 0  # total_bytes plus the compute reserve: RSS once the context is full
+    total_bytes: int = 0  # predicted peak RSS in service (prompts of up to TOUCHED_KV_CELLS, prompt cache empty)
+    full_context_bytes: int = 0  # total_bytes plus the compute reserve and the prompt cache: RSS once both are full
     anon_bytes: int = 0  # total minus file-backed pages
     vram_bytes: list[int] = Field(default_factory=list)  # per GPU
     vram_weights_bytes: int = 0
@@ -170,6 +172,26 @@ def checkpoint_size(facts: ModelFacts, cfg: ServerConfig) -> int:
             if lf.swa
         )
     return 0
+
+
+def seq_state_bytes(facts: ModelFacts, cfg: ServerConfig) -> int:
+    """Bytes of one slot's saved state at a full context: what one prompt-cache entry can hold.
+
+    ``--cache-ram`` keeps ``llama_state_seq_get_data`` copies (server-task.cpp, server_prompt_cache):
+    the sequence's KV cells in the cache type (the full context of a slot on full-attention layers,
+    the window on sliding-window ones), its recurrent state row, and its context checkpoints.
+    """
+    n_seq = max(cfg.n_parallel, 1)
+    per_seq_ctx = cfg.n_ctx if cfg.kv_unified else max(cfg.n_ctx // n_seq, 1)
+    one = cfg.model_copy(update={"n_ctx": per_seq_ctx, "n_parallel": 1, "kv_unified": True})
+    kv = sum(kv_layer_bytes(facts, one, il) for il in range(len(facts.layers)))
+    rs = sum(recurrent_layer_bytes(facts, one, il) for il in range(len(facts.layers)))
+    return kv + rs + cfg.ctx_checkpoints * checkpoint_size(facts, one)
+
+
+def prompt_state_bytes(facts: ModelFacts, cfg: ServerConfig, n_tokens: int) -> int:
+    """Bytes of one saved prompt of ``n_tokens`` (at most the slot's context)."""
+    return seq_state_bytes(facts, cfg.model_copy(update={"n_ctx": min(n_tokens, cfg.n_ctx), "n_parallel": 1}))
 
 
 def repackable(t: TensorFact, cfg: ServerConfig) -> bool:
@@ -323,13 +345,13 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
         + rs_host
         + resident_compute
         + out.output_bytes
-        + out.cache_ram_bytes
         + out.checkpoint_bytes
         + out.overhead_bytes
     )
     out.anon_bytes = anon
     out.total_bytes = anon + out.weights_file_bytes
-    out.full_context_bytes = out.total_bytes + out.compute_reserve_bytes
+    # The prompt cache is a budget: entries are allocated as prompts are saved, up to --cache-ram.
+    out.full_context_bytes = out.total_bytes + out.compute_reserve_bytes + out.cache_ram_bytes
 
     if n_gpus:
         out.vram_weights_bytes = vram_w

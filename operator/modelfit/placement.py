@@ -8,8 +8,8 @@ GPU, then the longest context, then the most memory left over.
 
 ``adapt: false`` keeps the spec's word: the requested context is the minimum
 and an explicit backend must be honoured. ``adapt: true`` lets the planner
-shrink the context down to ``minContext``, quantize the KV cache and change
-backend.
+shrink the context down to ``minContext``, quantize the KV cache to q8_0 (q4_0
+only when ``kvCacheType: q4_0`` asks for it) and change backend.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from .api import ModelDeploymentSpec
 from .facts import ModelFacts
 from .nodes import NodeFacts, format_memory
-from .sizing import MIN_CONTEXT_DEFAULT, PlanResult, Policy, plan
+from .sizing import MIN_CONTEXT_DEFAULT, PlanResult, Policy, plan, spec_policy
 
 GPU_TAINT_KEYS = ("nvidia.com/gpu", "amd.com/gpu")
 CLASS_LABEL = "node.kubernetes.io/instance-type"
@@ -132,15 +132,17 @@ def policy_for(spec: ModelDeploymentSpec, headroom_boost: float = 0.0, relaxed: 
         min_ctx = spec.min_context or MIN_CONTEXT_DEFAULT
     else:
         min_ctx = int(spec.context)
-    return Policy(
+    return spec_policy(
         context=spec.context,
         min_context=min_ctx,
         parallel=spec.parallel,
-        kv_cache_type="auto" if relaxed else spec.kv_cache_type,
+        kv_cache_type=spec.kv_cache_type,
         load_mode=spec.load_mode,
         flash_attention=spec.flash_attention,
-        backend="auto" if relaxed else spec.backend,
-        gpu_layers="auto" if relaxed else spec.gpu_layers,
+        backend=spec.backend,
+        gpu_layers=spec.gpu_layers,
+        prompt_cache=spec.prompt_cache,
+        relaxed=relaxed,
         headroom=min(1.0, BASE_HEADROOM + headroom_boost),
     )
 

@@ -263,7 +263,13 @@ def deployment(
         # The size is checked only when it is the real file's (read from its header); a catalog size is
         # an estimate and a split model's is the sum of its shards.
         exact = spec.model.catalog is None and len(shard_names(model.file_name)) == 1
-        env = download_env(model.url or "", model.path, model.size_bytes if exact else 0, model.sha256)
+        env: list[dict[str, Any]] = list(
+            download_env(model.url or "", model.path, model.size_bytes if exact else 0, model.sha256)
+        )
+        token = spec.model.token_secret_ref
+        if token is not None:
+            # From the Secret at container start: never in the manifest, the args or the logs.
+            env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
         if volumes[-1].get("hostPath") is not None:
             init.append(_prepare_host_path())
         init.append(

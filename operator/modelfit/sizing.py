@@ -2,26 +2,51 @@
 
 Pure: no I/O. The choices, in order: backend (the node's GPU, else CPU), GPU
 layers (as many as GPU memory holds), context (the largest up to the request
-that fits), KV type (f16 unless only a quantized cache fits; flash attention is
-then forced on), load mode (the lower resident memory), threads from the CPU
-limit. llama.cpp's own ``--fit`` never sees a pod's cgroup limit, so the plan
-turns it off and sets every flag that decides memory itself.
+that fits), KV type (f16, else q8_0; q4_0 measurably degrades answers and is
+used only when asked for; flash attention is on for a quantized cache), load
+mode (the lower resident memory), threads from the CPU limit, and last the
+prompt cache (``--cache-ram``) from the memory the plan leaves free. llama.cpp's
+own ``--fit`` never sees a pod's cgroup limit, so the plan turns it off and sets
+every flag that decides memory itself.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from .facts import ModelFacts
-from .memory import GPU_DEVICE_OVERHEAD, KVType, LoadMode, MemoryBreakdown, ServerConfig, estimate
+from .memory import (
+    GPU_DEVICE_OVERHEAD,
+    KVType,
+    LoadMode,
+    MemoryBreakdown,
+    ServerConfig,
+    estimate,
+    prompt_state_bytes,
+    seq_state_bytes,
+)
 from .nodes import MiB, NodeFacts, format_cpu, format_memory
 
 Auto = Literal["auto"]
-KV_ORDER: list[KVType] = ["f16", "q8_0", "q4_0"]
+# kvCacheType auto: full precision, else q8_0 (close to f16 in answer quality). q4_0 measurably
+# degrades answers, so it is never chosen for the user: only an explicit kvCacheType q4_0 uses it.
+KV_AUTO: list[KVType] = ["f16", "q8_0"]
+KV_OPT_IN: KVType = "q4_0"
 MIN_CONTEXT_DEFAULT = 4096
 CTX_STEP = 256
+
+# promptCache auto (llama-server --cache-ram, MiB of host RAM for saved slot states): room for
+# PROMPT_CACHE_STATES full-context states of one slot, so a conversation that lost its slot to
+# another resumes without reprocessing its prompt; at most PROMPT_CACHE_FREE_SHARE of the node
+# memory the rest of the plan leaves free and llama-server's own default; 0 when that would not
+# hold one PROMPT_CACHE_MIN_TOKENS-token prompt (memory is short).
+PROMPT_CACHE_STATES = 2
+PROMPT_CACHE_FREE_SHARE = 0.25
+PROMPT_CACHE_UPSTREAM_MIB = 8192  # llama-server's default --cache-ram (common.h cache_ram_mib)
+PROMPT_CACHE_MIN_TOKENS = 4096
+PROMPT_CACHE_MAX_MIB = 1 << 20  # 1 TiB, as spec.promptCache and --cache-ram accept
 
 
 class Policy(BaseModel):
@@ -30,14 +55,15 @@ class Policy(BaseModel):
     context: int | Literal["max"] = "max"
     min_context: int = MIN_CONTEXT_DEFAULT
     parallel: int = Field(default=1, ge=1, le=256)
-    kv_cache_type: KVType | Auto = "auto"
+    kv_cache_type: KVType | Auto = "auto"  # auto: f16, else q8_0; q4_0 only when named
     load_mode: LoadMode | Auto = "auto"
     flash_attention: Literal["auto", "on", "off"] = "auto"
     backend: Literal["auto", "cpu", "cuda", "rocm", "vulkan"] = "auto"
     gpu_layers: int | Auto = "auto"
     ubatch: int = Field(default=512, ge=16, le=8192)
     threads: int | Auto = "auto"
-    cache_ram_mib: int = Field(default=0, ge=0)
+    # --cache-ram in MiB; auto: sized from the model and the memory the plan leaves free
+    cache_ram_mib: Annotated[int, Field(ge=0, le=PROMPT_CACHE_MAX_MIB)] | Auto = "auto"
     ctx_checkpoints: int | Auto = "auto"
     headroom: float = Field(default=0.05, ge=0, le=1)  # fraction added to the request
     headroom_bytes: int = 64 * MiB
@@ -46,6 +72,48 @@ class Policy(BaseModel):
     port: int = 8080
     host: str = "0.0.0.0"
     metrics: bool = True
+
+
+def spec_policy(
+    *,
+    context: int | Literal["max"] | None = None,
+    min_context: int | None = None,
+    parallel: int | None = None,
+    kv_cache_type: str | None = None,
+    load_mode: str | None = None,
+    flash_attention: str | None = None,
+    backend: str | None = None,
+    gpu_layers: int | str | None = None,
+    prompt_cache: int | str | None = None,
+    relaxed: bool = False,
+    **extra: Any,
+) -> Policy:
+    """The planner's Policy from the spec's words; None keeps the default.
+
+    One translation for the operator (``placement.policy_for``), ``modelfit plan``/``serve``
+    and ``modelfit values``, so they plan alike. ``prompt_cache`` is spec.promptCache (auto or
+    MiB, 0 = off). ``relaxed`` is adapt's second try: backend, GPU layers and KV type are
+    freed, but q4_0 KV stays opt-in -- an explicit q4_0 is kept, anything else becomes auto.
+    """
+    fields: dict[str, Any] = {
+        "context": context,
+        "min_context": min_context,
+        "parallel": parallel,
+        "kv_cache_type": kv_cache_type,
+        "load_mode": load_mode,
+        "flash_attention": flash_attention,
+        "backend": backend,
+        "gpu_layers": gpu_layers,
+        "cache_ram_mib": prompt_cache,
+        **extra,
+    }
+    if relaxed:
+        fields.update(
+            backend="auto",
+            gpu_layers="auto",
+            kv_cache_type=KV_OPT_IN if kv_cache_type == KV_OPT_IN else "auto",
+        )
+    return Policy(**{k: v for k, v in fields.items() if v is not None})
 
 
 class Plan(BaseModel):
@@ -81,6 +149,7 @@ class PlanResult(BaseModel):
     reasons: list[str]
     warnings: list[str] = Field(default_factory=list)
     memory_request_bytes: int = 0
+    cache_free_request_bytes: int = 0  # the memory request with --cache-ram 0: the least this plan runs in
 
 
 def _backend(policy: Policy, node: NodeFacts) -> str:
@@ -245,6 +314,56 @@ def _largest_context(
     return best
 
 
+def _kv_reason(facts: ModelFacts, chosen: _Candidate, policy: Policy, fits: bool) -> str:
+    """The KV type and its trade-off: what full precision would cost, and why not q4_0."""
+    cfg = chosen.cfg
+    kv = cfg.type_k
+
+    def costs_more(other: KVType) -> str:
+        alt = _evaluate(facts, cfg.model_copy(update={"type_k": other, "type_v": other}), policy)
+        more = max(alt.host_need - chosen.host_need, alt.gpu_need - chosen.gpu_need, 0)
+        return f"{other} would need {format_memory(more)} more at context {cfg.n_ctx}"
+
+    if policy.kv_cache_type != "auto":
+        why = f"KV cache {kv}: as requested"
+        if kv == KV_OPT_IN:
+            why += f"; q4_0 measurably degrades answers ({costs_more('q8_0')})"
+        return why
+    if kv == "f16":
+        return "KV cache f16: full precision fits" + ("" if fits else " (the model does not fit as it is)")
+    return (
+        f"KV cache {kv}: {costs_more('f16')}; q8_0 costs little answer quality, q4_0 is not used "
+        f"unless kvCacheType {KV_OPT_IN} allows it; quantized KV needs flash attention"
+    )
+
+
+def _auto_prompt_cache(facts: ModelFacts, chosen: _Candidate, policy: Policy, node: NodeFacts) -> tuple[int, str]:
+    """promptCache auto: (MiB, reason). See PROMPT_CACHE_* for the rule."""
+    cfg = chosen.cfg
+    state = seq_state_bytes(facts, cfg)
+    mib = max(1, -(-PROMPT_CACHE_STATES * state // MiB))
+    why = f"{PROMPT_CACHE_STATES} full-context states of one slot ({PROMPT_CACHE_STATES} x {format_memory(state)})"
+    if mib > PROMPT_CACHE_UPSTREAM_MIB:
+        full = format_memory(PROMPT_CACHE_STATES * state)
+        mib, why = PROMPT_CACHE_UPSTREAM_MIB, f"llama-server's default cap ({PROMPT_CACHE_STATES} full states: {full})"
+    if node.memory_bytes is not None:
+        free = max(node.memory_bytes - chosen.host_need, 0)
+        share = int(free * PROMPT_CACHE_FREE_SHARE / (1 + policy.headroom)) // MiB
+        if share < mib:
+            mib, why = share, f"a quarter of the {format_memory(free)} the plan leaves free on the node"
+    floor = prompt_state_bytes(facts, cfg, PROMPT_CACHE_MIN_TOKENS)
+    if mib * MiB < floor:
+        tokens = min(PROMPT_CACHE_MIN_TOKENS, cfg.n_ctx)
+        return 0, (
+            f"prompt cache off (--cache-ram 0): memory is short; {why} ({format_memory(mib * MiB)}) would not "
+            f"hold one {tokens}-token prompt ({format_memory(floor)})"
+        )
+    return mib, (
+        f"prompt cache {mib} MiB (--cache-ram): {why}; a conversation that lost its slot resumes without "
+        "reprocessing its prompt; counted in the memory limit, filled only as prompts are saved"
+    )
+
+
 def plan(
     facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model_path: str = "/models/model.gguf"
 ) -> PlanResult:
@@ -267,7 +386,7 @@ def plan(
         warnings.append(f"backend {backend} requested but the node has no GPU; planned on CPU")
         backend, gpus = "cpu", 0
     fa_forced_off = policy.flash_attention == "off"
-    kv_types: list[KVType] = KV_ORDER if policy.kv_cache_type == "auto" else [policy.kv_cache_type]
+    kv_types: list[KVType] = list(KV_AUTO) if policy.kv_cache_type == "auto" else [policy.kv_cache_type]
     if fa_forced_off:
         kv_types = [t for t in kv_types if t in ("f16", "f32", "bf16")] or ["f16"]
         if policy.kv_cache_type not in ("auto", "f16", "f32", "bf16"):
@@ -293,7 +412,7 @@ def plan(
         cpu_arch=node.cpu_arch,
         cpu_features=node.cpu_features,
         repack=policy.repack,
-        cache_ram_mib=policy.cache_ram_mib,
+        cache_ram_mib=0 if policy.cache_ram_mib == "auto" else policy.cache_ram_mib,
         ctx_checkpoints=_checkpoints(policy, facts),
     )
 
@@ -352,10 +471,18 @@ def plan(
         short_host = chosen.host_need - (node.memory_bytes or chosen.host_need)
         short_gpu = (chosen.gpu_need + policy.gpu_margin_bytes - node.gpu_memory_bytes) if gpus else 0
         shortfall = max(short_host, short_gpu, 0)
-        reasons.append(
+        why = (
             f"does not fit: even at context {min_ctx} with {kv_types[-1]} KV the pod needs "
             f"{format_memory(chosen.host_need)} but the node offers {format_memory(node.memory_bytes or 0)}"
         )
+        if policy.kv_cache_type == "auto" and not fa_forced_off:
+            q4 = _evaluate(facts, cfg.model_copy(update={"type_k": KV_OPT_IN, "type_v": KV_OPT_IN}), policy)
+            if _fits(q4, node, policy) or any(
+                _fits(_evaluate(facts, q4.cfg.model_copy(update={"load_mode": lm}), policy), node, policy)
+                for lm in load_modes
+            ):
+                why += f"; q4_0 KV would fit, but it degrades answers and is used only with kvCacheType {KV_OPT_IN}"
+        reasons.append(why)
     else:
         shortfall = 0
 
@@ -380,13 +507,16 @@ def plan(
             f"context {cfg.n_ctx}: " + ("the model's maximum" if policy.context == "max" else "as requested")
         )
     elif fits:
-        reasons.append(f"context {cfg.n_ctx}: the largest that fits (asked {target}, minimum {min_ctx})")
-    if cfg.type_k == "f16":
-        reasons.append("kv cache f16: full precision fits")
-    elif policy.kv_cache_type == "auto":
-        reasons.append(f"kv cache {cfg.type_k}: f16 does not fit the context; quantized KV needs flash attention")
-    else:
-        reasons.append(f"kv cache {cfg.type_k}: as requested")
+        why = f"context {cfg.n_ctx}: the largest that fits with {cfg.type_k} KV (asked {target}, minimum {min_ctx})"
+        if policy.kv_cache_type == "auto" and not fa_forced_off:
+            q4c = best_for(KV_OPT_IN, cfg.n_gpu_layers)
+            if q4c is not None and q4c.cfg.n_ctx > cfg.n_ctx:
+                why += (
+                    f"; q4_0 KV would reach {q4c.cfg.n_ctx} but measurably degrades answers "
+                    f"(kvCacheType {KV_OPT_IN} allows it)"
+                )
+        reasons.append(why)
+    reasons.append(_kv_reason(facts, chosen, policy, fits))
     reasons.append(
         "flash attention "
         + ("off: as requested" if not cfg.flash_attn else "on: smaller compute buffer, needed for quantized KV")
@@ -406,9 +536,27 @@ def plan(
     reasons.append(
         f"threads {threads}: from the CPU limit ({format_cpu(node.cpu_millis)}), never the host's core count"
     )
-    reasons.append(
-        f"cache-ram {cfg.cache_ram_mib} MiB: set explicitly (llama-server's default is 8192 MiB) and counted"
-    )
+    cache_free_request = _request(policy, mem.full_context_bytes - mem.cache_ram_bytes)
+    if policy.cache_ram_mib == "auto" and fits:
+        mib, why = _auto_prompt_cache(facts, chosen, policy, node)
+        if mib:
+            with_cache = _evaluate(facts, cfg.model_copy(update={"cache_ram_mib": mib}), policy)
+            if _fits(with_cache, node, policy):
+                chosen, cfg, mem = with_cache, with_cache.cfg, with_cache.mem
+            else:  # cannot happen: the budget is a share of the free memory; never trade the plan for it
+                mib, why = 0, "prompt cache off (--cache-ram 0): memory is short"
+        if mib:
+            why += f" (promptCache 0 would make the memory request {format_memory(cache_free_request)})"
+        reasons.append(why)
+    elif policy.cache_ram_mib == "auto":
+        reasons.append("prompt cache off (--cache-ram 0): the model does not fit as it is")
+    elif cfg.cache_ram_mib == 0:
+        reasons.append("prompt cache off (--cache-ram 0): as requested")
+    else:
+        reasons.append(
+            f"prompt cache {cfg.cache_ram_mib} MiB (--cache-ram): as requested; counted in the memory limit "
+            f"(one full-context state of a slot is {format_memory(seq_state_bytes(facts, cfg))})"
+        )
 
     request = _request(policy, mem.full_context_bytes)
     cpu_req = max(1000, threads * 1000)
@@ -450,6 +598,7 @@ def plan(
         reasons=reasons,
         warnings=warnings,
         memory_request_bytes=request,
+        cache_free_request_bytes=cache_free_request,
     )
 
 

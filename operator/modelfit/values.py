@@ -24,6 +24,9 @@ import yaml
 
 from . import catalog
 from .cli import (
+    CACHE_RAM_HELP,
+    KV_CACHE_TYPE_HELP,
+    cache_ram_arg,
     check_min_context,
     checked,
     context_arg,
@@ -35,7 +38,7 @@ from .cli import (
     replicas_arg,
 )
 from .nodes import PROFILES, NodeFacts, profile
-from .sizing import PlanResult, Policy, plan
+from .sizing import PlanResult, plan, spec_policy
 
 _DNS = re.compile(r"[^a-z0-9]+")
 
@@ -73,6 +76,7 @@ def expected_plan(res: PlanResult, node: NodeFacts) -> dict[str, Any]:
         "loadMode": p.load_mode,
         "flashAttention": p.flash_attention,
         "threads": p.threads,
+        "cacheRamMib": p.cache_ram_mib,
         "memoryRequest": res.resources.requests["memory"],
         "memoryRequestBytes": res.memory_request_bytes,
         "predictedPeakBytes": res.memory.total_bytes,
@@ -102,6 +106,7 @@ def state_values(
     kv_cache_type: str | None = None,
     load_mode: str | None = None,
     flash_attention: str | None = None,
+    prompt_cache: int | Literal["auto"] | None = None,
     adapt: bool | None = None,
     install_operator: bool = True,
     operator_values: dict[str, Any] | None = None,
@@ -110,25 +115,33 @@ def state_values(
     source = model_source(model, quant)
     facts, path = load_model(model, source.get("quant"))
     node_facts = profile(node)
-    kw: dict[str, Any] = {"context": context}
     spec: dict[str, Any] = {"model": source, "nodeProfile": node_facts.name, "context": context}
-    for key, pkey, value in (
-        ("minContext", "min_context", min_context),
-        ("parallel", "parallel", parallel),
-        ("backend", "backend", backend),
-        ("gpuLayers", "gpu_layers", gpu_layers),
-        ("kvCacheType", "kv_cache_type", kv_cache_type),
-        ("loadMode", "load_mode", load_mode),
-        ("flashAttention", "flash_attention", flash_attention),
+    for key, value in (
+        ("minContext", min_context),
+        ("parallel", parallel),
+        ("backend", backend),
+        ("gpuLayers", gpu_layers),
+        ("kvCacheType", kv_cache_type),
+        ("loadMode", load_mode),
+        ("flashAttention", flash_attention),
+        ("promptCache", prompt_cache),
+        ("replicas", replicas),
+        ("adapt", adapt),
     ):
         if value is not None:
             spec[key] = value
-            kw[pkey] = value
-    if replicas is not None:
-        spec["replicas"] = replicas
-    if adapt is not None:
-        spec["adapt"] = adapt
-    res = plan(facts, node_facts, Policy(**kw), model_path=path)
+    policy = spec_policy(
+        context=context,
+        min_context=min_context,
+        parallel=parallel,
+        kv_cache_type=kv_cache_type,
+        load_mode=load_mode,
+        flash_attention=flash_attention,
+        backend=backend,
+        gpu_layers=gpu_layers,
+        prompt_cache=prompt_cache,
+    )
+    res = plan(facts, node_facts, policy, model_path=path)
     return {
         "name": name or release_name(model),
         "namespace": namespace,
@@ -177,6 +190,7 @@ def cmd_values(args: argparse.Namespace) -> int:
         kv_cache_type=args.kv_cache_type,
         load_mode=args.load_mode,
         flash_attention=args.flash_attention,
+        prompt_cache=args.cache_ram,
         adapt=args.adapt,
         install_operator=not args.no_operator,
         operator_values=_operator_values(args),
@@ -213,9 +227,10 @@ def register(sub: Any) -> None:
     sp.add_argument("--replicas", type=checked(replicas_arg), help="llama-server pods, 0 to 1000")
     sp.add_argument("--backend", choices=["auto", "cpu", "cuda", "rocm", "vulkan"])
     sp.add_argument("--gpu-layers", type=checked(gpu_layers_arg), help="layers on the GPU, 0 to 1000, or auto")
-    sp.add_argument("--kv-cache-type", choices=["auto", "f16", "q8_0", "q4_0"])
+    sp.add_argument("--kv-cache-type", choices=["auto", "f16", "q8_0", "q4_0"], help=KV_CACHE_TYPE_HELP)
     sp.add_argument("--load-mode", choices=["auto", "mmap", "none", "mlock"])
     sp.add_argument("--flash-attention", choices=["auto", "on", "off"])
+    sp.add_argument("--cache-ram", "--prompt-cache", dest="cache_ram", type=checked(cache_ram_arg), help=CACHE_RAM_HELP)
     sp.add_argument(
         "--adapt", action=argparse.BooleanOptionalAction, default=None, help="let the operator shrink the plan to fit"
     )

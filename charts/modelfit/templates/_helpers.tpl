@@ -84,9 +84,15 @@ CRDs (kopf's scanning).
 
 {{/*
 Permissions the operator needs where ModelDeployments live: post events,
-manage the children, and read/patch the ModelDeployments themselves.
+manage the children, read/patch the ModelDeployments themselves, and get (never
+list or watch) the Secrets a ModelDeployment names: the token of
+spec.model.tokenSecretRef for its GGUF header read, and a missing Secret or key
+reported as a condition.
 */}}
 {{- define "modelfit.namespacedRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
