@@ -75,9 +75,10 @@ MUST = [
     ("create", "poddisruptionbudgets.policy", True),
     ("delete", "poddisruptionbudgets.policy", True),
     ("create", "events", True),
+    ("get", "secrets", True),  # a Hugging Face token (spec.model.tokenSecretRef) and the API key check
 ]
 MUST_NOT = [
-    ("delete", "nodes", False), ("patch", "nodes", False), ("get", "secrets", True), ("list", "secrets", False),
+    ("delete", "nodes", False), ("patch", "nodes", False), ("list", "secrets", False), ("watch", "secrets", True),
     ("create", "pods", True), ("delete", "pods", True), ("create", "pods/exec", True),
     ("delete", "namespaces", False), ("create", "clusterroles.rbac.authorization.k8s.io", False),
     ("create", "rolebindings.rbac.authorization.k8s.io", True), ("create", "serviceaccounts/token", True),

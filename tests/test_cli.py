@@ -151,3 +151,177 @@ def test_prompt_cache_auto_by_default_and_in_the_table(capsys: pytest.CaptureFix
         capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--context", "8192", "--memory", "8Gi", "--cache-ram", "auto"
     )
     assert auto == out
+
+
+# ---- `modelfit plan -f`: a ModelDeployment placed as the operator places it ----------------------
+
+
+def manifest(spec: dict[str, object], name: str = "llama", profile: str | None = None) -> dict[str, object]:
+    meta: dict[str, object] = {"name": name, "namespace": "default"}
+    if profile is not None:
+        meta["annotations"] = {"modelfit.io/node-profile": profile}
+    return {"apiVersion": "modelfit.io/v1alpha1", "kind": "ModelDeployment", "metadata": meta, "spec": spec}
+
+
+def plan_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: object, docs: list[dict[str, object]], *argv: str
+) -> tuple[int, str, str]:
+    import pathlib
+
+    import yaml
+
+    path = pathlib.Path(str(tmp_path)) / "md.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    rc = main(["plan", "-f", str(path), *argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+AGREEMENT_CASES = [
+    # (modelfit values options, what the operator does on cpu-small)
+    (("--context", "131072"), "NoNodeFits"),  # the issue's case: an explicit context is the minimum
+    (("--context", "131072", "--adapt"), "Adapted"),
+    (("--context", "131072", "--no-adapt"), "NoNodeFits"),
+    (("--context", "8192"), "Planned"),
+    (("--context", "max"), "Planned"),
+    (("--context", "max", "--adapt", "--min-context", "8192"), "Planned"),
+    (("--context", "32768", "--adapt", "--kv-cache-type", "q4_0"), "Planned"),  # q4_0 KV reaches it
+    (("--context", "65536", "--adapt", "--min-context", "16384", "--parallel", "2"), "Adapted"),
+]
+
+
+@pytest.mark.parametrize(("options", "reason"), AGREEMENT_CASES)
+def test_values_plan_file_and_operator_agree(
+    capsys: pytest.CaptureFixture[str], tmp_path: object, options: tuple[str, ...], reason: str
+) -> None:
+    """`modelfit values`, `modelfit plan -f` of its ModelDeployment and placement.place on the profile agree."""
+    import yaml
+
+    from modelfit import catalog
+    from modelfit.api import ModelDeploymentSpec
+    from modelfit.nodes import profile
+    from modelfit.placement import place
+    from modelfit.render import model_file
+
+    rc = main(["values", "llama-3.2-3b", "--quant", "Q4_K_M", "--node", "cpu-small", *options])
+    out = capsys.readouterr().out
+    assert rc == 0
+    values = yaml.safe_load(out)
+    ep = values["expectedPlan"]
+    spec = {k: v for k, v in values["modelDeployment"].items() if k != "nodeProfile"}
+
+    # the operator: its reconcile's call, on one node of the profile
+    md = ModelDeploymentSpec.model_validate(spec)
+    facts = catalog.catalog_facts("llama-3.2-3b", "Q4_K_M")
+    placed = place(md, facts, [profile("cpu-small")], model_file(md, facts.file_bytes).path, 0.0)
+    assert placed.result is not None and placed.reason == reason
+
+    # `modelfit plan -f` of the same ModelDeployment (as charts/modeldeployment renders it)
+    rc, out, err = plan_file(capsys, tmp_path, [manifest(spec, profile="cpu-small")], "-o", "json")
+    d = json.loads(out)
+    assert rc == (0 if placed.fits else 3)
+    assert d["placement"]["reason"] == reason and d["placement"]["node"] == "cpu-small"
+    assert d["placement"]["message"] == placed.message == ep["message"]
+    assert (err == "") == placed.fits
+
+    res = placed.result
+    for what, values_says, file_says, operator_says in (
+        ("fits", ep["fits"], d["fits"], placed.fits),
+        ("context", ep["context"], d["plan"]["context"], res.plan.context),
+        ("kv", ep["kvCacheType"], d["plan"]["kv_cache_type"], res.plan.kv_cache_type),
+        ("memory", ep["memoryRequest"], d["resources"]["requests"]["memory"], res.resources.requests["memory"]),
+        ("args", ep["args"], d["plan"]["args"], res.plan.args),
+    ):
+        assert values_says == file_says == operator_says, what
+
+
+def test_plan_file_issue_case_reports_the_shortfall(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
+    spec = {"model": {"catalog": "llama-3.2-3b", "quant": "Q4_K_M"}, "context": 131072}
+    rc, out, err = plan_file(capsys, tmp_path, [manifest(spec)], "--node", "cpu-small")
+    assert rc == 3
+    assert out.startswith("ModelDeployment default/llama: NoNodeFits: no node fits the model at the requested context")
+    assert "cpu-small: short by " in out and "| Fits" in out and "NO (short by" in out
+    assert err.startswith("modelfit: ModelDeployment default/llama: NoNodeFits:") and err.count("\n") == 1
+
+
+def test_plan_file_chooses_among_nodes_and_plans_every_document(
+    capsys: pytest.CaptureFixture[str], tmp_path: object
+) -> None:
+    spec = {"model": {"catalog": "llama-3.2-3b", "quant": "Q4_K_M"}, "context": 131072}
+    other = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "skipped"}}
+    docs = [manifest(spec), other, manifest({**spec, "adapt": True}, name="adapting")]
+    rc, out, _ = plan_file(capsys, tmp_path, docs, "--node", "cpu-small", "--node", "cpu-large", "-o", "json")
+    assert rc == 0
+    d = json.loads(out)
+    assert [x["modelDeployment"]["name"] for x in d] == ["llama", "adapting"]
+    assert [x["placement"]["node"] for x in d] == ["cpu-large", "cpu-large"]
+    assert all(x["placement"]["reason"] == "Planned" and x["plan"]["context"] == 131072 for x in d)
+    # only the small node: the strict one does not fit, the adapting one shrinks its context
+    rc, out, _ = plan_file(capsys, tmp_path, docs, "--node", "cpu-small", "--memory", "4Gi", "-o", "json")
+    d = json.loads(out)
+    assert rc == 3 and [x["placement"]["reason"] for x in d] == ["NoNodeFits", "Adapted"]
+    assert d[1]["plan"]["context"] < 131072 and d[1]["fits"] is True
+
+
+def test_plan_file_default_node_is_the_annotated_profile(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
+    spec = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 8192}
+    rc, out, _ = plan_file(capsys, tmp_path, [manifest(spec, profile="cpu-small")], "-o", "json")
+    assert rc == 0 and json.loads(out)["placement"]["node"] == "cpu-small"
+    rc, out, _ = plan_file(capsys, tmp_path, [manifest(spec)], "-o", "json")
+    assert rc == 0 and json.loads(out)["placement"]["node"] == "cpu"
+
+
+def test_plan_file_from_stdin(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    import yaml
+
+    spec = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 4096}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(yaml.safe_dump(manifest(spec))))
+    rc, out = run(capsys, "plan", "-f", "-", "--node", "cpu-small", "-o", "yaml")
+    assert rc == 0
+    d = yaml.safe_load(out)
+    assert d["placement"]["message"].startswith("cpu on cpu-small:") and d["plan"]["context"] == 4096
+
+
+@pytest.mark.parametrize(
+    ("docs", "argv", "error"),
+    [
+        ([manifest({"model": {"catalog": "llama-3.2-3b"}})], (), "default/llama: spec.model: Value error"),
+        ([manifest({"model": {"catalog": "llama-3.2-3b", "quant": "Q4_K_M"}, "context": 10})], (), "spec.context"),
+        ([manifest({"model": {"catalog": "llama-3.2-3b", "quant": "Q4_K_M"}}, name="Bad_Name")], (), "Bad_Name"),
+        ([{"apiVersion": "v1", "kind": "ConfigMap"}], (), "no ModelDeployment"),
+        ([{**manifest({}), "apiVersion": "modelfit.io/v9"}], (), "apiVersion 'modelfit.io/v9'"),
+        ([manifest({"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}})], ("--context", "4096"), "--context"),
+        ([manifest({"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}})], ("qwen3.5-0.8b",), "argument model"),
+        ([manifest({"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}})], ("--node", "tpu"), "unknown node"),
+    ],
+)
+def test_plan_file_bad_input_is_one_line(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: object,
+    docs: list[dict[str, object]],
+    argv: tuple[str, ...],
+    error: str,
+) -> None:
+    rc, out, err = plan_file(capsys, tmp_path, docs, *argv)
+    assert rc == 2 and out == ""
+    assert err.startswith("modelfit: error: ") and err.count("\n") == 1 and error in err, err
+
+
+def test_plan_file_not_yaml_and_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
+    import pathlib
+
+    bad = pathlib.Path(str(tmp_path)) / "bad.yaml"
+    bad.write_text("spec: [\n")
+    for path, error in ((bad, "not YAML"), (bad.with_name("none.yaml"), "No such file")):
+        rc = main(["plan", "-f", str(path)])
+        err = capsys.readouterr().err
+        assert rc == 2 and error in err and err.count("\n") == 1, err
+
+
+def test_plan_needs_a_model_or_a_file_and_one_node(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan"]) == 2
+    assert "or -f FILE is required" in capsys.readouterr().err
+    assert main(["plan", "qwen3.5-0.8b", "--node", "cpu", "--node", "cpu-small"]) == 2
+    assert "several only with -f" in capsys.readouterr().err

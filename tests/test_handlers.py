@@ -566,3 +566,31 @@ def test_unreachable_api_server_is_a_transient_kube_error():
         asyncio.run(run())
     assert err.value.status == 0 and err.value.transient and "cannot reach the API server" in str(err.value)
     assert not kube.KubeError(422, "x").transient and kube.KubeError(429, "x").transient
+
+
+def test_every_kopf_handler_has_an_explicit_stable_id():
+    """kopf keeps handler progress under the handler id: a renamed function must not re-run handlers."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(handlers))
+    ids = {}
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for deco in fn.decorator_list:
+            if isinstance(deco, ast.Call) and ast.unparse(deco.func).startswith("kopf.on."):
+                given = [k.value for k in deco.keywords if k.arg == "id"]
+                assert given and isinstance(given[0], ast.Constant), f"{fn.name}: {ast.unparse(deco)} has no id="
+                ids.setdefault(fn.name, set()).add(given[0].value)
+    assert ids == {
+        "configure": {"configure"},
+        "close_client": {"close-client"},
+        # the id kopf derived from the function name before: progress stored by older operators stays valid
+        "modeldeployment_changed": {"modeldeployment_changed"},
+        "modeldeployment_event": {"modeldeployment-events"},
+        "node_event": {"node-events"},
+        "pod_event": {"pod-events"},
+        "deployment_event": {"deployment-events"},
+        "node_facts_age": {"nodeFactsAgeSeconds"},
+    }

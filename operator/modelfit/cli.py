@@ -17,10 +17,12 @@ from typing import Any, Literal, NoReturn
 import yaml
 from pydantic import ValidationError
 
-from . import catalog
+from . import api, catalog
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, read_gguf
 from .nodes import PROFILES, GiB, MiB, NodeFacts, host_facts, profile
+from .placement import Placement, place
+from .render import model_file
 from .sizing import PROMPT_CACHE_MAX_MIB, PlanResult, Policy, plan, spec_policy
 
 # ---- option values ---------------------------------------------------------------------------
@@ -209,8 +211,22 @@ def catalog_facts_cached(model: str, quant: str) -> ModelFacts:
     return catalog.catalog_facts(model, quant)
 
 
-def node_from_args(args: argparse.Namespace) -> NodeFacts:
-    node = profile(args.node) if args.node != "host" else host_facts()
+def node_names(args: argparse.Namespace) -> list[str]:
+    """The --node values (repeatable with -f only); ``cpu`` when none is given."""
+    names: str | list[str] | None = args.node
+    if names is None:
+        return ["cpu"]
+    return [names] if isinstance(names, str) else list(names)
+
+
+def node_from_args(args: argparse.Namespace, name: str | None = None) -> NodeFacts:
+    """A node profile (or this host) with the --cpus/--memory/--gpus/--gpu-memory overrides."""
+    if name is None:
+        names = node_names(args)
+        if len(names) > 1:
+            raise ValueError("argument --node: one node profile for a model; several only with -f (placement)")
+        name = names[0]
+    node = profile(name) if name != "host" else host_facts()
     if args.cpus is not None:
         node.cpu_millis = args.cpus
     if args.memory is not None:
@@ -367,14 +383,29 @@ CACHE_RAM_HELP = (
 )
 
 
-def _add_plan_options(sp: argparse.ArgumentParser) -> None:
+def _add_plan_options(sp: argparse.ArgumentParser, from_file: bool = False) -> None:
     quants = ", ".join(catalog.RECIPES)
-    sp.add_argument("model", help="catalog name, .gguf path or http(s) URL")
+    if from_file:
+        sp.add_argument("model", nargs="?", help="catalog name, .gguf path or http(s) URL (or -f FILE)")
+        sp.add_argument(
+            "-f",
+            "--file",
+            metavar="FILE",
+            help="plan each ModelDeployment of a YAML file (- for stdin) as the operator places it on the "
+            "--node profiles",
+        )
+        node_help = (
+            f"hardware profile: {', '.join(PROFILES)} or host (default cpu); with -f repeatable, the nodes to "
+            "place on (default: the manifest's modelfit.io/node-profile annotation, else cpu)"
+        )
+        sp.add_argument("--node", action="append", type=checked(node_arg), help=node_help)
+    else:
+        sp.add_argument("model", help="catalog name, .gguf path or http(s) URL")
+        sp.add_argument(
+            "--node", default="cpu", type=checked(node_arg), help=f"hardware profile: {', '.join(PROFILES)} or host"
+        )
     sp.add_argument(
         "--quant", type=checked(quant_arg), help=f"quantization of a catalog model, any case ({quants}; default Q4_K_M)"
-    )
-    sp.add_argument(
-        "--node", default="cpu", type=checked(node_arg), help=f"hardware profile: {', '.join(PROFILES)} or host"
     )
     sp.add_argument(
         "--cpus", type=checked(cpus_arg), help=f"allocatable CPUs, 0.001 to {CPUS_MAX} (e.g. 2, 1.5, 1500m)"
@@ -410,6 +441,10 @@ def _add_plan_options(sp: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        return cmd_plan_file(args)
+    if args.model is None:
+        raise ValueError("a model (catalog name, .gguf path or URL) or -f FILE is required")
     facts, path = load_model(args.model, args.quant)
     node = node_from_args(args)
     res = plan(facts, node, policy_from_args(args), model_path=path)
@@ -420,6 +455,168 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(table(facts, node, res))
     return 0 if res.fits else 3
+
+
+# ---- `modelfit plan -f`: a ModelDeployment placed as the operator places it -------------------
+
+#: Options that the manifest's spec sets; refused with -f so the file alone decides.
+SPEC_OPTIONS = (
+    "model",
+    "quant",
+    "context",
+    "min_context",
+    "parallel",
+    "ubatch",
+    "kv_cache_type",
+    "load_mode",
+    "flash_attention",
+    "cache_ram",
+    "backend",
+    "gpu_layers",
+)
+NODE_PROFILE_ANNOTATION = "modelfit.io/node-profile"  # set by charts/modeldeployment from `modelfit values`
+
+
+@dataclass
+class FilePlan:
+    """One ModelDeployment of a file, its model facts and where the operator would place it."""
+
+    namespace: str
+    name: str
+    facts: ModelFacts
+    placement: Placement
+
+
+def read_manifests(path: str) -> list[dict[str, Any]]:
+    """The ModelDeployment documents of a YAML file (``-``: stdin); other kinds are skipped."""
+    where = "stdin" if path == "-" else path
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"{where}: not YAML: {problem}{at}") from None
+    found = []
+    for i, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where}: document {i} is not a mapping")
+        if doc.get("kind") != api.KIND:
+            continue
+        if doc.get("apiVersion") != api.API_VERSION:
+            raise ValueError(f"{where}: document {i}: apiVersion {doc.get('apiVersion')!r} is not {api.API_VERSION}")
+        found.append(doc)
+    if not found:
+        raise ValueError(f"{where}: no {api.KIND} ({api.API_VERSION}) in the file")
+    return found
+
+
+def spec_of(doc: dict[str, Any]) -> tuple[str, str, api.ModelDeploymentSpec]:
+    """Namespace, name and validated spec of a manifest, refused as the operator refuses it (InvalidSpec)."""
+    meta = doc.get("metadata") or {}
+    name, ns = str(meta.get("name") or ""), str(meta.get("namespace") or "default")
+    what = f"{api.KIND} {ns}/{name}"
+    problem = api.name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{what}: {problem}")
+    try:
+        spec = api.ModelDeploymentSpec.model_validate(doc.get("spec") or {})
+    except ValidationError as exc:
+        raise ValueError(f"{what}: spec.{_one_line(exc)}") from None
+    owned = spec.owned_flags_in_server_args()
+    if owned:
+        raise ValueError(f"{what}: serverArgs contains flags the plan owns: {', '.join(owned)}")
+    return ns, name, spec
+
+
+def spec_facts(spec: api.ModelDeploymentSpec) -> ModelFacts:
+    """The model facts the operator plans with, read without a cluster.
+
+    A catalog model: the catalog's facts (the operator prefers its file's header when the hub answers;
+    the two agree for catalog files). A url or huggingFace file: its header, read over HTTP(S) with
+    $HF_TOKEN when spec.model.tokenSecretRef asks for a token. A PVC file: recognised by its catalog
+    file name, as the operator does (it does not mount PVCs).
+    """
+    m = spec.model
+    if m.catalog is not None:
+        return catalog_facts_cached(m.catalog, m.quant or "Q4_K_M")
+    mf = model_file(spec)
+    if mf.url is None:
+        from .handlers import _catalog_for_file  # the operator's own rule; kopf is imported only here
+
+        known = _catalog_for_file(mf.file_name)
+        if known is None:
+            raise GGUFError(
+                f"cannot read {mf.file_name} on PVC {mf.pvc_claim}; name the file like a catalog model "
+                "or serve it from a URL"
+            )
+        return catalog.catalog_facts(*known)
+    token = os.environ.get("HF_TOKEN") if m.token_secret_ref is not None else None
+    header = read_gguf(mf.url, {"Authorization": f"Bearer {token}"} if token else None)
+    return facts_from_header(header)
+
+
+def place_file(args: argparse.Namespace) -> list[FilePlan]:
+    """Every ModelDeployment of the file placed on the --node profiles as the operator's reconcile places it."""
+    out = []
+    for doc in read_manifests(args.file):
+        ns, name, spec = spec_of(doc)
+        names = node_names(args) if args.node is not None else None
+        if names is None:
+            annotated = ((doc.get("metadata") or {}).get("annotations") or {}).get(NODE_PROFILE_ANNOTATION)
+            names = [annotated] if annotated in PROFILES else ["cpu"]
+        nodes = [node_from_args(args, n) for n in names]
+        facts = spec_facts(spec)
+        placement = place(spec, facts, nodes, model_file(spec, facts.file_bytes).path, 0.0)
+        out.append(FilePlan(ns, name, facts, placement))
+    return out
+
+
+def placement_json(fp: FilePlan) -> dict[str, Any]:
+    p = fp.placement
+    placed = {
+        "fits": p.fits,
+        "reason": p.reason,
+        "message": p.message,
+        "node": p.node.name if p.node is not None else None,
+        "nodeSelector": p.selector,
+        "adapted": p.adapted,
+    }
+    out: dict[str, Any] = {"modelDeployment": {"namespace": fp.namespace, "name": fp.name}, "placement": placed}
+    if p.result is not None:
+        out.update(result_json(fp.facts, p.result))
+    return out
+
+
+def cmd_plan_file(args: argparse.Namespace) -> int:
+    given = [o for o in SPEC_OPTIONS if getattr(args, o, None) is not None]
+    if given:
+        opt = "model" if given[0] == "model" else "--" + given[0].replace("_", "-")
+        raise ValueError(f"argument {opt}: not allowed with -f; the manifest's spec sets it")
+    plans = place_file(args)
+    if args.output in ("json", "yaml"):
+        data = [placement_json(fp) for fp in plans]
+        if args.output == "json":
+            print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        else:
+            print(yaml.safe_dump_all(data, sort_keys=False), end="")
+    else:
+        blocks = []
+        for fp in plans:
+            p = fp.placement
+            head = f"{api.KIND} {fp.namespace}/{fp.name}: {p.reason}: {p.message}"
+            if p.result is not None and p.node is not None:
+                head += "\n\n" + table(fp.facts, p.node, p.result)
+            blocks.append(head)
+        print("\n\n".join(blocks))
+    for fp in plans:
+        if not fp.placement.fits:
+            print(
+                f"modelfit: {api.KIND} {fp.namespace}/{fp.name}: {fp.placement.reason}: {fp.placement.message}",
+                file=sys.stderr,
+            )
+    return 0 if all(fp.placement.fits for fp in plans) else 3
 
 
 def find_llama_server() -> str | None:
@@ -475,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="modelfit", description="Right-size llama-server for GGUF models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("plan", help="plan llama-server flags and memory for a model on a node")
-    _add_plan_options(sp)
+    _add_plan_options(sp, from_file=True)
     sp.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     sp.set_defaults(func=cmd_plan)
 
@@ -514,8 +711,9 @@ def _register_more(sub: Any) -> None:
 def _rejected(args: argparse.Namespace) -> str | None:
     """The first option value a converter refused, as `argument --name: why`."""
     for dest, value in vars(args).items():
-        if isinstance(value, Rejected):
-            return f"argument --{dest.replace('_', '-')}: {value.message}"
+        for one in value if isinstance(value, list) else [value]:
+            if isinstance(one, Rejected):
+                return f"argument --{dest.replace('_', '-')}: {one.message}"
     return None
 
 

@@ -721,7 +721,7 @@ def _merge_into(patch: kopf.Patch, status_patch: dict[str, Any]) -> None:
 G, V, P = api.GROUP, api.VERSION, api.PLURAL
 
 
-@kopf.on.startup()
+@kopf.on.startup(id="configure")
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # warnings become Events; plan changes are posted explicitly
     settings.watching.server_timeout = 300
@@ -731,16 +731,19 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     STATE.task = asyncio.create_task(resync_loop())
 
 
-@kopf.on.cleanup()
+@kopf.on.cleanup(id="close-client")
 async def close_client(**_: Any) -> None:
     if STATE.task is not None:
         STATE.task.cancel()
     await get_client().close()
 
 
-@kopf.on.create(G, V, P, retries=HANDLER_RETRIES)
-@kopf.on.update(G, V, P, retries=HANDLER_RETRIES)
-@kopf.on.resume(G, V, P, retries=HANDLER_RETRIES)
+# Explicit ids: kopf keeps a handler's progress (modelfit.io/<id> while it retries) under its id, so a
+# renamed function must not change it. This is the id kopf derived from the function before, kept so
+# objects in flight keep their progress across the upgrade.
+@kopf.on.create(G, V, P, id="modeldeployment_changed", retries=HANDLER_RETRIES)
+@kopf.on.update(G, V, P, id="modeldeployment_changed", retries=HANDLER_RETRIES)
+@kopf.on.resume(G, V, P, id="modeldeployment_changed", retries=HANDLER_RETRIES)
 async def modeldeployment_changed(
     body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, retry: int, **_: Any
 ) -> None:
@@ -752,7 +755,7 @@ async def modeldeployment_changed(
     _merge_into(patch, status_patch)
 
 
-@kopf.on.event(G, V, P)
+@kopf.on.event(G, V, P, id="modeldeployment-events")
 def modeldeployment_event(event: kopf.RawEvent, **_: Any) -> None:
     """Keep the bodies the resync loop works on; a timer would need a finalizer on every object."""
     body: dict[str, Any] = dict(event.get("object") or {})
@@ -793,21 +796,21 @@ class _ObjectLog(logging.LoggerAdapter[logging.Logger]):
         return f"[{(self.extra or {}).get('object')}] {msg}", kwargs
 
 
-@kopf.on.event("", "v1", "nodes")
+@kopf.on.event("", "v1", "nodes", id="node-events")
 def node_event(event: kopf.RawEvent, logger: kopf.Logger, **_: Any) -> None:
     node = event.get("object") or {}
     if STATE.node_changed(event.get("type"), dict(node)):
         logger.debug(f"node {node.get('metadata', {}).get('name')} changed; re-planning on the next tick")
 
 
-@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": "modelfit"})
+@kopf.on.event("", "v1", "pods", id="pod-events", labels={"app.kubernetes.io/managed-by": "modelfit"})
 def pod_event(body: kopf.Body, **_: Any) -> None:
     owner = body.metadata.labels.get(MD_LABEL)
     if owner:
         STATE.seen.setdefault((str(body.metadata.namespace), owner), _Seen()).pods_dirty = True
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "modelfit"})
+@kopf.on.event("apps", "v1", "deployments", id="deployment-events", labels={"app.kubernetes.io/managed-by": "modelfit"})
 def deployment_event(body: kopf.Body, **_: Any) -> None:
     """A Deployment's status moved (rollout progress, a ReplicaSet that cannot create pods): look again."""
     owner = body.metadata.labels.get(MD_LABEL)

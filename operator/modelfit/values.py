@@ -7,10 +7,13 @@ The output has four parts, read by ``helmfile.yaml`` at the repository root:
 - ``name`` and ``namespace``: the model's release (and ModelDeployment) and where it runs;
 - ``operator``: whether to install ``charts/modelfit`` and its values;
 - ``modelDeployment``: the values of ``charts/modeldeployment`` (the ModelDeployment spec);
-- ``expectedPlan``: what the planner chooses on the named node profile (backend, GPU layers,
-  context, memory request, llama-server args). Informational: the operator plans from the
-  live nodes and writes its own plan to ``status.plan``; the chart records this one in the
-  ``modelfit.io/expected-plan`` annotation so the two can be compared.
+- ``expectedPlan``: where the operator's placement (``placement.place``, the same call as its
+  reconcile) puts the ModelDeployment on a cluster of the named node profile (backend, GPU
+  layers, context, memory request, llama-server args; ``fits: false`` with the reason when it
+  does not fit, e.g. an explicit context without ``adapt``). Informational: the operator plans
+  from the live nodes and writes its own plan to ``status.plan``; the chart records this one in
+  the ``modelfit.io/expected-plan`` annotation so the two can be compared, and
+  ``modelfit plan -f`` places the rendered manifest the same way.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Any, Literal, cast
 import yaml
 
 from . import catalog
+from .api import ModelDeploymentSpec
 from .cli import (
     CACHE_RAM_HELP,
     KV_CACHE_TYPE_HELP,
     cache_ram_arg,
+    catalog_facts_cached,
     check_min_context,
     checked,
     context_arg,
@@ -37,8 +42,11 @@ from .cli import (
     quant_arg,
     replicas_arg,
 )
+from .facts import ModelFacts
 from .nodes import PROFILES, NodeFacts, profile
-from .sizing import PlanResult, plan, spec_policy
+from .placement import Placement, place
+from .render import model_file
+from .sizing import PlanResult
 
 _DNS = re.compile(r"[^a-z0-9]+")
 
@@ -62,10 +70,10 @@ def model_source(model: str, quant: str | None) -> dict[str, Any]:
     return {"catalog": key, "quant": catalog.normalize_quant(quant or "Q4_K_M")}
 
 
-def expected_plan(res: PlanResult, node: NodeFacts) -> dict[str, Any]:
+def expected_plan(res: PlanResult, node: NodeFacts, placement: Placement | None = None) -> dict[str, Any]:
     """The camelCase summary of a plan that the values file carries."""
     p = res.plan
-    return {
+    out: dict[str, Any] = {
         "nodeProfile": node.name,
         "backend": p.backend,
         "gpuLayers": p.gpu_layers,
@@ -88,6 +96,9 @@ def expected_plan(res: PlanResult, node: NodeFacts) -> dict[str, Any]:
         "reasons": list(res.reasons),
         "warnings": list(res.warnings),
     }
+    if placement is not None:
+        out["reason"], out["message"] = placement.reason, placement.message
+    return out
 
 
 def state_values(
@@ -113,7 +124,11 @@ def state_values(
 ) -> dict[str, Any]:
     """The helmfile state values (a plain dict, ready for YAML)."""
     source = model_source(model, quant)
-    facts, path = load_model(model, source.get("quant"))
+    facts: ModelFacts
+    if "catalog" in source:
+        facts = catalog_facts_cached(source["catalog"], source["quant"])
+    else:
+        facts, _ = load_model(model, None)
     node_facts = profile(node)
     spec: dict[str, Any] = {"model": source, "nodeProfile": node_facts.name, "context": context}
     for key, value in (
@@ -130,24 +145,16 @@ def state_values(
     ):
         if value is not None:
             spec[key] = value
-    policy = spec_policy(
-        context=context,
-        min_context=min_context,
-        parallel=parallel,
-        kv_cache_type=kv_cache_type,
-        load_mode=load_mode,
-        flash_attention=flash_attention,
-        backend=backend,
-        gpu_layers=gpu_layers,
-        prompt_cache=prompt_cache,
-    )
-    res = plan(facts, node_facts, policy, model_path=path)
+    # The operator's own call (handlers._place): the spec as the CRD reads it, one node of the profile.
+    md = ModelDeploymentSpec.model_validate({k: v for k, v in spec.items() if k != "nodeProfile"})
+    placed = place(md, facts, [node_facts], model_file(md, facts.file_bytes).path, 0.0)
+    assert placed.result is not None  # one node without taints or labels: always eligible, always planned
     return {
         "name": name or release_name(model),
         "namespace": namespace,
         "operator": {"enabled": install_operator, "values": operator_values or {}},
         "modelDeployment": spec,
-        "expectedPlan": expected_plan(res, node_facts),
+        "expectedPlan": expected_plan(placed.result, node_facts, placed),
     }
 
 
@@ -198,6 +205,9 @@ def cmd_values(args: argparse.Namespace) -> int:
     quant = values["modelDeployment"]["model"].get("quant")
     what = f"modelfit values {args.model}" + (f" --quant {quant}" if quant else "") + f" --node {args.node}"
     sys.stdout.write(render(values, what))
+    ep = values["expectedPlan"]
+    if not ep["fits"]:
+        print(f"modelfit: warning: does not fit {args.node}: {ep['reason']}: {ep['message']}", file=sys.stderr)
     return 0
 
 
