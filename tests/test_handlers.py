@@ -594,3 +594,27 @@ def test_every_kopf_handler_has_an_explicit_stable_id():
         "deployment_event": {"deployment-events"},
         "node_facts_age": {"nodeFactsAgeSeconds"},
     }
+
+
+def test_hand_edits_of_the_deployment_are_restored():
+    """A spec edit bumps the Deployment's generation but not our applied hash: the next reconcile re-applies."""
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    status = go(md(SEED), k, st)
+    d = k.objects[deploy_path()]
+    image = d["spec"]["template"]["spec"]["containers"][0]["image"]
+    d["metadata"]["generation"] = 1  # what the API server says after our apply
+    merged = {**status}
+    applies = k.applies
+    p = go(md(SEED, status=merged), k, st)  # the first generation seen is the baseline: nothing to do
+    assert k.applies == applies
+    d = k.objects[deploy_path()]
+    d["spec"]["template"]["spec"]["containers"][0]["image"] = "example.com/hand-edited:1"
+    d["metadata"]["generation"] = 2
+    go(md(SEED, status={**merged, **p}), k, st)
+    assert k.applies > applies, "the hand edit was not reverted"
+    assert k.objects[deploy_path()]["spec"]["template"]["spec"]["containers"][0]["image"] == image
+    applies = k.applies
+    k.objects[deploy_path()]["metadata"]["generation"] = 3  # our own apply bumped it
+    st.seen[("default", "qwen")].deploy_generation = 3
+    go(md(SEED, status={**merged, **p}), k, st)
+    assert k.applies == applies, "no drift, no write"

@@ -90,6 +90,7 @@ class _Seen:
     avoid: dict[tuple[tuple[str, str], ...], float] = field(default_factory=dict)
     failures: int = 0  # transient API failures in a row
     retry_at: float = 0.0  # when the resync loop retries after one (monotonic; 0: no retry pending)
+    deploy_generation: int | None = None  # metadata.generation of the Deployment as we last applied or saw it
 
 
 class OperatorState:
@@ -609,7 +610,20 @@ async def _reconcile(
         template_hash = _template_hash(deploy)
     new["plan"] = {**new["plan"], "factsSource": loaded.source}
     metrics.PLANNED_MEMORY.labels(namespace=ns, name=name).set(int(new["plan"].get("memoryRequestBytes") or 0))
-    if applied != rendered.hash:
+    # Drift: a hand edit of the Deployment's spec (image, limits, replicas) bumps its generation without
+    # touching our applied hash; forced server-side apply takes the owned fields back. The first generation
+    # seen after a restart is the baseline.
+    live_generation = ((deploy or {}).get("metadata") or {}).get("generation")
+    drifted = bool(
+        deploy is not None
+        and applied == rendered.hash
+        and seen.deploy_generation is not None
+        and live_generation != seen.deploy_generation
+    )
+    seen.deploy_generation = live_generation if deploy is not None else None
+    if drifted:
+        logger.warning(f"Deployment {name} was edited (generation {live_generation}); restoring the planned spec")
+    if applied != rendered.hash or drifted:
         # The Deployment carries the applied hash, so it goes last: a crash half-way leaves a stale
         # hash and the next reconcile applies everything again (no missing Service after a restart).
         for api_version, kind, child in rendered.absent:
@@ -624,6 +638,7 @@ async def _reconcile(
                 return api_failed(exc, f"{obj['kind']} {obj['metadata']['name']}", write=True, planned=planned)
             if obj["kind"] == "Deployment":
                 deploy = out
+                seen.deploy_generation = (out.get("metadata") or {}).get("generation")
         if old_plan.get("hash") != rendered.hash:
             metrics.PLAN_CHANGES.inc()
             what = (
