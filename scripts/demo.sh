@@ -25,6 +25,9 @@ fi
 T0=$(date +%s)
 say() { printf '\n==> [%ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
 
+say "Debian packages (only the missing ones; the real node needs root)"
+bash scripts/install-deps.sh || echo "continuing without them: no real node"
+
 say "python package"
 if ! python3 -c "import modelfit.handlers" 2>/dev/null; then
   python3 -m pip install -q -e .
