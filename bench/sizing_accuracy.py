@@ -19,6 +19,7 @@ import itertools
 import json
 import sys
 import time
+from typing import cast
 
 from modelfit.facts import ModelFacts, facts_from_header
 from modelfit.gguf_reader import read_gguf
@@ -26,7 +27,7 @@ from modelfit.memory import MiB, ServerConfig, type_size
 from modelfit.nodes import NodeFacts
 from modelfit.probe import LlamaServer, filler_prompt, free_port, with_endpoint
 from modelfit.sizing import Policy, plan
-from modelfit.synth import ensure_model, llama_bin
+from modelfit.synth import TINY_SPECS, ensure_model, llama_bin
 
 SEED_PAGE_BYTES = int(0.5 * (1 << 30))  # "Min RAM required 0.5 GB"
 
@@ -43,7 +44,7 @@ def run_point(model: str, quant: str, ctx: int, mode: str, np_: int, kv: str, pr
     path = ensure_model(model, quant)
     facts = facts_from_header(read_gguf(path))
     node = NodeFacts(name="bench", cpu_millis=2000, memory_bytes=None)
-    res = plan(facts, node, Policy(context=ctx, parallel=np_, kv_cache_type=kv, load_mode=mode), model_path=str(path))  # type: ignore[arg-type]
+    res = plan(facts, node, Policy(context=ctx, parallel=np_, kv_cache_type=kv, load_mode=mode), model_path=str(path))
     port = free_port()
     args = with_endpoint(res.plan.args, str(path), port)
     t0 = time.monotonic()
@@ -82,7 +83,7 @@ def run_point(model: str, quant: str, ctx: int, mode: str, np_: int, kv: str, pr
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="qwen35-0.8b,llama-3.2-1b,gemma3-1b,qwen3moe-small")
+    ap.add_argument("--models", default="qwen35-0.8b,llama-3.2-1b,gemma3-1b,qwen3moe-a3b-2l,qwen3-0.6b")
     ap.add_argument("--quant", default="Q4_0")
     ap.add_argument("--contexts", default="4096,32768,max")
     ap.add_argument("--modes", default="mmap,none")
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
-        a.models, a.contexts, a.parallel = "qwen35-tiny,llama-tiny,gemma3-tiny,qwen3moe-tiny", "4096", "1,4"
+        a.models, a.contexts, a.parallel = ",".join(TINY_SPECS), "4096", "1,4"
     rows = []
     contexts = [c if c == "max" else int(c) for c in a.contexts.split(",")]
     grid = list(
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     for model, ctx, mode, np_, kv in grid:
         try:
-            row = run_point(model, a.quant, ctx if ctx == "max" else int(ctx), mode, np_, kv, a.prompt_words)  # type: ignore[arg-type]
+            row = run_point(model, a.quant, ctx if ctx == "max" else int(ctx), mode, np_, kv, a.prompt_words)
         except Exception as exc:  # noqa: BLE001 - a failed point is reported, the grid goes on
             print(f"# {model} ctx={ctx} {mode} np={np_} {kv}: FAILED {exc!s:.300}", file=sys.stderr)
             continue
@@ -127,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if rows:
-        worst = max(rows, key=lambda r: abs(float(r["error_pct"])))  # type: ignore[arg-type]
-        under = min(float(r["error_pct"]) for r in rows)  # type: ignore[arg-type]
-        print(f"\npoints: {len(rows)}  worst error: {float(worst['error_pct']):+.2f}%  most under: {under:+.2f}%")
+        errors = [cast(float, r["error_pct"]) for r in rows]
+        worst = max(errors, key=abs)
+        print(f"\npoints: {len(rows)}  worst error: {worst:+.2f}%  most under: {min(errors):+.2f}%")
     if a.json:
         print(json.dumps(rows, indent=1))
     return 0

@@ -27,6 +27,7 @@ CASES = [
     ("llama-tiny", "Q8_0", 4096, "none", 4, "f16"),
     ("gemma3-tiny", "Q4_0", 2048, "none", 2, "f16"),
     ("qwen3moe-tiny", "Q4_0", 4096, "mmap", 1, "q8_0"),
+    ("qwen3-tiny", "Q4_0", 4096, "mmap", 4, "q8_0"),
 ]
 
 
@@ -38,7 +39,7 @@ def test_predicted_rss_matches_real_server(model: str, quant: str, ctx: int, mod
         facts,
         NodeFacts(name="t", cpu_millis=2000, memory_bytes=None),
         # a fresh server's peak: the prompt cache (a budget filled as prompts are saved) has its own test
-        Policy(context=ctx, parallel=np_, kv_cache_type=kv, load_mode=mode, cache_ram_mib=0),  # type: ignore[arg-type]
+        Policy(context=ctx, parallel=np_, kv_cache_type=kv, load_mode=mode, cache_ram_mib=0),
         model_path=str(path),
     )
     assert res.plan.context == ctx

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from modelfit.catalog import MODELS, catalog_facts, recipe_types
-from modelfit.memory import MiB, ServerConfig, estimate, kv_cells
+from modelfit.memory import MiB, ServerConfig, estimate, kv_cells, repackable
 
 QWEN = "qwen3.5-0.8b"
 
@@ -66,10 +66,18 @@ def test_mmap_with_repack_keeps_both_copies() -> None:
     mm = estimate(f, ServerConfig(n_ctx=4096, load_mode="mmap"))
     none = estimate(f, ServerConfig(n_ctx=4096, load_mode="none"))
     assert mm.repack_bytes > 200 * MiB
-    assert mm.total_bytes - none.total_bytes == mm.repack_bytes
-    assert mm.weights_file_bytes == f.weights_bytes and none.weights_file_bytes == 0
+    # both copies of the repacked weights, less the repacked tensors the loader unmapped at the
+    # file's end (the catalog lists blk.23's ffn_gate/up/down last)
+    unmapped = sum(t.nbytes for t in f.tensors[-3:])
+    assert [t.name for t in f.tensors[-3:]] == [
+        "blk.23.ffn_gate.weight",
+        "blk.23.ffn_up.weight",
+        "blk.23.ffn_down.weight",
+    ]
+    assert mm.total_bytes - none.total_bytes == mm.repack_bytes - unmapped
+    assert mm.weights_file_bytes == f.weights_bytes - unmapped and none.weights_file_bytes == 0
     no_repack = estimate(f, ServerConfig(n_ctx=4096, load_mode="mmap", repack=False))
-    assert no_repack.total_bytes == none.total_bytes
+    assert no_repack.total_bytes == none.total_bytes and no_repack.weights_file_bytes == f.weights_bytes
     # Q8_0 is not repacked on x86
     assert estimate(catalog_facts(QWEN, "Q8_0"), ServerConfig(n_ctx=4096)).repack_bytes == 0
 
@@ -99,3 +107,26 @@ def test_flash_attention_off_adds_the_kq_matrix() -> None:
     off = estimate(f, ServerConfig(n_ctx=8192, flash_attn=False))
     assert off.compute_bytes >= 8192 * 512 * 32 * 4  # the F32 KQ matrix of 32 heads
     assert on.compute_bytes < 100 * MiB  # flash attention: only an F16 mask grows with context
+
+
+def test_mmap_unmaps_repacked_tensors_at_the_ends_of_the_file() -> None:
+    # load_all_data unmaps the file before the first and after the last CPU_Mapped tensor:
+    # repacked expert tensors at the tail leave no file pages behind.
+    f = catalog_facts("qwen3-30b-a3b", "Q4_0")
+    cfg = ServerConfig(n_ctx=4096, load_mode="mmap")
+    m = estimate(f, cfg)
+    names = [t.name for t in f.tensors]
+    assert names[-1].startswith("blk.47.ffn_") and names[-1].endswith("_exps.weight")
+    tail = 0
+    for t in reversed(f.tensors):
+        if not repackable(t, cfg):
+            break
+        tail += t.nbytes
+    assert tail > 0
+    assert m.weights_file_bytes == f.weights_bytes - tail
+    assert m.weights_bytes == f.weights_bytes  # the repacked copy is still counted (anonymous)
+    # with the last expert tensor moved between mapped ones, its pages stay mapped
+    moved = f.model_copy(update={"tensors": [*f.tensors[:3], f.tensors[-1], *f.tensors[3:-1]]})
+    assert estimate(moved, cfg).weights_file_bytes == m.weights_file_bytes + f.tensors[-1].nbytes
+    # VmHWM also covers the end of loading: the whole file mapped plus the repacked copy
+    assert m.total_bytes >= f.file_bytes + m.repack_bytes

@@ -62,6 +62,10 @@ def test_tiny_roundtrip(name: str, tmp_path: Path) -> None:
     if arch == "qwen3moe":
         assert _field(r, "qwen3moe.expert_count") == spec.n_expert
         assert "output.weight" in plan
+    if arch == "qwen3":  # dense, tied, attention wider than the residual stream
+        assert "output.weight" not in plan and "blk.0.attn_q_norm.weight" in plan
+        assert plan["blk.0.attn_q.weight"].ne == (spec.n_embd, spec.n_head * spec.head_dim)
+        assert spec.n_head * spec.head_dim > spec.n_embd
 
 
 def test_real_shapes_param_counts() -> None:
@@ -69,6 +73,7 @@ def test_real_shapes_param_counts() -> None:
     assert synth.n_params(synth.SPECS["qwen35-0.8b"]) == 752_393_024
     assert synth.n_params(synth.SPECS["gemma3-1b"]) == 999_885_952
     assert synth.n_params(synth.SPECS["llama-3.2-1b"]) == 1_235_814_432
+    assert synth.n_params(synth.SPECS["qwen3-0.6b"]) == 596_049_920  # llama.cpp: "596.05 M"
 
 
 def test_ensure_model_caches(tmp_path: Path) -> None:

