@@ -248,6 +248,25 @@ OPERATOR_CASES: dict[str, dict[str, Any]] = {
     "namespaced": {"watchNamespaces": ["models", "team-a"]},
     "servicemonitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "no-metrics-service": {"metrics": {"service": {"enabled": False}}},
+    "node-shapes": {
+        "nodeShapes": [
+            {
+                "name": "c7-4xlarge",
+                "labels": {"node.kubernetes.io/instance-type": "c7.4xlarge"},
+                "cpu": "15",
+                "memory": "60Gi",
+            },
+            {
+                "name": "g6-xlarge",
+                "labels": {"node.kubernetes.io/instance-type": "g6.xlarge"},
+                "cpu": 3.5,
+                "memory": "14Gi",
+                "gpus": 1,
+                "gpuMemory": "22Gi",
+                "taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+            },
+        ]
+    },
     "custom": {
         "image": {"repository": "registry.example/mf/op", "tag": "1.2.3", "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}],
@@ -382,7 +401,7 @@ def test_all_namespaces_by_default(helm: str, helm_env: dict[str, str], tmp_path
     assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
 
 
-@pytest.mark.parametrize("case", ["defaults", "namespaced", "custom"])
+@pytest.mark.parametrize("case", ["defaults", "namespaced", "custom", "node-shapes"])
 def test_operator_args_parse_with_modelfit_run(helm: str, helm_env: dict[str, str], tmp_path: Path, case: str) -> None:
     """The container's command line is accepted by the real `modelfit run` parser."""
     pytest.importorskip("modelfit.runner")
@@ -452,6 +471,8 @@ def test_service_monitor_toggle(helm: str, helm_env: dict[str, str], tmp_path: P
         ["watchNamespaces[0]=Not_A_Namespace"],
         ["metrics.serviceMonitor.interval=often"],
         ["resources.limits.memory=lots"],
+        ["nodeShapes[0].name=a"],
+        ["nodeShapes[0].name=a,nodeShapes[0].labels.a=b,nodeShapes[0].cpu=1,nodeShapes[0].memory=lots"],
     ],
     ids=lambda s: s[0],
 )
@@ -690,3 +711,28 @@ def test_helmfile_defaults_and_no_operator(helmfile: str, helm: str, helm_env: d
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     assert not by_kind(docs, "Deployment")
     assert by_kind(docs, "ModelDeployment")
+
+
+def test_node_shapes_config_map_reaches_the_operator(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    """nodeShapes become a ConfigMap, mounted where `--node-shapes` reads it, and parse as the operator does."""
+    from modelfit.nodes import parse_node_shapes
+
+    values = OPERATOR_CASES["node-shapes"]
+    docs = render(helm, helm_env, OPERATOR_CHART, values, tmp_path=tmp_path)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    shapes = parse_node_shapes(yaml.safe_load(cm["data"]["node-shapes.yaml"]))
+    assert [s.name for s in shapes] == ["c7-4xlarge", "g6-xlarge"]
+    assert shapes[1].facts().gpus == 1 and shapes[0].facts().cpu_millis == 15000
+    (dep,) = by_kind(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    (arg,) = [a for a in c["args"] if a.startswith("--node-shapes=")]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "node-shapes"]
+    assert arg == f"--node-shapes={mount['mountPath']}/node-shapes.yaml"
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "node-shapes"]
+    assert vol["configMap"]["name"] == cm["metadata"]["name"]
+    assert dep["spec"]["template"]["metadata"]["annotations"]["checksum/node-shapes"]
+    none = render(helm, helm_env, OPERATOR_CHART, {}, tmp_path=tmp_path)
+    assert not [d for d in none if d["kind"] == "ConfigMap"]
+    (plain,) = by_kind(none, "Deployment")
+    assert not [a for a in plain["spec"]["template"]["spec"]["containers"][0]["args"] if "node-shapes" in a]

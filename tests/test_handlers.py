@@ -618,3 +618,121 @@ def test_hand_edits_of_the_deployment_are_restored():
     st.seen[("default", "qwen")].deploy_generation = 3
     go(md(SEED, status={**merged, **p}), k, st)
     assert k.applies == applies, "no drift, no write"
+
+
+# ---- hand-off to cluster autoscalers: node shapes ------------------------------------------------
+
+SHAPE_LABEL = "modelfit.io/node-shape"
+
+
+def _shapes():
+    from modelfit.nodes import parse_node_shapes
+
+    return parse_node_shapes(
+        [
+            {"name": "tiny", "labels": {SHAPE_LABEL: "tiny"}, "cpu": 2, "memory": "4Gi"},
+            {"name": "huge", "labels": {SHAPE_LABEL: "huge"}, "cpu": 64, "memory": "512Gi"},
+            {"name": "large", "labels": {SHAPE_LABEL: "large"}, "cpu": "16", "memory": "64Gi"},
+        ]
+    )
+
+
+def _merge(old, patch):
+    out = dict(old)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            out[key] = {k: v for k, v in _merge(old[key], value).items() if v is not None}
+        else:
+            out[key] = value
+    return out
+
+
+def _pod(name, template, node_name=None):
+    scheduled = {"type": "PodScheduled", "status": "True"}
+    if node_name is None:
+        scheduled = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector",
+        }
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "annotations": {"modelfit.io/plan-hash": template},
+            "labels": {"modelfit.io/modeldeployment": "qwen"},
+        },
+        "spec": {"nodeName": node_name} if node_name else {},
+        "status": {"phase": "Running" if node_name else "Pending", "conditions": [scheduled]},
+    }
+
+
+BIG = {"model": {"catalog": "llama-3.1-8b", "quant": "Q8_0"}, "context": 131072}
+
+
+def test_no_present_node_fits_plans_for_the_smallest_fitting_shape():
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    st.node_shapes = _shapes()
+    p = go(md(BIG), k, st)
+    conds = {c["type"]: c for c in p["conditions"]}
+    assert conds["Planned"]["status"] == "True" and conds["Planned"]["reason"] == "WaitingForNode"
+    assert "node shape large" in conds["Planned"]["message"] and "cluster autoscaler" in conds["Planned"]["message"]
+    assert conds["Unschedulable"]["status"] == "True" and conds["Unschedulable"]["reason"] == "WaitingForNode"
+    assert p["plan"]["nodeClass"] == "large" and p["plan"]["nodeSelector"] == {SHAPE_LABEL: "large"}
+    pod = k.objects[deploy_path()]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {SHAPE_LABEL: "large"}
+    assert p["plan"]["context"] == 131072 and p["plan"]["fits"] is True
+
+
+def test_without_shapes_or_fitting_shape_nothing_changes():
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    st.node_shapes = _shapes()[:1]  # only tiny: too small too
+    p = go(md(BIG), k, st)
+    conds = {c["type"]: c for c in p["conditions"]}
+    assert conds["Planned"]["status"] == "False" and conds["Unschedulable"]["reason"] == "NoNodeFits"
+    assert k.applies == 0
+
+
+@pytest.mark.parametrize("scheduled_first", [True, False])
+def test_a_node_of_the_shape_arrives_and_the_plan_stays(scheduled_first):
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    st.node_shapes = _shapes()
+    status = go(md(BIG), k, st)
+    planned = status["plan"]["hash"]
+    template = k.objects[deploy_path()]["spec"]["template"]["metadata"]["annotations"]["modelfit.io/plan-hash"]
+    k.pods = [_pod("qwen-1", template)]
+    status = _merge(status, go(md(BIG, status=status), k, st))
+    applies = k.applies
+    assert status["plan"]["hash"] == planned
+    unsched = next(c for c in status["conditions"] if c["type"] == "Unschedulable")
+    assert unsched["reason"] == "WaitingForNode" and "shape large" in unsched["message"]
+    # The cluster autoscaler adds a node of the shape; the re-plan (before or after the pod binds) keeps the plan.
+    new = node("ca-large-1", "16", "64Gi", labels={SHAPE_LABEL: "large"})
+    k.nodes.append(new)
+    st.node_changed("ADDED", new)
+    if scheduled_first:
+        k.pods = [_pod("qwen-1", template, "ca-large-1")]
+    status = _merge(status, go(md(BIG, status=status), k, st))
+    k.pods = [_pod("qwen-1", template, "ca-large-1")]
+    status = _merge(status, go(md(BIG, status=status), k, st))
+    assert k.applies == applies and status["plan"]["hash"] == planned
+    assert status["plan"]["nodeSelector"] == {SHAPE_LABEL: "large"}
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["Planned"]["status"] == "True" and conds["Unschedulable"]["status"] == "False"
+    # Scale-out: the second replica does not fit the node and asks for another node of the shape; the pod
+    # template (and so the running pod) is the same.
+    pod_hash = template
+    status = _merge(status, go(md({**BIG, "replicas": 2}, status=status, generation=2), k, st))
+    d = k.objects[deploy_path()]
+    assert (
+        d["spec"]["replicas"] == 2
+        and d["spec"]["template"]["metadata"]["annotations"]["modelfit.io/plan-hash"] == pod_hash
+    )
+    assert d["spec"]["template"]["spec"]["nodeSelector"] == {SHAPE_LABEL: "large"}
+    k.pods.append(_pod("qwen-2", pod_hash))
+    applies = k.applies
+    status = _merge(status, go(md({**BIG, "replicas": 2}, status=status, generation=2), k, st))
+    assert k.applies == applies
+    unsched = next(c for c in status["conditions"] if c["type"] == "Unschedulable")
+    assert unsched["reason"] == "WaitingForNode" and "shape large" in unsched["message"]

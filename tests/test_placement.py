@@ -223,3 +223,60 @@ def test_operator_and_cli_translate_the_spec_alike(options):
     argv = ["plan", "qwen3.5-0.8b"] + [x for k, v in options.items() for x in (flags[k], str(v))]
     args = build_parser().parse_args(argv)
     assert policy_for(spec(**options)) == policy_from_args(args)
+
+
+def _shapes():
+    from modelfit.nodes import parse_node_shapes
+
+    return parse_node_shapes(
+        [
+            {"name": "huge", "labels": {"pool": "huge"}, "cpu": 64, "memory": "512Gi"},
+            {"name": "large", "labels": {"pool": "large"}, "cpu": 16, "memory": "64Gi"},
+            {"name": "gpu", "labels": {"pool": "gpu"}, "cpu": 8, "memory": "32Gi", "gpus": 1, "gpuMemory": "24Gi"},
+        ]
+    )
+
+
+def test_place_with_shapes_picks_the_smallest_fitting_shape():
+    from modelfit.nodes import parse_node_shapes
+    from modelfit.placement import place_with_shapes
+
+    spec = ModelDeploymentSpec.model_validate(
+        {"model": {"catalog": "llama-3.1-8b", "quant": "Q8_0"}, "context": 131072, "backend": "cpu"}
+    )
+    facts = catalog.catalog_facts("llama-3.1-8b", "Q8_0")
+    got = place_with_shapes(spec, facts, [cpu_small()], _shapes(), "/m.gguf")
+    assert got.fits and got.reason == "WaitingForNode" and got.selector == {"pool": "large"}
+    assert "node shape large (pool=large)" in got.message and "NoNodeFits" in got.message
+    assert got.node is not None and got.node.name == "large"
+    # Without shapes (or with none that fits) the present answer stands.
+    assert place_with_shapes(spec, facts, [cpu_small()], [], "/m.gguf").reason == "NoNodeFits"
+    tiny = parse_node_shapes([{"name": "tiny", "labels": {"pool": "tiny"}, "cpu": 2, "memory": "4Gi"}])
+    assert place_with_shapes(spec, facts, [], tiny, "/m.gguf").reason == "NoNodes"
+    # A GPU shape for a CPU plan only when no other shape fits.
+    assert place_with_shapes(spec, facts, [], _shapes()[2:], "/m.gguf").selector == {"pool": "gpu"}
+    # A present node of a shape is pinned to the shape's labels, not its hostname.
+    arrived = NodeFacts(
+        name="ca-1", cpu_millis=16000, memory_bytes=64 * GiB, labels={"pool": "large", "kubernetes.io/hostname": "ca-1"}
+    )
+    there = place_with_shapes(spec, facts, [cpu_small(), arrived], _shapes(), "/m.gguf")
+    assert there.reason == "Planned" and there.selector == {"pool": "large"}
+    assert there.result is not None and got.result is not None and there.result.plan.args == got.result.plan.args
+
+
+def test_node_shapes_parse_and_refuse():
+    from modelfit.nodes import parse_node_shapes
+
+    gpu = _shapes()[2].facts()
+    assert gpu.gpus == 1 and gpu.gpu_vendor == "nvidia" and gpu.gpu_memory_bytes == 24 * GiB and gpu.cpu_millis == 8000
+    assert parse_node_shapes({"nodeShapes": []}) == [] and parse_node_shapes(None) == []
+    for bad in (
+        {"x": 1},
+        [{"name": "a", "labels": {}, "cpu": 1, "memory": "1Gi"}],
+        [{"name": "a", "labels": {"a": "b"}}],
+    ):
+        with pytest.raises(ValueError):
+            parse_node_shapes(bad)
+    twice = {"name": "a", "labels": {"a": "b"}, "cpu": 1, "memory": "1Gi"}
+    with pytest.raises(ValueError, match="unique"):
+        parse_node_shapes([twice, twice])

@@ -5,6 +5,8 @@
   every ModelDeployment on its next tick, and only a changed plan is applied (rolls out).
 - Pod or Deployment of ours changed -> the resync loop refreshes that ModelDeployment's status, reacts to
   FailedScheduling (adapt: plan elsewhere/smaller), OOMKilled (more headroom), download failures.
+- With node shapes (``--node-shapes``) a spec that fits no present node is planned for the smallest shape
+  that fits and pinned to its labels (WaitingForNode): its pending pods ask a cluster autoscaler for nodes.
 Nothing raised by a bad spec or an unreadable model escapes: it becomes a condition. So does an API error
 while applying the children: a 4xx (an invalid child, a forbidden kind) is reported and not retried until
 something changes; unreachable, 5xx, 409 and 429 are reported and retried with backoff, a bounded number
@@ -37,8 +39,8 @@ from .api import ModelDeploymentSpec
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, GGUFHeader, read_gguf
 from .kube import ClusterSnapshot, Kube, KubeError, get_client, node_facts, path_for
-from .nodes import parse_quantity
-from .placement import Placement, class_selector, place
+from .nodes import NodeShape, parse_quantity
+from .placement import WAITING_FOR_NODE, Placement, class_selector, place_with_shapes
 from .render import (
     APPLIED_ANNOTATION,
     HASH_ANNOTATION,
@@ -107,6 +109,7 @@ class OperatorState:
         self.task: asyncio.Task[None] | None = None
         self.pod_monitors: tuple[bool, float] = (False, 0.0)  # (served, checked at)
         self.headers: HeaderReads | None = None  # catalog header reads; None: the process-wide HEADERS
+        self.node_shapes: list[NodeShape] = []  # nodes a cluster autoscaler can add (--node-shapes)
 
     def forget(self, key: tuple[str, str]) -> None:
         self.seen.pop(key, None)
@@ -392,12 +395,19 @@ def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _place(
-    spec: ModelDeploymentSpec, facts: ModelFacts, size: int, nodes: list[Any], boost: float, seen: _Seen
+    spec: ModelDeploymentSpec,
+    facts: ModelFacts,
+    size: int,
+    nodes: list[Any],
+    boost: float,
+    seen: _Seen,
+    shapes: list[NodeShape] | None = None,
 ) -> Placement:
+    """The placement on present nodes; when none fits, on the smallest configured node shape that does."""
     now = time.monotonic()
     seen.avoid = {k: t for k, t in seen.avoid.items() if t > now}
     usable = [n for n in nodes if tuple(sorted(class_selector(n).items())) not in seen.avoid] or nodes
-    return place(spec, facts, usable, model_file(spec, size).path, boost)
+    return place_with_shapes(spec, facts, usable, shapes or [], model_file(spec, size).path, boost)
 
 
 async def reconcile(
@@ -534,7 +544,7 @@ async def _reconcile(
     override = memory_override_bytes(spec)
     rejected = old.get("memoryOverrideRejected")
     override_failed = override is not None and rejected == override
-    placement = await _place(spec, facts, size, nodes, boost, seen)
+    placement = await _place(spec, facts, size, nodes, boost, seen, state.node_shapes)
     mf = model_file(spec, size)
     try:
         pods = await kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector_string(name))
@@ -564,10 +574,10 @@ async def _reconcile(
             boost = min(1.0, boost + OOM_HEADROOM_STEP)
             oom_kills += 1
             logger.warning(f"OOMKilled in {sig.oom_killed}; memory headroom boost now {boost:.2f}")
-            placement = await _place(spec, facts, size, nodes, boost, seen)
+            placement = await _place(spec, facts, size, nodes, boost, seen, state.node_shapes)
         elif sig.unschedulable and spec.adapt:
             seen.avoid[tuple(sorted(placement.selector.items()))] = time.monotonic() + AVOID_SECONDS
-            other = await _place(spec, facts, size, nodes, boost, seen)
+            other = await _place(spec, facts, size, nodes, boost, seen, state.node_shapes)
             if other.fits and other.selector != placement.selector:
                 logger.info(f"pods unschedulable on {placement.selector}; adapting to {other.selector}")
                 placement = other
@@ -602,7 +612,10 @@ async def _reconcile(
     applied = ((deploy or {}).get("metadata") or {}).get("annotations", {}).get(APPLIED_ANNOTATION)
     template_hash = _template_hash(rendered.by_kind("Deployment"))
     same_override = old.get("memoryOverrideRejected") == new.get("memoryOverrideRejected")
-    if not unschedulable and same_override and _sticky(old, gen, old_plan, new["plan"], applied):
+    # A plan pinned to a node shape's labels stays while its pods wait for (or run on) nodes of that shape:
+    # a pending pod is the request to the cluster autoscaler, not a reason to re-plan.
+    pinned = _pinned_shape(old_plan, state.node_shapes) is not None
+    if (not unschedulable or pinned) and same_override and _sticky(old, gen, old_plan, new["plan"], applied):
         # Same node class, backend, offload, context and KV: other pods landing on the class only moved
         # the free CPU (threads) a little; rolling every ModelDeployment for that would churn the cluster.
         new["plan"] = old_plan
@@ -650,6 +663,16 @@ async def _reconcile(
             logger.info(f"plan applied: {what}")
     values = workload_conditions(deploy, pods, spec.replicas, template_hash)
     values["Planned"] = planned
+    shape = _pinned_shape(new["plan"], state.node_shapes)
+    if shape is not None and values["Unschedulable"][0] == "True":
+        values["Unschedulable"] = (
+            "True",
+            WAITING_FOR_NODE,
+            f"pods wait for a node of shape {shape.name} (a cluster autoscaler can add one): "
+            f"{values['Unschedulable'][2]}",
+        )
+    elif placement.reason == WAITING_FOR_NODE:
+        values["Unschedulable"] = ("True", WAITING_FOR_NODE, placement.message)
     missing = await _missing_reference(kube, ns, spec)
     if missing is not None:
         values["Degraded"] = missing
@@ -712,6 +735,12 @@ def _sticky(
         and old.get("observedGeneration") == gen
         and all(old_plan.get(k) == new_plan.get(k) for k in _SHAPE)
     )
+
+
+def _pinned_shape(plan: dict[str, Any], shapes: list[NodeShape]) -> NodeShape | None:
+    """The configured node shape whose labels are the plan's nodeSelector, if any."""
+    selector = plan.get("nodeSelector") or {}
+    return next((s for s in shapes if selector and s.labels == selector), None)
 
 
 def _limit_bytes(placement: Placement) -> int:

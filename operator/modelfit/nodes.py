@@ -248,3 +248,65 @@ def node_facts_from_k8s(node: dict[str, Any], requested_cpu_millis: int = 0, req
         labels=labels,
         taints=taints,
     )
+
+
+# ---- node shapes a cluster autoscaler can add -----------------------------------------------------
+
+
+class NodeShape(BaseModel):
+    """A node a cluster autoscaler can add (a NodePool or node group): its labels and allocatable resources."""
+
+    model_config = {"extra": "forbid", "populate_by_name": True}
+
+    name: str = Field(min_length=1)
+    labels: dict[str, str] = Field(min_length=1)
+    cpu: str | int | float
+    memory: str | int
+    gpus: int = Field(default=0, ge=0)
+    gpu_vendor: GpuVendor = Field(default="nvidia", alias="gpuVendor")
+    gpu_memory: str | int = Field(default=0, alias="gpuMemory")  # per GPU
+    taints: list[dict[str, str]] = Field(default_factory=list)
+
+    def facts(self) -> NodeFacts:
+        """The shape as an empty node of that shape."""
+        arch = self.labels.get("kubernetes.io/arch", "amd64")
+        return NodeFacts(
+            name=self.name,
+            cpu_millis=int(parse_quantity(self.cpu) * 1000),
+            memory_bytes=int(parse_quantity(self.memory)),
+            gpus=self.gpus,
+            gpu_vendor=self.gpu_vendor if self.gpus else "none",
+            gpu_memory_bytes=int(parse_quantity(self.gpu_memory)) if self.gpus else 0,
+            cpu_arch="arm64" if arch == "arm64" else "amd64",
+            cpu_features=[] if arch == "arm64" else ["avx2"],
+            labels=dict(self.labels),
+            taints=list(self.taints),
+        )
+
+
+def parse_node_shapes(data: Any) -> list[NodeShape]:
+    """Node shapes from YAML/JSON data: a list, or ``{nodeShapes: [...]}``; ValueError names a bad entry."""
+    if isinstance(data, dict) and set(data) == {"nodeShapes"}:
+        data = data["nodeShapes"]
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ValueError("node shapes must be a list of {name, labels, cpu, memory[, gpus, gpuMemory]}")
+    shapes = []
+    for i, item in enumerate(data):
+        try:
+            shape = NodeShape.model_validate(item)
+            shape.facts()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"node shape {i}: {exc}") from exc
+        shapes.append(shape)
+    names = [s.name for s in shapes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"node shape names must be unique: {', '.join(names)}")
+    return shapes
+
+
+def load_node_shapes(path: str | os.PathLike[str]) -> list[NodeShape]:
+    import yaml
+
+    return parse_node_shapes(yaml.safe_load(Path(path).read_text()))

@@ -14,12 +14,12 @@ only when ``kvCacheType: q4_0`` asks for it) and change backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .api import ModelDeploymentSpec
 from .facts import ModelFacts
-from .nodes import NodeFacts, format_memory
+from .nodes import NodeFacts, NodeShape, format_memory
 from .sizing import MIN_CONTEXT_DEFAULT, PlanResult, Policy, plan, spec_policy
 
 GPU_TAINT_KEYS = ("nvidia.com/gpu", "amd.com/gpu")
@@ -33,7 +33,7 @@ class Placement:
     """The outcome: a fitting plan on a node class, or why there is none."""
 
     fits: bool
-    reason: str  # Planned, Adapted, NoNodeFits, NoEligibleNodes, NoNodes
+    reason: str  # Planned, Adapted, WaitingForNode, NoNodeFits, NoEligibleNodes, NoNodes
     message: str
     node: NodeFacts | None = None
     result: PlanResult | None = None
@@ -217,3 +217,62 @@ def place(
         _, node, selector, res = closest
         return Placement(False, "NoNodeFits", msg, node, res, selector)
     return Placement(False, "NoNodeFits", msg)
+
+
+WAITING_FOR_NODE = "WaitingForNode"
+
+
+def shape_of(node: NodeFacts, shapes: list[NodeShape]) -> NodeShape | None:
+    """The first configured shape whose labels the node carries."""
+    return next((s for s in shapes if all(node.labels.get(k) == v for k, v in s.labels.items())), None)
+
+
+def _on_shapes(
+    spec: ModelDeploymentSpec,
+    facts: ModelFacts,
+    shapes: list[NodeShape],
+    model_path: str,
+    headroom_boost: float,
+    present: Placement,
+) -> Placement | None:
+    fitting: list[tuple[tuple[bool, int, int, int, str], NodeShape, Placement]] = []
+    for shape in shapes:
+        node = shape.facts()
+        got = place(spec, facts, [node], model_path, headroom_boost)
+        if got.fits and got.result is not None:
+            idle_gpus = node.gpus > 0 and got.result.plan.backend == "cpu"  # a GPU node for a CPU plan: last
+            fitting.append(((idle_gpus, node.memory_bytes or 0, node.cpu_millis, node.gpus, shape.name), shape, got))
+    if not fitting:
+        return None
+    _, shape, got = min(fitting, key=lambda t: t[0])
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(shape.labels.items()))
+    msg = (
+        f"no present node fits ({present.reason}); planned for node shape {shape.name} ({labels}) so a cluster "
+        f"autoscaler can add one: {got.message}"
+    )
+    return Placement(True, WAITING_FOR_NODE, msg, got.node, got.result, dict(shape.labels), got.adapted)
+
+
+def place_with_shapes(
+    spec: ModelDeploymentSpec,
+    facts: ModelFacts,
+    nodes: list[NodeFacts],
+    shapes: list[NodeShape],
+    model_path: str,
+    headroom_boost: float = 0.0,
+) -> Placement:
+    """``place`` on present nodes, handing off to a cluster autoscaler through node shapes.
+
+    When no present node fits, the plan is made for an empty node of the smallest shape that fits (by
+    memory, then CPU, then GPUs; a GPU shape for a CPU plan only when nothing else fits) and pinned to the shape's labels: the pending pod asks the autoscaler for
+    such a node (reason WaitingForNode). A plan on a present node of a shape is pinned to the shape's
+    labels too, so the plan stays the same when the node arrives, and a replica added later that does not
+    fit the nodes there asks for another node of the shape instead of a re-plan.
+    """
+    got = place(spec, facts, nodes, model_path, headroom_boost)
+    if not shapes:
+        return got
+    if got.fits:
+        shape = shape_of(got.node, shapes) if got.node is not None else None
+        return replace(got, selector=dict(shape.labels)) if shape is not None else got
+    return _on_shapes(spec, facts, shapes, model_path, headroom_boost, got) or got

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .nodes import NodeShape
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -17,6 +21,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    handlers.STATE.node_shapes = node_shapes(args.node_shapes)
+    if handlers.STATE.node_shapes:
+        names = ", ".join(s.name for s in handlers.STATE.node_shapes)
+        logging.getLogger("modelfit").info(f"node shapes a cluster autoscaler can add: {names}")
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     clusterwide = args.all_namespaces or not args.namespace
@@ -28,6 +36,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     del handlers  # imported for its decorators
     return 0
+
+
+def node_shapes(path: str | None) -> list[NodeShape]:
+    """The node shapes of ``--node-shapes`` (else $MODELFIT_NODE_SHAPES); none when neither is set."""
+    from .nodes import load_node_shapes
+
+    path = path or os.environ.get("MODELFIT_NODE_SHAPES") or None
+    if not path:
+        return []
+    try:
+        return load_node_shapes(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"argument --node-shapes: {path}: {exc}") from exc
 
 
 def register(sub: Any) -> None:
@@ -44,5 +65,12 @@ def register(sub: Any) -> None:
     sp.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL ('' to disable)")
     sp.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0 to disable)")
     sp.add_argument("--log-format", choices=["json", "plain"], default="json", help="log format (default json)")
+    sp.add_argument(
+        "--node-shapes",
+        metavar="FILE",
+        help="YAML list of node shapes a cluster autoscaler can add (name, labels, cpu, memory[, gpus, gpuMemory]); "
+        "when no present node fits, the Deployment is sized for the smallest fitting shape and pinned to its labels "
+        "(default $MODELFIT_NODE_SHAPES)",
+    )
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_run)
