@@ -101,7 +101,19 @@ done
 say "kubectl get modeldeployments -o wide"
 kubectl get modeldeployments -o wide
 say "the plan"
-kubectl get modeldeployment qwen3-5-0-8b -o jsonpath='{.status.plan}' | python3 -m json.tool | head -60
+# (no `| head`: with pipefail a writer cut short by SIGPIPE would end the script)
+kubectl get modeldeployment qwen3-5-0-8b -o jsonpath='{.status.plan}' >"$STATE/plan.json"
+python3 - "$STATE/plan.json" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))
+keys = ("model", "quant", "nodeClass", "backend", "context", "kvCacheType", "loadMode", "threads",
+        "cacheRamMib", "memoryRequest", "factsSource")
+for k in keys:
+    print(f"{k:>14}: {p.get(k)}")
+print(f"{'args':>14}: llama-server {' '.join(p.get('args', []))}")
+for r in p.get("reasons", []):
+    print(f"{'reason':>14}: {r}")
+PY
 say "children"
 kubectl get deployments,services,pods -o wide
 [[ "$ready" == "True" ]] || { echo "the seed ModelDeployment did not become Ready; operator log: $OPLOG"; exit 1; }
@@ -115,6 +127,10 @@ if ((REAL)); then
     nohup python3 -m http.server 18080 --bind 10.88.0.1 --directory "$STATE/models" >"$STATE/modelserver.log" 2>&1 &
     echo $! >"$STATE/modelserver.pid"
   fi
+  for _ in $(seq 1 50); do
+    curl -sf --noproxy '*' -r 0-0 -o /dev/null http://10.88.0.1:18080/Qwen3.5-0.8B-Q4_0.gguf && break
+    sleep 0.2
+  done
   kubectl apply -f - <<MD
 apiVersion: modelfit.io/v1alpha1
 kind: ModelDeployment
@@ -129,7 +145,7 @@ spec:
   tolerations:
     - {key: modelfit.io/real-node, operator: Exists, effect: NoSchedule}
 MD
-  for _ in $(seq 1 150); do
+  for _ in $(seq 1 60); do
     ready=$(kubectl get modeldeployment qwen3-5-0-8b-real -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null || true)
     [[ "$ready" == "True" ]] && break
     sleep 2

@@ -736,3 +736,34 @@ def test_a_node_of_the_shape_arrives_and_the_plan_stays(scheduled_first):
     assert k.applies == applies
     unsched = next(c for c in status["conditions"] if c["type"] == "Unschedulable")
     assert unsched["reason"] == "WaitingForNode" and "shape large" in unsched["message"]
+
+
+def test_unreadable_model_is_retried_with_backoff_until_it_answers(monkeypatch):
+    """A model server that is not up yet must not wait for the 5-minute full resync."""
+    import time as _time
+
+    from modelfit.synth import ensure_model
+
+    tiny = ensure_model("llama-tiny", "F16")  # a real GGUF header once the "server" is up
+    answers = {"up": False}
+    real = handlers.read_gguf
+
+    def reader(url, *a, **kw):
+        if not answers["up"]:
+            raise GGUFError(f"{url}: cannot fetch ([Errno 111] Connection refused)")
+        return real(str(tiny), *a, **kw)
+
+    monkeypatch.setattr(handlers, "read_gguf", reader)
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    body = md({"model": {"url": "http://10.88.0.1:18080/m.gguf"}})
+    go(body, k, st)
+    seen = st.seen[("default", "qwen")]
+    first = seen.retry_at - _time.monotonic()
+    assert 5 < first <= 10 and st.due(("default", "qwen")) is False
+    go(body, k, st)
+    assert 10 < seen.retry_at - _time.monotonic() <= 20  # backoff doubles
+    seen.retry_at = _time.monotonic() - 1
+    assert st.due(("default", "qwen"))
+    answers["up"] = True
+    p = go(body, k, st)
+    assert seen.retry_at == 0.0 and k.applies > 0 and p["plan"]["fits"]

@@ -436,7 +436,13 @@ async def reconcile(
         finally:
             metrics.RECONCILES.labels(result=result).inc()
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-        seen.failures, seen.retry_at = 0, 0.0
+        if result == "model_unreadable":
+            # A model server that is not up yet (or a hub that answers 5xx) must not wait for the 5-minute
+            # full resync: try again with the same backoff as a transient API failure.
+            seen.failures += 1
+            seen.retry_at = time.monotonic() + retry_delay(seen.failures - 1)
+        else:
+            seen.failures, seen.retry_at = 0, 0.0
         return patch
 
 
