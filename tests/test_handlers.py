@@ -180,21 +180,7 @@ def test_oom_raises_headroom_once():
     k, st = FakeKube([CPU_LARGE]), OperatorState()
     status = go(md(SEED), k, st)
     template = k.objects[deploy_path()]["spec"]["template"]["metadata"]["annotations"]["modelfit.io/plan-hash"]
-    k.pods.append(
-        {
-            "metadata": {
-                "name": "qwen-1",
-                "namespace": "default",
-                "annotations": {"modelfit.io/plan-hash": template},
-                "labels": {"modelfit.io/modeldeployment": "qwen"},
-            },
-            "spec": {"nodeName": "cpu-large"},
-            "status": {
-                "phase": "Running",
-                "containerStatuses": [{"name": "llama-server", "lastState": {"terminated": {"reason": "OOMKilled"}}}],
-            },
-        }
-    )
+    k.pods.append(_oom_pod(template))
     p = go(md(SEED, status=status), k, st)
     assert p["plan"]["headroomBoost"] == 0.25 and p["oomKills"] == 1
     assert p["plan"]["memoryRequestBytes"] > status["plan"]["memoryRequestBytes"]
