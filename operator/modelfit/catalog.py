@@ -514,3 +514,12 @@ def facts_mismatch(header: ModelFacts, built_in: ModelFacts) -> list[str]:
     if abs(header.file_bytes - built_in.file_bytes) > SIZE_TOLERANCE * built_in.file_bytes:
         out.append(f"file size {header.file_bytes} bytes (catalog {built_in.file_bytes})")
     return out
+
+
+def for_file_name(file_name: str) -> tuple[str, str] | None:
+    """The (catalog model, quant) whose published file has this name: how a model on a PVC is recognised."""
+    for key, spec in MODELS.items():
+        for quant in RECIPES:
+            if spec.hf_file.format(quant=quant) == file_name:
+                return key, quant
+    return None

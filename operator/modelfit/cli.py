@@ -543,9 +543,7 @@ def spec_facts(spec: api.ModelDeploymentSpec) -> ModelFacts:
         return catalog_facts_cached(m.catalog, m.quant or "Q4_K_M")
     mf = model_file(spec)
     if mf.url is None:
-        from .handlers import _catalog_for_file  # the operator's own rule; kopf is imported only here
-
-        known = _catalog_for_file(mf.file_name)
+        known = catalog.for_file_name(mf.file_name)  # the operator's own rule
         if known is None:
             raise GGUFError(
                 f"cannot read {mf.file_name} on PVC {mf.pvc_claim}; name the file like a catalog model "

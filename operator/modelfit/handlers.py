@@ -250,14 +250,6 @@ class HeaderReads:
 HEADERS = HeaderReads()
 
 
-def _catalog_for_file(file_name: str) -> tuple[str, str] | None:
-    for key, spec in catalog.MODELS.items():
-        for quant in catalog.RECIPES:
-            if spec.hf_file.format(quant=quant) == file_name:
-                return key, quant
-    return None
-
-
 def _secret_problem(
     secret: dict[str, Any] | None, ref: api.SecretKeyRef | api.TokenSecretRef, where: str, ns: str, what: str
 ) -> Cond | None:
@@ -332,7 +324,7 @@ async def load_facts(
         return LoadedFacts(facts, facts.file_bytes, f"header: {url}", mismatch)
     mf = model_file(spec)
     if mf.url is None:
-        known = _catalog_for_file(mf.file_name)
+        known = catalog.for_file_name(mf.file_name)
         if known is None:
             raise GGUFError(
                 f"cannot read {mf.file_name} on PVC {mf.pvc_claim} from the operator; "
