@@ -341,6 +341,7 @@ EXPECTED_NAMESPACED = (
     | {("", r, v) for r in ("services", "persistentvolumeclaims") for v in MANAGE}
     | {("policy", "poddisruptionbudgets", v) for v in MANAGE}
     | {("monitoring.coreos.com", "podmonitors", v) for v in ("get", "create", "patch", "delete")}
+    | {("autoscaling", "horizontalpodautoscalers", v) for v in ("get", "create", "patch", "delete")}
     | {("modelfit.io", "modeldeployments", v) for v in ("get", "list", "watch", "patch", "update")}
     | {("modelfit.io", f"modeldeployments/{s}", v) for s in ("status", "scale") for v in ("get", "patch", "update")}
 )

@@ -108,7 +108,10 @@ def test_create_plans_applies_and_reports():
     assert conds["Planned"]["status"] == "True" and conds["Planned"]["reason"] == "Planned"
     assert conds["Ready"]["status"] == "False" and conds["Progressing"]["reason"] == "RollingOut"
     assert patch["endpoint"] == "http://qwen.default.svc:8080" and patch["observedGeneration"] == 1
-    assert k.deletes == [path_for("policy/v1", "PodDisruptionBudget", "default", "qwen")]
+    assert k.deletes == [
+        path_for("policy/v1", "PodDisruptionBudget", "default", "qwen"),
+        path_for("autoscaling/v2", "HorizontalPodAutoscaler", "default", "qwen"),
+    ]
 
 
 def test_unchanged_plan_is_not_reapplied_and_node_change_rolls_out():
@@ -753,3 +756,104 @@ def test_unreadable_model_is_retried_with_backoff_until_it_answers(monkeypatch):
     answers["up"] = True
     p = go(body, k, st)
     assert seen.retry_at == 0.0 and k.applies > 0 and p["plan"]["fits"]
+
+
+# ---- no churn, surge, scaling (decide.keep_running, decide.surge_fits) ------------------------------
+
+SMALL_SPEC = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 8192}
+
+
+def _running_pod(node_name, template=None):
+    return {
+        "metadata": {
+            "name": "qwen-1",
+            "namespace": "default",
+            "labels": {"modelfit.io/modeldeployment": "qwen"},
+            "annotations": {"modelfit.io/plan-hash": template} if template else {},
+        },
+        "spec": {"nodeName": node_name, "containers": [{"resources": {"requests": {"memory": "1Gi", "cpu": "1"}}}]},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def _merge(status, patch):
+    return {**status, **patch, "plan": {**status.get("plan", {}), **(patch.get("plan") or {})}}
+
+
+def _serving(k, status):
+    d = k.objects[deploy_path()]
+    d["status"] = {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}
+    k.pods[:] = [_running_pod(status["plan"]["nodeClass"])]
+
+
+def test_a_roomier_node_does_not_move_a_running_plan():
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    status = go(md(SMALL_SPEC), k, st)
+    assert status["plan"]["nodeClass"] == "cpu-small" and status["plan"]["rollout"] == "Surge"
+    _serving(k, status)
+    applies = k.applies
+    k.nodes.append(CPU_LARGE)
+    st.node_changed("ADDED", CPU_LARGE)
+    st.snapshot.invalidate()
+    p = go(md(SMALL_SPEC, status=status), k, st)
+    status = _merge(status, p)
+    assert status["plan"]["nodeClass"] == "cpu-small" and k.applies == applies  # same context: not worth a move
+    planned = next(c for c in status["conditions"] if c["type"] == "Planned")
+    assert "kept: a re-plan (cpu on cpu-large" in planned["message"] and "WhenBetter" in planned["message"]
+    # Always: any better class moves the pods (the old behaviour)
+    p = go(md({**SMALL_SPEC, "rebalance": {"policy": "Always"}}, status=status, generation=2), k, st)
+    assert p["plan"]["nodeClass"] == "cpu-large" and k.applies > applies
+
+
+def test_a_gpu_node_moves_a_running_plan_unless_rebalance_never():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    status = go(md(SMALL_SPEC), k, st)
+    _serving(k, status)
+    k.nodes.append(GPU)
+    st.node_changed("ADDED", GPU)
+    st.snapshot.invalidate()
+    never = {**SMALL_SPEC, "rebalance": {"policy": "Never"}}
+    kept = go(md(never, status=status, generation=2), k, st)  # a new policy is not a new plan
+    kept_status = _merge(status, kept)
+    assert kept_status["plan"]["backend"] == "cpu"
+    planned = next(c for c in kept_status["conditions"] if c["type"] == "Planned")
+    assert "rebalance Never keeps a running plan" in planned["message"]
+    moved = go(md(SMALL_SPEC, status=kept_status, generation=3), k, st)
+    plan = _merge(kept_status, moved)["plan"]
+    assert plan["backend"] == "cuda" and plan["gpuLayers"] == plan["totalLayers"]
+    planned = next(c for c in moved["conditions"] if c["type"] == "Planned")
+    assert "moved: GPU share 0% -> 100%" in planned["message"]
+    assert plan["rollout"] == "Surge"  # another node class: the new pod starts before the old one stops
+
+
+def test_an_in_place_change_without_room_replaces():
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    status = go(md(SMALL_SPEC), k, st)
+    _serving(k, status)
+    bigger = {**SMALL_SPEC, "context": 16384}
+    p = go(md(bigger, status=status, generation=2), k, st)
+    plan = _merge(status, p)["plan"]
+    assert plan["context"] == 16384 and plan["rollout"] == "Replace"  # 4Gi holds one pod of this size, not two
+    rolling = k.objects[deploy_path()]["spec"]["strategy"]["rollingUpdate"]
+    assert rolling == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_scaling_is_not_a_new_plan():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    spec = {**SMALL_SPEC, "autoscaling": {"maxReplicas": 3}}
+    status = go(md(spec), k, st)
+    _serving(k, status)
+    hpa = k.objects[path_for("autoscaling/v2", "HorizontalPodAutoscaler", "default", "qwen")]
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "ModelDeployment"
+    events = []
+    k.create = lambda path, body: _record(events, body)
+    applies = k.applies
+    p = go(md({**spec, "replicas": 2}, status=status, generation=2), k, st)  # the HPA wrote spec.replicas
+    assert k.objects[deploy_path()]["spec"]["replicas"] == 2 and k.applies > applies
+    assert "hash" not in (p.get("plan") or {}) and not events  # same plan: no PlanChanged
+    assert any("autoscaling 1-3 replicas" in r for r in status["plan"]["reasons"])
+
+
+async def _record(events, body):
+    events.append(body)
+    return body

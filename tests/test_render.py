@@ -42,7 +42,10 @@ def test_children_and_owner_refs():
     _, _, r = build()
     kinds = [o["kind"] for o in r.objects]
     assert kinds == ["Deployment", "Service"]
-    assert r.absent == [("policy/v1", "PodDisruptionBudget", "qwen")]
+    assert r.absent == [
+        ("policy/v1", "PodDisruptionBudget", "qwen"),
+        ("autoscaling/v2", "HorizontalPodAutoscaler", "qwen"),
+    ]
     for o in r.objects:
         ref = o["metadata"]["ownerReferences"][0]
         assert ref["uid"] == "1234-5678" and ref["controller"] and ref["kind"] == "ModelDeployment"
@@ -121,7 +124,9 @@ def test_pvc_cache_pdb_and_service():
         "cluster-autoscaler.kubernetes.io/safe-to-evict"
         not in r.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]
     )
-    assert r.by_kind("Deployment")["spec"]["replicas"] == 3 and r.absent == []
+    assert r.by_kind("Deployment")["spec"]["replicas"] == 3 and r.absent == [
+        ("autoscaling/v2", "HorizontalPodAutoscaler", "qwen")
+    ]
     svc = r.by_kind("Service")["spec"]
     assert svc["type"] == "NodePort" and svc["ports"][0]["port"] == 80 and svc["ports"][0]["targetPort"] == "http"
 
@@ -160,7 +165,9 @@ def test_hash_is_stable_and_tracks_changes():
     _, _, b = build()
     _, _, c = build(parallel=2)
     _, _, d = build(replicas=2)
-    assert a.hash == b.hash and a.hash != c.hash and a.hash != d.hash
+    assert a.hash == b.hash and a.hash != c.hash
+    # scaling is not a new plan: the plan hash leaves replicas (and the PDB) out, the applied hash does not
+    assert a.hash == d.hash and a.applied != d.applied and a.applied == b.applied
     ta = a.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]["modelfit.io/plan-hash"]
     td = d.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]["modelfit.io/plan-hash"]
     assert ta == td  # scaling does not roll the pods
@@ -230,3 +237,42 @@ def test_metrics_with_an_api_key_go_through_an_authenticated_pod_monitor():
     _, _, plain = build()
     assert plain.by_kind("PodMonitor") is None
     assert plain.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+
+
+def test_autoscaling_renders_an_hpa_on_the_scale_subresource():
+    _, p, r = build(parallel=4, replicas=1, autoscaling={"minReplicas": 2, "maxReplicas": 5, "targetUtilization": 75})
+    hpa = r.by_kind("HorizontalPodAutoscaler")
+    assert hpa is not None and ("autoscaling/v2", "HorizontalPodAutoscaler", "qwen") not in r.absent
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "modelfit.io/v1alpha1", "kind": "ModelDeployment", "name": "qwen"}
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (2, 5)
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "llamacpp_requests_inflight"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "3000m"}  # 4 slots x 75%
+    assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert spec["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
+    # minReplicas holds from the start; a PDB guards the replicas the HPA may add
+    assert r.by_kind("Deployment")["spec"]["replicas"] == 2 and r.by_kind("PodDisruptionBudget") is not None
+    spec_obj = ModelDeploymentSpec.model_validate(
+        {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "autoscaling": {"maxReplicas": 3}}
+    )
+    r2 = render(META, spec_obj, p, model_file(spec_obj, GiB), hpa_metric="my_inflight")
+    (metric,) = r2.by_kind("HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "my_inflight"
+    assert metric["pods"]["target"]["averageValue"] == f"{p.result.plan.parallel * 800}m"
+
+
+def test_autoscaling_bounds_are_checked():
+    with pytest.raises(ValueError, match="minReplicas must not exceed maxReplicas"):
+        ModelDeploymentSpec.model_validate(
+            {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "autoscaling": {"minReplicas": 3, "maxReplicas": 2}}
+        )
+
+
+def test_surge_or_replace():
+    _, p, _ = build()
+    spec = ModelDeploymentSpec.model_validate({"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}})
+    mf = model_file(spec, GiB)
+    surge = render(META, spec, p, mf, surge=True).by_kind("Deployment")["spec"]["strategy"]["rollingUpdate"]
+    replace = render(META, spec, p, mf, surge=False).by_kind("Deployment")["spec"]["strategy"]["rollingUpdate"]
+    assert surge == {"maxSurge": 1, "maxUnavailable": 0} and replace == {"maxSurge": 0, "maxUnavailable": 1}

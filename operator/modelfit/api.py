@@ -313,6 +313,63 @@ class ResourceOverride(_Model):
     limits: dict[str, Quantity] | None = Field(default=None, description="Resource limits, e.g. memory: 8Gi.")
 
 
+class Autoscaling(_Model):
+    """Load-based scaling by a HorizontalPodAutoscaler on the ModelDeployment's /scale subresource.
+
+    The operator renders an autoscaling/v2 HPA with one per-pod metric (requests in flight plus
+    requests waiting for a slot, served by any custom-metrics adapter) whose target is the plan's
+    ``parallel`` slots times ``targetUtilization``. The HPA writes spec.replicas through /scale;
+    the operator places every replica the way it places the first.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.minReplicas <= self.maxReplicas", "message": "minReplicas must not exceed maxReplicas"}
+            ]
+        }
+    )
+
+    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest pods (at least 1).")
+    max_replicas: int = Field(ge=1, le=1000, description="Most pods.")
+    target_utilization: int = Field(
+        default=80,
+        ge=1,
+        le=100,
+        description="Percent of a pod's parallel slots busy (requests in flight plus deferred, averaged over "
+        "pods) that the HPA keeps; above it a pod is added. With parallel 4 and 80 the target is 3.2 per pod.",
+    )
+    scale_up_stabilization_seconds: int = Field(
+        default=0, ge=0, le=3600, description="How long a higher recommendation must hold before scaling out."
+    )
+    scale_down_stabilization_seconds: int = Field(
+        default=300, ge=0, le=3600, description="How long load must stay low before a pod is removed."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
+class Rebalance(_Model):
+    """When a running plan moves to a better node class (no churn).
+
+    WhenBetter (default): a plan whose pods run keeps its node class while its spec is unchanged; it
+    moves only when the new plan is materially better: a share of the model on GPU larger by
+    minImprovement percentage points (CPU to full GPU is 100), or a context longer by minImprovement
+    percent. Never: it moves only when its pods cannot run (unschedulable, OOM-killed) or the spec
+    changes. Always: every re-plan that changes the node class, backend, offload, context or KV type
+    rolls the pods. A move surges (the new pod starts before the old one stops) when there is room.
+    """
+
+    policy: Literal["WhenBetter", "Never", "Always"] = Field(default="WhenBetter", description="When to move.")
+    min_improvement: int = Field(
+        default=25, ge=1, le=1000, description="Percent (points of GPU share, or context growth) a move must gain."
+    )
+
+
 class ModelDeploymentSpec(_Model):
     """A GGUF model served by llama-server, sized by modelfit for the nodes of the cluster."""
 
@@ -390,7 +447,18 @@ class ModelDeploymentSpec(_Model):
             ],
         },
     )
-    replicas: int = Field(default=1, ge=0, le=1000, description="Number of llama-server pods.")
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Number of llama-server pods; with autoscaling the HPA sets it through the /scale subresource.",
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Scale on load with a HorizontalPodAutoscaler (replicas is then the HPA's)."
+    )
+    rebalance: Rebalance | None = Field(
+        default=None, description="When a running plan moves to a better node class (default WhenBetter, 25%)."
+    )
     resources: ResourceOverride | None = Field(default=None, description="Override the planned requests/limits.")
     node_selector: dict[str, str] | None = Field(default=None, description="Only consider nodes with these labels.")
     tolerations: list[dict[str, Any]] | None = Field(
@@ -501,7 +569,16 @@ class PlanStatus(_Model):
     shortfall_bytes: int = Field(default=0, description="Memory missing when it does not fit.")
     adapted: bool = Field(default=False, description="The plan deviates from the spec because adapt is true.")
     headroom_boost: float = Field(default=0.0, ge=0, description="Extra memory headroom added after OOM kills.")
-    hash: str = Field(default="", description="Hash of the rendered workload; changes only when a rollout is needed.")
+    hash: str = Field(
+        default="",
+        description="Hash of the rendered workload (replica count excluded); changes when a rollout is needed.",
+    )
+    spec_hash: str = Field(default="", description="Hash of the spec the plan was made for (replicas excluded).")
+    rollout: Literal["", "Surge", "Replace"] = Field(
+        default="",
+        description="How pods move to this plan: Surge (the new pod starts first; serving never stops) or Replace "
+        "(the old pod stops first, when the node class has no room for both).",
+    )
     reasons: list[str] = Field(default_factory=list, description="Why each choice was made.")
     warnings: list[str] = Field(default_factory=list, description="Planner warnings.")
     facts_source: str = Field(

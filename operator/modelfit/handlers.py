@@ -1,4 +1,4 @@
-"""kopf handlers: a thin shell over placement, render and status.
+"""kopf handlers: the shell that gathers a snapshot, calls ``decide`` and applies its decision.
 
 - ModelDeployment created/updated/resumed -> reconcile (plan, apply children, status).
 - Node added/changed/removed -> a node generation counter moves; the resync loop re-plans
@@ -29,44 +29,22 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
 from . import api, catalog, metrics
 from .api import ModelDeploymentSpec
+from .decide import Decision, LoadedFacts, Snapshot, api_failure, check_spec, decide, failure
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, GGUFHeader, read_gguf
 from .kube import ClusterSnapshot, Kube, KubeError, get_client, node_facts, path_for
-from .nodes import NodeShape, parse_quantity
-from .placement import WAITING_FOR_NODE, Placement, class_selector, place_with_shapes
-from .render import (
-    APPLIED_ANNOTATION,
-    HASH_ANNOTATION,
-    MD_LABEL,
-    POD_MONITOR_API_VERSION,
-    memory_override_bytes,
-    memory_override_verdict,
-    model_file,
-    render,
-    selector_string,
-)
-from .status import (
-    Cond,
-    api_failure_conditions,
-    apply_conditions,
-    get_condition,
-    plan_status,
-    planning_failure_conditions,
-    pod_signals,
-    workload_conditions,
-)
+from .nodes import NodeShape
+from .render import HPA_METRIC, MD_LABEL, POD_MONITOR_API_VERSION, model_file, selector_string
+from .status import Cond
 
 RESYNC_TICK = 5.0  # seconds between resync checks
 FULL_RESYNC = 300.0  # re-plan at least this often
-OOM_HEADROOM_STEP = 0.25
-AVOID_SECONDS = 300.0
 HANDLER_RETRIES = 8  # kopf's attempts at a transient API failure; the resync loop keeps trying after that
 MAX_RETRY_DELAY = 300.0
 
@@ -110,6 +88,7 @@ class OperatorState:
         self.pod_monitors: tuple[bool, float] = (False, 0.0)  # (served, checked at)
         self.headers: HeaderReads | None = None  # catalog header reads; None: the process-wide HEADERS
         self.node_shapes: list[NodeShape] = []  # nodes a cluster autoscaler can add (--node-shapes)
+        self.hpa_metric = HPA_METRIC  # the per-pod metric of rendered HPAs (--hpa-metric)
 
     def forget(self, key: tuple[str, str]) -> None:
         self.seen.pop(key, None)
@@ -162,13 +141,6 @@ HEADER_TIMEOUT = 5.0  # seconds per HTTP request of a catalog file's header read
 HEADER_WAIT = 8.0  # the longest a reconcile waits for one (a DNS lookup is not bounded by the socket timeout)
 HEADER_RETRY = 600.0  # a failed read is tried again after this long (at once when the token changes)
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what an HTTP header value and curl's config accept
-
-
-class LoadedFacts(NamedTuple):
-    facts: ModelFacts
-    size: int  # bytes of the file (the catalog's estimate when planned from catalog facts)
-    source: str  # status.plan.factsSource: "header: URL" or "catalog (why not the header)"
-    mismatch: str = ""  # how the header differs from the catalog's facts, when it does
 
 
 @dataclass
@@ -386,29 +358,13 @@ def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _place(
-    spec: ModelDeploymentSpec,
-    facts: ModelFacts,
-    size: int,
-    nodes: list[Any],
-    boost: float,
-    seen: _Seen,
-    shapes: list[NodeShape] | None = None,
-) -> Placement:
-    """The placement on present nodes; when none fits, on the smallest configured node shape that does."""
-    now = time.monotonic()
-    seen.avoid = {k: t for k, t in seen.avoid.items() if t > now}
-    usable = [n for n in nodes if tuple(sorted(class_selector(n).items())) not in seen.avoid] or nodes
-    return place_with_shapes(spec, facts, usable, shapes or [], model_file(spec, size).path, boost)
-
-
 async def reconcile(
     body: dict[str, Any],
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
     kube: Kube | None = None,
     state: OperatorState = STATE,
 ) -> dict[str, Any]:
-    """Plan, apply children and compute the status of one ModelDeployment; returns the status patch."""
+    """Gather, decide, apply for one ModelDeployment; returns the status patch."""
     kube = kube or get_client()
     started = time.monotonic()
     meta = body.get("metadata") or {}
@@ -469,6 +425,72 @@ async def _missing_reference(kube: Kube, ns: str, spec: ModelDeploymentSpec) -> 
     return None
 
 
+class _ApiFailed(Exception):
+    """A read or write the API server refused, with what was being done."""
+
+    def __init__(self, exc: KubeError, what: str, write: bool) -> None:
+        super().__init__(f"{what}: {exc}")
+        self.exc, self.what, self.write = exc, what, write
+
+
+async def _gather(
+    body: dict[str, Any], spec: ModelDeploymentSpec, loaded: LoadedFacts, kube: Kube, state: OperatorState, seen: _Seen
+) -> Snapshot:
+    """Everything ``decide`` reads: node facts (what every other pod requests), our pods and Deployment."""
+    meta = body.get("metadata") or {}
+    ns, name = str(meta.get("namespace")), str(meta.get("name"))
+    try:
+        await state.snapshot.refresh(kube)
+    except KubeError as exc:
+        raise _ApiFailed(exc, "listing nodes and pods", write=False) from exc
+
+    def is_mine(pod: dict[str, Any]) -> bool:
+        pm = pod.get("metadata") or {}
+        return bool(pm.get("namespace") == ns and (pm.get("labels") or {}).get(MD_LABEL) == name)
+
+    try:
+        pods = await kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector_string(name))
+    except KubeError as exc:
+        raise _ApiFailed(exc, f"listing the pods of {name}", write=False) from exc
+    try:
+        deploy = await kube.get(path_for("apps/v1", "Deployment", ns, name))
+    except KubeError as exc:
+        raise _ApiFailed(exc, f"reading Deployment {name}", write=False) from exc
+    return Snapshot(
+        meta=meta,
+        spec=spec,
+        old=dict(body.get("status") or {}),
+        loaded=loaded,
+        nodes=node_facts(state.snapshot.nodes, state.snapshot.pods, exclude=is_mine),
+        pods=pods,
+        deploy=deploy,
+        now=time.monotonic(),
+        pod_monitors=await pod_monitors_served(kube, state),
+        shapes=state.node_shapes,
+        avoid=dict(seen.avoid),
+        seen_generation=seen.deploy_generation,
+        missing=await _missing_reference(kube, ns, spec),
+        hpa_metric=state.hpa_metric,
+    )
+
+
+async def _apply(kube: Kube, ns: str, decision: Decision, seen: _Seen) -> None:
+    """Delete what must not exist, then apply every child (the Deployment last)."""
+    for api_version, kind, child in decision.delete:
+        try:
+            await kube.delete(path_for(api_version, kind, ns, child))
+        except KubeError as exc:
+            raise _ApiFailed(exc, f"deleting {kind} {child}", write=True) from exc
+    for obj in decision.apply:
+        try:
+            out = await kube.apply(obj)
+        except KubeError as exc:
+            raise _ApiFailed(exc, f"{obj['kind']} {obj['metadata']['name']}", write=True) from exc
+        if obj["kind"] == "Deployment":
+            seen.deploy_generation = (out.get("metadata") or {}).get("generation")
+            decision.status["replicas"] = int(((out.get("status") or {}).get("replicas")) or 0)
+
+
 async def _reconcile(
     body: dict[str, Any],
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
@@ -476,214 +498,72 @@ async def _reconcile(
     state: OperatorState,
     seen: _Seen,
 ) -> tuple[dict[str, Any], str]:
+    """Gather a snapshot, call ``decide.decide``, apply its decision; every outcome is a status patch."""
     meta = body.get("metadata") or {}
-    ns, name, gen = str(meta.get("namespace")), str(meta.get("name")), meta.get("generation")
+    ns = str(meta.get("namespace"))
     old: dict[str, Any] = dict(body.get("status") or {})
-    conds: list[dict[str, Any]] = list(old.get("conditions") or [])
-    new: dict[str, Any] = {"observedGeneration": gen, "selector": selector_string(name)}
-
-    def fail(reason: str, message: str, result: str) -> tuple[dict[str, Any], str]:
-        logger.warning(f"{reason}: {message}")
-        new["conditions"] = apply_conditions(conds, planning_failure_conditions(reason, message), gen)
-        return _status_patch(old, new), result
-
-    def api_failed(exc: KubeError, what: str, write: bool, planned: Cond | None = None) -> tuple[dict[str, Any], str]:
-        """An API error as conditions; a transient one raises ApiRetry (kopf and the resync loop back off)."""
-        reason = "ApiUnavailable" if exc.transient else "ApplyFailed" if write else "ApiError"
-        message = f"{what}: {exc}" + ("; retrying" if exc.transient else "")
-        logger.warning(f"{reason}: {message}")
-        values = api_failure_conditions(reason, message)
-        if planned is not None:
-            values["Planned"] = planned
-        new["conditions"] = apply_conditions(conds, values, gen)
-        patch = _status_patch(old, new)
-        if exc.transient:
-            raise ApiRetry(f"{reason}: {message}", patch)
-        return patch, "api_error"
-
-    bad_name = api.name_problem(name)
-    if bad_name is not None:
-        return fail("InvalidSpec", f"{bad_name}; delete it and create it under a valid name", "invalid")
-    try:
-        spec = ModelDeploymentSpec.model_validate(body.get("spec") or {})
-    except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return fail("InvalidSpec", f"spec is invalid: {errors}", "invalid")
-    owned = spec.owned_flags_in_server_args()
-    if owned:
-        return fail(
-            "InvalidSpec",
-            f"serverArgs contains flags the plan owns: {', '.join(owned)}; set the matching spec field instead",
-            "invalid",
-        )
+    checked = check_spec(meta, body.get("spec") or {})
+    if isinstance(checked, tuple):
+        return _finish(logger, old, failure(meta, old, *checked, "invalid"))
+    spec = checked
     try:
         loaded = await load_facts(spec, state, kube, ns)
     except (GGUFError, KeyError, ValueError, OSError, http.client.HTTPException) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc) or type(exc).__name__
         if isinstance(exc, http.client.HTTPException):
             msg = f"{model_file(spec).url}: not an HTTP answer ({type(exc).__name__}: {msg})"
-        return fail("ModelUnreadable", f"cannot read the model: {msg}", "model_unreadable")
-    facts, size = loaded.facts, loaded.size
-
+        return _finish(
+            logger, old, failure(meta, old, "ModelUnreadable", f"cannot read the model: {msg}", "model_unreadable")
+        )
+    decision: Decision | None = None
     try:
-        await state.snapshot.refresh(kube)
-    except KubeError as exc:
-        return api_failed(exc, "listing nodes and pods", write=False)
-    mine = {MD_LABEL: name}
-
-    def is_mine(pod: dict[str, Any]) -> bool:
-        pm = pod.get("metadata") or {}
-        return bool(pm.get("namespace") == ns and all((pm.get("labels") or {}).get(k) == v for k, v in mine.items()))
-
-    nodes = node_facts(state.snapshot.nodes, state.snapshot.pods, exclude=is_mine)
-    old_plan = old.get("plan") or {}
-    boost = float(old_plan.get("headroomBoost") or 0.0)
-    oom_kills = int(old.get("oomKills") or 0)
-    override = memory_override_bytes(spec)
-    rejected = old.get("memoryOverrideRejected")
-    override_failed = override is not None and rejected == override
-    placement = await _place(spec, facts, size, nodes, boost, seen, state.node_shapes)
-    mf = model_file(spec, size)
-    try:
-        pods = await kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector_string(name))
-    except KubeError as exc:
-        return api_failed(exc, f"listing the pods of {name}", write=False)
-
-    unschedulable = False
-    if placement.fits:
-        honour = memory_override_verdict(placement, spec, override_failed) is None
-        rendered = render(meta, spec, placement, mf, honour_memory_override=honour)
-        template_hash = _template_hash(rendered.by_kind("Deployment"))
-        sig = pod_signals(pods, template_hash)
-        unschedulable = bool(sig.unschedulable)
-        if sig.unschedulable:
+        snap = await _gather(body, spec, loaded, kube, state, seen)
+        metrics.track_node_facts_age(state.snapshot.age)
+        decision = decide(snap)
+        _log(logger, decision.logs)
+        seen.avoid, seen.deploy_generation = decision.avoid, decision.seen_generation
+        if decision.replan_soon:
             # Until the pods schedule, re-plan every tick on fresh node facts: what other pods request
             # (seen through a snapshot up to a TTL old) may have changed since this plan was made.
             seen.pods_dirty = True
             state.snapshot.invalidate()
-        assert placement.result is not None
-        tight_override_ran = honour and override is not None and override < _limit_bytes(placement)
-        if sig.oom_killed and tight_override_ran:
-            # The user's limit was too small, not the plan: drop the override, keep the plan as it is.
-            oom_kills += 1
-            rejected, override_failed = override, True
-            logger.warning(f"OOMKilled in {sig.oom_killed} under the memory override; using the plan's limit")
-        elif sig.oom_killed and boost < 1.0:
-            boost = min(1.0, boost + OOM_HEADROOM_STEP)
-            oom_kills += 1
-            logger.warning(f"OOMKilled in {sig.oom_killed}; memory headroom boost now {boost:.2f}")
-            placement = await _place(spec, facts, size, nodes, boost, seen, state.node_shapes)
-        elif sig.unschedulable and spec.adapt:
-            seen.avoid[tuple(sorted(placement.selector.items()))] = time.monotonic() + AVOID_SECONDS
-            other = await _place(spec, facts, size, nodes, boost, seen, state.node_shapes)
-            if other.fits and other.selector != placement.selector:
-                logger.info(f"pods unschedulable on {placement.selector}; adapting to {other.selector}")
-                placement = other
-    new["oomKills"] = oom_kills
-    if rejected is not None:
-        new["memoryOverrideRejected"] = rejected
-    metrics.track_node_facts_age(state.snapshot.age)
-
-    if old_plan.get("factsSource") != loaded.source:
-        logger.info(f"model facts from {loaded.source}")
-        if loaded.mismatch:
-            logger.warning(loaded.mismatch)
-
-    if not placement.fits or placement.result is None:
-        if placement.result is not None:
-            new["plan"] = {**plan_status(placement, facts, size, "", boost), "factsSource": loaded.source}
-        return fail(placement.reason, placement.message, "unschedulable")
-
-    verdict = memory_override_verdict(placement, spec, override_failed)
-    pod_monitor = await pod_monitors_served(kube, state)
-    rendered = render(meta, spec, placement, mf, with_pod_monitor=pod_monitor, honour_memory_override=verdict is None)
-    new["plan"] = plan_status(placement, facts, size, rendered.hash, boost)
-    planned: Cond = ("True", placement.reason, placement.message)
-    if placement.result.warnings:
-        planned = ("True", placement.reason, f"{placement.message}; {'; '.join(placement.result.warnings)}")
-    if verdict is not None:
-        planned = ("True", "MemoryOverrideIgnored", verdict)
-    try:
-        deploy = await kube.get(path_for("apps/v1", "Deployment", ns, name))
-    except KubeError as exc:
-        return api_failed(exc, f"reading Deployment {name}", write=False, planned=planned)
-    applied = ((deploy or {}).get("metadata") or {}).get("annotations", {}).get(APPLIED_ANNOTATION)
-    template_hash = _template_hash(rendered.by_kind("Deployment"))
-    same_override = old.get("memoryOverrideRejected") == new.get("memoryOverrideRejected")
-    # A plan pinned to a node shape's labels stays while its pods wait for (or run on) nodes of that shape:
-    # a pending pod is the request to the cluster autoscaler, not a reason to re-plan.
-    pinned = _pinned_shape(old_plan, state.node_shapes) is not None
-    if (not unschedulable or pinned) and same_override and _sticky(old, gen, old_plan, new["plan"], applied):
-        # Same node class, backend, offload, context and KV: other pods landing on the class only moved
-        # the free CPU (threads) a little; rolling every ModelDeployment for that would churn the cluster.
-        new["plan"] = old_plan
-        rendered.hash = str(old_plan["hash"])
-        template_hash = _template_hash(deploy)
-    new["plan"] = {**new["plan"], "factsSource": loaded.source}
-    metrics.PLANNED_MEMORY.labels(namespace=ns, name=name).set(int(new["plan"].get("memoryRequestBytes") or 0))
-    # Drift: a hand edit of the Deployment's spec (image, limits, replicas) bumps its generation without
-    # touching our applied hash; forced server-side apply takes the owned fields back. The first generation
-    # seen after a restart is the baseline.
-    live_generation = ((deploy or {}).get("metadata") or {}).get("generation")
-    drifted = bool(
-        deploy is not None
-        and applied == rendered.hash
-        and seen.deploy_generation is not None
-        and live_generation != seen.deploy_generation
-    )
-    seen.deploy_generation = live_generation if deploy is not None else None
-    if drifted:
-        logger.warning(f"Deployment {name} was edited (generation {live_generation}); restoring the planned spec")
-    if applied != rendered.hash or drifted:
-        # The Deployment carries the applied hash, so it goes last: a crash half-way leaves a stale
-        # hash and the next reconcile applies everything again (no missing Service after a restart).
-        for api_version, kind, child in rendered.absent:
-            try:
-                await kube.delete(path_for(api_version, kind, ns, child))
-            except KubeError as exc:
-                return api_failed(exc, f"deleting {kind} {child}", write=True, planned=planned)
-        for obj in sorted(rendered.objects, key=lambda o: o["kind"] == "Deployment"):
-            try:
-                out = await kube.apply(obj)
-            except KubeError as exc:
-                return api_failed(exc, f"{obj['kind']} {obj['metadata']['name']}", write=True, planned=planned)
-            if obj["kind"] == "Deployment":
-                deploy = out
-                seen.deploy_generation = (out.get("metadata") or {}).get("generation")
-        if old_plan.get("hash") != rendered.hash:
-            metrics.PLAN_CHANGES.inc()
-            what = (
-                f"{placement.result.plan.backend} on {placement.result.plan.node}, "
-                f"{placement.result.plan.gpu_layers}/{placement.result.plan.total_layers} GPU layers, "
-                f"context {placement.result.plan.context}, memory {placement.result.resources.requests['memory']}"
-            )
-            await _post_event(kube, body, "PlanChanged", f"new plan: {what}")
-            logger.info(f"plan applied: {what}")
-    values = workload_conditions(deploy, pods, spec.replicas, template_hash)
-    values["Planned"] = planned
-    shape = _pinned_shape(new["plan"], state.node_shapes)
-    if shape is not None and values["Unschedulable"][0] == "True":
-        values["Unschedulable"] = (
-            "True",
-            WAITING_FOR_NODE,
-            f"pods wait for a node of shape {shape.name} (a cluster autoscaler can add one): "
-            f"{values['Unschedulable'][2]}",
+        await _apply(kube, ns, decision, seen)
+    except _ApiFailed as failed:
+        transient = failed.exc.transient
+        reason = "ApiUnavailable" if transient else "ApplyFailed" if failed.write else "ApiError"
+        message = f"{failed}" + ("; retrying" if transient else "")
+        logger.warning(f"{reason}: {message}")
+        carried: dict[str, Any] = {
+            k: decision.status[k]
+            for k in ("plan", "oomKills", "memoryOverrideRejected")
+            if decision and k in decision.status
+        }
+        status = api_failure(meta, old, carried, reason, message, decision.planned if decision else None)
+        patch = _status_patch(old, status)
+        if transient:
+            raise ApiRetry(f"{reason}: {message}", patch) from None
+        return patch, "api_error"
+    for reason, message in decision.events:
+        await _post_event(kube, body, reason, message)
+    plan = decision.status.get("plan") or {}
+    if plan:
+        metrics.PLANNED_MEMORY.labels(namespace=ns, name=str(meta.get("name"))).set(
+            int(plan.get("memoryRequestBytes") or 0)
         )
-    elif placement.reason == WAITING_FOR_NODE:
-        values["Unschedulable"] = ("True", WAITING_FOR_NODE, placement.message)
-    missing = await _missing_reference(kube, ns, spec)
-    if missing is not None:
-        values["Degraded"] = missing
-        was = get_condition(conds, "Degraded") or {}
-        if (was.get("reason"), was.get("message")) != missing[1:]:
-            logger.warning(f"{missing[1]}: {missing[2]}")
-    new["conditions"] = apply_conditions(conds, values, gen)
-    dst = (deploy or {}).get("status") or {}
-    new["replicas"] = int(dst.get("replicas") or 0)
-    new["readyReplicas"] = int(dst.get("readyReplicas") or 0)
-    port = spec.service.port if spec.service else api.ServiceSpec().port
-    new["endpoint"] = f"http://{name}.{ns}.svc:{port}"
-    return _status_patch(old, new), "ready" if values["Ready"][0] == "True" else "progressing"
+    return _status_patch(old, decision.status), decision.result
+
+
+def _log(logger: logging.Logger | logging.LoggerAdapter[logging.Logger], lines: list[tuple[int, str]]) -> None:
+    for level, line in lines:
+        logger.log(level, line)
+
+
+def _finish(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger], old: dict[str, Any], decision: Decision
+) -> tuple[dict[str, Any], str]:
+    """A decision with nothing to apply (the spec or the model cannot be planned)."""
+    _log(logger, decision.logs)
+    return _status_patch(old, decision.status), decision.result
 
 
 async def _post_event(kube: Kube, body: dict[str, Any], reason: str, message: str) -> None:
@@ -717,40 +597,6 @@ async def _post_event(kube: Kube, body: dict[str, Any], reason: str, message: st
         await kube.create(path_for("v1", "Event", ns), event)
     except Exception as exc:  # noqa: BLE001 - an event is best effort (namespace terminating, emulator)
         logging.getLogger("modelfit.events").debug(f"event {reason} not posted: {exc}")
-
-
-_SHAPE = ("nodeSelector", "backend", "gpuLayers", "context", "kvCacheType", "parallel", "loadMode", "headroomBoost")
-
-
-def _sticky(
-    old: dict[str, Any], gen: Any, old_plan: dict[str, Any], new_plan: dict[str, Any], applied: str | None
-) -> bool:
-    """Keep the running plan when the spec is unchanged and a re-plan differs only in minor knobs."""
-    return bool(
-        old_plan.get("hash")
-        and old_plan.get("fits")
-        and applied == old_plan.get("hash")
-        and old.get("observedGeneration") == gen
-        and all(old_plan.get(k) == new_plan.get(k) for k in _SHAPE)
-    )
-
-
-def _pinned_shape(plan: dict[str, Any], shapes: list[NodeShape]) -> NodeShape | None:
-    """The configured node shape whose labels are the plan's nodeSelector, if any."""
-    selector = plan.get("nodeSelector") or {}
-    return next((s for s in shapes if selector and s.labels == selector), None)
-
-
-def _limit_bytes(placement: Placement) -> int:
-    assert placement.result is not None
-    return int(parse_quantity(placement.result.resources.limits["memory"]))
-
-
-def _template_hash(deploy: dict[str, Any] | None) -> str | None:
-    if deploy is None:
-        return None
-    annotations: dict[str, str] = deploy["spec"]["template"]["metadata"]["annotations"]
-    return annotations.get(HASH_ANNOTATION)
 
 
 def _merge_into(patch: kopf.Patch, status_patch: dict[str, Any]) -> None:

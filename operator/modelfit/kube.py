@@ -30,6 +30,7 @@ _PLURALS = {
     "Node": "nodes",
     "Event": "events",
     "PodMonitor": "podmonitors",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "ModelDeployment": "modeldeployments",
 }
 

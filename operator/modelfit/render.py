@@ -35,6 +35,7 @@ SOURCE_DIR = "/model-source"
 FIELD_MANAGER = "modelfit"
 HASH_ANNOTATION = "modelfit.io/plan-hash"
 APPLIED_ANNOTATION = "modelfit.io/applied-hash"
+APPLIED_PLAN_ANNOTATION = "modelfit.io/applied-plan"
 MD_LABEL = "modelfit.io/modeldeployment"
 POD_MONITOR_API_VERSION = "monitoring.coreos.com/v1"
 UID = 1000
@@ -243,6 +244,7 @@ def deployment(
     placement: Placement,
     model: ModelFile,
     honour_memory_override: bool = True,
+    surge: bool = False,
 ) -> dict[str, Any]:
     assert placement.result is not None
     name = md_meta["name"]
@@ -352,14 +354,26 @@ def deployment(
         "kind": "Deployment",
         "metadata": _meta(md_meta, name),
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": desired_replicas(spec),
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector_labels(name)},
-            # Never two copies of a right-sized pod on a node at once: replace in place.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(surge)},
             "template": template,
         },
     }
+
+
+def desired_replicas(spec: ModelDeploymentSpec) -> int:
+    """spec.replicas; under autoscaling kept within its bounds (the HPA writes spec.replicas, minReplicas holds
+    from the start)."""
+    a = spec.autoscaling
+    return spec.replicas if a is None else min(max(spec.replicas, a.min_replicas), a.max_replicas)
+
+
+def rolling_update(surge: bool) -> dict[str, int]:
+    """Surge: the new pod starts before an old one stops, so serving never stops (needs room for one more pod).
+    Replace: an old pod stops first, for a node class that cannot hold the old and the new pod at once."""
+    return {"maxSurge": 1, "maxUnavailable": 0} if surge else {"maxSurge": 0, "maxUnavailable": 1}
 
 
 def service(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any]:
@@ -408,8 +422,57 @@ def pod_monitor(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str,
     }
 
 
+HPA_METRIC = "llamacpp_requests_inflight"  # processing + deferred requests of a pod (the adapter rule's name)
+
+
+def hpa_target_milli(parallel: int, utilization: int) -> int:
+    """The per-pod target of the HPA metric in milli-requests: parallel slots x utilization, at least 100m."""
+    return max(100, parallel * utilization * 10)
+
+
+def hpa(md_meta: dict[str, Any], spec: ModelDeploymentSpec, parallel: int, metric: str) -> dict[str, Any] | None:
+    """An autoscaling/v2 HPA on the ModelDeployment's /scale subresource (so every replica the HPA adds goes
+    through the operator's placement), with one Pods metric any custom-metrics adapter can serve."""
+    a = spec.autoscaling
+    if a is None:
+        return None
+    target = hpa_target_milli(parallel, a.target_utilization)
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(md_meta, md_meta["name"]),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": md_meta["name"]},
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": metric},
+                        "target": {"type": "AverageValue", "averageValue": f"{target}m"},
+                    },
+                }
+            ],
+            "behavior": {
+                "scaleUp": {
+                    "stabilizationWindowSeconds": a.scale_up_stabilization_seconds,
+                    "selectPolicy": "Max",
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 15}],
+                },
+                "scaleDown": {
+                    "stabilizationWindowSeconds": a.scale_down_stabilization_seconds,
+                    "selectPolicy": "Max",
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+                },
+            },
+        },
+    }
+
+
 def pdb(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any] | None:
-    if spec.replicas <= 1:
+    most = max(spec.replicas, spec.autoscaling.max_replicas if spec.autoscaling else 0)
+    if most <= 1:
         return None
     return {
         "apiVersion": "policy/v1",
@@ -423,7 +486,8 @@ def pdb(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any] | 
 class Rendered:
     objects: list[dict[str, Any]]  # in apply order
     absent: list[tuple[str, str, str]]  # (apiVersion, kind, name) that must not exist
-    hash: str
+    hash: str  # the plan's hash: every child, the Deployment's replica count excluded (scaling is not a new plan)
+    applied: str = ""  # every child as applied, replicas included: what the Deployment's annotation records
 
     def by_kind(self, kind: str) -> dict[str, Any] | None:
         return next((o for o in self.objects if o["kind"] == kind), None)
@@ -437,10 +501,13 @@ def render(
     *,
     with_pod_monitor: bool = False,
     honour_memory_override: bool = True,
+    surge: bool = False,
+    hpa_metric: str = HPA_METRIC,
 ) -> Rendered:
     """Every child of a ModelDeployment for a fitting placement.
 
     ``with_pod_monitor``: the cluster serves monitoring.coreos.com/v1 PodMonitors (the shell checks).
+    ``surge``: roll out new pods before old ones stop (see ``rolling_update``).
     """
     name = md_meta["name"]
     objs: list[dict[str, Any]] = []
@@ -448,7 +515,7 @@ def render(
     claim = pvc(md_meta, spec, model)
     if claim is not None:
         objs.append(claim)
-    deploy = deployment(md_meta, spec, placement, model, honour_memory_override)
+    deploy = deployment(md_meta, spec, placement, model, honour_memory_override, surge)
     objs.append(deploy)
     objs.append(service(md_meta, spec))
     if with_pod_monitor:
@@ -458,9 +525,17 @@ def render(
         objs.append(budget)
     else:
         absent.append(("policy/v1", "PodDisruptionBudget", name))
-    h = digest(objs)
-    deploy["metadata"]["annotations"] = {APPLIED_ANNOTATION: h}
-    return Rendered(objs, absent, h)
+    autoscaler = hpa(md_meta, spec, placement.result.plan.parallel if placement.result else 1, hpa_metric)
+    if autoscaler is not None:
+        objs.append(autoscaler)
+    else:
+        absent.append(("autoscaling/v2", "HorizontalPodAutoscaler", name))
+    replicas = deploy["spec"].pop("replicas")
+    plan_hash = digest([o for o in objs if o["kind"] != "PodDisruptionBudget"])
+    deploy["spec"]["replicas"] = replicas
+    applied = digest(objs)
+    deploy["metadata"]["annotations"] = {APPLIED_ANNOTATION: applied, APPLIED_PLAN_ANNOTATION: plan_hash}
+    return Rendered(objs, absent, plan_hash, applied)
 
 
 def command_line(placement: Placement, spec: ModelDeploymentSpec) -> str:

@@ -25,6 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if handlers.STATE.node_shapes:
         names = ", ".join(s.name for s in handlers.STATE.node_shapes)
         logging.getLogger("modelfit").info(f"node shapes a cluster autoscaler can add: {names}")
+    handlers.STATE.hpa_metric = args.hpa_metric or os.environ.get("MODELFIT_HPA_METRIC") or handlers.STATE.hpa_metric
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     clusterwide = args.all_namespaces or not args.namespace
@@ -71,6 +72,12 @@ def register(sub: Any) -> None:
         help="YAML list of node shapes a cluster autoscaler can add (name, labels, cpu, memory[, gpus, gpuMemory]); "
         "when no present node fits, the Deployment is sized for the smallest fitting shape and pinned to its labels "
         "(default $MODELFIT_NODE_SHAPES)",
+    )
+    sp.add_argument(
+        "--hpa-metric",
+        metavar="NAME",
+        help="per-pod custom metric of the HPAs rendered for spec.autoscaling: requests in flight plus deferred, "
+        "as your metrics adapter names it (default llamacpp_requests_inflight, or $MODELFIT_HPA_METRIC)",
     )
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_run)

@@ -22,8 +22,10 @@ from typing import Any
 
 from .api import MemoryStatus, PlanStatus
 from .facts import ModelFacts
+from .memory import MemoryBreakdown
 from .placement import Placement
 from .render import HASH_ANNOTATION
+from .sizing import Plan, PlanResult, Resources
 
 CONDITION_TYPES = ("Ready", "Planned", "Progressing", "Degraded", "Unschedulable")
 PLAN_FAILURES = ("InvalidSpec", "ModelUnreadable", "NoNodeFits", "NoEligibleNodes", "NoNodes")
@@ -271,3 +273,35 @@ def plan_status(
         warnings=res.warnings,
     )
     return ps.model_dump(by_alias=True)
+
+
+def plan_message(plan: dict[str, Any]) -> str:
+    """One line for a plan in status.plan (the same words as a fresh placement's)."""
+    return (
+        f"{plan.get('backend')} on {plan.get('nodeClass')}: {plan.get('gpuLayers')}/{plan.get('totalLayers')} GPU "
+        f"layers, context {plan.get('context')}, KV {plan.get('kvCacheType')}, memory {plan.get('memoryRequest')}"
+    )
+
+
+def placement_from_status(plan: dict[str, Any]) -> Placement:
+    """The placement a status.plan records (the inverse of ``plan_status``), for keeping a running plan as is.
+
+    Rendering needs only the plan's flags, resources and node selector, which status.plan holds exactly.
+    """
+    ps = PlanStatus.model_validate(plan)
+    fields = [
+        *("backend", "gpu_layers", "total_layers", "context", "parallel", "load_mode", "flash_attention"),
+        *("kv_cache_type", "threads", "ubatch", "cache_ram_mib", "ctx_checkpoints", "args"),
+    ]
+    result = PlanResult(
+        plan=Plan.model_validate({**{f: getattr(ps, f) for f in fields}, "node": ps.node_class}),
+        memory=MemoryBreakdown(**ps.memory.model_dump()),
+        resources=Resources(**ps.resources) if ps.resources else Resources(requests={}, limits={}),
+        fits=ps.fits,
+        shortfall_bytes=ps.shortfall_bytes,
+        reasons=ps.reasons,
+        warnings=ps.warnings,
+        memory_request_bytes=ps.memory_request_bytes,
+    )
+    reason = "Adapted" if ps.adapted else "Planned"
+    return Placement(True, reason, plan_message(plan), None, result, dict(ps.node_selector), ps.adapted)

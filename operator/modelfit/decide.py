@@ -1,0 +1,461 @@
+"""The operator's one decision for a ModelDeployment: a gathered snapshot -> what to write. Pure: no I/O.
+
+The shell (``handlers``) gathers a ``Snapshot`` -- the object, its model facts, the nodes with what every
+pod on them requests, our pods and Deployment, what the cluster serves -- and calls ``decide``. The
+``Decision`` says which children to apply and delete, which events to post, what to log and the whole new
+status; the shell applies it and writes the status in one place.
+
+Rules decided here:
+
+- Signals: an OOM kill under a tight ``spec.resources`` memory override drops the override; any other OOM
+  kill raises the memory headroom (``OOM_HEADROOM_STEP``) and re-plans; pods the scheduler refuses make
+  an ``adapt`` spec avoid that node class for ``AVOID_SECONDS``.
+- No churn (``spec.rebalance``): a running plan whose spec is unchanged keeps its node class unless the
+  new plan is materially better (see ``api.Rebalance``); it moves at once when its pods cannot run.
+- Rollout: Surge (the new pod first) when the node class has room for the old and the new pod, else
+  Replace; decided when the plan changes and kept with it.
+- Drift: an owned child edited by hand (the Deployment's generation moved under our applied hash) is
+  applied again, with force.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from pydantic import ValidationError
+
+from . import api
+from .api import ModelDeploymentSpec, Rebalance
+from .facts import ModelFacts
+from .nodes import NodeFacts, NodeShape, parse_quantity
+from .placement import WAITING_FOR_NODE, Placement, class_selector, place_with_shapes
+from .render import (
+    APPLIED_ANNOTATION,
+    APPLIED_PLAN_ANNOTATION,
+    HASH_ANNOTATION,
+    HPA_METRIC,
+    desired_replicas,
+    digest,
+    hpa_target_milli,
+    memory_override_bytes,
+    memory_override_verdict,
+    model_file,
+    render,
+    selector_string,
+)
+from .status import (
+    Cond,
+    api_failure_conditions,
+    apply_conditions,
+    get_condition,
+    placement_from_status,
+    plan_message,
+    plan_status,
+    planning_failure_conditions,
+    pod_signals,
+    workload_conditions,
+)
+
+OOM_HEADROOM_STEP = 0.25
+AVOID_SECONDS = 300.0
+# What makes two plans the same workload for the Always policy (threads and the prompt cache are minor knobs).
+_SHAPE = ("nodeSelector", "backend", "gpuLayers", "context", "kvCacheType", "parallel", "loadMode", "headroomBoost")
+
+AvoidKey = tuple[tuple[str, str], ...]
+Log = tuple[int, str]
+
+
+class LoadedFacts(NamedTuple):
+    facts: ModelFacts
+    size: int  # bytes of the file (the catalog's estimate when planned from catalog facts)
+    source: str  # status.plan.factsSource: "header: URL" or "catalog (why not the header)"
+    mismatch: str = ""  # how the header differs from the catalog's facts, when it does
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the decision reads, gathered by the shell."""
+
+    meta: dict[str, Any]
+    spec: ModelDeploymentSpec
+    old: dict[str, Any]  # the status as read
+    loaded: LoadedFacts
+    nodes: list[NodeFacts]  # with what every other pod requests taken off; our own pods' requests count as free
+    pods: list[dict[str, Any]]  # the pods of this ModelDeployment
+    deploy: dict[str, Any] | None  # the live Deployment
+    now: float  # monotonic seconds, for the avoid list
+    pod_monitors: bool = False  # the cluster serves monitoring.coreos.com/v1 PodMonitors
+    shapes: list[NodeShape] = field(default_factory=list)  # node shapes a cluster autoscaler can add
+    avoid: dict[AvoidKey, float] = field(default_factory=dict)  # node classes avoided until (monotonic)
+    seen_generation: int | None = None  # the Deployment's generation as last applied or seen (None: first look)
+    missing: Cond | None = None  # a Secret, key or PVC the pods need and that does not exist
+    hpa_metric: str = HPA_METRIC
+
+
+@dataclass
+class Decision:
+    """What the shell does: delete, then apply (Deployment last), post events, and write ``status``."""
+
+    status: dict[str, Any]
+    result: str  # for the reconcile metric: ready, progressing, unschedulable, invalid, model_unreadable
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[tuple[str, str, str]] = field(default_factory=list)
+    events: list[tuple[str, str]] = field(default_factory=list)  # (reason, message), posted after the apply
+    logs: list[Log] = field(default_factory=list)
+    avoid: dict[AvoidKey, float] = field(default_factory=dict)
+    replan_soon: bool = False  # pods wait for the scheduler: look again on fresh node facts next tick
+    planned: Cond | None = None  # the Planned condition to keep when applying fails
+    seen_generation: int | None = None
+
+
+# ---- the first steps: a spec that can be planned ----------------------------------------------------
+
+
+def base_status(meta: dict[str, Any]) -> dict[str, Any]:
+    return {"observedGeneration": meta.get("generation"), "selector": selector_string(str(meta.get("name")))}
+
+
+def failure(meta: dict[str, Any], old: dict[str, Any], reason: str, message: str, result: str) -> Decision:
+    """No plan to run: the Planned=False conditions and nothing to apply."""
+    new = base_status(meta)
+    new["conditions"] = apply_conditions(
+        list(old.get("conditions") or []), planning_failure_conditions(reason, message), meta.get("generation")
+    )
+    return Decision(new, result, logs=[(logging.WARNING, f"{reason}: {message}")])
+
+
+def api_failure(
+    meta: dict[str, Any], old: dict[str, Any], new: dict[str, Any], reason: str, message: str, planned: Cond | None
+) -> dict[str, Any]:
+    """The status when the API server refused (or could not take) a read or a write."""
+    values = api_failure_conditions(reason, message)
+    if planned is not None:
+        values["Planned"] = planned
+    out = {**base_status(meta), **new}
+    out["conditions"] = apply_conditions(list(old.get("conditions") or []), values, meta.get("generation"))
+    return out
+
+
+def check_spec(meta: dict[str, Any], raw: dict[str, Any]) -> ModelDeploymentSpec | tuple[str, str]:
+    """The typed spec, or (reason, message) when it cannot be planned."""
+    bad_name = api.name_problem(str(meta.get("name")))
+    if bad_name is not None:
+        return "InvalidSpec", f"{bad_name}; delete it and create it under a valid name"
+    try:
+        spec = ModelDeploymentSpec.model_validate(raw)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return "InvalidSpec", f"spec is invalid: {errors}"
+    owned = spec.owned_flags_in_server_args()
+    if owned:
+        return (
+            "InvalidSpec",
+            f"serverArgs contains flags the plan owns: {', '.join(owned)}; set the matching spec field instead",
+        )
+    return spec
+
+
+def spec_hash(spec: ModelDeploymentSpec) -> str:
+    """The spec a plan is made for. Replicas, autoscaling and rebalance are left out: scaling is not a new plan,
+    and a new rebalance policy applies to the next re-plan, it is not one."""
+    return digest(spec.model_dump(mode="json", by_alias=True, exclude={"replicas", "autoscaling", "rebalance"}))
+
+
+def template_hash(deploy: dict[str, Any] | None) -> str | None:
+    if deploy is None:
+        return None
+    annotations: dict[str, str] = ((deploy["spec"]["template"].get("metadata") or {}).get("annotations")) or {}
+    return annotations.get(HASH_ANNOTATION)
+
+
+# ---- signals from the pods --------------------------------------------------------------------------
+
+
+@dataclass
+class _Reaction:
+    placement: Placement
+    boost: float
+    oom_kills: int
+    rejected: int | None  # the memory override that was OOM-killed
+    override_failed: bool
+    avoid: dict[AvoidKey, float]
+    unschedulable: bool
+    logs: list[Log]
+
+
+def _place(snap: Snapshot, boost: float, avoid: dict[AvoidKey, float]) -> Placement:
+    usable = [n for n in snap.nodes if tuple(sorted(class_selector(n).items())) not in avoid] or snap.nodes
+    path = model_file(snap.spec, snap.loaded.size).path
+    return place_with_shapes(snap.spec, snap.loaded.facts, usable, snap.shapes, path, boost)
+
+
+def _limit_bytes(placement: Placement) -> int:
+    assert placement.result is not None
+    return int(parse_quantity(placement.result.resources.limits["memory"]))
+
+
+def react(snap: Snapshot) -> _Reaction:
+    """Place, then answer what the pods say: OOM kills and pods the scheduler refuses."""
+    old, spec = snap.old, snap.spec
+    boost = float((old.get("plan") or {}).get("headroomBoost") or 0.0)
+    override = memory_override_bytes(spec)
+    rejected = old.get("memoryOverrideRejected")
+    override_failed = override is not None and rejected == override
+    avoid = {k: t for k, t in snap.avoid.items() if t > snap.now}
+    placement = _place(snap, boost, avoid)
+    sig = pod_signals(snap.pods, template_hash(snap.deploy))
+    out = _Reaction(
+        placement, boost, int(old.get("oomKills") or 0), rejected, override_failed, avoid, bool(sig.unschedulable), []
+    )
+    if not placement.fits or placement.result is None:
+        return out
+    honour = memory_override_verdict(placement, spec, override_failed) is None
+    if sig.oom_killed and honour and override is not None and override < _limit_bytes(placement):
+        # The user's limit was too small, not the plan: drop the override, keep the plan as it is.
+        out.oom_kills += 1
+        out.rejected, out.override_failed = override, True
+        out.logs.append((logging.WARNING, f"OOMKilled in {sig.oom_killed} under the memory override; using the plan"))
+    elif sig.oom_killed and boost < 1.0:
+        out.boost = min(1.0, boost + OOM_HEADROOM_STEP)
+        out.oom_kills += 1
+        out.logs.append((logging.WARNING, f"OOMKilled in {sig.oom_killed}; memory headroom boost now {out.boost:.2f}"))
+        out.placement = _place(snap, out.boost, avoid)
+    elif sig.unschedulable and spec.adapt:
+        avoid[tuple(sorted(placement.selector.items()))] = snap.now + AVOID_SECONDS
+        other = _place(snap, boost, avoid)
+        if other.fits and other.selector != placement.selector:
+            out.logs.append((logging.INFO, f"pods unschedulable on {placement.selector}; adapting to {other.selector}"))
+            out.placement = other
+    return out
+
+
+# ---- no churn -------------------------------------------------------------------------------------
+
+
+def materially_better(old: dict[str, Any], new: dict[str, Any], min_improvement: int) -> str | None:
+    """Why the new plan is worth a move (see ``api.Rebalance``), or None."""
+
+    def gpu_share(p: dict[str, Any]) -> float:
+        total = int(p.get("totalLayers") or 0)
+        return 100.0 * int(p.get("gpuLayers") or 0) / total if p.get("backend") != "cpu" and total else 0.0
+
+    gain = gpu_share(new) - gpu_share(old)
+    if gain >= min_improvement:
+        return f"GPU share {gpu_share(old):.0f}% -> {gpu_share(new):.0f}%"
+    old_ctx, new_ctx = int(old.get("context") or 0), int(new.get("context") or 0)
+    if old_ctx and new_ctx >= old_ctx * (1 + min_improvement / 100):
+        return f"context {old_ctx} -> {new_ctx}"
+    return None
+
+
+def keep_running(snap: Snapshot, r: _Reaction, new_plan: dict[str, Any], pinned: bool) -> tuple[bool, str]:
+    """Keep the applied plan instead of the new one? And the words for it (see ``api.Rebalance``)."""
+    old, spec = snap.old, snap.spec
+    old_plan: dict[str, Any] = old.get("plan") or {}
+    annotations = ((snap.deploy or {}).get("metadata") or {}).get("annotations") or {}
+    applied_plan = annotations.get(APPLIED_PLAN_ANNOTATION) or annotations.get(APPLIED_ANNOTATION)
+    if not (old_plan.get("hash") and old_plan.get("fits") and applied_plan == old_plan.get("hash")):
+        return False, ""
+    same_spec = (
+        old_plan.get("specHash") == spec_hash(spec)
+        if old_plan.get("specHash")
+        else old.get("observedGeneration") == snap.meta.get("generation")
+    )
+    same_override = old.get("memoryOverrideRejected") == r.rejected
+    boost_same = float(old_plan.get("headroomBoost") or 0.0) == r.boost
+    if not (same_spec and same_override and boost_same) or (r.unschedulable and not pinned):
+        return False, ""
+    if all(old_plan.get(k) == new_plan.get(k) for k in _SHAPE):
+        return True, ""  # the same workload; minor knobs (threads, prompt cache) do not roll the pods
+    rebalance = spec.rebalance or Rebalance()
+    if rebalance.policy == "Always":
+        return False, ""
+    if rebalance.policy == "Never":
+        return True, "rebalance Never keeps a running plan"
+    better = materially_better(old_plan, new_plan, rebalance.min_improvement)
+    if better is not None:
+        return False, f"moved: {better} (rebalance WhenBetter, at least {rebalance.min_improvement}%)"
+    return True, (
+        f"kept: a re-plan ({plan_message(new_plan)}) is not {rebalance.min_improvement}% better (rebalance WhenBetter)"
+    )
+
+
+def _cpu_millis(resources: dict[str, Any]) -> int:
+    cpu = ((resources or {}).get("requests") or {}).get("cpu")
+    return int(parse_quantity(cpu) * 1000) if cpu else 0
+
+
+def surge_fits(snap: Snapshot, placement: Placement) -> bool:
+    """Room for the new pod beside a running one? Always when the pods move to another node class."""
+    old_plan: dict[str, Any] = snap.old.get("plan") or {}
+    running = [p for p in snap.pods if (p.get("status") or {}).get("phase") == "Running"]
+    node, res = placement.node, placement.result
+    if not running or node is None or res is None or old_plan.get("nodeSelector") != placement.selector:
+        return True
+    if node.count > len(running):
+        return True  # a member of the class without our pod takes the new one
+    old_mem = int(old_plan.get("memoryRequestBytes") or 0)
+    old_cpu = _cpu_millis(old_plan.get("resources") or {})
+    new_cpu = _cpu_millis(res.resources.model_dump())
+    mem_ok = node.memory_bytes is None or node.memory_bytes >= old_mem + res.memory_request_bytes
+    return mem_ok and node.cpu_millis >= old_cpu + new_cpu
+
+
+# ---- the decision ---------------------------------------------------------------------------------
+
+
+def decide(snap: Snapshot) -> Decision:
+    """Plan, choose between keeping and moving, render the children and compute the status."""
+    meta, spec, old = snap.meta, snap.spec, snap.old
+    name, gen = str(meta.get("name")), meta.get("generation")
+    r = react(snap)
+    logs = list(r.logs)
+    old_plan: dict[str, Any] = old.get("plan") or {}
+    new: dict[str, Any] = {**base_status(meta), "oomKills": r.oom_kills}
+    if r.rejected is not None:
+        new["memoryOverrideRejected"] = r.rejected
+    if old_plan.get("factsSource") != snap.loaded.source:
+        logs.append((logging.INFO, f"model facts from {snap.loaded.source}"))
+        if snap.loaded.mismatch:
+            logs.append((logging.WARNING, snap.loaded.mismatch))
+    placement = r.placement
+    if not placement.fits or placement.result is None:
+        out = failure(meta, old, placement.reason, placement.message, "unschedulable")
+        if placement.result is not None:
+            plan = plan_status(placement, snap.loaded.facts, snap.loaded.size, "", r.boost)
+            out.status["plan"] = {**plan, "factsSource": snap.loaded.source}
+        out.status.update({k: v for k, v in new.items() if k not in out.status})
+        out.logs[:0], out.avoid = logs, r.avoid
+        return out
+
+    fresh = plan_status(placement, snap.loaded.facts, snap.loaded.size, "", r.boost)
+    pinned = bool(old_plan.get("nodeSelector")) and any(s.labels == old_plan["nodeSelector"] for s in snap.shapes)
+    keep, why = keep_running(snap, r, fresh, pinned)
+    if keep:
+        placement = placement_from_status(old_plan)
+        surge = old_plan.get("rollout") == "Surge"
+    else:
+        surge = surge_fits(snap, placement)
+    assert placement.result is not None
+    verdict = memory_override_verdict(placement, spec, r.override_failed)
+    mf = model_file(spec, snap.loaded.size)
+    rendered = render(
+        meta,
+        spec,
+        placement,
+        mf,
+        with_pod_monitor=snap.pod_monitors,
+        honour_memory_override=verdict is None,
+        surge=surge,
+        hpa_metric=snap.hpa_metric,
+    )
+    if keep:
+        plan = {**old_plan, "hash": rendered.hash}
+    else:
+        plan = plan_status(placement, snap.loaded.facts, snap.loaded.size, rendered.hash, r.boost)
+        plan["rollout"] = "Surge" if surge else "Replace"
+    plan["specHash"] = spec_hash(spec)
+    plan["factsSource"] = snap.loaded.source
+    if spec.autoscaling is not None:
+        a = spec.autoscaling
+        target = hpa_target_milli(placement.result.plan.parallel, a.target_utilization) / 1000
+        line = (
+            f"autoscaling {a.min_replicas}-{a.max_replicas} replicas: HPA on {snap.hpa_metric} (requests in flight "
+            f"plus deferred per pod), target {target:g} = parallel {placement.result.plan.parallel} x "
+            f"{a.target_utilization}%"
+        )
+        plan["reasons"] = [*[x for x in plan.get("reasons") or [] if not x.startswith("autoscaling ")], line]
+    new["plan"] = plan
+
+    planned: Cond = ("True", placement.reason, placement.message)
+    if placement.result.warnings:
+        planned = ("True", placement.reason, f"{placement.message}; {'; '.join(placement.result.warnings)}")
+    if why:
+        planned = (planned[0], planned[1], f"{planned[2]}; {why}")
+    if verdict is not None:
+        planned = ("True", "MemoryOverrideIgnored", verdict)
+
+    # Drift: a hand edit of the Deployment's spec (image, limits, replicas) bumps its generation without
+    # touching our applied hash; forced server-side apply takes the owned fields back. The first generation
+    # seen after a restart is the baseline.
+    deploy = snap.deploy
+    annotations = ((deploy or {}).get("metadata") or {}).get("annotations") or {}
+    live_generation = ((deploy or {}).get("metadata") or {}).get("generation")
+    applied = annotations.get(APPLIED_ANNOTATION)
+    drifted = bool(
+        deploy is not None
+        and applied == rendered.applied
+        and snap.seen_generation is not None
+        and live_generation != snap.seen_generation
+    )
+    decision = Decision(
+        new,
+        "progressing",
+        logs=logs,
+        avoid=r.avoid,
+        replan_soon=r.unschedulable,
+        planned=planned,
+        seen_generation=live_generation if deploy is not None else None,
+    )
+    if drifted:
+        logs.append((logging.WARNING, f"Deployment {name} was edited (generation {live_generation}); restoring it"))
+    if applied != rendered.applied or drifted:
+        # The Deployment carries the applied hash, so it goes last: a crash half-way leaves a stale
+        # hash and the next reconcile applies everything again (no missing Service after a restart).
+        decision.delete = list(rendered.absent)
+        decision.apply = sorted(rendered.objects, key=lambda o: o["kind"] == "Deployment")
+        if old_plan.get("hash") != rendered.hash:
+            p = placement.result.plan
+            what = (
+                f"{p.backend} on {p.node}, {p.gpu_layers}/{p.total_layers} GPU layers, context {p.context}, "
+                f"memory {placement.result.resources.requests['memory']}"
+            )
+            decision.events.append(("PlanChanged", f"new plan: {what}"))
+            logs.append((logging.INFO, f"plan applied: {what}"))
+
+    values = workload_conditions(
+        deploy, snap.pods, desired_replicas(spec), template_hash(rendered.by_kind("Deployment"))
+    )
+    values["Planned"] = planned
+    shape = next((s for s in snap.shapes if plan.get("nodeSelector") and s.labels == plan["nodeSelector"]), None)
+    if shape is not None and values["Unschedulable"][0] == "True":
+        values["Unschedulable"] = (
+            "True",
+            WAITING_FOR_NODE,
+            f"pods wait for a node of shape {shape.name} (a cluster autoscaler can add one): "
+            f"{values['Unschedulable'][2]}",
+        )
+    elif placement.reason == WAITING_FOR_NODE:
+        values["Unschedulable"] = ("True", WAITING_FOR_NODE, placement.message)
+    if snap.missing is not None:
+        values["Degraded"] = snap.missing
+        was = get_condition(list(old.get("conditions") or []), "Degraded") or {}
+        if (was.get("reason"), was.get("message")) != snap.missing[1:]:
+            logs.append((logging.WARNING, f"{snap.missing[1]}: {snap.missing[2]}"))
+    new["conditions"] = apply_conditions(list(old.get("conditions") or []), values, gen)
+    dst = (deploy or {}).get("status") or {}
+    new["replicas"] = int(dst.get("replicas") or 0)
+    new["readyReplicas"] = int(dst.get("readyReplicas") or 0)
+    port = spec.service.port if spec.service else api.ServiceSpec().port
+    new["endpoint"] = f"http://{name}.{meta.get('namespace')}.svc:{port}"
+    decision.result = "ready" if values["Ready"][0] == "True" else "progressing"
+    return decision
+
+
+__all__ = [
+    "AVOID_SECONDS",
+    "OOM_HEADROOM_STEP",
+    "Decision",
+    "LoadedFacts",
+    "Snapshot",
+    "api_failure",
+    "check_spec",
+    "decide",
+    "failure",
+    "keep_running",
+    "materially_better",
+    "spec_hash",
+    "surge_fits",
+]
