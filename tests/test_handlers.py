@@ -857,3 +857,16 @@ def test_scaling_is_not_a_new_plan():
 async def _record(events, body):
     events.append(body)
     return body
+
+
+def test_a_kept_plan_moves_when_its_node_class_goes():
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    status = go(md(SMALL_SPEC), k, st)
+    _serving(k, status)
+    k.nodes.append(CPU_SMALL)
+    st.node_changed("ADDED", CPU_SMALL)
+    st.snapshot.invalidate()
+    k.nodes.remove(CPU_LARGE)  # the autoscaler removed the node; its pod still reads Running for a while
+    st.node_changed("DELETED", CPU_LARGE)
+    p = go(md(SMALL_SPEC, status=status), k, st)
+    assert _merge(status, p)["plan"]["nodeClass"] == "cpu-small"

@@ -357,9 +357,9 @@ class Rebalance(_Model):
     """When a running plan moves to a better node class (no churn).
 
     WhenBetter (default): a plan whose pods run keeps its node class while its spec is unchanged; it
-    moves only when the new plan is materially better: a share of the model on GPU larger by
-    minImprovement percentage points (CPU to full GPU is 100), or a context longer by minImprovement
-    percent. Never: it moves only when its pods cannot run (unschedulable, OOM-killed) or the spec
+    moves only when the new plan is materially better: the spec's own terms fit again after adapt bent
+    them, a share of the model on GPU larger by minImprovement percentage points (CPU to full GPU is
+    100), or a context longer by minImprovement percent. Never: it moves only when its pods cannot run (unschedulable, OOM-killed) or the spec
     changes. Always: every re-plan that changes the node class, backend, offload, context or KV type
     rolls the pods. A move surges (the new pod starts before the old one stops) when there is room.
     """
@@ -443,6 +443,20 @@ class ModelDeploymentSpec(_Model):
                 {
                     "rule": "type(self) == string ? self == 'auto' : (int(self) >= 0 && int(self) <= 1000)",
                     "message": "gpuLayers must be auto or a number between 0 and 1000",
+                }
+            ],
+        },
+    )
+    threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        default="auto",
+        description="llama-server threads (-t) and the pod's CPU request in cores; auto: the fewest threads that "
+        "reach the node's memory-bandwidth bound for decoding (see the plan's reasons).",
+        json_schema_extra={
+            **INT_OR_STRING,
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) == string ? self == 'auto' : (int(self) >= 1 && int(self) <= 1024)",
+                    "message": "threads must be auto or a number between 1 and 1024",
                 }
             ],
         },

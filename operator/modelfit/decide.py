@@ -241,6 +241,8 @@ def materially_better(old: dict[str, Any], new: dict[str, Any], min_improvement:
         total = int(p.get("totalLayers") or 0)
         return 100.0 * int(p.get("gpuLayers") or 0) / total if p.get("backend") != "cpu" and total else 0.0
 
+    if old.get("adapted") and not new.get("adapted"):
+        return "the spec's own terms fit again (the running plan was adapted)"
     gain = gpu_share(new) - gpu_share(old)
     if gain >= min_improvement:
         return f"GPU share {gpu_share(old):.0f}% -> {gpu_share(new):.0f}%"
@@ -265,8 +267,10 @@ def keep_running(snap: Snapshot, r: _Reaction, new_plan: dict[str, Any], pinned:
     )
     same_override = old.get("memoryOverrideRejected") == r.rejected
     boost_same = float(old_plan.get("headroomBoost") or 0.0) == r.boost
-    if not (same_spec and same_override and boost_same) or (r.unschedulable and not pinned):
-        return False, ""
+    selector = old_plan.get("nodeSelector") or {}
+    present = any(all(n.labels.get(k) == v for k, v in selector.items()) for n in snap.nodes)
+    if not (same_spec and same_override and boost_same) or (not pinned and (r.unschedulable or not present)):
+        return False, ""  # a new spec, an OOM kill, pods that cannot run, or their node class is gone
     if all(old_plan.get(k) == new_plan.get(k) for k in _SHAPE):
         return True, ""  # the same workload; minor knobs (threads, prompt cache) do not roll the pods
     rebalance = spec.rebalance or Rebalance()
