@@ -870,3 +870,13 @@ def test_a_kept_plan_moves_when_its_node_class_goes():
     st.node_changed("DELETED", CPU_LARGE)
     p = go(md(SMALL_SPEC, status=status), k, st)
     assert _merge(status, p)["plan"]["nodeClass"] == "cpu-small"
+
+
+def test_more_replicas_than_the_class_holds_is_said_before_the_scheduler_does():
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    p = go(md({**SMALL_SPEC, "replicas": 5}), k, st)
+    unsched = next(c for c in p["conditions"] if c["type"] == "Unschedulable")
+    assert unsched["status"] == "True" and unsched["reason"] == "InsufficientCapacity"
+    assert unsched["message"].startswith("5 replicas wanted, the 1 present node(s) of kubernetes.io/hostname=cpu-small")
+    p = go(md({**SMALL_SPEC, "replicas": 1}, generation=2), k, st)
+    assert next(c for c in p["conditions"] if c["type"] == "Unschedulable")["status"] == "False"

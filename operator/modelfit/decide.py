@@ -30,7 +30,7 @@ from . import api
 from .api import ModelDeploymentSpec, Rebalance
 from .facts import ModelFacts
 from .nodes import NodeFacts, NodeShape, parse_quantity
-from .placement import WAITING_FOR_NODE, Placement, class_selector, place_with_shapes
+from .placement import WAITING_FOR_NODE, Placement, class_selector, ineligible_reason, place_with_shapes
 from .render import (
     APPLIED_ANNOTATION,
     APPLIED_PLAN_ANNOTATION,
@@ -307,6 +307,41 @@ def surge_fits(snap: Snapshot, placement: Placement) -> bool:
     return mem_ok and node.cpu_millis >= old_cpu + new_cpu
 
 
+def replicas_that_fit(snap: Snapshot, placement: Placement) -> tuple[int, int]:
+    """(pods of this plan the present nodes of its class hold, those nodes): our own pods count as free."""
+    res = placement.result
+    if res is None:
+        return 0, 0
+    mem = res.memory_request_bytes
+    cpu = _cpu_millis(res.resources.model_dump())
+    gpus = int(next((v for k, v in res.resources.requests.items() if k.endswith("/gpu")), 0) or 0)
+    room, nodes = 0, 0
+    for n in snap.nodes:
+        if any(n.labels.get(k) != v for k, v in placement.selector.items()) or ineligible_reason(snap.spec, n):
+            continue
+        nodes += 1
+        fits = [n.memory_bytes // mem if n.memory_bytes is not None and mem else 1 << 16]
+        fits.append(n.cpu_millis // cpu if cpu else 1 << 16)
+        if gpus:
+            fits.append(n.gpus // gpus)
+        room += max(0, min(fits))
+    return room, nodes
+
+
+def _capacity(snap: Snapshot, placement: Placement, desired: int, values: dict[str, Cond]) -> None:
+    """Say before the scheduler does when the present nodes hold fewer replicas than wanted."""
+    room, nodes = replicas_that_fit(snap, placement)
+    if desired <= room or values["Unschedulable"][0] == "True" or not nodes:
+        return
+    where = ", ".join(f"{k}={v}" for k, v in sorted(placement.selector.items()))
+    values["Unschedulable"] = (
+        "True",
+        "InsufficientCapacity",
+        f"{desired} replicas wanted, the {nodes} present node(s) of {where} hold {room}; the others stay pending "
+        "(a cluster autoscaler can add a node)",
+    )
+
+
 # ---- the decision ---------------------------------------------------------------------------------
 
 
@@ -433,6 +468,8 @@ def decide(snap: Snapshot) -> Decision:
         )
     elif placement.reason == WAITING_FOR_NODE:
         values["Unschedulable"] = ("True", WAITING_FOR_NODE, placement.message)
+    else:
+        _capacity(snap, placement, desired_replicas(spec), values)
     if snap.missing is not None:
         values["Degraded"] = snap.missing
         was = get_condition(list(old.get("conditions") or []), "Degraded") or {}

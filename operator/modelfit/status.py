@@ -10,7 +10,9 @@ Conditions and their reasons:
   False AsExpected
 - API_FAILURES: ApplyFailed (the API server refused a child: HTTP 4xx, the server's message), ApiError (a read was
   refused), ApiUnavailable (unreachable, 5xx, 409 or 429: retried with backoff)
-- Unschedulable: True FailedScheduling (the scheduler's message) | NoNodeFits | NoEligibleNodes | NoNodes;
+- Unschedulable: True FailedScheduling (the scheduler's message) | NoNodeFits | NoEligibleNodes | NoNodes |
+  WaitingForNode (pinned to a node shape a cluster autoscaler can add) | InsufficientCapacity (more replicas
+  wanted than the present nodes of the plan's class hold);
   False Scheduled
 """
 
