@@ -56,10 +56,21 @@ PER_SLOT_BYTES_PER_TOKEN = 4
 # Hybrid Gated-DeltaNet models (qwen35, qwen3next) keep a further fixed working set.
 HYBRID_RUNTIME_EXTRA = 26 * MiB
 HYBRID_ARCHS = {"qwen35", "qwen35moe", "qwen3next"}
-# Per-device GPU runtime (CUDA context, cuBLAS workspace) and host side of the GPU
-# libraries: published load logs, not measured here (no GPU on this project's machines).
-GPU_DEVICE_OVERHEAD = 300 * MiB
-GPU_HOST_OVERHEAD = 250 * MiB
+# --- calibrated on CUDA (llama-server b11434, CUDA 13.0, driver 580, one H200; bench/results/cuda-h200.md) ---
+# VRAM of the process beyond its buffers (nvidia-smi per-process used memory minus the CUDA0
+# model/KV/RS/compute buffers): CUDA context, ggml's CUDA pool, streams and graphs. 595-607 MiB
+# on every dense flash-attention config, from a 1 MiB to a 4 GiB model (a bare context is 518 MiB).
+GPU_DEVICE_OVERHEAD = 600 * MiB
+# cuBLAS handle and workspace, created once a cuBLAS GEMM runs: without flash attention (the KQ
+# product) and for MoE models (measured 695-703 MiB in all; dense FA graphs use only MMQ kernels).
+GPU_CUBLAS_OVERHEAD = 100 * MiB
+# Host RSS of the CUDA/cuBLAS runtime once serving (anonymous + library pages + pinned staging),
+# beyond RUNTIME_BASE and the vocabulary: 340 MiB measured (residuals 330-350 MiB).
+GPU_HOST_OVERHEAD = 340 * MiB
+# cuBLAS's libraries touched once it runs (see GPU_CUBLAS_OVERHEAD): 60-105 MiB more host RSS.
+GPU_CUBLAS_HOST_OVERHEAD = 100 * MiB
+# The same at the end of loading, when with mmap the whole file is still mapped (VmHWM - file).
+GPU_HOST_LOAD_OVERHEAD = 262 * MiB
 # Compute buffer of one ubatch, in floats per token: a*F + b*E (+ d_inner for recurrent
 # layers, + n_expert_used*E for MoE), fitted on qwen35, llama, gemma3 and qwen3moe shapes.
 ACT_FF = 2.84
@@ -215,14 +226,19 @@ def repackable(t: TensorFact, cfg: ServerConfig) -> bool:
 
 
 def gpu_layer_start(facts: ModelFacts, cfg: ServerConfig) -> int:
-    """First block index placed on a GPU (llama-model.cpp: i_gpu_start)."""
+    """First block index placed on a GPU (llama-model.cpp: i_gpu_start).
+
+    ``-ngl N`` takes the last N of the n_layer_all+1 units, the output head being the last:
+    i_gpu_start = max(n_layer_all + 1 - N, 0), so any N >= 1 offloads the head first
+    ("offloading output layer to GPU, offloading N-1 repeating layers").
+    """
     if cfg.n_gpus <= 0 or cfg.backend == "cpu":
         return facts.n_layer_all
-    return max(facts.n_layer - cfg.n_gpu_layers, 0)
+    return min(max(facts.n_layer_all + 1 - cfg.n_gpu_layers, 0), facts.n_layer_all)
 
 
 def output_on_gpu(facts: ModelFacts, cfg: ServerConfig) -> bool:
-    return cfg.n_gpus > 0 and cfg.backend != "cpu" and cfg.n_gpu_layers > facts.n_layer
+    return cfg.n_gpus > 0 and cfg.backend != "cpu" and cfg.n_gpu_layers >= 1
 
 
 def activation_bytes(facts: ModelFacts, cfg: ServerConfig) -> int:
@@ -259,6 +275,56 @@ def mask_bytes(facts: ModelFacts, cfg: ServerConfig, full_cells: int, swa_cells:
     if not cfg.flash_attn:
         cells = max(full_cells if has_full else 0, swa_cells if facts.has_swa else 0)
     return cells * cfg.n_ubatch * per_cell
+
+
+QUANT_KV = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
+
+
+def fa_dequant_bytes(facts: ModelFacts, cfg: ServerConfig, mask: int) -> int:
+    """CUDA compute buffer while flash attention runs on a quantized cache.
+
+    The MMA/tile kernels that a full ubatch uses need F16 K and V: the FLASH_ATTN_EXT node's
+    allocation grows by one layer's K and V in F16 over all cells (ggml-cuda fattn.cu,
+    get_alloc_size), live with the mask and the attention inputs (~6 F32 rows of
+    max(n_head*head_dim, n_embd) per token). Measured 116/200/156 MiB at 32k where f16 KV gives
+    96/148/116 (llama-3.2-1b, an 8B llama, qwen3moe).
+    """
+    if not cfg.flash_attn or not facts.has_attention:
+        return 0
+    qk, qv = cfg.type_k in QUANT_KV, cfg.type_v in QUANT_KV
+    if not (qk or qv):
+        return 0
+    full, swa = kv_cells(facts, cfg)
+    kv16 = max(
+        (
+            (swa if lf.swa else full) * 2 * ((lf.n_embd_k_gqa if qk else 0) + (lf.n_embd_v_gqa if qv else 0))
+            for lf in facts.layers
+            if lf.attention
+        ),
+        default=0,
+    )
+    width = max(facts.n_head * facts.head_dim_k, facts.n_embd)
+    return mask + kv16 + 6 * cfg.n_ubatch * 4 * width
+
+
+def offload_copy_bytes(facts: ModelFacts, cfg: ServerConfig, start: int) -> int:
+    """Compute-buffer room for the CPU-resident input of an op the GPU runs for a large batch.
+
+    With layers on the CPU, ggml-cuda takes ops of ubatch >= 32 tokens (offload_op) and the
+    scheduler copies their CPU inputs into the GPU compute buffer: the largest such copy is one
+    repeating layer's weight tensor or one layer's K+V. Measured +9 to +116 MiB (the bound
+    over-counts by up to 24 MiB where the allocator reuses space).
+    """
+    if start <= 0 or cfg.n_ubatch < 32:
+        return 0
+    largest_w = max((t.nbytes for t in facts.tensors if t.layer is not None and t.layer < start), default=0)
+    largest_kv = max((kv_layer_bytes(facts, cfg, il) for il in range(min(start, len(facts.layers)))), default=0)
+    return max(largest_w, largest_kv)
+
+
+def uses_cublas(facts: ModelFacts, cfg: ServerConfig) -> bool:
+    """Whether the CUDA graph runs cuBLAS GEMMs (KQ without flash attention; MoE expert products)."""
+    return not cfg.flash_attn or facts.n_expert > 0
 
 
 def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
@@ -332,9 +398,15 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
     touch = HYBRID_TOUCHED_KV_CELLS if facts.architecture in HYBRID_ARCHS else TOUCHED_KV_CELLS
     mask_touched = mask_bytes(facts, cfg, min(full_cells, touch), min(swa_cells, touch))
     if n_gpus:
-        # Device: activations and the F16 mask; host (pinned): the F32 mask input.
-        dev_compute = act + mask_full
-        out.compute_bytes = 2 * MiB + (full_cells if facts.has_attention else 0) * cfg.n_ubatch * 4
+        # Device: activations and the F16 mask, plus, when some layers stay on the CPU, the copy of
+        # the largest CPU tensor a large-batch op is offloaded with (a weight, or one layer's K+V).
+        attn_peak = max(act + mask_full, fa_dequant_bytes(facts, cfg, mask_full))
+        dev_compute = attn_peak + offload_copy_bytes(facts, cfg, start)
+        # Host (pinned CUDA_Host): the input embeddings (n_embd x n_ubatch F32, four such
+        # tensors) and the mask input, F16 under flash attention, F32 without it.
+        out.compute_bytes = facts.n_embd * cfg.n_ubatch * 16 + (
+            full_cells if facts.has_attention else 0
+        ) * cfg.n_ubatch * (2 if cfg.flash_attn else 4)
         out.compute_reserve_bytes = 0
         resident_compute = out.compute_bytes
     else:
@@ -353,6 +425,7 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
         + (HYBRID_RUNTIME_EXTRA if facts.architecture in HYBRID_ARCHS else 0)
         + (max(cfg.n_parallel, 1) - 1) * (PER_SLOT_BYTES + PER_SLOT_BYTES_PER_TOKEN * facts.n_vocab)
         + (GPU_HOST_OVERHEAD if n_gpus else 0)
+        + (GPU_CUBLAS_HOST_OVERHEAD if n_gpus and uses_cublas(facts, cfg) else 0)
     )
 
     anon = (
@@ -368,10 +441,14 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
     out.total_bytes = anon + out.weights_file_bytes
     # The prompt cache is a budget: entries are allocated as prompts are saved, up to --cache-ram.
     out.full_context_bytes = out.total_bytes + out.compute_reserve_bytes + out.cache_ram_bytes
-    if cfg.load_mode != "none" and n_gpus == 0:
+    if cfg.load_mode != "none":
         # VmHWM also holds the end of loading: the whole file is mapped (MAP_POPULATE) and the
         # repack buffer filled before the head and tail are unmapped and the context allocated.
+        # With a GPU the offloaded tensors are read through the mapping too (measured: VmHWM =
+        # file + 262 MiB + vocabulary, while the steady RSS holds only the CPU_Mapped span).
         load_peak = max(facts.file_bytes, out.weights_bytes) + repack + RUNTIME_BASE + per_token * facts.n_vocab
+        if n_gpus:
+            load_peak += GPU_HOST_LOAD_OVERHEAD
         out.total_bytes = max(out.total_bytes, load_peak)
         out.full_context_bytes = max(out.full_context_bytes, load_peak)
 
@@ -379,6 +456,7 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
         out.vram_weights_bytes = vram_w
         out.vram_kv_bytes = kv_gpu + rs_gpu
         out.vram_compute_bytes = dev_compute
-        per_gpu = (vram_w + kv_gpu + rs_gpu) // n_gpus + dev_compute + GPU_DEVICE_OVERHEAD
+        overhead = GPU_DEVICE_OVERHEAD + (GPU_CUBLAS_OVERHEAD if uses_cublas(facts, cfg) else 0)
+        per_gpu = (vram_w + kv_gpu + rs_gpu) // n_gpus + dev_compute + overhead
         out.vram_bytes = [per_gpu] * n_gpus
     return out
