@@ -36,6 +36,7 @@ from .render import (
     APPLIED_PLAN_ANNOTATION,
     HASH_ANNOTATION,
     HPA_METRIC,
+    Rendered,
     desired_replicas,
     digest,
     hpa_target_milli,
@@ -345,119 +346,94 @@ def _capacity(snap: Snapshot, placement: Placement, desired: int, values: dict[s
 # ---- the decision ---------------------------------------------------------------------------------
 
 
-def decide(snap: Snapshot) -> Decision:
-    """Plan, choose between keeping and moving, render the children and compute the status."""
-    meta, spec, old = snap.meta, snap.spec, snap.old
-    name, gen = str(meta.get("name")), meta.get("generation")
-    r = react(snap)
-    logs = list(r.logs)
-    old_plan: dict[str, Any] = old.get("plan") or {}
-    new: dict[str, Any] = {**base_status(meta), "oomKills": r.oom_kills}
-    if r.rejected is not None:
-        new["memoryOverrideRejected"] = r.rejected
-    if old_plan.get("factsSource") != snap.loaded.source:
-        logs.append((logging.INFO, f"model facts from {snap.loaded.source}"))
-        if snap.loaded.mismatch:
-            logs.append((logging.WARNING, snap.loaded.mismatch))
+def _unplaced(snap: Snapshot, r: _Reaction, new: dict[str, Any], logs: list[Log]) -> Decision:
+    """No node fits: Planned=False with the closest plan, nothing applied."""
     placement = r.placement
-    if not placement.fits or placement.result is None:
-        out = failure(meta, old, placement.reason, placement.message, "unschedulable")
-        if placement.result is not None:
-            plan = plan_status(placement, snap.loaded.facts, snap.loaded.size, "", r.boost)
-            out.status["plan"] = {**plan, "factsSource": snap.loaded.source}
-        out.status.update({k: v for k, v in new.items() if k not in out.status})
-        out.logs[:0], out.avoid = logs, r.avoid
-        return out
+    out = failure(snap.meta, snap.old, placement.reason, placement.message, "unschedulable")
+    if placement.result is not None:
+        plan = plan_status(placement, snap.loaded.facts, snap.loaded.size, "", r.boost)
+        out.status["plan"] = {**plan, "factsSource": snap.loaded.source}
+    out.status.update({k: v for k, v in new.items() if k not in out.status})
+    out.logs[:0], out.avoid = logs, r.avoid
+    return out
 
-    fresh = plan_status(placement, snap.loaded.facts, snap.loaded.size, "", r.boost)
-    pinned = bool(old_plan.get("nodeSelector")) and any(s.labels == old_plan["nodeSelector"] for s in snap.shapes)
-    keep, why = keep_running(snap, r, fresh, pinned)
-    if keep:
-        placement = placement_from_status(old_plan)
-        surge = old_plan.get("rollout") == "Surge"
-    else:
-        surge = surge_fits(snap, placement)
+
+def _plan_record(
+    snap: Snapshot, r: _Reaction, placement: Placement, rendered_hash: str, keep: bool, surge: bool
+) -> dict[str, Any]:
+    """status.plan: the kept plan as it was, or the new one with its rollout; the autoscaling target."""
+    spec, old_plan = snap.spec, snap.old.get("plan") or {}
     assert placement.result is not None
-    verdict = memory_override_verdict(placement, spec, r.override_failed)
-    mf = model_file(spec, snap.loaded.size)
-    rendered = render(
-        meta,
-        spec,
-        placement,
-        mf,
-        with_pod_monitor=snap.pod_monitors,
-        honour_memory_override=verdict is None,
-        surge=surge,
-        hpa_metric=snap.hpa_metric,
-    )
     if keep:
-        plan = {**old_plan, "hash": rendered.hash}
+        plan = {**old_plan, "hash": rendered_hash}
     else:
-        plan = plan_status(placement, snap.loaded.facts, snap.loaded.size, rendered.hash, r.boost)
+        plan = plan_status(placement, snap.loaded.facts, snap.loaded.size, rendered_hash, r.boost)
         plan["rollout"] = "Surge" if surge else "Replace"
     plan["specHash"] = spec_hash(spec)
     plan["factsSource"] = snap.loaded.source
     if spec.autoscaling is not None:
-        a = spec.autoscaling
-        target = hpa_target_milli(placement.result.plan.parallel, a.target_utilization) / 1000
+        a, parallel = spec.autoscaling, placement.result.plan.parallel
+        target = hpa_target_milli(parallel, a.target_utilization) / 1000
         line = (
             f"autoscaling {a.min_replicas}-{a.max_replicas} replicas: HPA on {snap.hpa_metric} (requests in flight "
-            f"plus deferred per pod), target {target:g} = parallel {placement.result.plan.parallel} x "
-            f"{a.target_utilization}%"
+            f"plus deferred per pod), target {target:g} = parallel {parallel} x {a.target_utilization}%"
         )
         plan["reasons"] = [*[x for x in plan.get("reasons") or [] if not x.startswith("autoscaling ")], line]
-    new["plan"] = plan
+    return plan
 
-    planned: Cond = ("True", placement.reason, placement.message)
+
+def _planned(placement: Placement, why: str, verdict: str | None) -> Cond:
+    assert placement.result is not None
+    message = placement.message
     if placement.result.warnings:
-        planned = ("True", placement.reason, f"{placement.message}; {'; '.join(placement.result.warnings)}")
+        message += f"; {'; '.join(placement.result.warnings)}"
     if why:
-        planned = (planned[0], planned[1], f"{planned[2]}; {why}")
-    if verdict is not None:
-        planned = ("True", "MemoryOverrideIgnored", verdict)
+        message += f"; {why}"
+    return ("True", "MemoryOverrideIgnored", verdict) if verdict is not None else ("True", placement.reason, message)
 
-    # Drift: a hand edit of the Deployment's spec (image, limits, replicas) bumps its generation without
-    # touching our applied hash; forced server-side apply takes the owned fields back. The first generation
-    # seen after a restart is the baseline.
-    deploy = snap.deploy
+
+def _changes(snap: Snapshot, placement: Placement, rendered: Rendered, decision: Decision) -> None:
+    """What to apply: everything when the applied hash moved or a child drifted (restored with force)."""
+    deploy, name = snap.deploy, str(snap.meta.get("name"))
     annotations = ((deploy or {}).get("metadata") or {}).get("annotations") or {}
     live_generation = ((deploy or {}).get("metadata") or {}).get("generation")
     applied = annotations.get(APPLIED_ANNOTATION)
+    # Drift: a hand edit of the Deployment's spec (image, limits, replicas) bumps its generation without
+    # touching our applied hash. The first generation seen after a restart is the baseline.
     drifted = bool(
         deploy is not None
         and applied == rendered.applied
         and snap.seen_generation is not None
         and live_generation != snap.seen_generation
     )
-    decision = Decision(
-        new,
-        "progressing",
-        logs=logs,
-        avoid=r.avoid,
-        replan_soon=r.unschedulable,
-        planned=planned,
-        seen_generation=live_generation if deploy is not None else None,
-    )
+    decision.seen_generation = live_generation if deploy is not None else None
     if drifted:
-        logs.append((logging.WARNING, f"Deployment {name} was edited (generation {live_generation}); restoring it"))
-    if applied != rendered.applied or drifted:
-        # The Deployment carries the applied hash, so it goes last: a crash half-way leaves a stale
-        # hash and the next reconcile applies everything again (no missing Service after a restart).
-        decision.delete = list(rendered.absent)
-        decision.apply = sorted(rendered.objects, key=lambda o: o["kind"] == "Deployment")
-        if old_plan.get("hash") != rendered.hash:
-            p = placement.result.plan
-            what = (
-                f"{p.backend} on {p.node}, {p.gpu_layers}/{p.total_layers} GPU layers, context {p.context}, "
-                f"memory {placement.result.resources.requests['memory']}"
-            )
-            decision.events.append(("PlanChanged", f"new plan: {what}"))
-            logs.append((logging.INFO, f"plan applied: {what}"))
+        decision.logs.append(
+            (logging.WARNING, f"Deployment {name} was edited (generation {live_generation}); restoring it")
+        )
+    if applied == rendered.applied and not drifted:
+        return
+    # The Deployment carries the applied hash, so it goes last: a crash half-way leaves a stale
+    # hash and the next reconcile applies everything again (no missing Service after a restart).
+    decision.delete = list(rendered.absent)
+    decision.apply = sorted(rendered.objects, key=lambda o: o["kind"] == "Deployment")
+    if (snap.old.get("plan") or {}).get("hash") != rendered.hash:
+        assert placement.result is not None
+        p = placement.result.plan
+        what = (
+            f"{p.backend} on {p.node}, {p.gpu_layers}/{p.total_layers} GPU layers, context {p.context}, "
+            f"memory {placement.result.resources.requests['memory']}"
+        )
+        decision.events.append(("PlanChanged", f"new plan: {what}"))
+        decision.logs.append((logging.INFO, f"plan applied: {what}"))
 
-    values = workload_conditions(
-        deploy, snap.pods, desired_replicas(spec), template_hash(rendered.by_kind("Deployment"))
-    )
-    values["Planned"] = planned
+
+def _workload(
+    snap: Snapshot, placement: Placement, rendered: Rendered, plan: dict[str, Any], decision: Decision
+) -> dict[str, Cond]:
+    """Ready, Progressing, Degraded and Unschedulable from the Deployment and pods, in the plan's words."""
+    desired = desired_replicas(snap.spec)
+    values = workload_conditions(snap.deploy, snap.pods, desired, template_hash(rendered.by_kind("Deployment")))
     shape = next((s for s in snap.shapes if plan.get("nodeSelector") and s.labels == plan["nodeSelector"]), None)
     if shape is not None and values["Unschedulable"][0] == "True":
         values["Unschedulable"] = (
@@ -469,18 +445,59 @@ def decide(snap: Snapshot) -> Decision:
     elif placement.reason == WAITING_FOR_NODE:
         values["Unschedulable"] = ("True", WAITING_FOR_NODE, placement.message)
     else:
-        _capacity(snap, placement, desired_replicas(spec), values)
+        _capacity(snap, placement, desired, values)
     if snap.missing is not None:
         values["Degraded"] = snap.missing
-        was = get_condition(list(old.get("conditions") or []), "Degraded") or {}
+        was = get_condition(list(snap.old.get("conditions") or []), "Degraded") or {}
         if (was.get("reason"), was.get("message")) != snap.missing[1:]:
-            logs.append((logging.WARNING, f"{snap.missing[1]}: {snap.missing[2]}"))
-    new["conditions"] = apply_conditions(list(old.get("conditions") or []), values, gen)
-    dst = (deploy or {}).get("status") or {}
+            decision.logs.append((logging.WARNING, f"{snap.missing[1]}: {snap.missing[2]}"))
+    return values
+
+
+def decide(snap: Snapshot) -> Decision:
+    """Plan, choose between keeping and moving, render the children and compute the status."""
+    meta, spec, old = snap.meta, snap.spec, snap.old
+    r = react(snap)
+    logs = list(r.logs)
+    old_plan: dict[str, Any] = old.get("plan") or {}
+    new: dict[str, Any] = {**base_status(meta), "oomKills": r.oom_kills}
+    if r.rejected is not None:
+        new["memoryOverrideRejected"] = r.rejected
+    if old_plan.get("factsSource") != snap.loaded.source:
+        logs.append((logging.INFO, f"model facts from {snap.loaded.source}"))
+        if snap.loaded.mismatch:
+            logs.append((logging.WARNING, snap.loaded.mismatch))
+    if not r.placement.fits or r.placement.result is None:
+        return _unplaced(snap, r, new, logs)
+
+    fresh = plan_status(r.placement, snap.loaded.facts, snap.loaded.size, "", r.boost)
+    pinned = bool(old_plan.get("nodeSelector")) and any(s.labels == old_plan["nodeSelector"] for s in snap.shapes)
+    keep, why = keep_running(snap, r, fresh, pinned)
+    placement = placement_from_status(old_plan) if keep else r.placement
+    surge = old_plan.get("rollout") == "Surge" if keep else surge_fits(snap, placement)
+    verdict = memory_override_verdict(placement, spec, r.override_failed)
+    rendered = render(
+        meta,
+        spec,
+        placement,
+        model_file(spec, snap.loaded.size),
+        with_pod_monitor=snap.pod_monitors,
+        honour_memory_override=verdict is None,
+        surge=surge,
+        hpa_metric=snap.hpa_metric,
+    )
+    new["plan"] = plan = _plan_record(snap, r, placement, rendered.hash, keep, surge)
+    planned = _planned(placement, why, verdict)
+    decision = Decision(new, "progressing", logs=logs, avoid=r.avoid, replan_soon=r.unschedulable, planned=planned)
+    _changes(snap, placement, rendered, decision)
+    values = _workload(snap, placement, rendered, plan, decision)
+    values["Planned"] = planned
+    new["conditions"] = apply_conditions(list(old.get("conditions") or []), values, meta.get("generation"))
+    dst = (snap.deploy or {}).get("status") or {}
     new["replicas"] = int(dst.get("replicas") or 0)
     new["readyReplicas"] = int(dst.get("readyReplicas") or 0)
     port = spec.service.port if spec.service else api.ServiceSpec().port
-    new["endpoint"] = f"http://{name}.{meta.get('namespace')}.svc:{port}"
+    new["endpoint"] = f"http://{meta.get('name')}.{meta.get('namespace')}.svc:{port}"
     decision.result = "ready" if values["Ready"][0] == "True" else "progressing"
     return decision
 
