@@ -366,7 +366,12 @@ def test_rbac_is_exactly_least_privilege_cluster_wide(helm: str, helm_env: dict[
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
 
 
-DEFAULT_TAIL = ["--liveness=http://0.0.0.0:8081/healthz", "--metrics-port=9090", "--log-format=json"]
+DEFAULT_TAIL = [
+    "--liveness=http://0.0.0.0:8081/healthz",
+    "--metrics-port=9090",
+    "--log-format=json",
+    "--hpa-metric=llamacpp_requests_inflight",
+]
 
 
 def test_watch_namespaces_args_and_namespaced_rbac(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
@@ -429,8 +434,9 @@ def test_image_override(helm: str, helm_env: dict[str, str], tmp_path: Path) -> 
     assert c["imagePullPolicy"] == "Always"
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     assert spec["serviceAccountName"] == "mf-op"
-    assert c["args"][-4:] == [
-        "--metrics-port=9191", "--log-format=plain", "--verbose", "--no-standalone"
+    assert c["args"][-5:] == [
+        "--metrics-port=9191", "--log-format=plain", "--verbose", "--hpa-metric=llamacpp_requests_inflight",
+        "--no-standalone",
     ]  # fmt: skip
     assert "--liveness=http://0.0.0.0:8181/healthz" in c["args"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"health": 8181, "metrics": 9191}

@@ -238,19 +238,10 @@ def _prepare_host_path() -> dict[str, Any]:
     }
 
 
-def deployment(
-    md_meta: dict[str, Any],
-    spec: ModelDeploymentSpec,
-    placement: Placement,
-    model: ModelFile,
-    honour_memory_override: bool = True,
-    surge: bool = False,
-) -> dict[str, Any]:
-    assert placement.result is not None
-    name = md_meta["name"]
-    p = placement.result.plan
-    image = getattr(spec.image, p.backend, None) if spec.image else None
-    image = image or IMAGES[p.backend]
+def _model_volumes(
+    name: str, spec: ModelDeploymentSpec, model: ModelFile
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(mounts, volumes, init containers) that put the model where llama-server reads it."""
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
     init: list[dict[str, Any]] = []
@@ -259,47 +250,61 @@ def deployment(
         volumes.append(
             {"name": "model-source", "persistentVolumeClaim": {"claimName": model.pvc_claim, "readOnly": True}}
         )
-    else:
-        mounts.append({"name": "model-cache", "mountPath": CACHE_DIR, "readOnly": True})
-        volumes.append(_cache_volume(name, spec, model))
-        # The size is checked only when it is the real file's (read from its header); a catalog size is
-        # an estimate and a split model's is the sum of its shards.
-        exact = spec.model.catalog is None and len(shard_names(model.file_name)) == 1
-        env: list[dict[str, Any]] = list(
-            download_env(model.url or "", model.path, model.size_bytes if exact else 0, model.sha256)
-        )
-        token = spec.model.token_secret_ref
-        if token is not None:
-            # From the Secret at container start: never in the manifest, the args or the logs.
-            env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
-        if volumes[-1].get("hostPath") is not None:
-            init.append(_prepare_host_path())
-        init.append(
-            {
-                "name": "fetch-model",
-                "image": DOWNLOADER_IMAGE,
-                "command": ["/bin/sh", "-c", DOWNLOAD_SCRIPT],
-                "env": env,
-                "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
-                "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
-                "securityContext": _container_security(),
-                "terminationMessagePolicy": "FallbackToLogsOnError",
-            }
-        )
-    env_main: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}]
+        return mounts, volumes, init
+    mounts.append({"name": "model-cache", "mountPath": CACHE_DIR, "readOnly": True})
+    volumes.append(_cache_volume(name, spec, model))
+    # The size is checked only when it is the real file's (read from its header); a catalog size is
+    # an estimate and a split model's is the sum of its shards.
+    exact = spec.model.catalog is None and len(shard_names(model.file_name)) == 1
+    env: list[dict[str, Any]] = list(
+        download_env(model.url or "", model.path, model.size_bytes if exact else 0, model.sha256)
+    )
+    token = spec.model.token_secret_ref
+    if token is not None:
+        # From the Secret at container start: never in the manifest, the args or the logs.
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    if volumes[-1].get("hostPath") is not None:
+        init.append(_prepare_host_path())
+    init.append(
+        {
+            "name": "fetch-model",
+            "image": DOWNLOADER_IMAGE,
+            "command": ["/bin/sh", "-c", DOWNLOAD_SCRIPT],
+            "env": env,
+            "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+            "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+            "securityContext": _container_security(),
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+    )
+    return mounts, volumes, init
+
+
+def _server_container(
+    spec: ModelDeploymentSpec,
+    placement: Placement,
+    model: ModelFile,
+    mounts: list[dict[str, Any]],
+    honour_memory_override: bool,
+) -> dict[str, Any]:
+    """The llama-server container: the plan's args, resources and health probes."""
+    assert placement.result is not None
+    p = placement.result.plan
+    image = getattr(spec.image, p.backend, None) if spec.image else None
+    env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}]
     if spec.api_key_secret_ref is not None:
         ref = spec.api_key_secret_ref
-        env_main.append({"name": "LLAMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        env.append({"name": "LLAMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
 
     def probe() -> dict[str, Any]:
         return {"httpGet": {"path": "/health", "port": "http"}}
 
-    container = {
+    return {
         "name": "llama-server",
-        "image": image,
+        "image": image or IMAGES[p.backend],
         "args": [*p.args, *(spec.server_args or [])],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": env_main,
+        "env": env,
         "resources": _resources(placement, spec, honour_memory_override),
         "startupProbe": {
             **probe(),
@@ -312,6 +317,22 @@ def deployment(
         "securityContext": _container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+
+
+def deployment(
+    md_meta: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    placement: Placement,
+    model: ModelFile,
+    honour_memory_override: bool = True,
+    surge: bool = False,
+) -> dict[str, Any]:
+    """The llama-server Deployment of a plan: pinned to the plan's node class, restricted security context."""
+    assert placement.result is not None
+    name = md_meta["name"]
+    p = placement.result.plan
+    mounts, volumes, init = _model_volumes(name, spec, model)
+    container = _server_container(spec, placement, model, mounts, honour_memory_override)
     tolerations = list(spec.tolerations or [])
     gpu_key = {"cuda": GPU_TAINT_KEYS[0], "rocm": GPU_TAINT_KEYS[1]}.get(p.backend)
     if gpu_key:
