@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build the e2e toolchain (Kubernetes control plane, etcd, kwok, helm, helmfile,
-# helm-diff) from Go modules into a cache outside the repo.
+# helm-diff, and the metrics pipeline of e2e/metrics.sh: prometheus, prometheus-adapter)
+# from Go modules into a cache outside the repo.
 #
 #   e2e/build.sh [component...]     components: k8s etcd kwok helm helmfile helm-diff
+#                                               prometheus prometheus-adapter
 #
 # Idempotent: each component writes $CACHE/stamps/<component> holding its
 # version + build flags; a rerun skips components whose stamp matches and
@@ -22,6 +24,9 @@ KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.19.5}"
 HELMFILE_VERSION="${HELMFILE_VERSION:-v1.8.0}"
 HELM_DIFF_VERSION="${HELM_DIFF_VERSION:-v3.9.11}"
+PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v0.316.0}"   # Prometheus 3.16.0 (3.x is published as v0.3xx.y)
+PROMETHEUS_TAGS="${PROMETHEUS_TAGS:-remove_all_sd}"    # keeps static, file_sd and http_sd only
+PROMETHEUS_ADAPTER_VERSION="${PROMETHEUS_ADAPTER_VERSION:-v0.12.0}"
 
 export CGO_ENABLED=0
 export GOFLAGS="${GOFLAGS:--mod=mod}"
@@ -137,7 +142,32 @@ open(dst, 'w').write(''.join(out))
 PY
 }
 
-ALL=(k8s etcd kwok helm helmfile helm-diff)
+# ---------------------------------------------------------------- prometheus
+build_prometheus() {
+  # No wrapper module needed (no replace lines). Module builds carry no web UI (needs
+  # -tags builtinassets and generated assets); the server, scraping, TSDB and /api/v1 work.
+  local ld="-s -w"
+  if [[ "$PROMETHEUS_VERSION" =~ ^v0\.([0-9])([0-9]{2})\.([0-9]+)$ ]]; then   # v0.316.0 -> 3.16.0
+    ld+=" -X github.com/prometheus/common/version.Version=${BASH_REMATCH[1]}.$((10#${BASH_REMATCH[2]})).${BASH_REMATCH[3]}"
+  fi
+  GOBIN="$BIN" go install -p "${BUILD_P:-2}" -trimpath -tags "$PROMETHEUS_TAGS" -ldflags "$ld" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION"
+}
+
+# ---------------------------------------------------------------- prometheus-adapter
+build_prometheus_adapter() {
+  # Wrapper module: the proxy serves no version list for sigs.k8s.io/prometheus-adapter (403),
+  # so `go install ...@version` fails. Test infrastructure only (the project is being deprecated
+  # upstream; v0.12.0 is its last release and the only version the proxy serves).
+  local mod="$E2E_DIR/tools/prometheus-adapter"
+  (cd "$mod"
+   if [[ "$(go list -m -f '{{.Version}}' sigs.k8s.io/prometheus-adapter)" != "$PROMETHEUS_ADAPTER_VERSION" ]]; then
+     go mod edit -require="sigs.k8s.io/prometheus-adapter@$PROMETHEUS_ADAPTER_VERSION" && go mod tidy
+   fi
+   "${GOBUILD[@]}" -ldflags "-s -w" -o "$BIN/prometheus-adapter" sigs.k8s.io/prometheus-adapter/cmd/adapter)
+}
+
+ALL=(k8s etcd kwok helm helmfile helm-diff prometheus prometheus-adapter)
 want=("$@"); [[ ${#want[@]} -eq 0 ]] && want=("${ALL[@]}")
 T0=$SECONDS
 for c in "${want[@]}"; do
@@ -149,6 +179,9 @@ for c in "${want[@]}"; do
     helm) run_component helm "$HELM_VERSION go=$(go env GOVERSION)" build_helm "$BIN/helm" ;;
     helmfile) run_component helmfile "$HELMFILE_VERSION go=$(go env GOVERSION)" build_helmfile "$BIN/helmfile" ;;
     helm-diff) run_component helm-diff "$HELM_DIFF_VERSION go=$(go env GOVERSION)" build_helm_diff "$PLUGINS/diff/bin/diff" ;;
+    prometheus) run_component prometheus "$PROMETHEUS_VERSION tags=$PROMETHEUS_TAGS go=$(go env GOVERSION)" build_prometheus "$BIN/prometheus" ;;
+    prometheus-adapter) run_component prometheus-adapter "$PROMETHEUS_ADAPTER_VERSION go=$(go env GOVERSION)" \
+           build_prometheus_adapter "$BIN/prometheus-adapter" ;;
     *) echo "unknown component: $c (known: ${ALL[*]})" >&2; exit 2 ;;
   esac
 done

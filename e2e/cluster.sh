@@ -6,7 +6,8 @@
 #   e2e/cluster.sh up|down|status|kubeconfig
 #
 # Env: MODELFIT_CACHE (binaries), MODELFIT_STATE (state dir, default
-# /tmp/modelfit-cluster), ports MODELFIT_{ETCD,ETCD_PEER,APISERVER,KCM,SCHEDULER,KWOK}_PORT.
+# /tmp/modelfit-cluster), ports MODELFIT_{ETCD,ETCD_PEER,APISERVER,KCM,SCHEDULER,KWOK}_PORT,
+# MODELFIT_HPA_SYNC_PERIOD (the HPA controller's period, default 15s as upstream).
 set -euo pipefail
 
 E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -173,6 +174,7 @@ cmd_up() {
     --root-ca-file="$PKI/ca.crt" --service-account-private-key-file="$PKI/sa.key" \
     --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
     --service-cluster-ip-range=10.96.0.0/16 \
+    --horizontal-pod-autoscaler-sync-period="${MODELFIT_HPA_SYNC_PERIOD:-15s}" \
     --authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics \
     --profiling=false
   start kube-scheduler "$BIN/kube-scheduler" \
