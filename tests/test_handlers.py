@@ -880,3 +880,11 @@ def test_more_replicas_than_the_class_holds_is_said_before_the_scheduler_does():
     assert unsched["message"].startswith("5 replicas wanted, the 1 present node(s) of kubernetes.io/hostname=cpu-small")
     p = go(md({**SMALL_SPEC, "replicas": 1}, generation=2), k, st)
     assert next(c for c in p["conditions"] if c["type"] == "Unschedulable")["status"] == "False"
+
+
+def test_capacity_counts_the_rendered_requests_not_only_the_plan():
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    spec = {**SMALL_SPEC, "replicas": 2, "resources": {"requests": {"cpu": "100m"}}}
+    p = go(md(spec), k, st)
+    unsched = next(c for c in p["conditions"] if c["type"] == "Unschedulable")
+    assert unsched["reason"] != "InsufficientCapacity", unsched  # 2 x 100m fit where the plan's threads would not

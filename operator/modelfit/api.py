@@ -337,7 +337,8 @@ class Autoscaling(_Model):
         ge=1,
         le=100,
         description="Percent of a pod's parallel slots busy (requests in flight plus deferred, averaged over "
-        "pods) that the HPA keeps; above it a pod is added. With parallel 4 and 80 the target is 3.2 per pod.",
+        "pods) that the HPA keeps; above it a pod is added. With parallel 4 and 80 the target is 3.2 per pod. "
+        "With parallel 1 any steady request is above 80: use 100 to add a pod only when requests wait.",
     )
     scale_up_stabilization_seconds: int = Field(
         default=0, ge=0, le=3600, description="How long a higher recommendation must hold before scaling out."

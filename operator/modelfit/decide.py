@@ -308,14 +308,15 @@ def surge_fits(snap: Snapshot, placement: Placement) -> bool:
     return mem_ok and node.cpu_millis >= old_cpu + new_cpu
 
 
-def replicas_that_fit(snap: Snapshot, placement: Placement) -> tuple[int, int]:
-    """(pods of this plan the present nodes of its class hold, those nodes): our own pods count as free."""
-    res = placement.result
-    if res is None:
-        return 0, 0
-    mem = res.memory_request_bytes
-    cpu = _cpu_millis(res.resources.model_dump())
-    gpus = int(next((v for k, v in res.resources.requests.items() if k.endswith("/gpu")), 0) or 0)
+def replicas_that_fit(snap: Snapshot, placement: Placement, requests: dict[str, str]) -> tuple[int, int]:
+    """(pods with these requests the present nodes of the plan's class hold, those nodes).
+
+    ``requests`` are the rendered pod's (the plan's, or spec.resources where it overrides them); our own
+    pods count as free, since the node facts leave them out.
+    """
+    mem = int(parse_quantity(requests["memory"])) if requests.get("memory") else 0
+    cpu = _cpu_millis({"requests": requests})
+    gpus = int(next((v for k, v in requests.items() if k.endswith("/gpu")), 0) or 0)
     room, nodes = 0, 0
     for n in snap.nodes:
         if any(n.labels.get(k) != v for k, v in placement.selector.items()) or ineligible_reason(snap.spec, n):
@@ -329,9 +330,12 @@ def replicas_that_fit(snap: Snapshot, placement: Placement) -> tuple[int, int]:
     return room, nodes
 
 
-def _capacity(snap: Snapshot, placement: Placement, desired: int, values: dict[str, Cond]) -> None:
+def _capacity(snap: Snapshot, placement: Placement, rendered: Rendered, desired: int, values: dict[str, Cond]) -> None:
     """Say before the scheduler does when the present nodes hold fewer replicas than wanted."""
-    room, nodes = replicas_that_fit(snap, placement)
+    deploy = rendered.by_kind("Deployment") or {}
+    containers = ((deploy.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or [{}]
+    requests = dict((containers[0].get("resources") or {}).get("requests") or {})
+    room, nodes = replicas_that_fit(snap, placement, requests)
     if desired <= room or values["Unschedulable"][0] == "True" or not nodes:
         return
     where = ", ".join(f"{k}={v}" for k, v in sorted(placement.selector.items()))
@@ -445,7 +449,7 @@ def _workload(
     elif placement.reason == WAITING_FOR_NODE:
         values["Unschedulable"] = ("True", WAITING_FOR_NODE, placement.message)
     else:
-        _capacity(snap, placement, desired, values)
+        _capacity(snap, placement, rendered, desired, values)
     if snap.missing is not None:
         values["Degraded"] = snap.missing
         was = get_condition(list(snap.old.get("conditions") or []), "Degraded") or {}
