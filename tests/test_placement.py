@@ -280,3 +280,88 @@ def test_node_shapes_parse_and_refuse():
     twice = {"name": "a", "labels": {"a": "b"}, "cpu": 1, "memory": "1Gi"}
     with pytest.raises(ValueError, match="unique"):
         parse_node_shapes([twice, twice])
+
+
+# ---- CPU: requests from the threads rule, counted per node like the scheduler does --------------------
+
+
+def k8s_node(name, cpu, memory, labels=None):
+    return {
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
+        "status": {"allocatable": {"cpu": cpu, "memory": memory, "pods": "110"}},
+    }
+
+
+def pod_of(p, i):
+    """The pod a placement makes: the plan's requests on the chosen node."""
+    return {
+        "metadata": {"name": f"m{i}", "namespace": "default"},
+        "spec": {"nodeName": p.node.name, "containers": [{"resources": {"requests": p.result.resources.requests}}]},
+        "status": {"phase": "Running"},
+    }
+
+
+def test_models_pack_onto_one_node_each_with_the_cpu_its_threads_need():
+    from modelfit.kube import node_facts
+
+    nodes = [k8s_node("big", "16", "64Gi")]
+    other = {  # a pod that is not ours still takes its CPU
+        "metadata": {"name": "x", "namespace": "kube-system"},
+        "spec": {"nodeName": "big", "containers": [{"resources": {"requests": {"cpu": "1500m", "memory": "1Gi"}}}]},
+        "status": {"phase": "Running"},
+    }
+    pods = [other]
+    threads = []
+    for i in range(4):
+        p = run(spec(context=8192), node_facts(nodes, pods))
+        assert p.fits and p.node.name == "big", p.message
+        res = p.result
+        assert res.resources.requests["cpu"] == str(res.plan.threads) and "cpu" not in res.resources.limits
+        threads.append(res.plan.threads)
+        pods.append(pod_of(p, i))
+    # 14.5 CPUs free for models: 4 + 4 + 4 take the rule's 4 threads, the fourth gets the 2 whole CPUs left
+    assert threads == [4, 4, 4, 2]
+    last = run(spec(context=8192), node_facts(nodes, pods))  # 500m left: one thread needs a whole CPU
+    assert not last.fits and last.reason == "NoNodeFits"
+    assert "big: short by 500m CPU" in last.message
+    assert last.result is not None and not last.result.fits and "requests 1 CPU" in last.result.reasons[0]
+
+
+def test_a_node_without_the_free_cpu_is_refused_for_one_that_has_it():
+    roomy_but_busy = NodeFacts(name="busy", cpu_millis=500, memory_bytes=64 * GiB)
+    small_but_free = NodeFacts(name="free", cpu_millis=2000, memory_bytes=8 * GiB)
+    p = run(spec(context=8192), [roomy_but_busy, small_but_free])
+    assert p.fits and p.node.name == "free" and p.result.plan.threads == 2
+    assert not run(spec(context=8192), [roomy_but_busy]).fits
+
+
+def test_threads_the_rule_asks_for_beat_spare_memory():
+    more_memory = NodeFacts(name="mem", cpu_millis=2000, memory_bytes=64 * GiB)
+    more_cpu = NodeFacts(name="cpu", cpu_millis=8000, memory_bytes=32 * GiB)
+    p = run(spec(context=8192), [more_memory, more_cpu])
+    assert p.node.name == "cpu" and p.result.plan.threads == p.result.threads_wanted
+
+
+def test_cpu_request_override_counts_for_the_fit():
+    n = NodeFacts(name="n", cpu_millis=3000, memory_bytes=8 * GiB)
+    assert run(spec(context=8192, resources={"requests": {"cpu": "2500m"}}), [n]).fits
+    p = run(spec(context=8192, resources={"requests": {"cpu": "4"}}), [n])
+    assert not p.fits and "short by 1 CPU" in p.message
+
+
+def test_node_class_representative_has_a_free_cpu():
+    a = cpu_large().model_copy(update={"name": "a", "cpu_millis": 200, "memory_bytes": 80 * GiB})
+    b = cpu_large().model_copy(update={"name": "b"})
+    ((_, rep),) = node_classes([a, b])
+    assert rep.name == "b" and rep.count == 2
+    assert run(spec(context=8192), [a, b]).fits
+
+
+def test_spec_threads_override_the_rule_and_must_fit_the_node():
+    assert policy_for(spec()).threads == "auto" and policy_for(spec(threads=6)).threads == 6
+    n = NodeFacts(name="n", cpu_millis=4000, memory_bytes=8 * GiB)
+    p = run(spec(context=8192, threads=3), [n])
+    assert p.fits and p.result.plan.threads == 3 and p.result.resources.requests["cpu"] == "3"
+    assert p.result.plan.args[p.result.plan.args.index("-t") + 1] == "3"
+    too_many = run(spec(context=8192, threads=6), [n])
+    assert not too_many.fits and "n: short by 2 CPU" in too_many.message

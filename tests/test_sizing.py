@@ -28,10 +28,11 @@ def test_seed_case_predicts_gigabytes_not_half_a_gigabyte() -> None:
     assert r.plan.args[r.plan.args.index("--fit") + 1] == "off"
 
 
-def test_threads_follow_the_cpu_limit() -> None:
-    r = plan(QWEN, cpu(8 * GiB, cpus=3500), Policy(context=4096))
-    assert r.plan.threads == 3
+def test_threads_are_capped_by_the_free_cpu() -> None:
+    r = plan(QWEN, cpu(8 * GiB, cpus=3500), Policy(context=4096))  # the rule asks for 4 (tests/test_threads.py)
+    assert r.plan.threads == 3 and r.threads_wanted == 4
     assert r.plan.args[r.plan.args.index("-t") + 1] == "3"
+    assert r.resources.requests["cpu"] == "3"
 
 
 def test_context_shrinks_to_fit_then_kv_quantizes() -> None:
@@ -237,3 +238,71 @@ def test_prompt_state_of_a_recurrent_model_includes_its_state_and_checkpoints() 
     kv_only = seq_state_bytes(QWEN, cfg.model_copy(update={"ctx_checkpoints": 0}))
     assert state > kv_only > 0
     assert prompt_state_bytes(QWEN, cfg, 1024) < state
+
+
+# ---- the planner's steps (plan() composes them) ----------------------------------------------------
+
+
+def test_step_context_bounds() -> None:
+    from modelfit.sizing import _context_bounds
+
+    warnings: list[str] = []
+    assert _context_bounds(QWEN, Policy(context=5000, min_context=1000), warnings) == (4864, 768)
+    assert _context_bounds(QWEN, Policy(context="max"), warnings) == (262144, 4096)
+    assert not warnings
+    assert _context_bounds(QWEN, Policy(context=10**6), warnings) == (262144, 4096)
+    assert warnings == ["requested context 1000000 exceeds the model's trained 262144; capped"]
+    assert _context_bounds(QWEN, Policy(context=100, min_context=50), []) == (100, 50)  # below one step: as is
+
+
+def test_step_search_space() -> None:
+    from modelfit.sizing import _search_space
+
+    warnings: list[str] = []
+    cpu_space = _search_space(QWEN, cpu(None), Policy(flash_attention="off", kv_cache_type="q8_0"), warnings)
+    assert cpu_space.backend == "cpu" and cpu_space.layer_options == [0] and cpu_space.kv_types == ["f16"]
+    assert cpu_space.load_modes == ["mmap", "none"] and cpu_space.fa_forced_off and not cpu_space.base.flash_attn
+    assert warnings == ["a quantized V cache needs flash attention; using f16 because flash attention is off"]
+    gpu = _search_space(QWEN, profile("rtx-3060-12gb"), Policy(load_mode="none"), [])
+    assert gpu.backend == "cuda" and gpu.layer_options[0] == gpu.total_units == 25 and gpu.layer_options[-1] == 0
+    assert gpu.kv_types == ["f16", "q8_0"] and gpu.load_modes == ["none"]
+    nogpu: list[str] = []
+    assert _search_space(QWEN, cpu(None), Policy(backend="cuda"), nogpu).backend == "cpu" and nogpu
+
+
+def test_step_search_and_nothing_fits() -> None:
+    from modelfit.sizing import _nothing_fits, _search, _search_space
+
+    node, policy = cpu(256 * MiB), Policy(context=32768)
+    space = _search_space(QWEN, node, policy, [])
+    assert _search(QWEN, node, policy, space) is None
+    smallest, short, why = _nothing_fits(QWEN, node, policy, space)
+    assert smallest.cfg.n_ctx == 4096 and smallest.cfg.type_k == "q8_0" and short == smallest.host_need - 256 * MiB
+    assert why.startswith("does not fit: even at context 4096 with q8_0 KV")
+    roomy = cpu(16 * GiB)
+    found = _search(QWEN, roomy, policy, _search_space(QWEN, roomy, policy, []))
+    assert found is not None and found.cfg.n_ctx == 32768 and found.cfg.type_k == "f16"
+
+
+def test_step_prompt_cache_keeps_an_explicit_budget() -> None:
+    from modelfit.sizing import _prompt_cache, _search, _search_space
+
+    node, policy = cpu(None), Policy(context=8192, cache_ram_mib=300)
+    found = _search(QWEN, node, policy, _search_space(QWEN, node, policy, []))
+    assert found is not None
+    same, why = _prompt_cache(QWEN, node, policy, found, True)
+    assert same is found and same.cfg.cache_ram_mib == 300 and why.startswith("prompt cache 300 MiB")
+
+
+def test_huge_pages_for_weights_the_cpu_streams() -> None:
+    from modelfit.sizing import THP_ENV
+
+    r = plan(QWEN, cpu(8 * GiB), Policy(context=4096))
+    assert r.plan.env == THP_ENV == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert any(x.startswith("huge pages on (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)") for x in r.reasons)
+    off = plan(QWEN, cpu(8 * GiB), Policy(context=4096, huge_pages=False))
+    assert off.plan.env == {} and any(x.startswith("huge pages off: as requested") for x in off.reasons)
+    assert off.plan.args == r.plan.args and off.memory == r.memory  # the flags and the memory model are the same
+    gpu = plan(catalog_facts("llama-3.1-8b", "Q4_K_M"), profile("rtx-4090-24gb"), Policy(context=8192))
+    assert gpu.plan.gpu_layers == gpu.plan.total_layers and gpu.plan.env == {}
+    assert not any(x.startswith("huge pages") for x in gpu.reasons)

@@ -14,6 +14,10 @@ GiB = 1 << 30
 
 GpuVendor = Literal["none", "nvidia", "amd", "intel"]
 
+# Nodes do not publish their memory bandwidth; a node (or node shape) may carry it as a label, in GB/s
+# (10^9 bytes per second), for the planner's thread count (sizing._threads). Without it the policy's default holds.
+BANDWIDTH_LABEL = "modelfit.io/memory-bandwidth-gbps"
+
 
 class NodeFacts(BaseModel):
     """What a node (or node class) offers to one llama-server pod."""
@@ -29,6 +33,19 @@ class NodeFacts(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     taints: list[dict[str, str]] = Field(default_factory=list)
     count: int = 1  # nodes of this class
+    memory_bandwidth_bytes: int | None = None  # bytes/s, from BANDWIDTH_LABEL; None = the policy's default
+
+
+def bandwidth_from_labels(labels: dict[str, str]) -> int | None:
+    """The node's memory bandwidth in bytes/s from its BANDWIDTH_LABEL (GB/s), or None when absent or unreadable."""
+    raw = labels.get(BANDWIDTH_LABEL)
+    if raw is None:
+        return None
+    try:
+        gbps = float(raw)
+    except ValueError:
+        return None
+    return int(gbps * 1e9) if 0 < gbps < 1e6 else None
 
 
 PROFILES: dict[str, NodeFacts] = {
@@ -247,6 +264,7 @@ def node_facts_from_k8s(node: dict[str, Any], requested_cpu_millis: int = 0, req
         cpu_features=features,
         labels=labels,
         taints=taints,
+        memory_bandwidth_bytes=bandwidth_from_labels(labels),
     )
 
 
@@ -281,6 +299,7 @@ class NodeShape(BaseModel):
             cpu_features=[] if arch == "arm64" else ["avx2"],
             labels=dict(self.labels),
             taints=list(self.taints),
+            memory_bandwidth_bytes=bandwidth_from_labels(self.labels),
         )
 
 

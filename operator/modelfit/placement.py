@@ -3,8 +3,14 @@
 Nodes are filtered by the spec's nodeSelector, required node affinity and
 tolerations (a GPU taint is tolerated for GPU-capable specs, since the pod
 then tolerates it). Each node class (instance type, else the host) is planned
-for its roomiest member; the best fitting plan wins: full GPU offload, then any
-GPU, then the longest context, then the most memory left over.
+for its roomiest member (one with a whole CPU free first). A node fits only when
+its free memory and its free CPU (allocatable less what every pod on it
+requests, ``kube.node_facts``) cover the pod's requests, as the scheduler
+decides; the CPU request is the plan's threads (``sizing._threads``: a few per
+model, so models pack onto a node) or spec.resources.requests.cpu. The best
+fitting plan wins: full GPU offload, then any GPU, then the longest context,
+then the threads the rule asks for (not capped by the node's free CPU), then the
+most memory left over.
 
 ``adapt: false`` keeps the spec's word: the requested context is the minimum
 and an explicit backend must be honoured. ``adapt: true`` lets the planner
@@ -19,7 +25,7 @@ from typing import Any
 
 from .api import ModelDeploymentSpec
 from .facts import ModelFacts
-from .nodes import NodeFacts, NodeShape, format_memory
+from .nodes import NodeFacts, NodeShape, format_cpu, format_memory, parse_quantity
 from .sizing import MIN_CONTEXT_DEFAULT, PlanResult, Policy, plan, spec_policy
 
 GPU_TAINT_KEYS = ("nvidia.com/gpu", "amd.com/gpu")
@@ -122,7 +128,7 @@ def node_classes(nodes: list[NodeFacts]) -> list[tuple[dict[str, str], NodeFacts
         groups.setdefault(tuple(sorted(class_selector(n).items())), []).append(n)
     out = []
     for key, members in sorted(groups.items()):
-        best = max(members, key=lambda n: (n.memory_bytes or 0, n.cpu_millis, n.name))
+        best = max(members, key=lambda n: (n.cpu_millis >= 1000, n.memory_bytes or 0, n.cpu_millis, n.name))
         out.append((dict(key), best.model_copy(update={"count": len(members)})))
     return out
 
@@ -142,6 +148,7 @@ def policy_for(spec: ModelDeploymentSpec, headroom_boost: float = 0.0, relaxed: 
         backend=spec.backend,
         gpu_layers=spec.gpu_layers,
         prompt_cache=spec.prompt_cache,
+        threads=spec.threads,
         relaxed=relaxed,
         headroom=min(1.0, BASE_HEADROOM + headroom_boost),
     )
@@ -153,11 +160,31 @@ def _honours_spec(spec: ModelDeploymentSpec, res: PlanResult) -> str | None:
     return None
 
 
-def _score(res: PlanResult, node: NodeFacts) -> tuple[bool, bool, int, int]:
+def cpu_request_millis(spec: ModelDeploymentSpec, res: PlanResult) -> int:
+    """The CPU the pod asks the scheduler for: spec.resources.requests.cpu, else the plan's threads."""
+    override = (spec.resources.requests or {}).get("cpu") if spec.resources else None
+    if override is not None:
+        return int(parse_quantity(override) * 1000)
+    return res.cpu_request_millis or int(parse_quantity(res.resources.requests.get("cpu", "0")) * 1000)
+
+
+def _cpu_short(spec: ModelDeploymentSpec, res: PlanResult, node: NodeFacts) -> int:
+    """Millicores the pod requests beyond the node's free CPU (0 when the scheduler finds room)."""
+    return max(cpu_request_millis(spec, res) - node.cpu_millis, 0)
+
+
+def _cpu_refused(res: PlanResult, node: NodeFacts, short: int) -> PlanResult:
+    """The plan marked as not fitting because the node's free CPU is short."""
+    want = format_cpu(node.cpu_millis + short)
+    why = f"does not fit: the pod requests {want} CPU but the node has {format_cpu(node.cpu_millis)} free"
+    return res.model_copy(update={"fits": False, "reasons": [why, *res.reasons]})
+
+
+def _score(res: PlanResult, node: NodeFacts) -> tuple[bool, bool, int, bool, int]:
     p = res.plan
     gpu = p.backend != "cpu" and p.gpu_layers > 0
     spare = (node.memory_bytes or 0) - res.memory_request_bytes
-    return (gpu and p.gpu_layers >= p.total_layers, gpu, p.context, spare)
+    return (gpu and p.gpu_layers >= p.total_layers, gpu, p.context, p.threads >= res.threads_wanted, spare)
 
 
 def place(
@@ -183,22 +210,26 @@ def place(
     classes = node_classes(eligible)
     tiers = [False, True] if spec.adapt else [False]
     misses: dict[str, str] = {}
-    closest: tuple[int, NodeFacts, dict[str, str], PlanResult] | None = None
+    closest: tuple[tuple[int, int], NodeFacts, dict[str, str], PlanResult] | None = None
     for relaxed in tiers:
         policy = policy_for(spec, headroom_boost, relaxed)
-        best: tuple[tuple[bool, bool, int, int], NodeFacts, dict[str, str], PlanResult] | None = None
+        best: tuple[tuple[bool, bool, int, bool, int], NodeFacts, dict[str, str], PlanResult] | None = None
         for selector, node in classes:
             res = plan(facts, node, policy, model_path=model_path)
             why = _honours_spec(spec, res) if not relaxed else None
-            if res.fits and why is None:
+            cpu_short = _cpu_short(spec, res, node)
+            if res.fits and why is None and not cpu_short:
                 score = _score(res, node)
                 if best is None or score > best[0]:
                     best = (score, node, selector, res)
                 continue
             short = res.shortfall_bytes if not res.fits else 0
+            if why is None and cpu_short:
+                why = f"short by {format_cpu(cpu_short)} CPU" + (f", {format_memory(short)}" if short else "")
+                res = _cpu_refused(res, node, cpu_short)
             misses[node.name] = why or f"short by {format_memory(res.shortfall_bytes)}"
-            if closest is None or short < closest[0]:
-                closest = (short, node, selector, res)
+            if closest is None or (short, cpu_short) < closest[0]:
+                closest = ((short, cpu_short), node, selector, res)
         if best is not None:
             _, node, selector, res = best
             adapted = relaxed  # the spec's own terms fit nowhere; this plan bends them

@@ -4,14 +4,17 @@ Pure: no I/O. The choices, in order: backend (the node's GPU, else CPU), GPU
 layers (as many as GPU memory holds), context (the largest up to the request
 that fits), KV type (f16, else q8_0; q4_0 measurably degrades answers and is
 used only when asked for; flash attention is on for a quantized cache), load
-mode (the lower resident memory), threads from the CPU limit, and last the
-prompt cache (``--cache-ram``) from the memory the plan leaves free. llama.cpp's
+mode (the lower resident memory), huge pages for the weights the CPU streams
+(THP_ENV, in the server's environment), threads from the model and the node's
+memory bandwidth (see THREAD_DECODE_BYTES_PER_S), and last the prompt cache
+(``--cache-ram``) from the memory the plan leaves free. llama.cpp's
 own ``--fit`` never sees a pod's cgroup limit, so the plan turns it off and sets
 every flag that decides memory itself.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -24,10 +27,12 @@ from .memory import (
     MemoryBreakdown,
     ServerConfig,
     estimate,
+    gpu_layer_start,
+    output_on_gpu,
     prompt_state_bytes,
     seq_state_bytes,
 )
-from .nodes import MiB, NodeFacts, format_cpu, format_memory
+from .nodes import BANDWIDTH_LABEL, MiB, NodeFacts, format_cpu, format_memory
 
 Auto = Literal["auto"]
 # kvCacheType auto: full precision, else q8_0 (close to f16 in answer quality). q4_0 measurably
@@ -48,6 +53,29 @@ PROMPT_CACHE_UPSTREAM_MIB = 8192  # llama-server's default --cache-ram (common.h
 PROMPT_CACHE_MIN_TOKENS = 4096
 PROMPT_CACHE_MAX_MIB = 1 << 20  # 1 TiB, as spec.promptCache and --cache-ram accept
 
+# threads auto (-t, and the pod's CPU request). Decoding a token streams every weight the CPU holds
+# once (decode_bytes_per_token): with t threads it runs at about t x THREAD_DECODE_BYTES_PER_S / bytes
+# tokens/s until the node's memory bandwidth caps it at bandwidth / bytes. The plan takes the smallest t
+# that reaches the cap, ceil(bandwidth / THREAD_DECODE_BYTES_PER_S), the same for every model held by the
+# CPU because both sides scale with its bytes per token; at least MIN_THREADS_DEFAULT (prompt processing
+# is compute-bound and scales with threads), at most the node's free whole CPUs; one thread when the GPU
+# holds every layer. Nodes do not publish their bandwidth: a node label (nodes.BANDWIDTH_LABEL, GB/s)
+# gives it, else MEMORY_BANDWIDTH_DEFAULT. The CPU request is exactly the threads; no CPU limit is set.
+# Measured with bench/serving_speed.py and llama-bench (see the issue 9 notes): one thread decodes
+# 5.8-8 GB/s of Q4_0 (repacked) or Q8_0 weights on the Xeons measured, while one core copies 19-22 GB/s.
+THREAD_DECODE_BYTES_PER_S = 6 * 10**9
+MEMORY_BANDWIDTH_DEFAULT = 20 * 10**9  # what a pod may plan on; a few cores of a current server socket
+MIN_THREADS_DEFAULT = 2
+
+# Huge pages (Policy.huge_pages). llama.cpp allocates its weight buffers with plain malloc, so where the
+# node's transparent huge pages are `madvise` (the usual default) they sit on 4 KiB pages, while an mmap'd
+# model file is mapped with 2 MiB pages by current kernels' page cache (large folios): that, not repacking,
+# is why --load-mode mmap decoded faster than none (see bench/serving_speed.py, issue 9). glibc's tunable
+# makes malloc madvise its large chunks, so the copied and repacked weights get huge pages too. Pages a
+# short prompt leaves untouched in the compute buffer become resident with their 2 MiB neighbours: the
+# compute reserve that memory.full_context_bytes already counts in the memory request.
+THP_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
 
 class Policy(BaseModel):
     """What the user asks for; `auto` leaves the choice to the planner."""
@@ -61,7 +89,11 @@ class Policy(BaseModel):
     backend: Literal["auto", "cpu", "cuda", "rocm", "vulkan"] = "auto"
     gpu_layers: int | Auto = "auto"
     ubatch: int = Field(default=512, ge=16, le=8192)
-    threads: int | Auto = "auto"
+    threads: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"  # auto: see THREAD_DECODE_BYTES_PER_S
+    min_threads: int = Field(default=MIN_THREADS_DEFAULT, ge=1, le=1024)  # floor of threads auto, for prompts
+    memory_bandwidth_bytes: int = Field(default=MEMORY_BANDWIDTH_DEFAULT, gt=0)  # when the node has no label
+    thread_decode_bytes_per_s: int = Field(default=THREAD_DECODE_BYTES_PER_S, gt=0)
+    huge_pages: bool = True  # THP_ENV in the server's environment when the CPU holds weights
     # --cache-ram in MiB; auto: sized from the model and the memory the plan leaves free
     cache_ram_mib: Annotated[int, Field(ge=0, le=PROMPT_CACHE_MAX_MIB)] | Auto = "auto"
     ctx_checkpoints: int | Auto = "auto"
@@ -85,6 +117,7 @@ def spec_policy(
     backend: str | None = None,
     gpu_layers: int | str | None = None,
     prompt_cache: int | str | None = None,
+    threads: int | str | None = None,
     relaxed: bool = False,
     **extra: Any,
 ) -> Policy:
@@ -92,7 +125,7 @@ def spec_policy(
 
     One translation for the operator (``placement.policy_for``), ``modelfit plan``/``serve``
     and ``modelfit values``, so they plan alike. ``prompt_cache`` is spec.promptCache (auto or
-    MiB, 0 = off). ``relaxed`` is adapt's second try: backend, GPU layers and KV type are
+    MiB, 0 = off); ``threads`` is spec.threads (auto or a count). ``relaxed`` is adapt's second try: backend, GPU layers and KV type are
     freed, but q4_0 KV stays opt-in -- an explicit q4_0 is kept, anything else becomes auto.
     """
     fields: dict[str, Any] = {
@@ -105,6 +138,7 @@ def spec_policy(
         "backend": backend,
         "gpu_layers": gpu_layers,
         "cache_ram_mib": prompt_cache,
+        "threads": threads,
         **extra,
     }
     if relaxed:
@@ -131,6 +165,7 @@ class Plan(BaseModel):
     ctx_checkpoints: int
     args: list[str]
     node: str
+    env: dict[str, str] = Field(default_factory=dict)  # llama-server's environment beside args (THP_ENV)
 
 
 class Resources(BaseModel):
@@ -150,6 +185,8 @@ class PlanResult(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     memory_request_bytes: int = 0
     cache_free_request_bytes: int = 0  # the memory request with --cache-ram 0: the least this plan runs in
+    cpu_request_millis: int = 0  # = plan.threads x 1000: what the scheduler must find free on the node
+    threads_wanted: int = 0  # the thread count the rule (or spec.threads) asks for, before the node's free CPU caps it
 
 
 def _backend(policy: Policy, node: NodeFacts) -> str:
@@ -160,10 +197,84 @@ def _backend(policy: Policy, node: NodeFacts) -> str:
     return "cpu"
 
 
-def _threads(policy: Policy, node: NodeFacts) -> int:
+def decode_bytes_per_token(facts: ModelFacts, cfg: ServerConfig) -> int:
+    """Weight bytes the CPU reads per generated token: the host's share of everything a dense model uses.
+
+    One row of an untied token embedding (a lookup), the output matrix in full, the active share of
+    experts; MTP/nextn blocks are not run. Layers and the output head offloaded to a GPU are not read
+    by the CPU (``memory.gpu_layer_start``, ``memory.output_on_gpu``).
+    """
+    start = gpu_layer_start(facts, cfg)
+    head_gpu = output_on_gpu(facts, cfg)
+    total = 0
+    for t in facts.tensors:
+        il = t.layer
+        if il is not None and (il >= facts.n_layer or il >= start):
+            continue
+        n = t.nbytes
+        if t.name.startswith("token_embd."):
+            if not facts.tied_embeddings or head_gpu:  # a lookup; a GPU head reads its own copy
+                n //= max(facts.n_vocab, 1)
+        elif t.name.startswith(("output.", "output_norm.")) and head_gpu:
+            continue
+        elif "_exps." in t.name and facts.n_expert > 0:
+            n = n * facts.n_expert_used // facts.n_expert
+        total += n
+    return total
+
+
+class _Threads(BaseModel):
+    threads: int  # -t and the CPU request in cores
+    wanted: int  # before the node's free CPU caps it
+    reason: str
+
+
+def _gbps(bytes_per_s: int) -> str:
+    return f"{bytes_per_s / 1e9:.3g}GB/s"  # decimal GB, as the node label; no space: "n GB" reads as GiB here
+
+
+def _threads(facts: ModelFacts, policy: Policy, node: NodeFacts, cfg: ServerConfig, warnings: list[str]) -> _Threads:
+    """The thread count (see THREAD_DECODE_BYTES_PER_S for the rule) and why; a warning when the node lacks the CPU."""
     if policy.threads != "auto":
-        return max(1, policy.threads)
-    return max(1, node.cpu_millis // 1000)
+        wanted, why = policy.threads, "as requested"
+    elif cfg.n_gpus > 0 and cfg.backend != "cpu" and cfg.n_gpu_layers > facts.n_layer:
+        wanted, why = 1, "the GPU holds every layer and the output; one thread feeds it"
+    else:
+        per_token = max(decode_bytes_per_token(facts, cfg), 1)
+        bandwidth = node.memory_bandwidth_bytes or policy.memory_bandwidth_bytes
+        source = f"label {BANDWIDTH_LABEL}" if node.memory_bandwidth_bytes else "policy default, no node label"
+        rate = policy.thread_decode_bytes_per_s
+        by_bandwidth = max(1, math.ceil(bandwidth / rate))
+        wanted = max(by_bandwidth, policy.min_threads)
+        why = (
+            f"decode reads {per_token / MiB:.0f} MiB of weights per token, one thread streams {_gbps(rate)} "
+            f"({rate / per_token:.1f} tokens/s); {by_bandwidth} reach the bound of the node's {_gbps(bandwidth)} "
+            f"memory bandwidth ({source}), {bandwidth / per_token:.1f} tokens/s"
+        )
+        if wanted > by_bandwidth:
+            why += f"; at least {policy.min_threads}: prompt processing is compute-bound"
+    n = wanted
+    if policy.threads == "auto" and wanted * 1000 > node.cpu_millis:
+        n = max(1, node.cpu_millis // 1000)
+        why += f"; capped by the node's free CPU ({format_cpu(node.cpu_millis)})"
+    if n * 1000 > node.cpu_millis:
+        warnings.append(
+            f"the pod requests {n} CPU but the node has {format_cpu(node.cpu_millis)} free: "
+            "the scheduler will not place it there"
+        )
+    return _Threads(threads=n, wanted=wanted, reason=f"threads {n}: {why}; CPU request {n}, no CPU limit")
+
+
+def _huge_pages(policy: Policy, space: _Space, cfg: ServerConfig) -> tuple[dict[str, str], list[str]]:
+    """The server's environment for huge pages (see THP_ENV), and why; nothing when the GPU holds every weight."""
+    if space.backend != "cpu" and cfg.n_gpu_layers >= space.total_units:
+        return {}, []
+    if not policy.huge_pages:
+        return {}, ["huge pages off: as requested; weight buffers stay on 4 KiB pages unless the node's THP is always"]
+    return dict(THP_ENV), [
+        "huge pages on (GLIBC_TUNABLES=glibc.malloc.hugetlb=1): the weights decode streams every token sit on "
+        "2 MiB pages, as an mmap'd file's do; the compute buffer's reserve becomes resident, already in the limit"
+    ]
 
 
 def _request(policy: Policy, total: int) -> int:
@@ -364,34 +475,55 @@ def _auto_prompt_cache(facts: ModelFacts, chosen: _Candidate, policy: Policy, no
     )
 
 
-def plan(
-    facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model_path: str = "/models/model.gguf"
-) -> PlanResult:
-    """Choose llama-server's flags for a model on a node, and the pod's resources."""
-    policy = policy or Policy()
-    reasons: list[str] = []
-    warnings = list(facts.warnings)
-    backend = _backend(policy, node)
-    threads = _threads(policy, node)
+class _Space(BaseModel):
+    """What the search may choose from, after the policy and the node have narrowed it."""
+
+    backend: str
+    gpus: int
+    target: int  # the context asked for (capped at the trained one, whole CTX_STEPs)
+    min_ctx: int  # the least context that counts as fitting
+    kv_types: list[KVType]  # in order of preference
+    load_modes: list[LoadMode]
+    layer_options: list[int]  # GPU layers, most first
+    total_units: int  # blocks + the output head
+    fa_forced_off: bool
+    base: ServerConfig  # the flags the search does not vary
+
+
+def _whole_steps(n: int) -> int:
+    return max(CTX_STEP, n // CTX_STEP * CTX_STEP) if n >= CTX_STEP else n
+
+
+def _context_bounds(facts: ModelFacts, policy: Policy, warnings: list[str]) -> tuple[int, int]:
+    """(target, minimum) context: the request capped at the trained context, in whole CTX_STEPs."""
     n_train = facts.context_length
     target = n_train if policy.context == "max" else min(int(policy.context), n_train)
     if policy.context != "max" and int(policy.context) > n_train:
         warnings.append(f"requested context {policy.context} exceeds the model's trained {n_train}; capped")
-    target = max(CTX_STEP, target // CTX_STEP * CTX_STEP) if target >= CTX_STEP else target
-    min_ctx = min(max(policy.min_context, 1), target)
-    min_ctx = max(CTX_STEP, min_ctx // CTX_STEP * CTX_STEP) if min_ctx >= CTX_STEP else min_ctx
+    target = _whole_steps(target)
+    min_ctx = _whole_steps(min(max(policy.min_context, 1), target))
+    return target, min_ctx
 
+
+def _kv_options(policy: Policy, warnings: list[str]) -> list[KVType]:
+    """KV types to try, in order; without flash attention only unquantized ones."""
+    kv_types: list[KVType] = list(KV_AUTO) if policy.kv_cache_type == "auto" else [policy.kv_cache_type]
+    if policy.flash_attention == "off":
+        kv_types = [t for t in kv_types if t in ("f16", "f32", "bf16")] or ["f16"]
+        if policy.kv_cache_type not in ("auto", "f16", "f32", "bf16"):
+            warnings.append("a quantized V cache needs flash attention; using f16 because flash attention is off")
+    return kv_types
+
+
+def _search_space(facts: ModelFacts, node: NodeFacts, policy: Policy, warnings: list[str]) -> _Space:
+    backend = _backend(policy, node)
+    target, min_ctx = _context_bounds(facts, policy, warnings)
     gpus = node.gpus if backend != "cpu" else 0
     if backend != "cpu" and gpus == 0:
         warnings.append(f"backend {backend} requested but the node has no GPU; planned on CPU")
         backend, gpus = "cpu", 0
     fa_forced_off = policy.flash_attention == "off"
-    kv_types: list[KVType] = list(KV_AUTO) if policy.kv_cache_type == "auto" else [policy.kv_cache_type]
-    if fa_forced_off:
-        kv_types = [t for t in kv_types if t in ("f16", "f32", "bf16")] or ["f16"]
-        if policy.kv_cache_type not in ("auto", "f16", "f32", "bf16"):
-            warnings.append("a quantized V cache needs flash attention; using f16 because flash attention is off")
-
+    kv_types = _kv_options(policy, warnings)
     load_modes: list[LoadMode] = ["mmap", "none"] if policy.load_mode == "auto" else [policy.load_mode]
     total_units = facts.n_layer + 1
     layer_options: list[int]
@@ -401,7 +533,6 @@ def plan(
         layer_options = [min(int(policy.gpu_layers), total_units)]
     else:
         layer_options = list(range(total_units, -1, -1))
-
     base = ServerConfig(
         n_ctx=target,
         n_parallel=policy.parallel,
@@ -415,191 +546,261 @@ def plan(
         cache_ram_mib=0 if policy.cache_ram_mib == "auto" else policy.cache_ram_mib,
         ctx_checkpoints=_checkpoints(policy, facts),
     )
+    return _Space(
+        backend=backend,
+        gpus=gpus,
+        target=target,
+        min_ctx=min_ctx,
+        kv_types=kv_types,
+        load_modes=load_modes,
+        layer_options=layer_options,
+        total_units=total_units,
+        fa_forced_off=fa_forced_off,
+        base=base,
+    )
 
-    def best_for(kv: KVType, ngl: int) -> _Candidate | None:
-        best: _Candidate | None = None
-        for lm in load_modes:
-            cfg = base.model_copy(update={"type_k": kv, "type_v": kv, "n_gpu_layers": ngl, "load_mode": lm})
-            c = _largest_context(facts, cfg, policy, node, min_ctx, target)
-            if c is None:
-                continue
-            if (
-                best is None
-                or c.cfg.n_ctx > best.cfg.n_ctx
-                or (c.cfg.n_ctx == best.cfg.n_ctx and c.mem.total_bytes < best.mem.total_bytes)
-            ):
-                best = c
-        return best
 
-    chosen: _Candidate | None = None
-    # 1. Most GPU layers first (layers beat context on a GPU node), then f16 before quantized KV
-    #    at the full target context; 2. else the longest context any option reaches.
+def _best_for(
+    facts: ModelFacts, node: NodeFacts, policy: Policy, space: _Space, kv: KVType, ngl: int
+) -> _Candidate | None:
+    """The longest context any load mode reaches with this KV type and offload; ties: the lower peak."""
+    best: _Candidate | None = None
+    for lm in space.load_modes:
+        cfg = space.base.model_copy(update={"type_k": kv, "type_v": kv, "n_gpu_layers": ngl, "load_mode": lm})
+        c = _largest_context(facts, cfg, policy, node, space.min_ctx, space.target)
+        if c is None:
+            continue
+        if (
+            best is None
+            or c.cfg.n_ctx > best.cfg.n_ctx
+            or (c.cfg.n_ctx == best.cfg.n_ctx and c.mem.total_bytes < best.mem.total_bytes)
+        ):
+            best = c
+    return best
+
+
+def _search(facts: ModelFacts, node: NodeFacts, policy: Policy, space: _Space) -> _Candidate | None:
+    """1. Most GPU layers first (layers beat context on a GPU node), then f16 before quantized KV at the
+    full target context; 2. else the longest context any option reaches; None when nothing fits."""
     fallback: _Candidate | None = None
-    for ngl in layer_options:
-        for kv in kv_types:
-            c = best_for(kv, ngl)
+    for ngl in space.layer_options:
+        for kv in space.kv_types:
+            c = _best_for(facts, node, policy, space, kv, ngl)
             if c is None:
                 continue
-            if c.cfg.n_ctx >= target:
-                chosen = c
-                break
+            if c.cfg.n_ctx >= space.target:
+                return c
             if fallback is None or c.cfg.n_ctx > fallback.cfg.n_ctx:
                 fallback = c
-        if chosen is not None:
-            break
-        if fallback is not None and gpus and fallback.cfg.n_gpu_layers == ngl and ngl == total_units:
+        if fallback is not None and space.gpus and fallback.cfg.n_gpu_layers == ngl and ngl == space.total_units:
             # full offload at a shorter context beats partial offload at a longer one only when
             # the shorter context still meets the minimum, which _largest_context guarantees
-            chosen = fallback
-            break
-    if chosen is None:
-        chosen = fallback
+            return fallback
+    return fallback
 
-    fits = chosen is not None
-    if chosen is None:
-        # Nothing fits: report the smallest sensible configuration and the shortfall.
-        cfg = base.model_copy(
-            update={
-                "n_ctx": min_ctx,
-                "type_k": kv_types[-1],
-                "type_v": kv_types[-1],
-                "n_gpu_layers": 0 if gpus == 0 else layer_options[-1],
-            }
-        )
-        modes = [_evaluate(facts, cfg.model_copy(update={"load_mode": lm}), policy) for lm in load_modes]
-        chosen = min(modes, key=lambda c: c.mem.total_bytes)
-        short_host = chosen.host_need - (node.memory_bytes or chosen.host_need)
-        short_gpu = (chosen.gpu_need + policy.gpu_margin_bytes - node.gpu_memory_bytes) if gpus else 0
-        shortfall = max(short_host, short_gpu, 0)
-        why = (
-            f"does not fit: even at context {min_ctx} with {kv_types[-1]} KV the pod needs "
-            f"{format_memory(chosen.host_need)} but the node offers {format_memory(node.memory_bytes or 0)}"
-        )
-        if policy.kv_cache_type == "auto" and not fa_forced_off:
-            q4 = _evaluate(facts, cfg.model_copy(update={"type_k": KV_OPT_IN, "type_v": KV_OPT_IN}), policy)
-            if _fits(q4, node, policy) or any(
-                _fits(_evaluate(facts, q4.cfg.model_copy(update={"load_mode": lm}), policy), node, policy)
-                for lm in load_modes
-            ):
-                why += f"; q4_0 KV would fit, but it degrades answers and is used only with kvCacheType {KV_OPT_IN}"
-        reasons.append(why)
-    else:
-        shortfall = 0
 
-    cfg = chosen.cfg
-    mem = chosen.mem
-    # Reasons, one per choice.
-    if backend == "cpu":
-        reasons.append("backend cpu: " + ("no GPU on the node" if node.gpus == 0 else "CPU backend requested"))
+def _nothing_fits(facts: ModelFacts, node: NodeFacts, policy: Policy, space: _Space) -> tuple[_Candidate, int, str]:
+    """The smallest sensible configuration, its shortfall in bytes, and why it does not fit."""
+    kv = space.kv_types[-1]
+    cfg = space.base.model_copy(
+        update={
+            "n_ctx": space.min_ctx,
+            "type_k": kv,
+            "type_v": kv,
+            "n_gpu_layers": 0 if space.gpus == 0 else space.layer_options[-1],
+        }
+    )
+    modes = [_evaluate(facts, cfg.model_copy(update={"load_mode": lm}), policy) for lm in space.load_modes]
+    chosen = min(modes, key=lambda c: c.mem.total_bytes)
+    short_host = chosen.host_need - (node.memory_bytes or chosen.host_need)
+    short_gpu = (chosen.gpu_need + policy.gpu_margin_bytes - node.gpu_memory_bytes) if space.gpus else 0
+    why = (
+        f"does not fit: even at context {space.min_ctx} with {kv} KV the pod needs "
+        f"{format_memory(chosen.host_need)} but the node offers {format_memory(node.memory_bytes or 0)}"
+    )
+    if policy.kv_cache_type == "auto" and not space.fa_forced_off:
+        q4 = _evaluate(facts, cfg.model_copy(update={"type_k": KV_OPT_IN, "type_v": KV_OPT_IN}), policy)
+        if _fits(q4, node, policy) or any(
+            _fits(_evaluate(facts, q4.cfg.model_copy(update={"load_mode": lm}), policy), node, policy)
+            for lm in space.load_modes
+        ):
+            why += f"; q4_0 KV would fit, but it degrades answers and is used only with kvCacheType {KV_OPT_IN}"
+    return chosen, max(short_host, short_gpu, 0), why
+
+
+def _hardware_reasons(node: NodeFacts, policy: Policy, space: _Space, cfg: ServerConfig) -> list[str]:
+    """Why this backend and this many GPU layers."""
+    if space.backend == "cpu":
+        return ["backend cpu: " + ("no GPU on the node" if node.gpus == 0 else "CPU backend requested")]
+    out = [
+        f"backend {space.backend}: {node.gpus}x {node.gpu_vendor} GPU with {format_memory(node.gpu_memory_bytes)} each"
+    ]
+    units = space.total_units
+    if cfg.n_gpu_layers >= units:
+        out.append(f"gpu layers {cfg.n_gpu_layers}/{units}: the whole model fits in GPU memory")
     else:
-        reasons.append(
-            f"backend {backend}: {node.gpus}x {node.gpu_vendor} GPU with {format_memory(node.gpu_memory_bytes)} each"
+        out.append(
+            f"gpu layers {cfg.n_gpu_layers}/{units}: the most that fit in {format_memory(node.gpu_memory_bytes)} "
+            f"with {format_memory(policy.gpu_margin_bytes)} spare; the rest run on the CPU"
         )
-        if cfg.n_gpu_layers >= total_units:
-            reasons.append(f"gpu layers {cfg.n_gpu_layers}/{total_units}: the whole model fits in GPU memory")
-        else:
-            reasons.append(
-                f"gpu layers {cfg.n_gpu_layers}/{total_units}: the most that fit in {format_memory(node.gpu_memory_bytes)} "
-                f"with {format_memory(policy.gpu_margin_bytes)} spare; the rest run on the CPU"
+    return out
+
+
+def _context_reason(
+    facts: ModelFacts, node: NodeFacts, policy: Policy, space: _Space, cfg: ServerConfig, fits: bool
+) -> list[str]:
+    """Why this context: the one asked for, or the largest that fits (and what q4_0 KV would reach)."""
+    if cfg.n_ctx >= space.target:
+        return [f"context {cfg.n_ctx}: " + ("the model's maximum" if policy.context == "max" else "as requested")]
+    if not fits:
+        return []
+    why = (
+        f"context {cfg.n_ctx}: the largest that fits with {cfg.type_k} KV (asked {space.target}, "
+        f"minimum {space.min_ctx})"
+    )
+    if policy.kv_cache_type == "auto" and not space.fa_forced_off:
+        q4c = _best_for(facts, node, policy, space, KV_OPT_IN, cfg.n_gpu_layers)
+        if q4c is not None and q4c.cfg.n_ctx > cfg.n_ctx:
+            why += (
+                f"; q4_0 KV would reach {q4c.cfg.n_ctx} but measurably degrades answers "
+                f"(kvCacheType {KV_OPT_IN} allows it)"
             )
-    if cfg.n_ctx >= target:
-        reasons.append(
-            f"context {cfg.n_ctx}: " + ("the model's maximum" if policy.context == "max" else "as requested")
+    return [why]
+
+
+def _load_mode_reason(policy: Policy, cfg: ServerConfig, mem: MemoryBreakdown) -> str:
+    if policy.load_mode != "auto":
+        return f"load mode {cfg.load_mode}: as requested"
+    if cfg.load_mode == "none":
+        return (
+            f"load mode none: the CPU backend repacks {format_memory(mem.repack_bytes)} of weights; "
+            "with mmap the file pages would stay resident beside the copy"
         )
-    elif fits:
-        why = f"context {cfg.n_ctx}: the largest that fits with {cfg.type_k} KV (asked {target}, minimum {min_ctx})"
-        if policy.kv_cache_type == "auto" and not fa_forced_off:
-            q4c = best_for(KV_OPT_IN, cfg.n_gpu_layers)
-            if q4c is not None and q4c.cfg.n_ctx > cfg.n_ctx:
-                why += (
-                    f"; q4_0 KV would reach {q4c.cfg.n_ctx} but measurably degrades answers "
-                    f"(kvCacheType {KV_OPT_IN} allows it)"
-                )
-        reasons.append(why)
-    reasons.append(_kv_reason(facts, chosen, policy, fits))
+    return "load mode mmap: weights stay in the page cache, shared and reclaimable; nothing is repacked"
+
+
+def _prompt_cache(
+    facts: ModelFacts, node: NodeFacts, policy: Policy, chosen: _Candidate, fits: bool
+) -> tuple[_Candidate, str]:
+    """The prompt cache (--cache-ram) step: the candidate with its budget, and the reason."""
+    cfg = chosen.cfg
+    if policy.cache_ram_mib != "auto":
+        if cfg.cache_ram_mib == 0:
+            return chosen, "prompt cache off (--cache-ram 0): as requested"
+        return chosen, (
+            f"prompt cache {cfg.cache_ram_mib} MiB (--cache-ram): as requested; counted in the memory limit "
+            f"(one full-context state of a slot is {format_memory(seq_state_bytes(facts, cfg))})"
+        )
+    if not fits:
+        return chosen, "prompt cache off (--cache-ram 0): the model does not fit as it is"
+    cache_free_request = _request(policy, chosen.mem.full_context_bytes - chosen.mem.cache_ram_bytes)
+    mib, why = _auto_prompt_cache(facts, chosen, policy, node)
+    if mib:
+        with_cache = _evaluate(facts, cfg.model_copy(update={"cache_ram_mib": mib}), policy)
+        if _fits(with_cache, node, policy):
+            chosen = with_cache
+        else:  # cannot happen: the budget is a share of the free memory; never trade the plan for it
+            mib, why = 0, "prompt cache off (--cache-ram 0): memory is short"
+    if mib:
+        why += f" (promptCache 0 would make the memory request {format_memory(cache_free_request)})"
+    return chosen, why
+
+
+def _resources(backend: str, gpus: int, threads: int, memory_request: int) -> Resources:
+    """Requests and limits of the pod: a whole CPU per thread (no CPU limit), memory request = limit, GPUs."""
+    resources = Resources(
+        requests={"cpu": format_cpu(threads * 1000), "memory": format_memory(memory_request)},
+        limits={"memory": format_memory(memory_request)},
+    )
+    gpu_key = {"cuda": "nvidia.com/gpu", "rocm": "amd.com/gpu"}.get(backend)
+    if gpu_key is not None and gpus:
+        resources.requests[gpu_key] = str(gpus)
+        resources.limits[gpu_key] = str(gpus)
+    return resources
+
+
+def _choice_reasons(
+    facts: ModelFacts, node: NodeFacts, policy: Policy, space: _Space, found: _Candidate, fits: bool
+) -> list[str]:
+    """One reason per memory choice: backend, GPU layers, context, KV type, flash attention, load mode."""
+    cfg = found.cfg
+    reasons = _hardware_reasons(node, policy, space, cfg)
+    reasons += _context_reason(facts, node, policy, space, cfg, fits)
+    reasons.append(_kv_reason(facts, found, policy, fits))
     reasons.append(
         "flash attention "
         + ("off: as requested" if not cfg.flash_attn else "on: smaller compute buffer, needed for quantized KV")
     )
-    if policy.load_mode == "auto":
-        if cfg.load_mode == "none":
-            reasons.append(
-                f"load mode none: the CPU backend repacks {format_memory(mem.repack_bytes)} of weights; "
-                "with mmap the file pages would stay resident beside the copy"
-            )
-        else:
-            reasons.append(
-                "load mode mmap: weights stay in the page cache, shared and reclaimable; nothing is repacked"
-            )
-    else:
-        reasons.append(f"load mode {cfg.load_mode}: as requested")
-    reasons.append(
-        f"threads {threads}: from the CPU limit ({format_cpu(node.cpu_millis)}), never the host's core count"
-    )
-    cache_free_request = _request(policy, mem.full_context_bytes - mem.cache_ram_bytes)
-    if policy.cache_ram_mib == "auto" and fits:
-        mib, why = _auto_prompt_cache(facts, chosen, policy, node)
-        if mib:
-            with_cache = _evaluate(facts, cfg.model_copy(update={"cache_ram_mib": mib}), policy)
-            if _fits(with_cache, node, policy):
-                chosen, cfg, mem = with_cache, with_cache.cfg, with_cache.mem
-            else:  # cannot happen: the budget is a share of the free memory; never trade the plan for it
-                mib, why = 0, "prompt cache off (--cache-ram 0): memory is short"
-        if mib:
-            why += f" (promptCache 0 would make the memory request {format_memory(cache_free_request)})"
+    reasons.append(_load_mode_reason(policy, cfg, found.mem))
+    return reasons
+
+
+def plan(
+    facts: ModelFacts, node: NodeFacts, policy: Policy | None = None, model_path: str = "/models/model.gguf"
+) -> PlanResult:
+    """Choose llama-server's flags for a model on a node, and the pod's resources.
+
+    The steps: the search space (backend, context bounds, KV types, load modes, GPU layers), the
+    search, the nothing-fits report, one reason per choice, threads, the prompt cache, resources.
+    """
+    policy = policy or Policy()
+    warnings = list(facts.warnings)
+    space = _search_space(facts, node, policy, warnings)
+    reasons: list[str] = []
+    found = _search(facts, node, policy, space)
+    fits, shortfall = found is not None, 0
+    if found is None:
+        found, shortfall, why = _nothing_fits(facts, node, policy, space)
         reasons.append(why)
-    elif policy.cache_ram_mib == "auto":
-        reasons.append("prompt cache off (--cache-ram 0): the model does not fit as it is")
-    elif cfg.cache_ram_mib == 0:
-        reasons.append("prompt cache off (--cache-ram 0): as requested")
-    else:
-        reasons.append(
-            f"prompt cache {cfg.cache_ram_mib} MiB (--cache-ram): as requested; counted in the memory limit "
-            f"(one full-context state of a slot is {format_memory(seq_state_bytes(facts, cfg))})"
-        )
-
+    reasons += _choice_reasons(facts, node, policy, space, found, fits)
+    env, why_env = _huge_pages(policy, space, found.cfg)
+    threads = _threads(facts, policy, node, found.cfg, warnings)
+    reasons += [*why_env, threads.reason]
+    cache_free_request = _request(policy, found.mem.full_context_bytes - found.mem.cache_ram_bytes)
+    chosen, why = _prompt_cache(facts, node, policy, found, fits)
+    reasons.append(why)
+    cfg, mem = chosen.cfg, chosen.mem
     request = _request(policy, mem.full_context_bytes)
-    cpu_req = max(1000, threads * 1000)
-    resources = Resources(
-        requests={"cpu": format_cpu(cpu_req), "memory": format_memory(request)},
-        limits={"memory": format_memory(request)},
-    )
-    if backend == "cuda" and gpus:
-        resources.requests["nvidia.com/gpu"] = str(gpus)
-        resources.limits["nvidia.com/gpu"] = str(gpus)
-    elif backend == "rocm" and gpus:
-        resources.requests["amd.com/gpu"] = str(gpus)
-        resources.limits["amd.com/gpu"] = str(gpus)
-
-    threads_arg = threads
-    args = build_args(facts, cfg, policy, model_path, threads_arg)
     p = Plan(
-        backend=backend,
+        backend=space.backend,
         gpu_layers=cfg.n_gpu_layers,
-        total_layers=total_units,
+        total_layers=space.total_units,
         context=cfg.n_ctx,
         parallel=cfg.n_parallel,
         load_mode=cfg.load_mode,
         flash_attention=cfg.flash_attn,
         kv_cache_type=cfg.type_k,
-        threads=threads,
+        threads=threads.threads,
         ubatch=cfg.n_ubatch,
         cache_ram_mib=cfg.cache_ram_mib,
         ctx_checkpoints=cfg.ctx_checkpoints,
-        args=args,
+        args=build_args(facts, cfg, policy, model_path, threads.threads),
         node=node.name,
+        env=env,
     )
     return PlanResult(
         plan=p,
         memory=mem,
-        resources=resources,
+        resources=_resources(space.backend, space.gpus, threads.threads, request),
         fits=fits,
         shortfall_bytes=shortfall,
         reasons=reasons,
         warnings=warnings,
         memory_request_bytes=request,
         cache_free_request_bytes=cache_free_request,
+        cpu_request_millis=threads.threads * 1000,
+        threads_wanted=threads.wanted,
     )
 
 
-__all__ = ["GPU_DEVICE_OVERHEAD", "OWNED_FLAGS", "Plan", "PlanResult", "Policy", "Resources", "plan"]
+__all__ = [
+    "GPU_DEVICE_OVERHEAD",
+    "OWNED_FLAGS",
+    "THP_ENV",
+    "Plan",
+    "PlanResult",
+    "Policy",
+    "Resources",
+    "decode_bytes_per_token",
+    "plan",
+]
