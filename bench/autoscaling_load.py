@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "e2e"))
 sys.path.insert(0, str(ROOT / "operator"))
 
 from _metrics import ChatLoad, free_port  # noqa: E402
-from modelfit.synth import ensure_model, llama_bin  # noqa: E402
+from modelfit_dev.synth import ensure_model, llama_bin  # noqa: E402
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _GAUGE = re.compile(rb"^llamacpp:requests_(processing|deferred) ([0-9.e+-]+)$", re.M)

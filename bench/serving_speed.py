@@ -56,9 +56,9 @@ from modelfit.facts import ModelFacts, facts_from_header
 from modelfit.gguf_reader import read_gguf
 from modelfit.memory import ServerConfig
 from modelfit.nodes import NodeFacts
-from modelfit.probe import LlamaServer, filler_prompt, free_port, with_endpoint
 from modelfit.sizing import THP_ENV, Policy, decode_bytes_per_token, plan
-from modelfit.synth import ensure_model, llama_bin
+from modelfit_dev.probe import LlamaServer, filler_prompt, free_port, with_endpoint
+from modelfit_dev.synth import ensure_model, llama_bin
 
 MiB = 1 << 20
 

@@ -25,9 +25,9 @@ from modelfit.facts import ModelFacts, facts_from_header
 from modelfit.gguf_reader import read_gguf
 from modelfit.memory import MiB, ServerConfig, type_size
 from modelfit.nodes import NodeFacts
-from modelfit.probe import LlamaServer, filler_prompt, free_port, with_endpoint
 from modelfit.sizing import Policy, plan
-from modelfit.synth import TINY_SPECS, ensure_model, llama_bin
+from modelfit_dev.probe import LlamaServer, filler_prompt, free_port, with_endpoint
+from modelfit_dev.synth import TINY_SPECS, ensure_model, llama_bin
 
 SEED_PAGE_BYTES = int(0.5 * (1 << 30))  # "Min RAM required 0.5 GB"
 

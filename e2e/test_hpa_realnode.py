@@ -24,7 +24,7 @@ import pytest
 from _metrics import ChatLoad, Pipeline, PodTargets, chat_stream
 from _realnode import RealNode, pinned, sha256_of
 from _support import wait_condition
-from modelfit.synth import ensure_model
+from modelfit_dev.synth import ensure_model
 
 pytestmark = pytest.mark.realnode
 

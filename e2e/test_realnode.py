@@ -32,7 +32,7 @@ from _realnode import (
     sha256_of,
 )
 from _support import REPO, condition, free_port, md, wait_condition
-from modelfit.synth import ensure_model
+from modelfit_dev.synth import ensure_model
 
 pytestmark = pytest.mark.realnode
 MiB = 1024 * 1024

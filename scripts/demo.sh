@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+export PYTHONPATH="$ROOT/operator${PYTHONPATH:+:$PYTHONPATH}"  # modelfit_dev (the model generator) is not installed
 export MODELFIT_CACHE="${MODELFIT_CACHE:-$HOME/.cache/modelfit}"
 STATE="${MODELFIT_STATE:-/tmp/modelfit-cluster}"
 OPLOG="$STATE/operator.log"
@@ -120,7 +121,7 @@ kubectl get deployments,services,pods -o wide
 
 if ((REAL)); then
   say "a real answer: the seed's model shape served by the operator on the real node"
-  model=$(python3 -m modelfit.synth qwen35-0.8b --quant Q4_0)
+  model=$(python3 -m modelfit_dev.synth qwen35-0.8b --quant Q4_0)
   mkdir -p "$STATE/models" && ln -sf "$model" "$STATE/models/Qwen3.5-0.8B-Q4_0.gguf"
   if ! [[ -f "$STATE/modelserver.pid" ]] || ! kill -0 "$(cat "$STATE/modelserver.pid")" 2>/dev/null; then
     # the harness's own bridge address: pods reach it, nothing leaves the machine

@@ -1,6 +1,6 @@
 """The catalog's recipes agree with the real llama-quantize on files of the same shape.
 
-`modelfit.synth` writes F16 models with the real tensor shapes of catalog models; the
+`modelfit_dev.synth` writes F16 models with the real tensor shapes of catalog models; the
 built llama-quantize applies its own recipe; the reader's per-tensor types and bytes
 must equal what `modelfit.catalog` predicts without the file.
 """
@@ -12,7 +12,7 @@ import pytest
 from modelfit.catalog import catalog_facts
 from modelfit.facts import facts_from_header
 from modelfit.gguf_reader import read_gguf
-from modelfit.synth import ensure_model
+from modelfit_dev.synth import ensure_model
 
 pytestmark = pytest.mark.llama
 

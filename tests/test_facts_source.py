@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from modelfit import catalog, handlers, synth
+from modelfit import catalog, handlers
 from modelfit.api import ModelDeploymentSpec
 from modelfit.gguf_reader import GGUFError, read_gguf
 from modelfit.handlers import HeaderReads, OperatorState, load_facts, reconcile
 from modelfit.kube import path_for
+from modelfit_dev import synth
 from test_handlers import CPU_LARGE, LOG, FakeKube, deploy_path, md
 
 TOKEN = "hf_s3cretTOKEN"

@@ -731,7 +731,7 @@ def test_unreadable_model_is_retried_with_backoff_until_it_answers(monkeypatch):
     """A model server that is not up yet must not wait for the 5-minute full resync."""
     import time as _time
 
-    from modelfit.synth import ensure_model
+    from modelfit_dev.synth import ensure_model
 
     tiny = ensure_model("llama-tiny", "F16")  # a real GGUF header once the "server" is up
     answers = {"up": False}

@@ -14,9 +14,9 @@ from modelfit.facts import facts_from_header
 from modelfit.gguf_reader import read_gguf
 from modelfit.memory import MiB
 from modelfit.nodes import NodeFacts
-from modelfit.probe import LlamaServer, filler_prompt, free_port, read_status, with_endpoint
 from modelfit.sizing import Policy, plan
-from modelfit.synth import ensure_model, llama_bin
+from modelfit_dev.probe import LlamaServer, filler_prompt, free_port, read_status, with_endpoint
+from modelfit_dev.synth import ensure_model, llama_bin
 
 pytestmark = pytest.mark.llama
 

@@ -1,4 +1,4 @@
-"""Tests for modelfit.synth: synthetic GGUF files that llama-server really loads.
+"""Tests for modelfit_dev.synth: synthetic GGUF files that llama-server really loads.
 
 The llama-server tests build the pinned binaries via scripts/build-llama-server.sh
 when they are not found (slow the first time, cached after); set
@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))
 
-from modelfit import synth  # noqa: E402
+from modelfit_dev import synth  # noqa: E402
 
 
 def _field(r: gguf.GGUFReader, key: str) -> object:

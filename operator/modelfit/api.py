@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic.alias_generators import to_camel
 
 from .catalog import RECIPES
-from .sizing import OWNED_FLAGS
+from .flags import OWNED_FLAGS
 
 GROUP = "modelfit.io"
 VERSION = "v1alpha1"

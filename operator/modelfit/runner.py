@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def node_shapes(path: str | None) -> list[NodeShape]:
     """The node shapes of ``--node-shapes`` (else $MODELFIT_NODE_SHAPES); none when neither is set."""
-    from .nodes import load_node_shapes
+    from .host import load_node_shapes
 
     path = path or os.environ.get("MODELFIT_NODE_SHAPES") or None
     if not path:

