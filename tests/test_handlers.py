@@ -108,10 +108,7 @@ def test_create_plans_applies_and_reports():
     assert conds["Planned"]["status"] == "True" and conds["Planned"]["reason"] == "Planned"
     assert conds["Ready"]["status"] == "False" and conds["Progressing"]["reason"] == "RollingOut"
     assert patch["endpoint"] == "http://qwen.default.svc:8080" and patch["observedGeneration"] == 1
-    assert k.deletes == [
-        path_for("policy/v1", "PodDisruptionBudget", "default", "qwen"),
-        path_for("autoscaling/v2", "HorizontalPodAutoscaler", "default", "qwen"),
-    ]
+    assert k.deletes == []  # before our first Deployment nothing of ours can exist: no DELETE of the absent PDB, HPA
 
 
 def test_unchanged_plan_is_not_reapplied_and_node_change_rolls_out():
@@ -243,6 +240,23 @@ def test_pod_requests_and_node_facts():
     cordoned = {**CPU_SMALL, "spec": {"unschedulable": True}}
     facts = kube.node_facts([CPU_LARGE, cordoned], [pod])
     assert [f.name for f in facts] == ["cpu-large"] and facts[0].memory_bytes == 62 << 30
+
+
+def test_burst_plans_see_each_other_and_a_full_node_does_not_fit():
+    """Plans made on one node list count each other's pods (reserved until the list shows them), and a node
+    without the CPU a plan requests does not fit: the scheduler would refuse the pod."""
+    hosts = [node(f"h{i}", "8", "32Gi") for i in range(2)]  # one class per host, 8 CPUs each
+    k, st = FakeKube(hosts), OperatorState()
+    spec = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 4096}
+    patches = [go(md(spec, name=f"m{i}"), k, st) for i in range(5)]
+    cpu = st.reservations[("default", "m0")].cpu_millis
+    per_host = 8000 // cpu
+    fitting = [p["plan"]["nodeSelector"]["kubernetes.io/hostname"] for p in patches if p["plan"].get("fits")]
+    # the node list never changed, yet no host gets more pods than its CPU holds
+    assert sorted(set(fitting)) == ["h0", "h1"] and all(fitting.count(h) == per_host for h in ("h0", "h1"))
+    last = {c["type"]: c for c in patches[-1]["conditions"]}["Planned"]
+    assert per_host * 2 < 5 and last["status"] == "False" and last["reason"] == "NoNodeFits"
+    assert "short by" in last["message"] and "CPU" in last["message"]
 
 
 # ---- kopf against kmock's Kubernetes emulator ----------------------------------------------------
@@ -510,6 +524,7 @@ def test_missing_secret_key_and_pvc_are_reported():
     k.fail_get[secret] = kube.KubeError(403, "secrets is forbidden")
     assert conds_of(go(md(spec), k, st))["Degraded"]["reason"] == "AsExpected"
     pvc_spec = {"model": {"pvc": {"claimName": "models", "path": "/Qwen3.5-0.8B-Q4_0.gguf"}}, "context": 4096}
+    k, st = FakeKube([CPU_LARGE]), OperatorState()  # a node of its own: qwen's pod takes every core of this one
     c = conds_of(go(md(pvc_spec, name="onpvc"), k, st))["Degraded"]
     assert c["reason"] == "PvcNotFound" and "models" in c["message"]
 

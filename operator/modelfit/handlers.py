@@ -38,12 +38,14 @@ from .api import ModelDeploymentSpec
 from .decide import Decision, LoadedFacts, Snapshot, api_failure, check_spec, decide, failure
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, GGUFHeader, read_gguf
-from .kube import ClusterSnapshot, Kube, KubeError, get_client, node_facts, path_for
+from .kube import ClusterSnapshot, Kube, KubeError, Reservation, get_client, path_for
 from .nodes import NodeShape
 from .render import HPA_METRIC, MD_LABEL, POD_MONITOR_API_VERSION, model_file, selector_string
 from .status import Cond
 
 RESYNC_TICK = 5.0  # seconds between resync checks
+RESYNC_DEBOUNCE = 1.0  # after a pod or Deployment event wakes the resync loop, gather more events this long
+RESYNC_CONCURRENCY = 4  # ModelDeployments the resync loop reconciles at once
 FULL_RESYNC = 300.0  # re-plan at least this often
 HANDLER_RETRIES = 8  # kopf's attempts at a transient API failure; the resync loop keeps trying after that
 MAX_RETRY_DELAY = 300.0
@@ -71,6 +73,10 @@ class _Seen:
     failures: int = 0  # transient API failures in a row
     retry_at: float = 0.0  # when the resync loop retries after one (monotonic; 0: no retry pending)
     deploy_generation: int | None = None  # metadata.generation of the Deployment as we last applied or saw it
+    # The plan status of our last reconcile and the generation it was for: the body a reconcile gets can lag
+    # behind it (the resync loop works on the last watched body; kopf's own status patch may not be back yet).
+    plan: dict[str, Any] | None = None
+    plan_generation: Any = None
 
 
 class OperatorState:
@@ -89,8 +95,27 @@ class OperatorState:
         self.headers: HeaderReads | None = None  # catalog header reads; None: the process-wide HEADERS
         self.node_shapes: list[NodeShape] = []  # nodes a cluster autoscaler can add (--node-shapes)
         self.hpa_metric = HPA_METRIC  # the per-pod metric of rendered HPAs (--hpa-metric)
+        self.header_facts: dict[str, tuple[GGUFHeader, str, ModelFacts]] = {}  # catalog URL -> header, name, facts
+        self.wake: asyncio.Event | None = None  # set by pod/Deployment events: the resync loop looks at once
+        self.reservations: dict[tuple[str, str], Reservation] = {}  # our Deployments' pods, as planned
+        self.reservations_version = 0
+
+    def mark_dirty(self, key: tuple[str, str]) -> None:
+        self.seen.setdefault(key, _Seen()).pods_dirty = True
+        if self.wake is not None:
+            self.wake.set()
+
+    def reserve(self, key: tuple[str, str], reservation: Reservation | None) -> None:
+        """What the pods of a ModelDeployment's Deployment request, and where (None: nothing)."""
+        if self.reservations.get(key) != reservation:
+            if reservation is None:
+                self.reservations.pop(key, None)
+            else:
+                self.reservations[key] = reservation
+            self.reservations_version += 1
 
     def forget(self, key: tuple[str, str]) -> None:
+        self.reserve(key, None)
         self.seen.pop(key, None)
         self.locks.pop(key, None)
         self.bodies.pop(key, None)
@@ -262,6 +287,9 @@ async def model_token(kube: Kube | None, ns: str | None, spec: ModelDeploymentSp
     return token, ""
 
 
+_catalog_facts = functools.lru_cache(maxsize=256)(catalog.catalog_facts)  # pure, and 10% of a burst's CPU
+
+
 async def load_facts(
     spec: ModelDeploymentSpec, state: OperatorState = STATE, kube: Kube | None = None, namespace: str | None = None
 ) -> LoadedFacts:
@@ -276,13 +304,18 @@ async def load_facts(
     m = spec.model
     token, token_note = await model_token(kube, namespace, spec)
     if m.catalog is not None:
-        built_in = catalog.catalog_facts(m.catalog, m.quant or "Q4_K_M")
+        built_in = _catalog_facts(m.catalog, m.quant or "Q4_K_M")
         url = catalog.catalog_url(m.catalog, m.quant or "Q4_K_M")
         header, error = await (state.headers or HEADERS).read(url, token)
         facts: ModelFacts | None = None
         if header is not None:
+            cached = state.header_facts.get(url)
             try:
-                facts = facts_from_header(header, name=built_in.name)
+                if cached is not None and cached[0] is header and cached[1] == built_in.name:
+                    facts = cached[2]  # the same header read: the same facts object (and its remembered estimates)
+                else:
+                    facts = facts_from_header(header, name=built_in.name)
+                    state.header_facts[url] = (header, built_in.name, facts)
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 error = f"{url}: header not usable ({type(exc).__name__}: {exc})"
         if facts is None:
@@ -444,10 +477,6 @@ async def _gather(
     except KubeError as exc:
         raise _ApiFailed(exc, "listing nodes and pods", write=False) from exc
 
-    def is_mine(pod: dict[str, Any]) -> bool:
-        pm = pod.get("metadata") or {}
-        return bool(pm.get("namespace") == ns and (pm.get("labels") or {}).get(MD_LABEL) == name)
-
     try:
         pods = await kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector_string(name))
     except KubeError as exc:
@@ -456,27 +485,39 @@ async def _gather(
         deploy = await kube.get(path_for("apps/v1", "Deployment", ns, name))
     except KubeError as exc:
         raise _ApiFailed(exc, f"reading Deployment {name}", write=False) from exc
+    pod_monitors = await pod_monitors_served(kube, state)
+    missing = await _missing_reference(kube, ns, spec)
+    old = dict(body.get("status") or {})
+    gen = meta.get("generation")
+    if (
+        seen.plan is not None
+        and seen.plan_generation == gen
+        and (old.get("plan") or {}).get("hash") != seen.plan.get("hash")
+    ):
+        old = {**old, "plan": seen.plan, "observedGeneration": gen}  # our own last word; the body lags behind it
+    # No await from here to the reservation after decide(): a reconcile that places next sees these pods.
     return Snapshot(
         meta=meta,
         spec=spec,
-        old=dict(body.get("status") or {}),
+        old=old,
         loaded=loaded,
-        nodes=node_facts(state.snapshot.nodes, state.snapshot.pods, exclude=is_mine),
+        nodes=state.snapshot.node_facts(MD_LABEL, (ns, name), state.reservations, state.reservations_version),
         pods=pods,
         deploy=deploy,
         now=time.monotonic(),
-        pod_monitors=await pod_monitors_served(kube, state),
+        pod_monitors=pod_monitors,
         shapes=state.node_shapes,
         avoid=dict(seen.avoid),
         seen_generation=seen.deploy_generation,
-        missing=await _missing_reference(kube, ns, spec),
+        missing=missing,
         hpa_metric=state.hpa_metric,
     )
 
 
-async def _apply(kube: Kube, ns: str, decision: Decision, seen: _Seen) -> None:
-    """Delete what must not exist, then apply every child (the Deployment last)."""
-    for api_version, kind, child in decision.delete:
+async def _apply(kube: Kube, ns: str, decision: Decision, seen: _Seen, deploy_existed: bool = True) -> None:
+    """Delete what must not exist, then apply every child (the Deployment last). Before our first Deployment
+    (applied last) nothing of ours can be left over: no DELETE then."""
+    for api_version, kind, child in decision.delete if deploy_existed else []:
         try:
             await kube.delete(path_for(api_version, kind, ns, child))
         except KubeError as exc:
@@ -520,6 +561,9 @@ async def _reconcile(
         snap = await _gather(body, spec, loaded, kube, state, seen)
         metrics.track_node_facts_age(state.snapshot.age)
         decision = decide(snap)
+        _reserve(state, snap, decision)
+        plan = decision.status.get("plan") or {}
+        seen.plan, seen.plan_generation = (plan if plan.get("fits") else None), meta.get("generation")
         _log(logger, decision.logs)
         seen.avoid, seen.deploy_generation = decision.avoid, decision.seen_generation
         if decision.replan_soon:
@@ -527,7 +571,7 @@ async def _reconcile(
             # (seen through a snapshot up to a TTL old) may have changed since this plan was made.
             seen.pods_dirty = True
             state.snapshot.invalidate()
-        await _apply(kube, ns, decision, seen)
+        await _apply(kube, ns, decision, seen, snap.deploy is not None)
     except _ApiFailed as failed:
         transient = failed.exc.transient
         reason = "ApiUnavailable" if transient else "ApplyFailed" if failed.write else "ApiError"
@@ -544,6 +588,8 @@ async def _reconcile(
             raise ApiRetry(f"{reason}: {message}", patch) from None
         return patch, "api_error"
     for reason, message in decision.events:
+        if reason == "PlanChanged":
+            metrics.PLAN_CHANGES.inc()  # lost in the move to decide.py: modelfit_plan_changes_total stayed 0
         await _post_event(kube, body, reason, message)
     plan = decision.status.get("plan") or {}
     if plan:
@@ -551,6 +597,13 @@ async def _reconcile(
             int(plan.get("memoryRequestBytes") or 0)
         )
     return _status_patch(old, decision.status), decision.result
+
+
+def _reserve(state: OperatorState, snap: Snapshot, decision: Decision) -> None:
+    """The pods of the Deployment this decision applies (or keeps), as taken on their nodes from now on."""
+    deploy = next((o for o in decision.apply if o.get("kind") == "Deployment"), None) or snap.deploy
+    key = (str(snap.meta.get("namespace")), str(snap.meta.get("name")))
+    state.reserve(key, Reservation.of(deploy) if deploy is not None else None)
 
 
 def _log(logger: logging.Logger | logging.LoggerAdapter[logging.Logger], lines: list[tuple[int, str]]) -> None:
@@ -644,7 +697,7 @@ async def modeldeployment_changed(
 
 
 @kopf.on.event(G, V, P, id="modeldeployment-events")
-def modeldeployment_event(event: kopf.RawEvent, **_: Any) -> None:
+async def modeldeployment_event(event: kopf.RawEvent, **_: Any) -> None:
     """Keep the bodies the resync loop works on; a timer would need a finalizer on every object."""
     body: dict[str, Any] = dict(event.get("object") or {})
     meta: dict[str, Any] = body.get("metadata") or {}
@@ -656,25 +709,51 @@ def modeldeployment_event(event: kopf.RawEvent, **_: Any) -> None:
         STATE.bodies[key] = body
 
 
-async def resync_loop(state: OperatorState = STATE, tick: float = RESYNC_TICK) -> None:
-    """Re-plan ModelDeployments whose nodes or pods changed; write their status directly."""
+async def resync_loop(
+    state: OperatorState = STATE, tick: float = RESYNC_TICK, concurrency: int = RESYNC_CONCURRENCY
+) -> None:
+    """Re-plan ModelDeployments whose nodes or pods changed; write their status directly.
+
+    Wakes every ``tick`` seconds, or ``RESYNC_DEBOUNCE`` after a pod or Deployment event; reconciles up to
+    ``concurrency`` objects at once, and never the same object twice at once.
+    """
     log = logging.getLogger("modelfit.resync")
-    while True:
-        await asyncio.sleep(tick)
-        for key, body in list(state.bodies.items()):
-            if (body.get("metadata") or {}).get("deletionTimestamp") or not state.due(key):
-                continue
+    state.wake = asyncio.Event()
+    limit = asyncio.Semaphore(concurrency)
+    running: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    async def one(key: tuple[str, str], body: dict[str, Any]) -> None:
+        async with limit:
             logger = _ObjectLog(log, {"object": f"{key[0]}/{key[1]}"})
             path = path_for(api.API_VERSION, api.KIND, key[0], key[1]) + "/status"
             try:
                 try:
-                    status_patch = await reconcile(body, logger, state=state)
+                    status_patch = await reconcile(state.bodies.get(key, body), logger, state=state)
                 except ApiRetry as exc:
                     status_patch = exc.patch
                 if status_patch:
                     await get_client().merge_patch(path, {"status": status_patch})
             except Exception as exc:  # noqa: BLE001 - one object's failure must not stop the loop
                 logger.warning(f"resync failed: {exc}")
+
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.wake.wait(), tick)
+            await asyncio.sleep(RESYNC_DEBOUNCE)
+        state.wake.clear()
+        for key, body in list(state.bodies.items()):
+            seen = state.seen.get(key)
+            if seen is None or not seen.at:
+                continue  # not reconciled yet: kopf's create/resume handler does it first
+            if key in running or (body.get("metadata") or {}).get("deletionTimestamp") or not state.due(key):
+                continue
+            task = asyncio.create_task(one(key, body))
+            running[key] = task
+            task.add_done_callback(functools.partial(_forget_task, running, key))
+
+
+def _forget_task(running: dict[tuple[str, str], asyncio.Task[None]], key: tuple[str, str], _: object) -> None:
+    running.pop(key, None)
 
 
 class _ObjectLog(logging.LoggerAdapter[logging.Logger]):
@@ -685,25 +764,27 @@ class _ObjectLog(logging.LoggerAdapter[logging.Logger]):
 
 
 @kopf.on.event("", "v1", "nodes", id="node-events")
-def node_event(event: kopf.RawEvent, logger: kopf.Logger, **_: Any) -> None:
+async def node_event(event: kopf.RawEvent, logger: kopf.Logger, **_: Any) -> None:
     node = event.get("object") or {}
     if STATE.node_changed(event.get("type"), dict(node)):
-        logger.debug(f"node {node.get('metadata', {}).get('name')} changed; re-planning on the next tick")
+        logger.debug(f"node {node.get('metadata', {}).get('name')} changed; re-planning")
+        if STATE.wake is not None:
+            STATE.wake.set()
 
 
 @kopf.on.event("", "v1", "pods", id="pod-events", labels={"app.kubernetes.io/managed-by": "modelfit"})
-def pod_event(body: kopf.Body, **_: Any) -> None:
+async def pod_event(body: kopf.Body, **_: Any) -> None:
     owner = body.metadata.labels.get(MD_LABEL)
     if owner:
-        STATE.seen.setdefault((str(body.metadata.namespace), owner), _Seen()).pods_dirty = True
+        STATE.mark_dirty((str(body.metadata.namespace), owner))
 
 
 @kopf.on.event("apps", "v1", "deployments", id="deployment-events", labels={"app.kubernetes.io/managed-by": "modelfit"})
-def deployment_event(body: kopf.Body, **_: Any) -> None:
+async def deployment_event(body: kopf.Body, **_: Any) -> None:
     """A Deployment's status moved (rollout progress, a ReplicaSet that cannot create pods): look again."""
     owner = body.metadata.labels.get(MD_LABEL)
     if owner:
-        STATE.seen.setdefault((str(body.metadata.namespace), owner), _Seen()).pods_dirty = True
+        STATE.mark_dirty((str(body.metadata.namespace), owner))
 
 
 @kopf.on.probe(id="nodeFactsAgeSeconds")

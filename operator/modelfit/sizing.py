@@ -15,6 +15,7 @@ every flag that decides memory itself.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -341,8 +342,27 @@ class _Candidate(BaseModel):
     gpu_need: int
 
 
+_ESTIMATES: dict[int, dict[str, MemoryBreakdown]] = {}  # id(facts) -> ServerConfig JSON -> estimate
+
+
+def _estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
+    """``estimate``, remembered per facts object (while it lives) and config: the operator plans the same
+    model on the same configs again and again (every reconcile, every node class), and it is pure."""
+    per = _ESTIMATES.get(id(facts))
+    if per is None:
+        per = _ESTIMATES[id(facts)] = {}
+        weakref.finalize(facts, _ESTIMATES.pop, id(facts), None)
+    key = cfg.model_dump_json()
+    mem = per.get(key)
+    if mem is None:
+        if len(per) >= 4096:
+            per.clear()
+        mem = per[key] = estimate(facts, cfg)
+    return mem.model_copy()
+
+
 def _evaluate(facts: ModelFacts, cfg: ServerConfig, policy: Policy) -> _Candidate:
-    mem = estimate(facts, cfg)
+    mem = _estimate(facts, cfg)
     gpu_need = max(mem.vram_bytes) if mem.vram_bytes else 0
     return _Candidate(cfg=cfg, mem=mem, host_need=_request(policy, mem.full_context_bytes), gpu_need=gpu_need)
 

@@ -90,6 +90,7 @@ class PodSignals:
     config_error: str | None = None  # CreateContainerConfigError: a missing Secret or key, usually
     crash: str | None = None
     running: int = 0
+    ready: int = 0  # Ready pods (of ``template_hash`` when given), not terminating
 
 
 def _terminated(cs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -110,6 +111,11 @@ def pod_signals(pods: list[dict[str, Any]], template_hash: str | None = None) ->
             continue
         if st.get("phase") == "Running":
             sig.running += 1
+            current = template_hash is None or (meta.get("annotations") or {}).get(HASH_ANNOTATION) == template_hash
+            if current and any(
+                c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []
+            ):
+                sig.ready += 1
         if st.get("phase") == "Pending":
             for c in st.get("conditions") or []:
                 if (
@@ -151,6 +157,9 @@ def workload_conditions(
     updated = int(st.get("updatedReplicas") or 0)
     total = int(st.get("replicas") or 0)
     sig = pod_signals(pods, template_hash)
+    # Ready pods of the current plan count at once: the Deployment's readyReplicas follows them only when the
+    # controller-manager gets to it (tens of seconds behind when it has hundreds of Deployments to update).
+    ready = max(ready, sig.ready if template_hash is not None else 0)
     # The ReplicaSet could not create a pod (the API server refused it: an image with spaces, a quota, an
     # admission policy): the Deployment carries the reason, and there are no pods to tell.
     refused = next(
