@@ -297,11 +297,11 @@ def test_step_prompt_cache_keeps_an_explicit_budget() -> None:
 def test_huge_pages_for_weights_the_cpu_streams() -> None:
     from modelfit.sizing import THP_ENV
 
-    r = plan(QWEN, cpu(8 * GiB), Policy(context=4096))
+    r = plan(QWEN, cpu(8 * GiB), Policy(context=4096, huge_pages=True))
     assert r.plan.env == THP_ENV == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     assert any(x.startswith("huge pages on (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)") for x in r.reasons)
-    off = plan(QWEN, cpu(8 * GiB), Policy(context=4096, huge_pages=False))
-    assert off.plan.env == {} and any(x.startswith("huge pages off: as requested") for x in off.reasons)
+    off = plan(QWEN, cpu(8 * GiB), Policy(context=4096))  # the default until the memory model counts them
+    assert off.plan.env == {} and any(x.startswith("huge pages off: weight buffers") for x in off.reasons)
     assert off.plan.args == r.plan.args and off.memory == r.memory  # the flags and the memory model are the same
     gpu = plan(catalog_facts("llama-3.1-8b", "Q4_K_M"), profile("rtx-4090-24gb"), Policy(context=8192))
     assert gpu.plan.gpu_layers == gpu.plan.total_layers and gpu.plan.env == {}
