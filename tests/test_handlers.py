@@ -903,3 +903,23 @@ def test_capacity_counts_the_rendered_requests_not_only_the_plan():
     p = go(md(spec), k, st)
     unsched = next(c for c in p["conditions"] if c["type"] == "Unschedulable")
     assert unsched["reason"] != "InsufficientCapacity", unsched  # 2 x 100m fit where the plan's threads would not
+
+
+def test_a_plan_no_node_fits_is_retried_with_backoff():
+    """Room can come back without an event of ours (another tenant's pods finish terminating)."""
+    busy = {
+        "metadata": {"name": "other", "namespace": "team-b", "labels": {}},
+        "spec": {"nodeName": "cpu-small", "containers": [{"resources": {"requests": {"cpu": "2", "memory": "1Gi"}}}]},
+        "status": {"phase": "Running"},
+    }
+    k, st = FakeKube([CPU_SMALL], pods=[busy]), OperatorState()
+    p = go(md(SMALL_SPEC), k, st)
+    assert next(c for c in p["conditions"] if c["type"] == "Planned")["reason"] == "NoNodeFits"
+    seen = st.seen[("default", "qwen")]
+    assert seen.failures == 1 and seen.retry_at > 0 and not st.due(("default", "qwen"))
+    k.pods.clear()  # the other pod is gone
+    st.snapshot.invalidate()
+    seen.retry_at = 1.0  # the backoff has passed
+    assert st.due(("default", "qwen"))
+    p = go(md(SMALL_SPEC, status=p), k, st)
+    assert p["plan"]["fits"] and (seen.failures, seen.retry_at) == (0, 0.0)

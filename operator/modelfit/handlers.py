@@ -417,9 +417,10 @@ async def reconcile(
         finally:
             metrics.RECONCILES.labels(result=result).inc()
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-        if result == "model_unreadable":
+        if result in ("model_unreadable", "unschedulable"):
             # A model server that is not up yet (or a hub that answers 5xx) must not wait for the 5-minute
-            # full resync: try again with the same backoff as a transient API failure.
+            # full resync, nor must a plan that no node fits: room comes back when other pods (not ours, so
+            # no event of ours says so) finish terminating. Try again with the backoff of a transient failure.
             seen.failures += 1
             seen.retry_at = time.monotonic() + retry_delay(seen.failures - 1)
         else:
