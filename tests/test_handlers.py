@@ -923,3 +923,17 @@ def test_a_plan_no_node_fits_is_retried_with_backoff():
     assert st.due(("default", "qwen"))
     p = go(md(SMALL_SPEC, status=p), k, st)
     assert p["plan"]["fits"] and (seen.failures, seen.retry_at) == (0, 0.0)
+
+
+def test_a_terminating_namespace_is_not_an_error(caplog):
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    msg = (
+        'services "qwen" is forbidden: unable to create new content in namespace default because it is being terminated'
+    )
+    k.fail_apply["Service"] = kube.KubeError(403, msg)
+    with caplog.at_level(logging.WARNING):
+        p = go(md(SMALL_SPEC), k, st)
+    assert p == {} and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    k.fail_apply["Service"] = kube.KubeError(403, 'services "qwen" is forbidden: User cannot create services')
+    p = go(md(SMALL_SPEC), k, st)
+    assert next(c for c in p["conditions"] if c["type"] == "Degraded")["reason"] == "ApplyFailed"  # RBAC still reported

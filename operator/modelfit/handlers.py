@@ -574,6 +574,10 @@ async def _reconcile(
             state.snapshot.invalidate()
         await _apply(kube, ns, decision, seen, snap.deploy is not None)
     except _ApiFailed as failed:
+        if failed.exc.status == 403 and "being terminated" in failed.exc.message:
+            # Its namespace is being deleted, and the ModelDeployment with it: nothing to report or retry.
+            logger.debug(f"namespace {ns} is terminating: {failed}")
+            return {}, "terminating"
         transient = failed.exc.transient
         reason = "ApiUnavailable" if transient else "ApplyFailed" if failed.write else "ApiError"
         message = f"{failed}" + ("; retrying" if transient else "")
