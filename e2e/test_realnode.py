@@ -226,7 +226,10 @@ def test_downloads(cluster: Any, operator: Any, real_node: RealNode, model_serve
     bad[len(bad) // 2] ^= 0xFF
     (cached_dir / "cached.gguf").write_bytes(bytes(bad))
     for name, (url, sum_, cache) in cases.items():
-        spec = pinned(model={"url": url, "sha256": sum_}, context=512)
+        # Four pods at once on a 2-CPU node: one thread and a quarter core each (the plan alone asks for 2 cores).
+        spec = pinned(
+            model={"url": url, "sha256": sum_}, context=512, threads=1, resources={"requests": {"cpu": "250m"}}
+        )
         if cache is not None:
             spec["modelCache"] = {"hostPath": {"path": str(cache)}}
         cluster.apply(md(name, ns, **spec))
