@@ -680,7 +680,7 @@ def main() -> int:
             per: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
             for p in snap["pod_items"]:
                 nn = (p.get("spec") or {}).get("nodeName") or "(not scheduled)"
-                from modelfit.kube import pod_requests
+                from modelfit.occupancy import pod_requests
 
                 c, m = pod_requests(p)
                 per[nn][0] += 1

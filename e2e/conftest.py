@@ -276,18 +276,32 @@ def delete_node(cluster: Cluster) -> Callable[[str], None]:
     return cluster.delete_node
 
 
-@pytest.fixture
-def namespace(cluster: Cluster) -> Iterable[str]:
-    """A fresh namespace, deleted (without waiting) after the test."""
-    name = f"e2e-{uuid.uuid4().hex[:8]}"
+def _fresh_namespace(cluster: Cluster, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
     cluster.wait_for(
         lambda: cluster.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
         timeout=30,
         what=f"default ServiceAccount in {name}",
     )
+    return name
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterable[str]:
+    """A fresh namespace, deleted (without waiting) after the test."""
+    name = _fresh_namespace(cluster, "e2e")
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+@pytest.fixture
+def ns(cluster: Cluster, real_node: Any) -> Iterable[str]:
+    """A fresh namespace for a real-node test; afterwards deleted, waiting until its pods no longer hold the
+    node's CPU and memory (the next test plans on what they free)."""
+    name = _fresh_namespace(cluster, "rn")
+    yield name
+    real_node.wait_gone(name)
 
 
 # --------------------------------------------------------------------------- modelfit

@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,17 +40,6 @@ MAX_TOKENS = 768  # ~0.5 s per request for the tiny model on one thread: far lon
 @pytest.fixture(scope="module")
 def model() -> Path:
     return ensure_model("qwen3-tiny", "Q4_0")
-
-
-@pytest.fixture
-def ns(cluster: Any, real_node: RealNode) -> Iterator[str]:
-    name = f"hpa-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    cluster.wait_for(
-        lambda: cluster.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0, timeout=30
-    )
-    yield name
-    real_node.wait_gone(name)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +46,6 @@ def qwen35() -> Path:
 @pytest.fixture(scope="module")
 def tiny() -> Path:
     return ensure_model("llama-tiny", "F16")
-
-
-@pytest.fixture
-def ns(cluster: Any, real_node: RealNode) -> Iterator[str]:
-    name = f"rn-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    cluster.wait_for(
-        lambda: cluster.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0, timeout=30
-    )
-    yield name
-    real_node.wait_gone(name)
 
 
 def status(cluster: Any, ns: str, name: str) -> dict[str, Any]:

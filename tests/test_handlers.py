@@ -226,22 +226,6 @@ def test_node_signature_changes():
     assert st.node_changed("DELETED", relabeled) and not st.node_changed("DELETED", relabeled)
 
 
-def test_pod_requests_and_node_facts():
-    pod = {
-        "metadata": {"name": "x", "namespace": "a"},
-        "spec": {
-            "nodeName": "cpu-large",
-            "containers": [{"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}}] * 2,
-            "initContainers": [{"resources": {"requests": {"cpu": "2", "memory": "1Mi"}}}],
-        },
-        "status": {"phase": "Running"},
-    }
-    assert kube.pod_requests(pod) == (2000, 2 << 30)
-    cordoned = {**CPU_SMALL, "spec": {"unschedulable": True}}
-    facts = kube.node_facts([CPU_LARGE, cordoned], [pod])
-    assert [f.name for f in facts] == ["cpu-large"] and facts[0].memory_bytes == 62 << 30
-
-
 def test_burst_plans_see_each_other_and_a_full_node_does_not_fit():
     """Plans made on one node list count each other's pods (reserved until the list shows them), and a node
     without the CPU a plan requests does not fit: the scheduler would refuse the pod."""

@@ -302,7 +302,7 @@ def pod_of(p, i):
 
 
 def test_models_pack_onto_one_node_each_with_the_cpu_its_threads_need():
-    from modelfit.kube import node_facts
+    from modelfit.occupancy import node_facts
 
     nodes = [k8s_node("big", "16", "64Gi")]
     other = {  # a pod that is not ours still takes its CPU

@@ -30,6 +30,7 @@ from . import api
 from .api import ModelDeploymentSpec, Rebalance
 from .facts import ModelFacts
 from .nodes import NodeFacts, NodeShape, parse_quantity
+from .occupancy import requests_of
 from .placement import WAITING_FOR_NODE, Placement, class_selector, ineligible_reason, place_with_shapes
 from .render import (
     APPLIED_ANNOTATION,
@@ -287,11 +288,6 @@ def keep_running(snap: Snapshot, r: _Reaction, new_plan: dict[str, Any], pinned:
     )
 
 
-def _cpu_millis(resources: dict[str, Any]) -> int:
-    cpu = ((resources or {}).get("requests") or {}).get("cpu")
-    return int(parse_quantity(cpu) * 1000) if cpu else 0
-
-
 def surge_fits(snap: Snapshot, placement: Placement) -> bool:
     """Room for the new pod beside a running one? Always when the pods move to another node class."""
     old_plan: dict[str, Any] = snap.old.get("plan") or {}
@@ -302,8 +298,8 @@ def surge_fits(snap: Snapshot, placement: Placement) -> bool:
     if node.count > len(running):
         return True  # a member of the class without our pod takes the new one
     old_mem = int(old_plan.get("memoryRequestBytes") or 0)
-    old_cpu = _cpu_millis(old_plan.get("resources") or {})
-    new_cpu = _cpu_millis(res.resources.model_dump())
+    old_cpu, _ = requests_of(old_plan.get("resources"))
+    new_cpu, _ = requests_of(res.resources.model_dump())
     mem_ok = node.memory_bytes is None or node.memory_bytes >= old_mem + res.memory_request_bytes
     return mem_ok and node.cpu_millis >= old_cpu + new_cpu
 
@@ -314,8 +310,7 @@ def replicas_that_fit(snap: Snapshot, placement: Placement, requests: dict[str, 
     ``requests`` are the rendered pod's (the plan's, or spec.resources where it overrides them); our own
     pods count as free, since the node facts leave them out.
     """
-    mem = int(parse_quantity(requests["memory"])) if requests.get("memory") else 0
-    cpu = _cpu_millis({"requests": requests})
+    cpu, mem = requests_of({"requests": requests})
     gpus = int(next((v for k, v in requests.items() if k.endswith("/gpu")), 0) or 0)
     room, nodes = 0, 0
     for n in snap.nodes:

@@ -38,8 +38,9 @@ from .api import ModelDeploymentSpec
 from .decide import Decision, LoadedFacts, Snapshot, api_failure, check_spec, decide, failure
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, GGUFHeader, read_gguf
-from .kube import ClusterSnapshot, Kube, KubeError, Reservation, get_client, path_for
+from .kube import ClusterSnapshot, Kube, KubeError, get_client, path_for
 from .nodes import NodeShape
+from .occupancy import Reservation
 from .render import HPA_METRIC, MD_LABEL, POD_MONITOR_API_VERSION, model_file, selector_string
 from .status import Cond
 

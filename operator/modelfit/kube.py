@@ -12,13 +12,13 @@ import json
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from . import metrics
-from .nodes import NodeFacts, node_facts_from_k8s, parse_quantity
+from . import metrics, occupancy
+from .nodes import NodeFacts, node_facts_from_k8s
+from .occupancy import Reservation
 
 FIELD_MANAGER = "modelfit"
 
@@ -193,77 +193,6 @@ def get_client() -> Kube:
 # ---- node facts from the live cluster ------------------------------------------------------------
 
 
-def node_usable(node: dict[str, Any]) -> bool:
-    """Schedulable and not NotReady (a node without a Ready condition yet counts as usable)."""
-    if (node.get("spec") or {}).get("unschedulable"):
-        return False
-    for c in (node.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Ready":
-            return bool(c.get("status") == "True")
-    return True
-
-
-def pod_requests(pod: dict[str, Any]) -> tuple[int, int]:
-    """(CPU millis, memory bytes) a pod requests: containers summed, init containers at their max."""
-    spec = pod.get("spec") or {}
-
-    def req(c: dict[str, Any]) -> tuple[int, int]:
-        r = (c.get("resources") or {}).get("requests") or {}
-        return int(parse_quantity(r.get("cpu", "0")) * 1000), int(parse_quantity(r.get("memory", "0")))
-
-    cpu = mem = 0
-    for c in spec.get("containers") or []:
-        a, b = req(c)
-        cpu, mem = cpu + a, mem + b
-    for c in spec.get("initContainers") or []:
-        a, b = req(c)
-        cpu, mem = max(cpu, a), max(mem, b)
-    over = spec.get("overhead") or {}
-    return cpu + int(parse_quantity(over.get("cpu", "0")) * 1000), mem + int(parse_quantity(over.get("memory", "0")))
-
-
-def node_facts(
-    nodes: list[dict[str, Any]], pods: list[dict[str, Any]], exclude: Callable[[dict[str, Any]], bool] | None = None
-) -> list[NodeFacts]:
-    """Facts of usable nodes, less what their running pods request (pods matching ``exclude`` don't count)."""
-    used: dict[str, tuple[int, int]] = {}
-    for pod in pods:
-        node = (pod.get("spec") or {}).get("nodeName")
-        phase = (pod.get("status") or {}).get("phase")
-        if not node or phase in ("Succeeded", "Failed") or (exclude is not None and exclude(pod)):
-            continue
-        cpu, mem = pod_requests(pod)
-        a, b = used.get(node, (0, 0))
-        used[node] = (a + cpu, b + mem)
-    out = []
-    for n in nodes:
-        if not node_usable(n):
-            continue
-        name = str((n.get("metadata") or {}).get("name"))
-        cpu, mem = used.get(name, (0, 0))
-        out.append(node_facts_from_k8s(n, cpu, mem))
-    return out
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """What the pods of one of our Deployments will request, and where they may go (the pod template's
-    nodeSelector): counted on the nodes until the pods show up scheduled in a node list."""
-
-    selector: tuple[tuple[str, str], ...]
-    cpu_millis: int
-    memory_bytes: int
-    replicas: int
-
-    @classmethod
-    def of(cls, deploy: dict[str, Any]) -> Reservation:
-        spec = deploy.get("spec") or {}
-        pod_spec = (spec.get("template") or {}).get("spec") or {}
-        cpu, mem = pod_requests({"spec": pod_spec})
-        selector = tuple(sorted((pod_spec.get("nodeSelector") or {}).items()))
-        return cls(selector, cpu, mem, int(spec.get("replicas", 1) or 0))
-
-
 class ClusterSnapshot:
     """Nodes and pods, listed at most every ``ttl`` seconds unless invalidated by a node event.
 
@@ -278,12 +207,10 @@ class ClusterSnapshot:
         self.taken = 0.0
         self.generation = 0  # lists so far; invalidate() does not bump it
         self._lock: asyncio.Lock | None = None
-        self._usage: tuple[int, dict[str, tuple[int, int]], dict[tuple[str, str], list[tuple[str, int, int]]]] | None
-        self._usage = None
+        self._usage: tuple[int, occupancy.PerNode, occupancy.PerOwner] | None = None
         self._base: tuple[int, list[NodeFacts]] | None = None
         # Where the pods of reservations not yet seen scheduled will go (a guess: the scheduler's spread)
-        self._pending: tuple[Any, dict[str, tuple[int, int]], dict[tuple[str, str], list[tuple[str, int, int]]]] | None
-        self._pending = None
+        self._pending: tuple[tuple[int, int], occupancy.PerNode, occupancy.PerOwner] | None = None
 
     def invalidate(self) -> None:
         self.taken = 0.0
@@ -310,64 +237,27 @@ class ClusterSnapshot:
             self.taken = time.monotonic()
             self.generation += 1
 
-    def usage(
-        self, owner_label: str
-    ) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, str], list[tuple[str, int, int]]]]:
-        """What the listed pods request per node, and per (namespace, owner label value) the pods' own
-        (node, CPU millis, memory bytes); computed once per list."""
+    def usage(self, owner_label: str) -> tuple[occupancy.PerNode, occupancy.PerOwner]:
+        """``occupancy.usage`` of the listed pods, computed once per list."""
         if self._usage is None or self._usage[0] != self.generation:
-            used: dict[str, tuple[int, int]] = {}
-            by_owner: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
-            for pod in self.pods:
-                node = (pod.get("spec") or {}).get("nodeName")
-                phase = (pod.get("status") or {}).get("phase")
-                if not node or phase in ("Succeeded", "Failed"):
-                    continue
-                cpu, mem = pod_requests(pod)
-                a, b = used.get(node, (0, 0))
-                used[node] = (a + cpu, b + mem)
-                meta = pod.get("metadata") or {}
-                owner = (meta.get("labels") or {}).get(owner_label)
-                if owner:
-                    by_owner.setdefault((str(meta.get("namespace")), str(owner)), []).append((node, cpu, mem))
-            self._usage = (self.generation, used, by_owner)
+            self._usage = (self.generation, *occupancy.usage(self.pods, owner_label))
         return self._usage[1], self._usage[2]
+
+    def _base_facts(self) -> list[NodeFacts]:
+        """The usable nodes' allocatable, once per list."""
+        if self._base is None or self._base[0] != self.generation:
+            self._base = (self.generation, [node_facts_from_k8s(n) for n in self.nodes if occupancy.node_usable(n)])
+        return self._base[1]
 
     def _pending_usage(
         self, owner_label: str, reservations: dict[tuple[str, str], Reservation], version: int
-    ) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, str], list[tuple[str, int, int]]]]:
-        """Reserved pods not in the node list yet (planned, not created or not scheduled), put on the matching
-        node with the most room left, as the scheduler's default spread would; per node and per owner."""
+    ) -> tuple[occupancy.PerNode, occupancy.PerOwner]:
+        """``occupancy.place_reserved`` for this list and this version of the reservations, computed once."""
         key = (self.generation, version)
-        if self._pending is not None and self._pending[0] == key:
-            return self._pending[1], self._pending[2]
-        used, by_owner = self.usage(owner_label)
-        assert self._base is not None
-        free = {
-            b.name: [b.cpu_millis - used.get(b.name, (0, 0))[0], (b.memory_bytes or 0) - used.get(b.name, (0, 0))[1]]
-            for b in self._base[1]
-        }
-        labels = {b.name: b.labels for b in self._base[1]}
-        pending: dict[str, tuple[int, int]] = {}
-        placed: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
-        for owner, r in sorted(reservations.items()):
-            missing = r.replicas - len(by_owner.get(owner, []))
-            for _ in range(max(0, missing)):
-                fits = [
-                    n
-                    for n, (c, m) in free.items()
-                    if c >= r.cpu_millis and m >= r.memory_bytes and all(labels[n].get(k) == v for k, v in r.selector)
-                ]
-                if not fits:
-                    break  # the scheduler will refuse it too; it takes nothing
-                n = max(fits, key=lambda x: (free[x][0], free[x][1], x))
-                free[n][0] -= r.cpu_millis
-                free[n][1] -= r.memory_bytes
-                a, b = pending.get(n, (0, 0))
-                pending[n] = (a + r.cpu_millis, b + r.memory_bytes)
-                placed.setdefault(owner, []).append((n, r.cpu_millis, r.memory_bytes))
-        self._pending = (key, pending, placed)
-        return pending, placed
+        if self._pending is None or self._pending[0] != key:
+            used, by_owner = self.usage(owner_label)
+            self._pending = (key, *occupancy.place_reserved(self._base_facts(), used, by_owner, reservations))
+        return self._pending[1], self._pending[2]
 
     def node_facts(
         self,
@@ -376,28 +266,10 @@ class ClusterSnapshot:
         reservations: dict[tuple[str, str], Reservation] | None = None,
         version: int = 0,
     ) -> list[NodeFacts]:
-        """``node_facts(nodes, pods, exclude=the owner's pods)``, from the per-list sums, less the pods of
-        ``reservations`` (other than the owner's) that the list does not show scheduled yet."""
+        """``occupancy.node_facts(nodes, pods, exclude=the owner's pods)`` from the per-list sums, less the pods
+        of ``reservations`` (other than the owner's) that the list does not show scheduled yet."""
         used, by_owner = self.usage(owner_label)
-        if self._base is None or self._base[0] != self.generation:
-            self._base = (self.generation, [node_facts_from_k8s(n) for n in self.nodes if node_usable(n)])
+        base = self._base_facts()
         pending, placed = self._pending_usage(owner_label, reservations or {}, version)
-        mine: dict[str, tuple[int, int]] = {}
-        for node, cpu, mem in by_owner.get(owner, []) + placed.get(owner, []):
-            a, b = mine.get(node, (0, 0))
-            mine[node] = (a + cpu, b + mem)
-        out = []
-        for base in self._base[1]:
-            cpu, mem = used.get(base.name, (0, 0))
-            p_cpu, p_mem = pending.get(base.name, (0, 0))
-            own_cpu, own_mem = mine.get(base.name, (0, 0))
-            cpu, mem = cpu + p_cpu - own_cpu, mem + p_mem - own_mem
-            out.append(
-                base.model_copy(
-                    update={
-                        "cpu_millis": max(base.cpu_millis - cpu, 0),
-                        "memory_bytes": max((base.memory_bytes or 0) - mem, 0),
-                    }
-                )
-            )
-        return out
+        own = by_owner.get(owner, []) + placed.get(owner, [])
+        return occupancy.free(base, occupancy.add(used, pending), own)

@@ -5,7 +5,7 @@ tolerations (a GPU taint is tolerated for GPU-capable specs, since the pod
 then tolerates it). Each node class (instance type, else the host) is planned
 for its roomiest member (one with a whole CPU free first). A node fits only when
 its free memory and its free CPU (allocatable less what every pod on it
-requests, ``kube.node_facts``) cover the pod's requests, as the scheduler
+requests, ``occupancy``) cover the pod's requests, as the scheduler
 decides; the CPU request is the plan's threads (``sizing._threads``: a few per
 model, so models pack onto a node) or spec.resources.requests.cpu. The best
 fitting plan wins: full GPU offload, then any GPU, then the longest context,
@@ -25,7 +25,8 @@ from typing import Any
 
 from .api import ModelDeploymentSpec
 from .facts import ModelFacts
-from .nodes import NodeFacts, NodeShape, format_cpu, format_memory, parse_quantity
+from .nodes import NodeFacts, NodeShape, format_cpu, format_memory
+from .occupancy import cpu_millis
 from .sizing import MIN_CONTEXT_DEFAULT, PlanResult, Policy, plan, spec_policy
 
 GPU_TAINT_KEYS = ("nvidia.com/gpu", "amd.com/gpu")
@@ -164,8 +165,8 @@ def cpu_request_millis(spec: ModelDeploymentSpec, res: PlanResult) -> int:
     """The CPU the pod asks the scheduler for: spec.resources.requests.cpu, else the plan's threads."""
     override = (spec.resources.requests or {}).get("cpu") if spec.resources else None
     if override is not None:
-        return int(parse_quantity(override) * 1000)
-    return res.cpu_request_millis or int(parse_quantity(res.resources.requests.get("cpu", "0")) * 1000)
+        return cpu_millis(override)
+    return res.cpu_request_millis or cpu_millis(res.resources.requests.get("cpu"))
 
 
 def _cpu_short(spec: ModelDeploymentSpec, res: PlanResult, node: NodeFacts) -> int:

@@ -1,0 +1,135 @@
+"""What pods occupy on nodes, and where the pods of a burst of plans will go (modelfit.occupancy)."""
+
+import pytest
+
+from modelfit.nodes import node_facts_from_k8s
+from modelfit.occupancy import (
+    Reservation,
+    cpu_millis,
+    free,
+    node_facts,
+    node_usable,
+    place_reserved,
+    pod_requests,
+    requests_of,
+    usage,
+)
+
+Gi = 1 << 30
+LABEL = "modelfit.io/owner"
+
+
+def k8s_node(name, cpu="8", memory="32Gi", labels=None, **extra):
+    node = {
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
+        "status": {"allocatable": {"cpu": cpu, "memory": memory, "pods": "110"}},
+    }
+    node.update(extra)
+    return node
+
+
+def pod(node, cpu="1", memory="1Gi", owner=None, ns="a", phase="Running"):
+    labels = {LABEL: owner} if owner else {}
+    return {
+        "metadata": {"name": f"p-{node}-{cpu}-{memory}", "namespace": ns, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"resources": {"requests": {"cpu": cpu, "memory": memory}}}]},
+        "status": {"phase": phase},
+    }
+
+
+def test_quantities_and_requests():
+    assert cpu_millis("500m") == 500 and cpu_millis("2") == 2000 and cpu_millis(None) == 0 and cpu_millis("") == 0
+    assert requests_of({"requests": {"cpu": "250m", "memory": "1Gi"}}) == (250, Gi)
+    assert requests_of(None) == (0, 0) and requests_of({"limits": {"cpu": "4"}}) == (0, 0)
+    with pytest.raises(ValueError):
+        requests_of({"requests": {"cpu": "lots"}})
+
+
+def test_pod_requests_sum_containers_max_init_and_add_overhead():
+    p = {
+        "spec": {
+            "containers": [{"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}}] * 2,
+            "initContainers": [{"resources": {"requests": {"cpu": "2", "memory": "1Mi"}}}],
+            "overhead": {"cpu": "100m", "memory": "64Mi"},
+        }
+    }
+    assert pod_requests(p) == (2100, 2 * Gi + (64 << 20))
+    assert pod_requests({}) == (0, 0)
+
+
+def test_usable_nodes():
+    assert node_usable(k8s_node("n"))  # no Ready condition yet
+    assert not node_usable(k8s_node("n", spec={"unschedulable": True}))
+    not_ready = k8s_node("n")
+    not_ready["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    assert not node_usable(not_ready)
+
+
+def test_node_facts_count_running_pods_only_on_usable_nodes():
+    cordoned = k8s_node("small", "2", "4Gi", spec={"unschedulable": True})
+    pods = [
+        pod("big", "500m", "1Gi"),
+        pod("big", "500m", "1Gi"),
+        pod("big", "4", "4Gi", phase="Succeeded"),  # finished: holds nothing
+        {**pod("", "4", "4Gi"), "spec": {"containers": []}},  # not scheduled
+    ]
+    facts = node_facts([k8s_node("big", "16", "64Gi"), cordoned], pods)
+    assert [(f.name, f.cpu_millis, f.memory_bytes) for f in facts] == [("big", 15000, 62 * Gi)]
+    mine = node_facts([k8s_node("big", "16", "64Gi")], pods, exclude=lambda p: p is pods[0])
+    assert (mine[0].cpu_millis, mine[0].memory_bytes) == (15500, 63 * Gi)
+
+
+def test_usage_per_node_and_per_owner():
+    used, by_owner = usage([pod("n1", owner="m"), pod("n1", "2", "2Gi"), pod("n2", owner="m", ns="b")], LABEL)
+    assert used == {"n1": (3000, 3 * Gi), "n2": (1000, Gi)}
+    assert by_owner == {("a", "m"): [("n1", 1000, Gi)], ("b", "m"): [("n2", 1000, Gi)]}
+
+
+def test_free_gives_back_the_owners_own_pods():
+    base = [node_facts_from_k8s(k8s_node("n1", "4", "8Gi"))]
+    used = {"n1": (3000, 6 * Gi)}
+    assert (free(base, used)[0].cpu_millis, free(base, used)[0].memory_bytes) == (1000, 2 * Gi)
+    back = free(base, used, own=[("n1", 2000, 2 * Gi)])[0]
+    assert (back.cpu_millis, back.memory_bytes) == (3000, 4 * Gi)
+    over = free(base, {"n1": (9000, 9 * Gi)})[0]  # an overcommitted node has nothing free, not less
+    assert (over.cpu_millis, over.memory_bytes) == (0, 0)
+
+
+def deployment(cpu, memory, replicas=1, selector=None):
+    return {
+        "spec": {
+            "replicas": replicas,
+            "template": {
+                "spec": {
+                    "nodeSelector": selector or {},
+                    "containers": [{"resources": {"requests": {"cpu": cpu, "memory": memory}}}],
+                }
+            },
+        }
+    }
+
+
+def test_reservation_of_a_deployment():
+    r = Reservation.of(deployment("2", "1Gi", replicas=3, selector={"pool": "cpu"}))
+    assert r == Reservation((("pool", "cpu"),), 2000, Gi, 3)
+    assert Reservation.of({"spec": {"replicas": 0}}).replicas == 0
+
+
+def test_reserved_pods_spread_to_the_roomiest_matching_node_and_stop_when_nothing_fits():
+    base = [
+        node_facts_from_k8s(k8s_node("a", "4", "8Gi", {"pool": "cpu"})),
+        node_facts_from_k8s(k8s_node("b", "4", "8Gi", {"pool": "cpu"})),
+        node_facts_from_k8s(k8s_node("g", "16", "64Gi", {"pool": "gpu"})),
+    ]
+    used = {"a": (1000, 0)}
+    reservations = {
+        ("ns", "x"): Reservation((("pool", "cpu"),), 2000, 2 * Gi, 3),  # b (roomier), then a, then b again
+        ("ns", "y"): Reservation((("pool", "cpu"),), 2000, Gi, 1),  # no room left in the pool: takes nothing
+        ("ns", "z"): Reservation((), 1000, Gi, 2),  # one pod already listed; the other goes to g
+    }
+    by_owner = {("ns", "z"): [("g", 1000, Gi)]}
+    pending, placed = place_reserved(base, used, by_owner, reservations)
+    assert placed[("ns", "x")] == [("b", 2000, 2 * Gi), ("a", 2000, 2 * Gi), ("b", 2000, 2 * Gi)]
+    assert ("ns", "y") not in placed
+    assert placed[("ns", "z")] == [("g", 1000, Gi)]
+    assert pending == {"a": (2000, 2 * Gi), "b": (4000, 4 * Gi), "g": (1000, Gi)}
