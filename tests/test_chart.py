@@ -556,6 +556,13 @@ MD_CASES: dict[str, dict[str, Any]] = {
         "promptCache": "auto",
     },
     "prompt-cache-off": {"promptCache": 0},
+    "sharing": {
+        "threads": 2,
+        "replicas": 3,  # left out: the HPA owns it
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 4, "targetUtilization": 100},
+        "rebalance": {"policy": "Never"},
+    },
+    "threads-auto": {"threads": "auto", "rebalance": {"policy": "WhenBetter", "minImprovement": 50}},
     "huggingFace": {"model": {"huggingFace": {"repo": "unsloth/Qwen3.5-0.8B-GGUF", "file": "Qwen3.5-0.8B-Q4_0.gguf"}}},
     "pvc": {"model": {"pvc": {"claimName": "models", "path": "/m/qwen.gguf"}}, "modelCache": {"emptyDir": {}}},
 }
@@ -600,6 +607,26 @@ def test_modeldeployment_full(helm: str, helm_env: dict[str, str], tmp_path: Pat
     assert "nodeProfile" not in spec and "expectedPlan" not in spec
 
 
+def test_modeldeployment_chart_sets_every_spec_field() -> None:
+    """Every field of the CRD's spec has a value in the chart: a helmfile user can set what kubectl can."""
+    schema = crd_schema()
+    assert schema is not None
+    spec_fields = set(schema["properties"]["spec"]["properties"])
+    chart_values = set(json.loads((MD_CHART / "values.schema.json").read_text())["properties"])
+    assert spec_fields - chart_values == set()
+
+
+def test_modeldeployment_threads_autoscaling_rebalance(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    (md,) = render(helm, helm_env, MD_CHART, MD_CASES["sharing"], tmp_path=tmp_path)
+    spec = md["spec"]
+    assert spec["threads"] == 2 and isinstance(spec["threads"], int)
+    assert spec["autoscaling"] == {"minReplicas": 1, "maxReplicas": 4, "targetUtilization": 100}
+    assert spec["rebalance"] == {"policy": "Never"}
+    assert "replicas" not in spec  # a re-apply must not reset what the HPA chose
+    (md,) = render(helm, helm_env, MD_CHART, MD_CASES["threads-auto"], tmp_path=tmp_path)
+    assert md["spec"]["threads"] == "auto" and md["spec"]["replicas"] == 1
+
+
 def test_modeldeployment_other_source_wins_over_catalog(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
     (md,) = render(helm, helm_env, MD_CHART, MD_CASES["url"], tmp_path=tmp_path)
     assert md["spec"]["model"] == {"url": "https://example.com/m.gguf"}
@@ -629,6 +656,11 @@ def test_modeldeployment_prompt_cache_zero_is_kept(helm: str, helm_env: dict[str
         {"service": {"type": "ExternalName"}},
         {"bogus": True},
         {"resources": {"requests": {"cpu": 2}}},
+        {"threads": 0},
+        {"threads": "many"},
+        {"autoscaling": {"minReplicas": 2}},  # maxReplicas is required
+        {"autoscaling": {"maxReplicas": 2, "targetUtilization": 150}},
+        {"rebalance": {"policy": "Sometimes"}},
     ],
     ids=lambda v: json.dumps(v, sort_keys=True),
 )

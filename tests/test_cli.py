@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -187,6 +188,8 @@ AGREEMENT_CASES = [
     (("--context", "max", "--adapt", "--min-context", "8192"), "Planned"),
     (("--context", "32768", "--adapt", "--kv-cache-type", "q4_0"), "Planned"),  # q4_0 KV reaches it
     (("--context", "65536", "--adapt", "--min-context", "16384", "--parallel", "2"), "Adapted"),
+    (("--context", "8192", "--threads", "1"), "Planned"),
+    (("--context", "8192", "--threads", "auto"), "Planned"),
 ]
 
 
@@ -325,3 +328,31 @@ def test_plan_needs_a_model_or_a_file_and_one_node(capsys: pytest.CaptureFixture
     assert "or -f FILE is required" in capsys.readouterr().err
     assert main(["plan", "qwen3.5-0.8b", "--node", "cpu", "--node", "cpu-small"]) == 2
     assert "several only with -f" in capsys.readouterr().err
+
+
+def test_threads_and_memory_bandwidth_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """--threads is spec.threads; --memory-bandwidth is the node's bandwidth label: auto reaches it."""
+
+    def threads(*opts: str) -> tuple[int, str]:
+        rc, out = run(capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--node", "cpu-large", *opts, "-o", "json")
+        d = json.loads(out)
+        assert rc == 0 and d["plan"]["args"][d["plan"]["args"].index("-t") + 1] == str(d["plan"]["threads"])
+        return int(d["plan"]["threads"]), d["resources"]["requests"]["cpu"]
+
+    assert threads() == (4, "4")  # the 20 GB/s budget
+    assert threads("--threads", "3") == (3, "3")
+    assert threads("--memory-bandwidth", "60") == (10, "10")  # ceil(60 / 6)
+    assert threads("--memory-bandwidth", "5") == (2, "2")  # at least 2 for prompts
+    assert threads("--memory-bandwidth", "500") == (16, "16")  # at most the node's CPUs
+
+
+def test_serve_dry_run_passes_the_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    from modelfit_dev.synth import ensure_model
+
+    model = ensure_model("llama-tiny", "F16")
+    rc = main(["serve", str(model), "--threads", "1", "--llama-server", str(fake), "--dry-run"])
+    out = capsys.readouterr().out.split()
+    assert rc == 0 and out[0] == str(fake) and out[out.index("-t") + 1] == "1"

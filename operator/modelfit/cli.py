@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from .sizing import PROMPT_CACHE_MAX_MIB, PlanResult, Policy, plan, spec_policy
 
 CONTEXT_MIN, CONTEXT_MAX = 256, 16_777_216  # as spec.context / spec.minContext in the CRD
 GPU_LAYERS_MAX = 1000  # as spec.gpuLayers
+THREADS_MAX = 1024  # as spec.threads
+BANDWIDTH_MAX_GBPS = 10000.0  # beyond any memory system today
 MEMORY_MIN, MEMORY_MAX = MiB, 1 << 50  # 1Mi .. 1Pi
 CPUS_MAX = 4096
 
@@ -110,6 +113,27 @@ def gpu_layers_arg(text: str) -> int | Literal["auto"]:
     if n is None or not 0 <= n <= GPU_LAYERS_MAX:
         raise argparse.ArgumentTypeError(f"must be auto or a whole number from 0 to {GPU_LAYERS_MAX}, not {text!r}")
     return n
+
+
+def threads_arg(text: str) -> int | Literal["auto"]:
+    """``auto`` or a thread count, as spec.threads."""
+    if text == "auto":
+        return "auto"
+    n = _whole(text)
+    if n is None or not 1 <= n <= THREADS_MAX:
+        raise argparse.ArgumentTypeError(f"must be auto or a whole number from 1 to {THREADS_MAX}, not {text!r}")
+    return n
+
+
+def bandwidth_arg(text: str) -> int:
+    """A memory bandwidth in GB/s (as the node label modelfit.io/memory-bandwidth-gbps), in bytes/s."""
+    try:
+        gbps = float(text)
+    except ValueError:
+        gbps = float("nan")
+    if not 0.1 <= gbps <= BANDWIDTH_MAX_GBPS:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be GB/s from 0.1 to {BANDWIDTH_MAX_GBPS:g}, not {text!r}")
+    return int(gbps * 1e9)
 
 
 def cache_ram_arg(text: str) -> int | Literal["auto"]:
@@ -232,6 +256,8 @@ def node_from_args(args: argparse.Namespace, name: str | None = None) -> NodeFac
         node.cpu_millis = args.cpus
     if args.memory is not None:
         node.memory_bytes = args.memory
+    if getattr(args, "memory_bandwidth", None) is not None:
+        node.memory_bandwidth_bytes = args.memory_bandwidth
     if args.gpus is not None:
         node.gpus = args.gpus
         if node.gpus and node.gpu_vendor == "none":
@@ -264,6 +290,7 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
         backend=args.backend,
         gpu_layers=args.gpu_layers,
         prompt_cache=args.cache_ram,
+        threads=getattr(args, "threads", None),
         ubatch=getattr(args, "ubatch", None),
         port=getattr(args, "port", None),
     )
@@ -417,6 +444,13 @@ def _add_plan_options(sp: argparse.ArgumentParser, from_file: bool = False) -> N
         help="allocatable memory, a Kubernetes quantity from 1Mi to 1Pi (e.g. 4Gi, 4096Mi, 4G); "
         "without it, report what the model needs",
     )
+    sp.add_argument(
+        "--memory-bandwidth",
+        type=checked(bandwidth_arg),
+        metavar="GBPS",
+        help="the node's memory bandwidth in GB/s, as its label modelfit.io/memory-bandwidth-gbps "
+        "(default: a 20 GB/s budget); threads auto reach it",
+    )
     sp.add_argument("--gpus", type=checked(gpus_arg), help="GPUs on the node, 0 to 64")
     sp.add_argument("--gpu-memory", type=checked(memory_arg), help="memory per GPU, 1Mi to 1Pi (e.g. 24Gi)")
     sp.add_argument(
@@ -431,6 +465,12 @@ def _add_plan_options(sp: argparse.ArgumentParser, from_file: bool = False) -> N
     )
     sp.add_argument("--parallel", type=checked(parallel_arg), help="parallel slots, 1 to 256")
     sp.add_argument("--ubatch", type=checked(ubatch_arg), help="micro-batch size, 16 to 8192")
+    sp.add_argument(
+        "--threads",
+        type=checked(threads_arg),
+        help=f"llama-server threads and the CPU request in cores, 1 to {THREADS_MAX}, or auto (default: the "
+        "fewest that reach the node's memory bandwidth, at least 2)",
+    )
     sp.add_argument("--kv-cache-type", choices=["auto", "f16", "q8_0", "q4_0"], help=KV_CACHE_TYPE_HELP)
     sp.add_argument("--load-mode", choices=["auto", "mmap", "none", "mlock"])
     sp.add_argument("--flash-attention", choices=["auto", "on", "off"])
@@ -474,6 +514,7 @@ SPEC_OPTIONS = (
     "cache_ram",
     "backend",
     "gpu_layers",
+    "threads",
 )
 NODE_PROFILE_ANNOTATION = "modelfit.io/node-profile"  # set by charts/modeldeployment from `modelfit values`
 
@@ -652,10 +693,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(res.plan.env.items())]
     if args.dry_run:
-        print(" ".join([binary, *res.plan.args]))
+        print(" ".join([*env, shlex.quote(binary), *map(shlex.quote, res.plan.args)]))
         return 0
-    os.execv(binary, [binary, *res.plan.args])
+    os.execve(binary, [binary, *res.plan.args], {**os.environ, **res.plan.env})  # the plan's env, as the pod's
     return 0  # pragma: no cover
 
 

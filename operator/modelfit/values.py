@@ -41,6 +41,7 @@ from .cli import (
     parallel_arg,
     quant_arg,
     replicas_arg,
+    threads_arg,
 )
 from .facts import ModelFacts
 from .nodes import PROFILES, NodeFacts, profile
@@ -118,6 +119,7 @@ def state_values(
     load_mode: str | None = None,
     flash_attention: str | None = None,
     prompt_cache: int | Literal["auto"] | None = None,
+    threads: int | Literal["auto"] | None = None,
     adapt: bool | None = None,
     install_operator: bool = True,
     operator_values: dict[str, Any] | None = None,
@@ -140,6 +142,7 @@ def state_values(
         ("loadMode", load_mode),
         ("flashAttention", flash_attention),
         ("promptCache", prompt_cache),
+        ("threads", threads),
         ("replicas", replicas),
         ("adapt", adapt),
     ):
@@ -198,6 +201,7 @@ def cmd_values(args: argparse.Namespace) -> int:
         load_mode=args.load_mode,
         flash_attention=args.flash_attention,
         prompt_cache=args.cache_ram,
+        threads=args.threads,
         adapt=args.adapt,
         install_operator=not args.no_operator,
         operator_values=_operator_values(args),
@@ -241,6 +245,9 @@ def register(sub: Any) -> None:
     sp.add_argument("--load-mode", choices=["auto", "mmap", "none", "mlock"])
     sp.add_argument("--flash-attention", choices=["auto", "on", "off"])
     sp.add_argument("--cache-ram", "--prompt-cache", dest="cache_ram", type=checked(cache_ram_arg), help=CACHE_RAM_HELP)
+    sp.add_argument(
+        "--threads", type=checked(threads_arg), help="llama-server threads and CPU request, 1 to 1024, or auto"
+    )
     sp.add_argument(
         "--adapt", action=argparse.BooleanOptionalAction, default=None, help="let the operator shrink the plan to fit"
     )
