@@ -921,3 +921,32 @@ def test_a_terminating_namespace_is_not_an_error(caplog):
     k.fail_apply["Service"] = kube.KubeError(403, 'services "qwen" is forbidden: User cannot create services')
     p = go(md(SMALL_SPEC), k, st)
     assert next(c for c in p["conditions"] if c["type"] == "Degraded")["reason"] == "ApplyFailed"  # RBAC still reported
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"model": {"catalog": "llama-3.1-8b", "quant": "Q8_0"}, "context": 131072},  # NoNodeFits
+        {"model": {"url": "https://example.invalid/m.gguf"}},  # ModelUnreadable
+        {**SMALL_SPEC, "nodeSelector": {"pool": "nowhere"}},  # NoEligibleNodes
+    ],
+    ids=["no-node-fits", "unreadable", "no-eligible-nodes"],
+)
+def test_a_verdict_is_logged_once_not_on_every_resync(caplog, spec):
+    """Re-reconciling to the same Planned=False verdict logs at debug; a new verdict is logged again."""
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    with caplog.at_level(logging.INFO):
+        p = go(md(spec), k, st)
+        first = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        caplog.clear()
+        go(md(spec, status=p), k, st)
+        again = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any(next(c for c in p["conditions"] if c["type"] == "Planned")["reason"] in m for m in first)
+    assert again == []
+    caplog.clear()
+    k.nodes.append(node("cpu-tiny", "1", "1Gi"))  # the message names every node: a new verdict
+    st.snapshot.invalidate()
+    with caplog.at_level(logging.INFO):
+        go(md(spec, status=p), k, st)
+    if spec["model"].get("url") is None:
+        assert [r for r in caplog.records if r.levelno == logging.WARNING]

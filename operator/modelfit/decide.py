@@ -119,13 +119,21 @@ def base_status(meta: dict[str, Any]) -> dict[str, Any]:
     return {"observedGeneration": meta.get("generation"), "selector": selector_string(str(meta.get("name")))}
 
 
+def reported(old: dict[str, Any], reason: str, message: str) -> bool:
+    """Whether the status already says Planned=False for this reason and message: a resync that reaches the
+    same verdict logs it at debug (it was logged once, when it was reported)."""
+    c = get_condition(list(old.get("conditions") or []), "Planned") or {}
+    return c.get("status") == "False" and c.get("reason") == reason and c.get("message") == message
+
+
 def failure(meta: dict[str, Any], old: dict[str, Any], reason: str, message: str, result: str) -> Decision:
     """No plan to run: the Planned=False conditions and nothing to apply."""
     new = base_status(meta)
     new["conditions"] = apply_conditions(
         list(old.get("conditions") or []), planning_failure_conditions(reason, message), meta.get("generation")
     )
-    return Decision(new, result, logs=[(logging.WARNING, f"{reason}: {message}")])
+    level = logging.DEBUG if reported(old, reason, message) else logging.WARNING
+    return Decision(new, result, logs=[(level, f"{reason}: {message}")])
 
 
 def api_failure(
@@ -463,9 +471,11 @@ def decide(snap: Snapshot) -> Decision:
     if r.rejected is not None:
         new["memoryOverrideRejected"] = r.rejected
     if old_plan.get("factsSource") != snap.loaded.source:
-        logs.append((logging.INFO, f"model facts from {snap.loaded.source}"))
+        # An unplaced model records no plan, hence no facts source: say it once, with its verdict.
+        again = not r.placement.fits and reported(old, r.placement.reason, r.placement.message)
+        logs.append((logging.DEBUG if again else logging.INFO, f"model facts from {snap.loaded.source}"))
         if snap.loaded.mismatch:
-            logs.append((logging.WARNING, snap.loaded.mismatch))
+            logs.append((logging.DEBUG if again else logging.WARNING, snap.loaded.mismatch))
     if not r.placement.fits or r.placement.result is None:
         return _unplaced(snap, r, new, logs)
 
