@@ -9,7 +9,8 @@ per-architecture rules in ``src/models/*.cpp`` and ``llama-hparams.cpp``.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -242,6 +243,41 @@ def build_layers(
     return layers
 
 
+class _Attention(NamedTuple):
+    heads: list[int]  # per layer
+    heads_kv: list[int]  # per layer (0: no KV, a recurrent layer of some hybrids)
+    n_ff: list[int]  # per layer
+    head_k: int
+    head_v: int
+
+
+def _attention(key: Callable[..., Any], n_layer_all: int, n_embd: int) -> _Attention:
+    """Heads, KV heads and FFN width per layer (scalars or per-layer arrays in GGUF), and head sizes."""
+    heads = _per_layer(key("attention.head_count"), n_layer_all, 0)
+    heads_kv = _per_layer(key("attention.head_count_kv"), n_layer_all, 0)
+    if key("attention.head_count_kv") is None:
+        heads_kv = list(heads)
+    n_ff = _per_layer(key("feed_forward_length"), n_layer_all, 0)
+    n_head_max = max(heads, default=0)
+    head_k = int(key("attention.key_length", 0) or (n_embd // n_head_max if n_head_max else 0))
+    head_v = int(key("attention.value_length", 0) or head_k)
+    return _Attention(heads, heads_kv, n_ff, head_k, head_v)
+
+
+def _sliding_window(key: Callable[..., Any], arch: str) -> tuple[int, int | list[bool] | None]:
+    """(window size, pattern: a period or a per-layer array); llama4's chunked attention is a window too."""
+    raw = key("attention.sliding_window_pattern")
+    pattern: int | list[bool] | None
+    if isinstance(raw, list):
+        pattern = [bool(x) for x in raw]
+    else:
+        pattern = int(raw) if raw is not None else None
+    n_swa = int(key("attention.sliding_window", 0) or 0)
+    if arch == "llama4":
+        n_swa = int(key("attention.chunk_size", n_swa) or 0)
+    return n_swa, pattern
+
+
 def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts:
     """Model facts from a GGUF header; unknown architectures are planned as dense."""
     meta = header.metadata
@@ -258,50 +294,28 @@ def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts
         blocks = [t for t in (layer_of(x.name) for x in header.tensors) if t is not None]
         n_layer_all = max(blocks) + 1 if blocks else 0
         warnings.append(f"{arch}.block_count missing; counted {n_layer_all} blocks from tensor names")
-    n_nextn = int(key("nextn_predict_layers", 0) or 0)
-    n_layer = max(n_layer_all - n_nextn, 0)
-    n_embd = int(key("embedding_length", 0) or 0)
+    n_layer = max(n_layer_all - int(key("nextn_predict_layers", 0) or 0), 0)
     token_embd = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
+    n_embd = int(key("embedding_length", 0) or 0)
     if n_embd <= 0 and token_embd is not None:
         n_embd = int(token_embd.shape[0])
-    heads = _per_layer(key("attention.head_count"), n_layer_all, 0)
-    heads_kv = _per_layer(key("attention.head_count_kv"), n_layer_all, 0)
-    if key("attention.head_count_kv") is None:
-        heads_kv = list(heads)
-    n_ff = _per_layer(key("feed_forward_length"), n_layer_all, 0)
-    n_head_max = max(heads) if heads else 0
-    head_k = int(key("attention.key_length", 0) or (n_embd // n_head_max if n_head_max else 0))
-    head_v = int(key("attention.value_length", 0) or head_k)
-
+    att = _attention(key, n_layer_all, n_embd)
     tokens = meta.get("tokenizer.ggml.tokens")
     n_vocab = int(key("vocab_size", 0) or (len(tokens) if tokens is not None else 0))
     if n_vocab <= 0 and token_embd is not None and len(token_embd.shape) > 1:
         n_vocab = int(token_embd.shape[1])
-
-    names = {t.name for t in header.tensors}
-    tied = "output.weight" not in names
-
-    swa_pattern_raw = key("attention.sliding_window_pattern")
-    swa_pattern: int | list[bool] | None
-    if isinstance(swa_pattern_raw, list):
-        swa_pattern = [bool(x) for x in swa_pattern_raw]
-    elif swa_pattern_raw is not None:
-        swa_pattern = int(swa_pattern_raw)
-    else:
-        swa_pattern = None
-    n_swa = int(key("attention.sliding_window", 0) or 0)
-    if arch == "llama4":
-        n_swa = int(key("attention.chunk_size", n_swa) or 0)
+    tied = "output.weight" not in {t.name for t in header.tensors}
+    n_swa, swa_pattern = _sliding_window(key, arch)
     rec_layers = key("attention.recurrent_layers")
     layers = build_layers(
         arch,
         n_layer_all,
         n_layer,
-        heads,
-        heads_kv,
-        n_ff,
-        head_k,
-        head_v,
+        att.heads,
+        att.heads_kv,
+        att.n_ff,
+        att.head_k,
+        att.head_v,
         n_swa=n_swa,
         swa_pattern=swa_pattern,
         full_attention_interval=key("full_attention_interval"),
@@ -322,11 +336,11 @@ def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts
         n_layer=n_layer,
         n_layer_all=n_layer_all,
         n_embd=n_embd,
-        n_head=n_head_max,
-        n_head_kv=max(heads_kv) if heads_kv else 0,
-        head_dim_k=head_k,
-        head_dim_v=head_v,
-        n_ff=max(n_ff) if n_ff else 0,
+        n_head=max(att.heads, default=0),
+        n_head_kv=max(att.heads_kv, default=0),
+        head_dim_k=att.head_k,
+        head_dim_v=att.head_v,
+        n_ff=max(att.n_ff, default=0),
         n_vocab=n_vocab,
         context_length=int(key("context_length", 0) or 4096),
         tied_embeddings=tied,

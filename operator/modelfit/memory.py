@@ -20,7 +20,7 @@ Constants marked *calibrated* were fitted against the real llama-server built by
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from pydantic import BaseModel, Field
@@ -328,76 +328,66 @@ def uses_cublas(facts: ModelFacts, cfg: ServerConfig) -> bool:
     return not cfg.flash_attn or facts.n_expert > 0
 
 
-def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
-    """Predicted peak RSS of llama-server (host) and VRAM per GPU."""
-    out = MemoryBreakdown()
-    start = gpu_layer_start(facts, cfg)
-    head_gpu = output_on_gpu(facts, cfg)
-    n_gpus = cfg.n_gpus if cfg.backend != "cpu" else 0
+class _Weights(NamedTuple):
+    host: int  # host tensors read in place (mapped) or copied (load mode none)
+    repack: int  # host tensors the CPU backend copies into its repack buffer
+    vram: int  # tensors on the GPUs, all of them
+    file_span: int  # file pages left mapped (mmap)
 
-    host_w = 0
-    repack = 0
-    vram_w = 0
-    # With mmap, load_all_data unmaps the file before the first and after the last tensor that
-    # stays in a CPU_Mapped buffer (llama-model-loader.cpp, final cleanup): repacked or offloaded
-    # tensors at either end of the file (e.g. the last block's ffn_up_exps) leave no file pages
-    # behind. facts.tensors is in file order (the GGUF tensor-info order sets data offsets).
+
+def _weights(facts: ModelFacts, cfg: ServerConfig, start: int, head_gpu: bool, n_gpus: int) -> _Weights:
+    """Where each tensor goes: GPU, repack buffer or host; and what the mapping keeps.
+
+    With mmap, load_all_data unmaps the file before the first and after the last tensor that
+    stays in a CPU_Mapped buffer (llama-model-loader.cpp, final cleanup): repacked or offloaded
+    tensors at either end of the file (e.g. the last block's ffn_up_exps) leave no file pages
+    behind. facts.tensors is in file order (the GGUF tensor-info order sets data offsets).
+    """
+    host = repack = vram = 0
     mapped: list[int] = []  # indices of host tensors left in the mapping
     host_file: list[int] = []  # bytes of each tensor on the host (mapped or repacked), by index
     for t in facts.tensors:
-        il = t.layer
-        on_gpu = False
-        if il is not None:
-            on_gpu = il >= start
-        elif t.name == "output.weight":
-            on_gpu = head_gpu
-        elif t.name == "output_norm.weight":
-            on_gpu = head_gpu
+        if t.layer is not None:
+            on_gpu = t.layer >= start
+        else:
+            on_gpu = head_gpu and t.name in ("output.weight", "output_norm.weight")
         if on_gpu:
-            vram_w += t.nbytes
+            vram += t.nbytes
             host_file.append(0)
         elif repackable(t, cfg) and n_gpus == 0:
             repack += t.nbytes
             host_file.append(t.nbytes)
         else:
-            host_w += t.nbytes
+            host += t.nbytes
             mapped.append(len(host_file))
             host_file.append(t.nbytes)
     if facts.tied_embeddings and head_gpu:
-        vram_w += next((t.nbytes for t in facts.tensors if t.name == "token_embd.weight"), 0)
+        vram += next((t.nbytes for t in facts.tensors if t.name == "token_embd.weight"), 0)
+    # mmap: the file's pages stay resident (the repacked ones too: they were read), except where the
+    # loader unmapped the head and tail of the file. Load mode none copies them into anonymous memory.
+    span = sum(host_file[mapped[0] : mapped[-1] + 1]) if mapped and cfg.load_mode != "none" else 0
+    return _Weights(host, repack, vram, span)
 
-    if cfg.load_mode == "none":
-        out.weights_bytes = host_w + repack  # anonymous copy of the file's tensors
-        out.weights_file_bytes = 0
-        out.repack_bytes = repack
-        weights_resident = host_w + repack
-    else:
-        # mmap: the file's pages stay resident (the repacked ones too: they were read), except
-        # where the loader unmapped the head and tail of the file.
-        span = sum(host_file[mapped[0] : mapped[-1] + 1]) if mapped else 0
-        out.weights_bytes = host_w + repack
-        out.weights_file_bytes = span
-        out.repack_bytes = repack
-        weights_resident = span + repack
 
+def _state(facts: ModelFacts, cfg: ServerConfig, start: int) -> tuple[int, int, int, int]:
+    """(KV host, KV GPU, recurrent state host, recurrent state GPU): a layer's state lives with the layer."""
     kv_host = kv_gpu = rs_host = rs_gpu = 0
     for il in range(len(facts.layers)):
         kv = kv_layer_bytes(facts, cfg, il)
         rs = recurrent_layer_bytes(facts, cfg, il)
         if il >= start:
-            kv_gpu += kv
-            rs_gpu += rs
+            kv_gpu, rs_gpu = kv_gpu + kv, rs_gpu + rs
         else:
-            kv_host += kv
-            rs_host += rs
-    full_cells, swa_cells = kv_cells(facts, cfg)
-    out.kv_cells, out.kv_cells_swa = full_cells, swa_cells
-    out.kv_cache_bytes = kv_host
-    out.recurrent_bytes = rs_host
+            kv_host, rs_host = kv_host + kv, rs_host + rs
+    return kv_host, kv_gpu, rs_host, rs_gpu
+
+
+def _compute(facts: ModelFacts, cfg: ServerConfig, out: MemoryBreakdown, start: int, n_gpus: int) -> tuple[int, int]:
+    """Sets the host compute buffer (as allocated, and the part only a full context touches) in ``out``;
+    returns (host compute resident in a fresh server, device compute per GPU)."""
+    full_cells, swa_cells = out.kv_cells, out.kv_cells_swa
     act = activation_bytes(facts, cfg)
     mask_full = mask_bytes(facts, cfg, full_cells, swa_cells)
-    touch = HYBRID_TOUCHED_KV_CELLS if facts.architecture in HYBRID_ARCHS else TOUCHED_KV_CELLS
-    mask_touched = mask_bytes(facts, cfg, min(full_cells, touch), min(swa_cells, touch))
     if n_gpus:
         # Device: activations and the F16 mask, plus, when some layers stay on the CPU, the copy of
         # the largest CPU tensor a large-batch op is offloaded with (a weight, or one layer's K+V).
@@ -409,27 +399,63 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
             full_cells if facts.has_attention else 0
         ) * cfg.n_ubatch * (2 if cfg.flash_attn else 4)
         out.compute_reserve_bytes = 0
-        resident_compute = out.compute_bytes
-    else:
-        dev_compute = 0
-        out.compute_bytes = act + mask_full
-        resident_compute = act + mask_touched
-        out.compute_reserve_bytes = out.compute_bytes - resident_compute
+        return out.compute_bytes, dev_compute
+    touch = HYBRID_TOUCHED_KV_CELLS if facts.architecture in HYBRID_ARCHS else TOUCHED_KV_CELLS
+    resident = act + mask_bytes(facts, cfg, min(full_cells, touch), min(swa_cells, touch))
+    out.compute_bytes = act + mask_full
+    out.compute_reserve_bytes = out.compute_bytes - resident
+    return resident, 0
 
-    out.output_bytes = facts.n_vocab * 4 * max(cfg.n_parallel, 1)
-    out.cache_ram_bytes = max(cfg.cache_ram_mib, 0) * MiB
-    out.checkpoint_bytes = cfg.ctx_checkpoints * max(cfg.n_parallel, 1) * checkpoint_size(facts, cfg)
+
+def _vocab_bytes(facts: ModelFacts) -> int:
+    """The tokenizer's tables, per vocabulary entry (SentencePiece and BPE differ)."""
     per_token = VOCAB_BYTES_PER_TOKEN_SPM if facts.tokenizer == "llama" else VOCAB_BYTES_PER_TOKEN_BPE
-    out.overhead_bytes = (
+    return per_token * facts.n_vocab
+
+
+def _overhead(facts: ModelFacts, cfg: ServerConfig, n_gpus: int) -> int:
+    """The runtime, the vocabulary, the slots and the GPU runtime's host side."""
+    return (
         RUNTIME_BASE
-        + per_token * facts.n_vocab
+        + _vocab_bytes(facts)
         + (HYBRID_RUNTIME_EXTRA if facts.architecture in HYBRID_ARCHS else 0)
         + (max(cfg.n_parallel, 1) - 1) * (PER_SLOT_BYTES + PER_SLOT_BYTES_PER_TOKEN * facts.n_vocab)
         + (GPU_HOST_OVERHEAD if n_gpus else 0)
         + (GPU_CUBLAS_HOST_OVERHEAD if n_gpus and uses_cublas(facts, cfg) else 0)
     )
 
-    anon = (
+
+def _load_peak(facts: ModelFacts, out: MemoryBreakdown, n_gpus: int) -> int:
+    """VmHWM at the end of loading under mmap: the whole file is mapped (MAP_POPULATE) and the repack
+    buffer filled before the head and tail are unmapped and the context allocated. With a GPU the
+    offloaded tensors are read through the mapping too (measured: VmHWM = file + 262 MiB + vocabulary,
+    while the steady RSS holds only the CPU_Mapped span)."""
+    peak = max(facts.file_bytes, out.weights_bytes) + out.repack_bytes + RUNTIME_BASE + _vocab_bytes(facts)
+    return peak + (GPU_HOST_LOAD_OVERHEAD if n_gpus else 0)
+
+
+def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
+    """Predicted peak RSS of llama-server (host) and VRAM per GPU."""
+    out = MemoryBreakdown()
+    start = gpu_layer_start(facts, cfg)
+    n_gpus = cfg.n_gpus if cfg.backend != "cpu" else 0
+    w = _weights(facts, cfg, start, output_on_gpu(facts, cfg), n_gpus)
+    out.weights_bytes = w.host + w.repack  # load mode none: an anonymous copy of the file's tensors
+    out.weights_file_bytes = w.file_span
+    out.repack_bytes = w.repack
+    weights_resident = (w.file_span + w.repack) if cfg.load_mode != "none" else (w.host + w.repack)
+
+    kv_host, kv_gpu, rs_host, rs_gpu = _state(facts, cfg, start)
+    out.kv_cells, out.kv_cells_swa = kv_cells(facts, cfg)
+    out.kv_cache_bytes = kv_host
+    out.recurrent_bytes = rs_host
+    resident_compute, dev_compute = _compute(facts, cfg, out, start, n_gpus)
+    out.output_bytes = facts.n_vocab * 4 * max(cfg.n_parallel, 1)
+    out.cache_ram_bytes = max(cfg.cache_ram_mib, 0) * MiB
+    out.checkpoint_bytes = cfg.ctx_checkpoints * max(cfg.n_parallel, 1) * checkpoint_size(facts, cfg)
+    out.overhead_bytes = _overhead(facts, cfg, n_gpus)
+
+    out.anon_bytes = (
         (weights_resident - out.weights_file_bytes)
         + kv_host
         + rs_host
@@ -438,26 +464,18 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
         + out.checkpoint_bytes
         + out.overhead_bytes
     )
-    out.anon_bytes = anon
-    out.total_bytes = anon + out.weights_file_bytes
+    out.total_bytes = out.anon_bytes + out.weights_file_bytes
     # The prompt cache is a budget: entries are allocated as prompts are saved, up to --cache-ram.
     out.full_context_bytes = out.total_bytes + out.compute_reserve_bytes + out.cache_ram_bytes
     if cfg.load_mode != "none":
-        # VmHWM also holds the end of loading: the whole file is mapped (MAP_POPULATE) and the
-        # repack buffer filled before the head and tail are unmapped and the context allocated.
-        # With a GPU the offloaded tensors are read through the mapping too (measured: VmHWM =
-        # file + 262 MiB + vocabulary, while the steady RSS holds only the CPU_Mapped span).
-        load_peak = max(facts.file_bytes, out.weights_bytes) + repack + RUNTIME_BASE + per_token * facts.n_vocab
-        if n_gpus:
-            load_peak += GPU_HOST_LOAD_OVERHEAD
-        out.total_bytes = max(out.total_bytes, load_peak)
-        out.full_context_bytes = max(out.full_context_bytes, load_peak)
+        peak = _load_peak(facts, out, n_gpus)
+        out.total_bytes = max(out.total_bytes, peak)
+        out.full_context_bytes = max(out.full_context_bytes, peak)
 
     if n_gpus:
-        out.vram_weights_bytes = vram_w
+        out.vram_weights_bytes = w.vram
         out.vram_kv_bytes = kv_gpu + rs_gpu
         out.vram_compute_bytes = dev_compute
         overhead = GPU_DEVICE_OVERHEAD + (GPU_CUBLAS_OVERHEAD if uses_cublas(facts, cfg) else 0)
-        per_gpu = (vram_w + kv_gpu + rs_gpu) // n_gpus + dev_compute + overhead
-        out.vram_bytes = [per_gpu] * n_gpus
+        out.vram_bytes = [(w.vram + kv_gpu + rs_gpu) // n_gpus + dev_compute + overhead] * n_gpus
     return out
