@@ -201,9 +201,16 @@ cmd_up() {
 
 cmd_down() {
   local c pid pids=()
-  # a real node (e2e/node.sh) goes first, while the apiserver can still delete its pods
-  if [[ -f "${MODELFIT_NODE_DIR:-/tmp/modelfit-node}/kubelet.pid" || -f "${MODELFIT_NODE_DIR:-/tmp/modelfit-node}/containerd.pid" ]]; then
-    "$E2E_DIR/node.sh" down || log "node.sh down failed"
+  # a real node (e2e/node.sh) joined to this control plane goes first, while the apiserver can still delete
+  # its pods; one joined to another cluster (its own MODELFIT_STATE) is left alone
+  local node_dir="${MODELFIT_NODE_DIR:-/tmp/modelfit-node}" joined=""
+  [[ -f "$node_dir/cluster" ]] && joined=$(cat "$node_dir/cluster")
+  if [[ -f "$node_dir/kubelet.pid" || -f "$node_dir/containerd.pid" ]]; then
+    if [[ -z "$joined" || "$joined" == "$STATE" ]]; then
+      "$E2E_DIR/node.sh" down || log "node.sh down failed"
+    else
+      log "real node in $node_dir belongs to the cluster at $joined; left running"
+    fi
   fi
   for c in "${COMPONENTS[@]}"; do
     [[ -f "$PIDS/$c.pid" ]] || continue

@@ -180,6 +180,7 @@ cmd_up() {
     --root-dir="$N/kubelet/root" --cert-dir="$N/kubelet/pki" --hostname-override="$NODE" --node-ip="$BR_IP" \
     --containerd="$N/containerd/containerd.sock" --v=2 >>"$N/kubelet/kubelet.log" 2>&1 </dev/null &
   echo $! > "$N/kubelet.pid"
+  echo "$STATE" > "$N/cluster"  # the control plane it joined: only that cluster's `down` stops it
   for _ in $(seq 600); do
     [[ "$($KUBECTL get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]] && break
     kill -0 "$(cat "$N/kubelet.pid")" 2>/dev/null || die "kubelet exited (see $N/kubelet/kubelet.log)"
