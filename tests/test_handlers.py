@@ -235,12 +235,19 @@ def test_burst_plans_see_each_other_and_a_full_node_does_not_fit():
     patches = [go(md(spec, name=f"m{i}"), k, st) for i in range(5)]
     cpu = st.reservations[("default", "m0")].cpu_millis
     per_host = 8000 // cpu
-    fitting = [p["plan"]["nodeSelector"]["kubernetes.io/hostname"] for p in patches if p["plan"].get("fits")]
+    planned = [p for p in patches if {c["type"]: c for c in p["conditions"]}["Planned"]["reason"] == "Planned"]
+    fitting = [p["plan"]["nodeSelector"]["kubernetes.io/hostname"] for p in planned]
     # the node list never changed, yet no host gets more pods than its CPU holds
     assert sorted(set(fitting)) == ["h0", "h1"] and all(fitting.count(h) == per_host for h in ("h0", "h1"))
-    last = {c["type"]: c for c in patches[-1]["conditions"]}["Planned"]
-    assert per_host * 2 < 5 and last["status"] == "False" and last["reason"] == "NoNodeFits"
-    assert "short by" in last["message"] and "CPU" in last["message"]
+    # the fifth waits for room on a host (a pending pod the scheduler places when room frees up)
+    last = {c["type"]: c for c in patches[-1]["conditions"]}
+    assert (
+        per_host * 2 < 5 and last["Planned"]["status"] == "True" and last["Unschedulable"]["reason"] == "WaitingForNode"
+    )
+    assert "short by" in last["Planned"]["message"] and "CPU" in last["Planned"]["message"]
+    assert (
+        k.objects[deploy_path("m4")]["spec"]["template"]["spec"]["nodeSelector"] == patches[-1]["plan"]["nodeSelector"]
+    )
 
 
 # ---- kopf against kmock's Kubernetes emulator ----------------------------------------------------
@@ -671,6 +678,13 @@ def test_no_present_node_fits_plans_for_the_smallest_fitting_shape():
     pod = k.objects[deploy_path()]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {SHAPE_LABEL: "large"}
     assert p["plan"]["context"] == 131072 and p["plan"]["fits"] is True
+    # the next reconcile keeps the plan, and still says it waits for a node (not "Planned")
+    template = k.objects[deploy_path()]["spec"]["template"]["metadata"]["annotations"]["modelfit.io/plan-hash"]
+    k.pods = [_pod("qwen-1", template)]
+    again = _merge(p, go(md(BIG, status=p), k, st))
+    conds = {c["type"]: c for c in again["conditions"]}
+    assert conds["Planned"]["reason"] == "WaitingForNode" and "node shape large" in conds["Planned"]["message"]
+    assert again["plan"]["hash"] == p["plan"]["hash"]
 
 
 def test_without_shapes_or_fitting_shape_nothing_changes():
@@ -889,8 +903,9 @@ def test_capacity_counts_the_rendered_requests_not_only_the_plan():
     assert unsched["reason"] != "InsufficientCapacity", unsched  # 2 x 100m fit where the plan's threads would not
 
 
-def test_a_plan_no_node_fits_is_retried_with_backoff():
-    """Room can come back without an event of ours (another tenant's pods finish terminating)."""
+def test_a_full_node_gets_a_pending_pod_and_keeps_its_plan_when_room_frees():
+    """Another tenant's pod holds the node's CPU: the Deployment is made anyway for an empty node of the class
+    (WaitingForNode), its pod pends until room frees up (or an autoscaler adds a node); no re-plan then."""
     busy = {
         "metadata": {"name": "other", "namespace": "team-b", "labels": {}},
         "spec": {"nodeName": "cpu-small", "containers": [{"resources": {"requests": {"cpu": "2", "memory": "1Gi"}}}]},
@@ -898,14 +913,30 @@ def test_a_plan_no_node_fits_is_retried_with_backoff():
     }
     k, st = FakeKube([CPU_SMALL], pods=[busy]), OperatorState()
     p = go(md(SMALL_SPEC), k, st)
+    conds = {c["type"]: c for c in p["conditions"]}
+    assert conds["Planned"]["status"] == "True" and conds["Unschedulable"]["reason"] == "WaitingForNode"
+    assert "short by" in conds["Planned"]["message"] and "CPU" in conds["Planned"]["message"]
+    assert p["plan"]["nodeSelector"] == {"kubernetes.io/hostname": "cpu-small"}
+    applies = k.applies
+    k.pods.clear()  # the other pod is gone
+    st.snapshot.invalidate()
+    p2 = go(md(SMALL_SPEC, status=p), k, st)
+    assert p2.get("plan", p["plan"])["hash"] == p["plan"]["hash"] and k.applies == applies
+
+
+def test_a_plan_no_node_fits_is_retried_with_backoff():
+    """A model too big for any node, even empty, is tried again with backoff (not on every resync tick)."""
+    big = {"model": {"catalog": "llama-3.1-8b", "quant": "Q8_0"}, "context": 131072}
+    k, st = FakeKube([CPU_SMALL]), OperatorState()
+    p = go(md(big), k, st)
     assert next(c for c in p["conditions"] if c["type"] == "Planned")["reason"] == "NoNodeFits"
     seen = st.seen[("default", "qwen")]
     assert seen.failures == 1 and seen.retry_at > 0 and not st.due(("default", "qwen"))
-    k.pods.clear()  # the other pod is gone
+    k.nodes.append(node("cpu-big", "16", "64Gi"))  # a node joins: its event re-plans at once
     st.snapshot.invalidate()
     seen.retry_at = 1.0  # the backoff has passed
     assert st.due(("default", "qwen"))
-    p = go(md(SMALL_SPEC, status=p), k, st)
+    p = go(md(big, status=p), k, st)
     assert p["plan"]["fits"] and (seen.failures, seen.retry_at) == (0, 0.0)
 
 

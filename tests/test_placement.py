@@ -264,6 +264,33 @@ def test_place_with_shapes_picks_the_smallest_fitting_shape():
     assert there.result is not None and got.result is not None and there.result.plan.args == got.result.plan.args
 
 
+def test_without_shapes_a_full_node_class_is_the_shape():
+    """No present node has room, but an empty node of a present class would hold the model: planned for that
+    class (WaitingForNode), so the pending pod schedules when room frees up or on a node an autoscaler adds."""
+    from modelfit.placement import place_with_shapes
+
+    spec = ModelDeploymentSpec.model_validate({"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 8192})
+    facts = catalog.catalog_facts("qwen3.5-0.8b", "Q4_0")
+    empty = [cpu_small(), cpu_large()]
+    full = [n.model_copy(update={"cpu_millis": 500, "memory_bytes": 256 << 20}) for n in empty]
+    got = place_with_shapes(spec, facts, full, [], "/m.gguf", empty=empty)
+    assert got.fits and got.reason == "WaitingForNode"
+    assert got.selector == {"node.kubernetes.io/instance-type": "c7.4xlarge"}  # the roomier class, by its type
+    assert "no present node has room now" in got.message and "short by" in got.message
+    fresh = place_with_shapes(spec, facts, empty, [], "/m.gguf", empty=empty)
+    assert got.result is not None and fresh.result is not None and got.result.plan.args == fresh.result.plan.args
+    # Room somewhere: planned there, as before.
+    assert place_with_shapes(spec, facts, [full[0], empty[1]], [], "/m.gguf", empty=empty).reason == "Planned"
+    # Too big for any empty node, or no eligible node: the present answer stands.
+    big = ModelDeploymentSpec.model_validate(
+        {"model": {"catalog": "llama-3.1-8b", "quant": "Q8_0"}, "context": 131072, "backend": "cpu"}
+    )
+    big_facts = catalog.catalog_facts("llama-3.1-8b", "Q8_0")
+    assert place_with_shapes(big, big_facts, full[:1], [], "/m.gguf", empty=empty[:1]).reason == "NoNodeFits"
+    nowhere = spec.model_copy(update={"node_selector": {"pool": "none"}})
+    assert place_with_shapes(nowhere, facts, full, [], "/m.gguf", empty=empty).reason == "NoEligibleNodes"
+
+
 def test_node_shapes_parse_and_refuse():
     from modelfit.nodes import parse_node_shapes
 

@@ -21,7 +21,7 @@ Rules decided here:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
@@ -90,6 +90,7 @@ class Snapshot:
     now: float  # monotonic seconds, for the avoid list
     pod_monitors: bool = False  # the cluster serves monitoring.coreos.com/v1 PodMonitors
     shapes: list[NodeShape] = field(default_factory=list)  # node shapes a cluster autoscaler can add
+    empty: list[NodeFacts] = field(default_factory=list)  # the usable nodes as if no pod ran on them
     avoid: dict[AvoidKey, float] = field(default_factory=dict)  # node classes avoided until (monotonic)
     seen_generation: int | None = None  # the Deployment's generation as last applied or seen (None: first look)
     missing: Cond | None = None  # a Secret, key or PVC the pods need and that does not exist
@@ -196,9 +197,13 @@ class _Reaction:
 
 
 def _place(snap: Snapshot, boost: float, avoid: dict[AvoidKey, float]) -> Placement:
-    usable = [n for n in snap.nodes if tuple(sorted(class_selector(n).items())) not in avoid] or snap.nodes
+    def usable(nodes: list[NodeFacts]) -> list[NodeFacts]:
+        return [n for n in nodes if tuple(sorted(class_selector(n).items())) not in avoid] or nodes
+
     path = model_file(snap.spec, snap.loaded.size).path
-    return place_with_shapes(snap.spec, snap.loaded.facts, usable, snap.shapes, path, boost)
+    return place_with_shapes(
+        snap.spec, snap.loaded.facts, usable(snap.nodes), snap.shapes, path, boost, usable(snap.empty)
+    )
 
 
 def _limit_bytes(placement: Placement) -> int:
@@ -483,6 +488,9 @@ def decide(snap: Snapshot) -> Decision:
     pinned = bool(old_plan.get("nodeSelector")) and any(s.labels == old_plan["nodeSelector"] for s in snap.shapes)
     keep, why = keep_running(snap, r, fresh, pinned)
     placement = placement_from_status(old_plan) if keep else r.placement
+    if keep and r.placement.reason == WAITING_FOR_NODE and r.placement.selector == placement.selector:
+        # still waiting for a node of its class: say so, not "Planned" (the kept plan's own words)
+        placement = replace(placement, reason=WAITING_FOR_NODE, message=r.placement.message)
     surge = old_plan.get("rollout") == "Surge" if keep else surge_fits(snap, placement)
     verdict = memory_override_verdict(placement, spec, r.override_failed)
     rendered = render(

@@ -509,6 +509,7 @@ async def _gather(
         now=time.monotonic(),
         pod_monitors=pod_monitors,
         shapes=state.node_shapes,
+        empty=state.snapshot.empty_nodes(),
         avoid=dict(seen.avoid),
         seen_generation=seen.deploy_generation,
         missing=missing,

@@ -243,6 +243,10 @@ class ClusterSnapshot:
             self._usage = (self.generation, *occupancy.usage(self.pods, owner_label))
         return self._usage[1], self._usage[2]
 
+    def empty_nodes(self) -> list[NodeFacts]:
+        """The usable nodes as if no pod ran on them (their allocatable), once per list."""
+        return self._base_facts()
+
     def _base_facts(self) -> list[NodeFacts]:
         """The usable nodes' allocatable, once per list."""
         if self._base is None or self._base[0] != self.generation:

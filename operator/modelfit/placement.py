@@ -285,6 +285,28 @@ def _on_shapes(
     return Placement(True, WAITING_FOR_NODE, msg, got.node, got.result, dict(shape.labels), got.adapted)
 
 
+def _on_present_classes(
+    spec: ModelDeploymentSpec,
+    facts: ModelFacts,
+    empty: list[NodeFacts],
+    model_path: str,
+    headroom_boost: float,
+    present: Placement,
+) -> Placement | None:
+    """The plan for an empty node of a present node class, when only the other pods' requests stand in the way."""
+    if present.reason != "NoNodeFits":
+        return None  # nothing eligible, or a spec no node can honour: no node like these would help
+    got = place(spec, facts, empty, model_path, headroom_boost)
+    if not got.fits or got.result is None:
+        return None
+    where = ", ".join(f"{k}={v}" for k, v in sorted(got.selector.items()))
+    msg = (
+        f"no present node has room now ({present.message}); planned for an empty node of class {where}: the pod "
+        f"waits for room there or for a node like it that a cluster autoscaler adds: {got.message}"
+    )
+    return replace(got, reason=WAITING_FOR_NODE, message=msg)
+
+
 def place_with_shapes(
     spec: ModelDeploymentSpec,
     facts: ModelFacts,
@@ -292,18 +314,27 @@ def place_with_shapes(
     shapes: list[NodeShape],
     model_path: str,
     headroom_boost: float = 0.0,
+    empty: list[NodeFacts] | None = None,
 ) -> Placement:
     """``place`` on present nodes, handing off to a cluster autoscaler through node shapes.
 
     When no present node fits, the plan is made for an empty node of the smallest shape that fits (by
-    memory, then CPU, then GPUs; a GPU shape for a CPU plan only when nothing else fits) and pinned to the shape's labels: the pending pod asks the autoscaler for
-    such a node (reason WaitingForNode). A plan on a present node of a shape is pinned to the shape's
-    labels too, so the plan stays the same when the node arrives, and a replica added later that does not
-    fit the nodes there asks for another node of the shape instead of a re-plan.
+    memory, then CPU, then GPUs; a GPU shape for a CPU plan only when nothing else fits) and pinned to the
+    shape's labels: the pending pod asks the autoscaler for such a node (reason WaitingForNode). A plan on a
+    present node of a shape is pinned to the shape's labels too, so the plan stays the same when the node
+    arrives, and a replica added later that does not fit the nodes there asks for another node of the shape
+    instead of a re-plan.
+
+    Without shapes, the present node classes are the shapes: ``empty`` holds the present nodes as if no pod
+    ran on them (their allocatable). A model that fits such a node but none has room for now is planned for
+    it and pinned to its class: the pending pod schedules when room frees up, and a Cluster Autoscaler (whose
+    node groups add nodes like the present ones) sees a pod one more such node would hold.
     """
     got = place(spec, facts, nodes, model_path, headroom_boost)
     if not shapes:
-        return got
+        if got.fits or not empty:
+            return got
+        return _on_present_classes(spec, facts, empty, model_path, headroom_boost, got) or got
     if got.fits:
         shape = shape_of(got.node, shapes) if got.node is not None else None
         return replace(got, selector=dict(shape.labels)) if shape is not None else got
