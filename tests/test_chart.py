@@ -520,6 +520,15 @@ def test_notes_render(helm: str, helm_env: dict[str, str], tmp_path: Path) -> No
     assert "It watches ModelDeployments in: a, b." in notes
 
 
+def test_modeldeployment_notes_say_how_it_scales(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    notes = render_notes(helm, helm_env, MD_CHART, tmp_path)
+    assert "get modeldeployment" in notes and "scales on load" not in notes
+    notes = render_notes(
+        helm, helm_env, MD_CHART, tmp_path / "hpa", {"name": "chat", "autoscaling": {"maxReplicas": 3}}
+    )
+    assert "between 1 and 3 replicas" in notes and "get hpa chat" in notes
+
+
 # ---- modeldeployment chart ----------------------------------------------------------------------
 
 MD_CASES: dict[str, dict[str, Any]] = {
