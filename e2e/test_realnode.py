@@ -261,6 +261,40 @@ def test_pod_security_restricted(
     assert not failed, [e.get("message") for e in failed]
 
 
+def test_a_full_node_gets_a_pending_pod_that_runs_when_room_frees(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, tiny: Path
+) -> None:
+    """Two models that each ask for the real node's 2 CPUs: the second is planned for the node as if empty
+    (WaitingForNode), its pod pends on the real scheduler, and runs once the first is deleted, with no re-plan."""
+    url = model_server.serve(f"/{ns}/tiny.gguf", tiny)
+    cluster.apply(md("first", ns, **pinned(model={"url": url}, context=512, threads=2)))
+    wait_condition(cluster, ns, "first", "Ready", timeout=180, operator=operator)
+    cluster.apply(md("second", ns, **pinned(model={"url": url}, context=512, threads=2)))
+    obj = wait_condition(
+        cluster, ns, "second", "Unschedulable", "True", "WaitingForNode", timeout=60, operator=operator
+    )
+    planned = condition(obj, "Planned")
+    assert planned["status"] == "True" and "no present node has room now" in planned["message"], planned
+    plan_hash = obj["status"]["plan"]["hash"]
+
+    def pending() -> dict[str, Any] | None:
+        for p in real_node.pods(ns, "second"):
+            sched = next((c for c in p["status"].get("conditions") or [] if c["type"] == "PodScheduled"), {})
+            if sched.get("reason") == "Unschedulable" and "cpu" in sched.get("message", ""):
+                return p
+        return None
+
+    waiting = cluster.wait_for(pending, timeout=60, what="the second pod pending for CPU")
+    t0 = time.monotonic()
+    cluster.kubectl("-n", ns, "delete", "modeldeployment", "first", "--wait=false")
+    pod = real_node.ready_pod(ns, "second", timeout=180)
+    print(f"\n[realnode] first deleted -> second's pending pod Ready in {time.monotonic() - t0:.1f}s")
+    assert pod["metadata"]["uid"] == waiting["metadata"]["uid"]  # the pod that waited, not a re-planned one
+    obj = wait_condition(cluster, ns, "second", "Ready", timeout=60, operator=operator)
+    assert obj["status"]["plan"]["hash"] == plan_hash
+    real_node.chat(pod, "hi", max_tokens=2)
+
+
 def test_operator_restart_keeps_serving_pods(
     cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, tiny: Path
 ) -> None:
