@@ -105,24 +105,24 @@ port_arg = int_in(1, 65535)
 replicas_arg = int_in(0, 1000)  # spec.replicas
 
 
-def gpu_layers_arg(text: str) -> int | Literal["auto"]:
-    """``auto`` or a number of layers, as spec.gpuLayers."""
-    if text == "auto":
-        return "auto"
-    n = _whole(text)
-    if n is None or not 0 <= n <= GPU_LAYERS_MAX:
-        raise argparse.ArgumentTypeError(f"must be auto or a whole number from 0 to {GPU_LAYERS_MAX}, not {text!r}")
-    return n
+def auto_or_int(lo: int, hi: int, unit: str = "") -> Callable[[str], int | Literal["auto"]]:
+    """``auto`` or a whole number (of unit) from lo to hi, as the spec's int-or-auto fields."""
+    what = f"a whole number of {unit}" if unit else "a whole number"
+
+    def auto_or_whole_number(text: str) -> int | Literal["auto"]:
+        if text == "auto":
+            return "auto"
+        n = _whole(text)
+        if n is None or not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"must be auto or {what} from {lo} to {hi}, not {text!r}")
+        return n
+
+    return auto_or_whole_number
 
 
-def threads_arg(text: str) -> int | Literal["auto"]:
-    """``auto`` or a thread count, as spec.threads."""
-    if text == "auto":
-        return "auto"
-    n = _whole(text)
-    if n is None or not 1 <= n <= THREADS_MAX:
-        raise argparse.ArgumentTypeError(f"must be auto or a whole number from 1 to {THREADS_MAX}, not {text!r}")
-    return n
+gpu_layers_arg = auto_or_int(0, GPU_LAYERS_MAX)  # spec.gpuLayers
+threads_arg = auto_or_int(1, THREADS_MAX)  # spec.threads
+cache_ram_arg = auto_or_int(0, PROMPT_CACHE_MAX_MIB, "MiB")  # spec.promptCache (0 = off)
 
 
 def bandwidth_arg(text: str) -> int:
@@ -134,18 +134,6 @@ def bandwidth_arg(text: str) -> int:
     if not 0.1 <= gbps <= BANDWIDTH_MAX_GBPS:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be GB/s from 0.1 to {BANDWIDTH_MAX_GBPS:g}, not {text!r}")
     return int(gbps * 1e9)
-
-
-def cache_ram_arg(text: str) -> int | Literal["auto"]:
-    """``auto`` or a prompt cache budget in MiB (0 = off), as spec.promptCache."""
-    if text == "auto":
-        return "auto"
-    n = _whole(text)
-    if n is None or not 0 <= n <= PROMPT_CACHE_MAX_MIB:
-        raise argparse.ArgumentTypeError(
-            f"must be auto or a whole number of MiB from 0 to {PROMPT_CACHE_MAX_MIB}, not {text!r}"
-        )
-    return n
 
 
 def quant_arg(text: str) -> str:

@@ -245,10 +245,6 @@ class ClusterSnapshot:
 
     def empty_nodes(self) -> list[NodeFacts]:
         """The usable nodes as if no pod ran on them (their allocatable), once per list."""
-        return self._base_facts()
-
-    def _base_facts(self) -> list[NodeFacts]:
-        """The usable nodes' allocatable, once per list."""
         if self._base is None or self._base[0] != self.generation:
             self._base = (self.generation, [node_facts_from_k8s(n) for n in self.nodes if occupancy.node_usable(n)])
         return self._base[1]
@@ -260,7 +256,7 @@ class ClusterSnapshot:
         key = (self.generation, version)
         if self._pending is None or self._pending[0] != key:
             used, by_owner = self.usage(owner_label)
-            self._pending = (key, *occupancy.place_reserved(self._base_facts(), used, by_owner, reservations))
+            self._pending = (key, *occupancy.place_reserved(self.empty_nodes(), used, by_owner, reservations))
         return self._pending[1], self._pending[2]
 
     def node_facts(
@@ -273,7 +269,7 @@ class ClusterSnapshot:
         """``occupancy.node_facts(nodes, pods, exclude=the owner's pods)`` from the per-list sums, less the pods
         of ``reservations`` (other than the owner's) that the list does not show scheduled yet."""
         used, by_owner = self.usage(owner_label)
-        base = self._base_facts()
+        base = self.empty_nodes()
         pending, placed = self._pending_usage(owner_label, reservations or {}, version)
         own = by_owner.get(owner, []) + placed.get(owner, [])
         return occupancy.free(base, occupancy.add(used, pending), own)
