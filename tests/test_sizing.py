@@ -7,7 +7,7 @@ import pytest
 from modelfit.catalog import catalog_facts
 from modelfit.memory import GiB, MiB, ServerConfig, prompt_state_bytes, seq_state_bytes
 from modelfit.nodes import NodeFacts, profile
-from modelfit.sizing import PROMPT_CACHE_UPSTREAM_MIB, Policy, plan
+from modelfit.sizing import PROMPT_CACHE_MODEL_SHARE, PROMPT_CACHE_TYPICAL_TOKENS, Policy, plan
 
 QWEN = catalog_facts("qwen3.5-0.8b", "Q4_0")
 
@@ -174,11 +174,13 @@ def test_flash_attention_off_keeps_f16() -> None:
 # ---- prompt cache (--cache-ram) ------------------------------------------------------------------
 
 
-def test_prompt_cache_auto_holds_two_full_context_states() -> None:
+def test_prompt_cache_auto_holds_two_typical_conversations() -> None:
     g = catalog_facts("gemma-3-1b", "Q4_0")
     r = plan(g, profile("cpu-large"), Policy())
     off = plan(g, profile("cpu-large"), Policy(cache_ram_mib=0))
-    state = seq_state_bytes(g, ServerConfig(n_ctx=r.plan.context, ctx_checkpoints=r.plan.ctx_checkpoints))
+    cfg = ServerConfig(n_ctx=r.plan.context, ctx_checkpoints=r.plan.ctx_checkpoints)
+    state = prompt_state_bytes(g, cfg, PROMPT_CACHE_TYPICAL_TOKENS)
+    assert r.plan.context > PROMPT_CACHE_TYPICAL_TOKENS
     assert r.plan.cache_ram_mib == -(-2 * state // MiB)
     assert r.plan.args[r.plan.args.index("--cache-ram") + 1] == str(r.plan.cache_ram_mib)
     # counted in the limit (filled as prompts are saved), not in a fresh server's peak
@@ -188,13 +190,27 @@ def test_prompt_cache_auto_holds_two_full_context_states() -> None:
     assert r.memory_request_bytes > off.memory_request_bytes + r.memory.cache_ram_bytes
     assert r.cache_free_request_bytes == off.memory_request_bytes
     why = next(x for x in r.reasons if x.startswith("prompt cache"))
-    assert "2 full-context states of one slot" in why and "counted in the memory limit" in why
+    assert f"2 saved {PROMPT_CACHE_TYPICAL_TOKENS}-token conversations" in why and "counted in the memory limit" in why
 
 
-def test_prompt_cache_auto_is_capped_by_llama_servers_default() -> None:
-    r = plan(catalog_facts("llama-3.1-8b", "Q4_K_M"), profile("cpu-large"), Policy(context=131072))
-    assert r.plan.cache_ram_mib == PROMPT_CACHE_UPSTREAM_MIB
-    assert any("llama-server's default cap" in x for x in r.reasons)
+def test_prompt_cache_auto_does_not_multiply_a_small_models_request() -> None:
+    """The seed case at its full 262k context: two full-context states made the request 10.5 GiB (was 2.5x)."""
+    r = plan(QWEN, profile("cpu"), Policy(context=262144))
+    own = r.memory.full_context_bytes - r.memory.cache_ram_bytes
+    assert 0 < r.memory.cache_ram_bytes <= own * PROMPT_CACHE_MODEL_SHARE
+    assert r.memory_request_bytes <= 1.1 * r.cache_free_request_bytes
+
+
+def test_prompt_cache_auto_takes_at_most_a_quarter_of_the_models_own_memory() -> None:
+    r = plan(QWEN, profile("cpu"), Policy(context=32768))
+    own = r.memory.full_context_bytes - r.memory.cache_ram_bytes
+    assert r.plan.cache_ram_mib == int(own * PROMPT_CACHE_MODEL_SHARE) // MiB
+    assert any("a quarter of the plan's own" in x for x in r.reasons)
+
+
+def test_prompt_cache_explicit_budget_may_exceed_the_auto_bounds() -> None:
+    r = plan(QWEN, profile("cpu"), Policy(context=32768, cache_ram_mib=4096))
+    assert r.fits and r.plan.cache_ram_mib == 4096
 
 
 def test_prompt_cache_auto_takes_at_most_a_quarter_of_the_free_memory() -> None:

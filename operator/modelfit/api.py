@@ -418,9 +418,10 @@ class ModelDeploymentSpec(_Model):
     prompt_cache: Annotated[int, Field(ge=0, le=1048576)] | Literal["auto"] = Field(
         default="auto",
         description="llama-server's prompt cache (--cache-ram) in MiB: host RAM that keeps the state of prompts "
-        "whose slot is reused, so a conversation resumes without reprocessing its history. auto sizes it from "
-        "the model: two full-context states of one slot, at most a quarter of the node memory the plan leaves "
-        "free and 8192 MiB, 0 when memory is short. 0 turns it off. Counted in the memory request and limit.",
+        "whose slot is reused, so a conversation resumes without reprocessing its history. auto: two saved "
+        "8192-token conversations, at most a quarter of the plan's own memory and of the node memory it leaves "
+        "free, 0 when memory is short; a number of MiB sets more. 0 turns it off. Counted in the memory request "
+        "and limit.",
         json_schema_extra={
             **INT_OR_STRING,
             "x-kubernetes-validations": [

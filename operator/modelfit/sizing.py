@@ -44,12 +44,17 @@ KV_OPT_IN: KVType = "q4_0"
 MIN_CONTEXT_DEFAULT = 4096
 CTX_STEP = 256
 
-# promptCache auto (llama-server --cache-ram, MiB of host RAM for saved slot states): room for
-# PROMPT_CACHE_STATES full-context states of one slot, so a conversation that lost its slot to
-# another resumes without reprocessing its prompt; at most PROMPT_CACHE_FREE_SHARE of the node
-# memory the rest of the plan leaves free and llama-server's own default; 0 when that would not
-# hold one PROMPT_CACHE_MIN_TOKENS-token prompt (memory is short).
+# promptCache auto (llama-server --cache-ram, MiB of host RAM for saved slot states). On a shared cluster
+# memory is what runs out, so the default must not multiply a small model's request: two full-context
+# states of a 262k-token slot made the seed case (qwen3.5 0.8B) request 10.5 GiB instead of 4.1 GiB.
+# auto holds PROMPT_CACHE_STATES saved conversations of PROMPT_CACHE_TYPICAL_TOKENS (a long chat;
+# the slot's context when shorter), so a conversation that lost its slot to another resumes without
+# reprocessing its history; at most PROMPT_CACHE_MODEL_SHARE of the plan's own memory request without
+# it, PROMPT_CACHE_FREE_SHARE of the node memory the plan leaves free and llama-server's own default;
+# 0 when that would not hold one PROMPT_CACHE_MIN_TOKENS-token prompt. More is opt-in (promptCache MiB).
 PROMPT_CACHE_STATES = 2
+PROMPT_CACHE_TYPICAL_TOKENS = 8192
+PROMPT_CACHE_MODEL_SHARE = 0.25
 PROMPT_CACHE_FREE_SHARE = 0.25
 PROMPT_CACHE_UPSTREAM_MIB = 8192  # llama-server's default --cache-ram (common.h cache_ram_mib)
 PROMPT_CACHE_MIN_TOKENS = 4096
@@ -424,29 +429,36 @@ def _kv_reason(facts: ModelFacts, chosen: _Candidate, policy: Policy, fits: bool
 
 
 def _auto_prompt_cache(facts: ModelFacts, chosen: _Candidate, policy: Policy, node: NodeFacts) -> tuple[int, str]:
-    """promptCache auto: (MiB, reason). See PROMPT_CACHE_* for the rule."""
+    """promptCache auto: (MiB, reason). See PROMPT_CACHE_* for the rule; each bound that binds is named."""
     cfg = chosen.cfg
-    state = seq_state_bytes(facts, cfg)
+    slot_ctx = cfg.n_ctx if cfg.kv_unified else max(cfg.n_ctx // max(cfg.n_parallel, 1), 1)
+    tokens = min(PROMPT_CACHE_TYPICAL_TOKENS, slot_ctx)
+    state = prompt_state_bytes(facts, cfg, tokens)
     mib = max(1, -(-PROMPT_CACHE_STATES * state // MiB))
-    why = f"{PROMPT_CACHE_STATES} full-context states of one slot ({PROMPT_CACHE_STATES} x {format_memory(state)})"
-    if mib > PROMPT_CACHE_UPSTREAM_MIB:
-        full = format_memory(PROMPT_CACHE_STATES * state)
-        mib, why = PROMPT_CACHE_UPSTREAM_MIB, f"llama-server's default cap ({PROMPT_CACHE_STATES} full states: {full})"
+    why = f"{PROMPT_CACHE_STATES} saved {tokens}-token conversations ({PROMPT_CACHE_STATES} x {format_memory(state)})"
+    own = chosen.mem.full_context_bytes - chosen.mem.cache_ram_bytes
+    bounds = [
+        (PROMPT_CACHE_UPSTREAM_MIB, "llama-server's default cap"),
+        (int(own * PROMPT_CACHE_MODEL_SHARE) // MiB, f"a quarter of the plan's own {format_memory(own)}"),
+    ]
     if node.memory_bytes is not None:
         free = max(node.memory_bytes - chosen.host_need, 0)
         share = int(free * PROMPT_CACHE_FREE_SHARE / (1 + policy.headroom)) // MiB
-        if share < mib:
-            mib, why = share, f"a quarter of the {format_memory(free)} the plan leaves free on the node"
+        bounds.append((share, f"a quarter of the {format_memory(free)} the plan leaves free on the node"))
+    for cap, what in bounds:
+        if cap < mib:
+            mib, why = cap, f"{what} (asked: {why})"
     floor = prompt_state_bytes(facts, cfg, PROMPT_CACHE_MIN_TOKENS)
     if mib * MiB < floor:
-        tokens = min(PROMPT_CACHE_MIN_TOKENS, cfg.n_ctx)
+        n = min(PROMPT_CACHE_MIN_TOKENS, cfg.n_ctx)
         return 0, (
             f"prompt cache off (--cache-ram 0): memory is short; {why} ({format_memory(mib * MiB)}) would not "
-            f"hold one {tokens}-token prompt ({format_memory(floor)})"
+            f"hold one {n}-token prompt ({format_memory(floor)})"
         )
     return mib, (
         f"prompt cache {mib} MiB (--cache-ram): {why}; a conversation that lost its slot resumes without "
-        "reprocessing its prompt; counted in the memory limit, filled only as prompts are saved"
+        "reprocessing its prompt; counted in the memory limit, filled only as prompts are saved; "
+        "promptCache MiB sets more"
     )
 
 
