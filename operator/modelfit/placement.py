@@ -27,12 +27,12 @@ from .api import ModelDeploymentSpec
 from .facts import ModelFacts
 from .nodes import NodeFacts, NodeShape, format_cpu, format_memory
 from .occupancy import cpu_millis
-from .sizing import MIN_CONTEXT_DEFAULT, PlanResult, Policy, plan, spec_policy
+from .policy import min_context, policy_for
+from .sizing import PlanResult, plan
 
 GPU_TAINT_KEYS = ("nvidia.com/gpu", "amd.com/gpu")
 CLASS_LABEL = "node.kubernetes.io/instance-type"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
-BASE_HEADROOM = 0.05
 
 
 @dataclass
@@ -134,27 +134,6 @@ def node_classes(nodes: list[NodeFacts]) -> list[tuple[dict[str, str], NodeFacts
     return out
 
 
-def policy_for(spec: ModelDeploymentSpec, headroom_boost: float = 0.0, relaxed: bool = False) -> Policy:
-    if relaxed or spec.context == "max":
-        min_ctx = spec.min_context or MIN_CONTEXT_DEFAULT
-    else:
-        min_ctx = int(spec.context)
-    return spec_policy(
-        context=spec.context,
-        min_context=min_ctx,
-        parallel=spec.parallel,
-        kv_cache_type=spec.kv_cache_type,
-        load_mode=spec.load_mode,
-        flash_attention=spec.flash_attention,
-        backend=spec.backend,
-        gpu_layers=spec.gpu_layers,
-        prompt_cache=spec.prompt_cache,
-        threads=spec.threads,
-        relaxed=relaxed,
-        headroom=min(1.0, BASE_HEADROOM + headroom_boost),
-    )
-
-
 def _honours_spec(spec: ModelDeploymentSpec, res: PlanResult) -> str | None:
     if spec.backend != "auto" and res.plan.backend != spec.backend:
         return f"backend {spec.backend} is not available (the plan would use {res.plan.backend})"
@@ -241,7 +220,7 @@ def place(
             )
             return Placement(True, "Adapted" if adapted else "Planned", msg, node, res, selector, adapted)
     detail = "; ".join(f"{k}: {v}" for k, v in sorted(misses.items())[:10])
-    wanted = "the requested context" if not spec.adapt else f"context {spec.min_context or MIN_CONTEXT_DEFAULT}"
+    wanted = "the requested context" if not spec.adapt else f"context {min_context(spec, relaxed=True)}"
     msg = f"no node fits the model at {wanted}: {detail}"
     if excluded:
         msg += f" (not eligible: {'; '.join(excluded[:5])})"

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from .facts import ModelFacts
-from .flags import OWNED_FLAGS
+from .flags import OWNED_FLAGS, render_args
 from .memory import (
     GPU_DEVICE_OVERHEAD,
     KVType,
@@ -98,6 +98,7 @@ class Policy(BaseModel):
     ubatch: int = Field(default=512, ge=16, le=8192)
     threads: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"  # auto: see THREAD_DECODE_BYTES_PER_S
     min_threads: int = Field(default=MIN_THREADS_DEFAULT, ge=1, le=1024)  # floor of threads auto, for prompts
+    max_threads: int | None = Field(default=None, ge=1)  # the pod's CPU limit in whole cores: more would throttle
     memory_bandwidth_bytes: int = Field(default=MEMORY_BANDWIDTH_DEFAULT, gt=0)  # when the node has no label
     thread_decode_bytes_per_s: int = Field(default=THREAD_DECODE_BYTES_PER_S, gt=0)
     # THP_ENV in the server's environment when the CPU holds weights. Off until the memory model counts the
@@ -263,7 +264,12 @@ def _threads(facts: ModelFacts, policy: Policy, node: NodeFacts, cfg: ServerConf
         if wanted > by_bandwidth:
             why += f"; at least {policy.min_threads}: prompt processing is compute-bound"
     n = wanted
-    if policy.threads == "auto" and wanted * 1000 > node.cpu_millis:
+    if policy.max_threads is not None and n > policy.max_threads:
+        n = policy.max_threads
+        why += f"; capped by the pod's CPU limit ({n}): more threads than the CFS quota allows only wait"
+        if policy.threads != "auto":
+            warnings.append(f"threads {policy.threads} exceed the pod's CPU limit; the server runs {n}")
+    if policy.threads == "auto" and n * 1000 > node.cpu_millis:
         n = max(1, node.cpu_millis // 1000)
         why += f"; capped by the node's free CPU ({format_cpu(node.cpu_millis)})"
     if n * 1000 > node.cpu_millis:
@@ -301,48 +307,32 @@ def _checkpoints(policy: Policy, facts: ModelFacts) -> int:
     return 1 if facts.has_recurrent or facts.has_swa else 0
 
 
-def build_args(facts: ModelFacts, cfg: ServerConfig, policy: Policy, model_path: str, threads: int) -> list[str]:
-    """The complete llama-server argument list for a config."""
-    args = [
-        "-m",
-        model_path,
-        "--host",
-        policy.host,
-        "--port",
-        str(policy.port),
-        "-c",
-        str(cfg.n_ctx),
-        "-np",
-        str(cfg.n_parallel),
-        "--kv-unified" if cfg.kv_unified else "--no-kv-unified",
-        "-b",
-        str(cfg.n_batch),
-        "-ub",
-        str(cfg.n_ubatch),
-        "-t",
-        str(threads),
-        "-fa",
-        "on" if cfg.flash_attn else "off",
-        "-ctk",
-        cfg.type_k,
-        "-ctv",
-        cfg.type_v,
-        "-ngl",
-        str(cfg.n_gpu_layers),
-        "--load-mode",
-        cfg.load_mode,
-        "--cache-ram",
-        str(cfg.cache_ram_mib),
-        "-ctxcp",
-        str(cfg.ctx_checkpoints),
-        "--fit",
-        "off",
-    ]
-    if not cfg.repack:
-        args.append("--no-repack")
-    if policy.metrics:
-        args.append("--metrics")
-    return args
+def build_args(cfg: ServerConfig, policy: Policy, model_path: str, threads: int) -> list[str]:
+    """The complete llama-server argument list for a config (the flag table ``flags.FLAGS`` renders it)."""
+    return render_args(
+        {
+            "model": model_path,
+            "host": policy.host,
+            "port": policy.port,
+            "ctx": cfg.n_ctx,
+            "parallel": cfg.n_parallel,
+            "kv_unified": cfg.kv_unified,
+            "no_kv_unified": not cfg.kv_unified,
+            "batch": cfg.n_batch,
+            "ubatch": cfg.n_ubatch,
+            "threads": threads,
+            "flash_attn": "on" if cfg.flash_attn else "off",
+            "type_k": cfg.type_k,
+            "type_v": cfg.type_v,
+            "gpu_layers": cfg.n_gpu_layers,
+            "load_mode": cfg.load_mode,
+            "cache_ram": cfg.cache_ram_mib,
+            "ctx_checkpoints": cfg.ctx_checkpoints,
+            "fit": "off",  # llama.cpp's own fitter never sees the pod's cgroup limit: the plan sets every flag
+            "no_repack": not cfg.repack,
+            "metrics": policy.metrics,
+        }
+    )
 
 
 class _Candidate(BaseModel):
@@ -761,7 +751,7 @@ def plan(
         ubatch=cfg.n_ubatch,
         cache_ram_mib=cfg.cache_ram_mib,
         ctx_checkpoints=cfg.ctx_checkpoints,
-        args=build_args(facts, cfg, policy, model_path, threads.threads),
+        args=build_args(cfg, policy, model_path, threads.threads),
         node=node.name,
         env=env,
     )
