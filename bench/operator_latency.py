@@ -682,10 +682,10 @@ def main() -> int:
                 nn = (p.get("spec") or {}).get("nodeName") or "(not scheduled)"
                 from modelfit.occupancy import pod_requests
 
-                c, m = pod_requests(p)
+                req = pod_requests(p)
                 per[nn][0] += 1
-                per[nn][1] += c / 1000
-                per[nn][2] += m / 2**30
+                per[nn][1] += req.cpu_millis / 1000
+                per[nn][2] += req.memory_bytes / 2**30
             # why pods were refused: the scheduler's FailedScheduling events, latest message per pod
             refused: dict[str, str] = {}
             for e in core.list_namespaced_event(ns, field_selector="reason=FailedScheduling").items:

@@ -2,6 +2,7 @@
 
 import pytest
 
+from modelfit.nodes import Requests as R
 from modelfit.nodes import node_facts_from_k8s
 from modelfit.occupancy import (
     Reservation,
@@ -39,8 +40,11 @@ def pod(node, cpu="1", memory="1Gi", owner=None, ns="a", phase="Running"):
 
 def test_quantities_and_requests():
     assert cpu_millis("500m") == 500 and cpu_millis("2") == 2000 and cpu_millis(None) == 0 and cpu_millis("") == 0
-    assert requests_of({"requests": {"cpu": "250m", "memory": "1Gi"}}) == (250, Gi)
-    assert requests_of(None) == (0, 0) and requests_of({"limits": {"cpu": "4"}}) == (0, 0)
+    assert requests_of({"requests": {"cpu": "250m", "memory": "1Gi"}}) == R(250, Gi)
+    assert requests_of(None) == R() and requests_of({"limits": {"cpu": "4"}}) == R()
+    # GPUs are an extended resource: a limit alone is their request too, whatever the vendor
+    assert requests_of({"limits": {"nvidia.com/gpu": "2"}}) == R(gpus=2)
+    assert requests_of({"requests": {"amd.com/gpu": "1"}, "limits": {"amd.com/gpu": "1"}}) == R(gpus=1)
     with pytest.raises(ValueError):
         requests_of({"requests": {"cpu": "lots"}})
 
@@ -53,8 +57,8 @@ def test_pod_requests_sum_containers_max_init_and_add_overhead():
             "overhead": {"cpu": "100m", "memory": "64Mi"},
         }
     }
-    assert pod_requests(p) == (2100, 2 * Gi + (64 << 20))
-    assert pod_requests({}) == (0, 0)
+    assert pod_requests(p) == R(2100, 2 * Gi + (64 << 20))
+    assert pod_requests({}) == R()
 
 
 def test_usable_nodes():
@@ -81,17 +85,17 @@ def test_node_facts_count_running_pods_only_on_usable_nodes():
 
 def test_usage_per_node_and_per_owner():
     used, by_owner = usage([pod("n1", owner="m"), pod("n1", "2", "2Gi"), pod("n2", owner="m", ns="b")], LABEL)
-    assert used == {"n1": (3000, 3 * Gi), "n2": (1000, Gi)}
-    assert by_owner == {("a", "m"): [("n1", 1000, Gi)], ("b", "m"): [("n2", 1000, Gi)]}
+    assert used == {"n1": R(3000, 3 * Gi), "n2": R(1000, Gi)}
+    assert by_owner == {("a", "m"): [("n1", R(1000, Gi))], ("b", "m"): [("n2", R(1000, Gi))]}
 
 
 def test_free_gives_back_the_owners_own_pods():
     base = [node_facts_from_k8s(k8s_node("n1", "4", "8Gi"))]
-    used = {"n1": (3000, 6 * Gi)}
+    used = {"n1": R(3000, 6 * Gi)}
     assert (free(base, used)[0].cpu_millis, free(base, used)[0].memory_bytes) == (1000, 2 * Gi)
-    back = free(base, used, own=[("n1", 2000, 2 * Gi)])[0]
+    back = free(base, used, own=[("n1", R(2000, 2 * Gi))])[0]
     assert (back.cpu_millis, back.memory_bytes) == (3000, 4 * Gi)
-    over = free(base, {"n1": (9000, 9 * Gi)})[0]  # an overcommitted node has nothing free, not less
+    over = free(base, {"n1": R(9000, 9 * Gi)})[0]  # an overcommitted node has nothing free, not less
     assert (over.cpu_millis, over.memory_bytes) == (0, 0)
 
 
@@ -111,7 +115,7 @@ def deployment(cpu, memory, replicas=1, selector=None):
 
 def test_reservation_of_a_deployment():
     r = Reservation.of(deployment("2", "1Gi", replicas=3, selector={"pool": "cpu"}))
-    assert r == Reservation((("pool", "cpu"),), 2000, Gi, 3)
+    assert r == Reservation((("pool", "cpu"),), R(2000, Gi), 3)
     assert Reservation.of({"spec": {"replicas": 0}}).replicas == 0
 
 
@@ -121,15 +125,35 @@ def test_reserved_pods_spread_to_the_roomiest_matching_node_and_stop_when_nothin
         node_facts_from_k8s(k8s_node("b", "4", "8Gi", {"pool": "cpu"})),
         node_facts_from_k8s(k8s_node("g", "16", "64Gi", {"pool": "gpu"})),
     ]
-    used = {"a": (1000, 0)}
+    used = {"a": R(1000, 0)}
     reservations = {
-        ("ns", "x"): Reservation((("pool", "cpu"),), 2000, 2 * Gi, 3),  # b (roomier), then a, then b again
-        ("ns", "y"): Reservation((("pool", "cpu"),), 2000, Gi, 1),  # no room left in the pool: takes nothing
-        ("ns", "z"): Reservation((), 1000, Gi, 2),  # one pod already listed; the other goes to g
+        ("ns", "x"): Reservation((("pool", "cpu"),), R(2000, 2 * Gi), 3),  # b (roomier), then a, then b again
+        ("ns", "y"): Reservation((("pool", "cpu"),), R(2000, Gi), 1),  # no room left in the pool: takes nothing
+        ("ns", "z"): Reservation((), R(1000, Gi), 2),  # one pod already listed; the other goes to g
     }
-    by_owner = {("ns", "z"): [("g", 1000, Gi)]}
+    by_owner = {("ns", "z"): [("g", R(1000, Gi))]}
     pending, placed = place_reserved(base, used, by_owner, reservations)
-    assert placed[("ns", "x")] == [("b", 2000, 2 * Gi), ("a", 2000, 2 * Gi), ("b", 2000, 2 * Gi)]
+    assert placed[("ns", "x")] == [("b", R(2000, 2 * Gi)), ("a", R(2000, 2 * Gi)), ("b", R(2000, 2 * Gi))]
     assert ("ns", "y") not in placed
-    assert placed[("ns", "z")] == [("g", 1000, Gi)]
-    assert pending == {"a": (2000, 2 * Gi), "b": (4000, 4 * Gi), "g": (1000, Gi)}
+    assert placed[("ns", "z")] == [("g", R(1000, Gi))]
+    assert pending == {"a": R(2000, 2 * Gi), "b": R(4000, 4 * Gi), "g": R(1000, Gi)}
+
+
+def test_gpus_other_pods_hold_are_not_free() -> None:
+    """A node whose only GPU another pod holds offers no GPU: a plan there runs on the CPU."""
+    gpu_node = k8s_node("g", "16", "64Gi", {"nvidia.com/gpu.memory": "24576"})
+    gpu_node["status"]["allocatable"]["nvidia.com/gpu"] = "1"
+    holder = pod("g", "1", "1Gi")
+    holder["spec"]["containers"][0]["resources"]["limits"] = {"nvidia.com/gpu": "1"}
+    assert node_facts([gpu_node], [])[0].gpus == 1
+    taken = node_facts([gpu_node], [holder])[0]
+    assert taken.gpus == 0 and taken.gpu_vendor == "nvidia"
+    used, by_owner = usage([{**holder, "metadata": {**holder["metadata"], "labels": {LABEL: "m"}}}], LABEL)
+    assert used == {"g": R(1000, Gi, 1)}
+    base = [node_facts_from_k8s(gpu_node)]
+    assert free(base, used)[0].gpus == 0
+    assert free(base, used, own=by_owner[("a", "m")])[0].gpus == 1  # our own pod's GPU is ours to re-plan
+    # a burst: the second GPU pod reserved for the node finds no GPU left
+    reservation = Reservation((), R(1000, Gi, 1), 2)
+    pending, placed = place_reserved(base, {}, {}, {("ns", "x"): reservation})
+    assert placed[("ns", "x")] == [("g", R(1000, Gi, 1))] and pending == {"g": R(1000, Gi, 1)}

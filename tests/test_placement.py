@@ -392,3 +392,15 @@ def test_spec_threads_override_the_rule_and_must_fit_the_node():
     assert p.result.plan.args[p.result.plan.args.index("-t") + 1] == "3"
     too_many = run(spec(context=8192, threads=6), [n])
     assert not too_many.fits and "n: short by 2 CPU" in too_many.message
+
+
+def test_a_gpu_another_pod_holds_is_not_planned_on():
+    """The node's only GPU is taken: the plan runs on its CPU, and asks for no GPU."""
+    facts = catalog.catalog_facts("qwen3.5-0.8b", "Q4_0")
+    node = gpu_24g(taints=False)
+    free_gpu = place(spec(context=8192), facts, [node], "/m.gguf")
+    assert free_gpu.result is not None and free_gpu.result.plan.backend == "cuda"
+    assert free_gpu.result.resources.requests["nvidia.com/gpu"] == "1"
+    taken = place(spec(context=8192), facts, [node.model_copy(update={"gpus": 0})], "/m.gguf")
+    assert taken.fits and taken.result is not None and taken.result.plan.backend == "cpu"
+    assert "nvidia.com/gpu" not in taken.result.resources.requests

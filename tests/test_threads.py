@@ -18,6 +18,7 @@ from modelfit.nodes import (
     BANDWIDTH_LABEL,
     GiB,
     NodeFacts,
+    Requests,
     bandwidth_from_labels,
     node_facts_from_k8s,
     parse_node_shapes,
@@ -151,7 +152,7 @@ def test_bandwidth_label_from_nodes_and_shapes() -> None:
         "metadata": {"name": "a", "labels": {BANDWIDTH_LABEL: "40"}},
         "status": {"allocatable": {"cpu": "16", "memory": "64Gi"}},
     }
-    facts = node_facts_from_k8s(k8s, requested_cpu_millis=3000)
+    facts = node_facts_from_k8s(k8s, Requests(cpu_millis=3000))
     assert facts.memory_bandwidth_bytes == 40 * 10**9 and facts.cpu_millis == 13000
     (shape,) = parse_node_shapes([{"name": "s", "labels": {BANDWIDTH_LABEL: "12"}, "cpu": 8, "memory": "32Gi"}])
     assert shape.facts().memory_bandwidth_bytes == 12 * 10**9

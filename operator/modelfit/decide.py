@@ -21,7 +21,7 @@ Rules decided here:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
@@ -311,10 +311,9 @@ def surge_fits(snap: Snapshot, placement: Placement) -> bool:
     if node.count > len(running):
         return True  # a member of the class without our pod takes the new one
     old_mem = int(old_plan.get("memoryRequestBytes") or 0)
-    old_cpu, _ = requests_of(old_plan.get("resources"))
-    new_cpu, _ = requests_of(res.resources.model_dump())
+    both = requests_of(old_plan.get("resources")) + requests_of(res.resources.model_dump())
     mem_ok = node.memory_bytes is None or node.memory_bytes >= old_mem + res.memory_request_bytes
-    return mem_ok and node.cpu_millis >= old_cpu + new_cpu
+    return mem_ok and node.cpu_millis >= both.cpu_millis and node.gpus >= both.gpus
 
 
 def replicas_that_fit(snap: Snapshot, placement: Placement, requests: dict[str, str]) -> tuple[int, int]:
@@ -323,8 +322,7 @@ def replicas_that_fit(snap: Snapshot, placement: Placement, requests: dict[str, 
     ``requests`` are the rendered pod's (the plan's, or spec.resources where it overrides them); our own
     pods count as free, since the node facts leave them out.
     """
-    cpu, mem = requests_of({"requests": requests})
-    gpus = int(next((v for k, v in requests.items() if k.endswith("/gpu")), 0) or 0)
+    cpu, mem, gpus = astuple(requests_of({"requests": requests}))
     room, nodes = 0, 0
     for n in snap.nodes:
         if any(n.labels.get(k) != v for k, v in placement.selector.items()) or ineligible_reason(snap.spec, n):

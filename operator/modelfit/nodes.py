@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -10,6 +11,65 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 GpuVendor = Literal["none", "nvidia", "amd", "intel"]
+
+
+@dataclass(frozen=True)
+class GpuVendorInfo:
+    """How a GPU vendor shows up on Kubernetes nodes, and the llama.cpp backend that drives it."""
+
+    vendor: GpuVendor
+    resource: str  # the device plugin's extended resource; GPU node pools are tainted with the same key
+    memory_label: str  # GPU memory per GPU, from the vendor's feature discovery
+    memory_in_mib: bool  # the label is a number of MiB (NVIDIA GFD), else a Kubernetes quantity
+    backend: str
+
+
+# Adding a GPU vendor is one row: the nodes' GPUs and memory, the pods' requests and tolerations, the
+# backend auto picks, and the GPUs other pods hold all come from here.
+GPU_VENDORS: tuple[GpuVendorInfo, ...] = (
+    GpuVendorInfo("nvidia", "nvidia.com/gpu", "nvidia.com/gpu.memory", True, "cuda"),
+    GpuVendorInfo("amd", "amd.com/gpu", "amd.com/gpu.vram", False, "rocm"),
+    GpuVendorInfo("intel", "gpu.intel.com/i915", "gpu.intel.com/memory.max", False, "vulkan"),
+)
+GPU_RESOURCES = tuple(v.resource for v in GPU_VENDORS)
+
+
+def gpu_vendor_info(vendor: str) -> GpuVendorInfo | None:
+    return next((v for v in GPU_VENDORS if v.vendor == vendor), None)
+
+
+@dataclass(frozen=True)
+class Requests:
+    """What pods ask the scheduler for: CPU millicores, memory bytes and GPUs (any vendor's resource)."""
+
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+    gpus: int = 0
+
+    def __add__(self, other: Requests) -> Requests:
+        return Requests(
+            self.cpu_millis + other.cpu_millis, self.memory_bytes + other.memory_bytes, self.gpus + other.gpus
+        )
+
+    def __sub__(self, other: Requests) -> Requests:
+        return Requests(
+            self.cpu_millis - other.cpu_millis, self.memory_bytes - other.memory_bytes, self.gpus - other.gpus
+        )
+
+    def most(self, other: Requests) -> Requests:
+        """Each resource's larger value (init containers run one at a time: the pod needs their largest)."""
+        return Requests(
+            max(self.cpu_millis, other.cpu_millis),
+            max(self.memory_bytes, other.memory_bytes),
+            max(self.gpus, other.gpus),
+        )
+
+    def covers(self, other: Requests) -> bool:
+        """Whether this much free room holds ``other``."""
+        return (
+            self.cpu_millis >= other.cpu_millis and self.memory_bytes >= other.memory_bytes and self.gpus >= other.gpus
+        )
+
 
 # Nodes do not publish their memory bandwidth; a node (or node shape) may carry it as a label, in GB/s
 # (10^9 bytes per second), for the planner's thread count (sizing._threads). Without it the policy's default holds.
@@ -153,30 +213,27 @@ NFD_FEATURES = {
 }
 
 
-def node_facts_from_k8s(node: dict[str, Any], requested_cpu_millis: int = 0, requested_memory: int = 0) -> NodeFacts:
-    """Facts of a Node object, less what pods already request on it.
+def node_facts_from_k8s(node: dict[str, Any], used: Requests | None = None) -> NodeFacts:
+    """Facts of a Node object, less what pods already request on it (``used``: CPU, memory and GPUs).
 
-    GPU memory comes from GPU feature discovery (``nvidia.com/gpu.memory``, MiB),
-    CPU features from node-feature-discovery labels; without NFD labels an amd64
+    GPUs come from the first vendor of GPU_VENDORS the node advertises, their memory from that vendor's
+    feature-discovery label, CPU features from node-feature-discovery labels; without NFD labels an amd64
     node is assumed to have AVX2 (every x86-64 server CPU since 2013).
     """
+    used = used or Requests()
     meta = node.get("metadata") or {}
     status = node.get("status") or {}
     labels: dict[str, str] = dict(meta.get("labels") or {})
     alloc = status.get("allocatable") or status.get("capacity") or {}
-    cpu = int(parse_quantity(alloc.get("cpu", "0")) * 1000) - requested_cpu_millis
-    mem = int(parse_quantity(alloc.get("memory", "0"))) - requested_memory
-    gpus = 0
-    vendor: GpuVendor = "none"
-    if int(parse_quantity(alloc.get("nvidia.com/gpu", "0"))) > 0:
-        gpus, vendor = int(parse_quantity(alloc["nvidia.com/gpu"])), "nvidia"
-    elif int(parse_quantity(alloc.get("amd.com/gpu", "0"))) > 0:
-        gpus, vendor = int(parse_quantity(alloc["amd.com/gpu"])), "amd"
+    cpu = int(parse_quantity(alloc.get("cpu", "0")) * 1000) - used.cpu_millis
+    mem = int(parse_quantity(alloc.get("memory", "0"))) - used.memory_bytes
+    info = next((v for v in GPU_VENDORS if int(parse_quantity(alloc.get(v.resource, "0"))) > 0), None)
+    gpus = int(parse_quantity(alloc[info.resource])) - used.gpus if info else 0
+    vendor: GpuVendor = info.vendor if info else "none"
     gpu_mem = 0
-    if "nvidia.com/gpu.memory" in labels:
-        gpu_mem = int(float(labels["nvidia.com/gpu.memory"])) * MiB
-    elif "amd.com/gpu.vram" in labels:
-        gpu_mem = int(parse_quantity(labels["amd.com/gpu.vram"]))
+    if info is not None and info.memory_label in labels:
+        raw = labels[info.memory_label]
+        gpu_mem = int(float(raw)) * MiB if info.memory_in_mib else int(parse_quantity(raw))
     arch = labels.get("kubernetes.io/arch", "amd64")
     features = [feat for label, feat in NFD_FEATURES.items() if labels.get(label) == "true"]
     if not features and arch == "amd64":
@@ -186,7 +243,7 @@ def node_facts_from_k8s(node: dict[str, Any], requested_cpu_millis: int = 0, req
         name=str(meta.get("name", "node")),
         cpu_millis=max(cpu, 0),
         memory_bytes=max(mem, 0),
-        gpus=gpus,
+        gpus=max(gpus, 0),
         gpu_vendor=vendor,
         gpu_memory_bytes=gpu_mem,
         cpu_arch="arm64" if arch == "arm64" else "amd64",

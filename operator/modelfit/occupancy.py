@@ -2,8 +2,9 @@
 
 Pure: the shell lists nodes and pods (``kube.ClusterSnapshot``); these functions turn the
 lists into the node facts placement plans on. A node fits a pod only if what is left of its
-allocatable CPU and memory, after every pod's requests, covers the pod's requests: that is
-the scheduler's rule, so a plan made here is never refused for room.
+allocatable CPU, memory and GPUs, after every pod's requests, covers the pod's requests: that is
+the scheduler's rule, so a plan made here is never refused for room (nor planned onto a GPU that
+another pod holds).
 
 The pods of a Deployment we just applied are not in a node list yet (not created, or not
 scheduled); planned in a burst, every plan would see the same empty node. A ``Reservation``
@@ -17,12 +18,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .nodes import NodeFacts, node_facts_from_k8s, parse_quantity
+from .nodes import GPU_RESOURCES, NodeFacts, Requests, node_facts_from_k8s, parse_quantity
 
-PerNode = dict[str, tuple[int, int]]
-"""Node name -> (CPU millis, memory bytes)."""
-PerOwner = dict[tuple[str, str], list[tuple[str, int, int]]]
-"""(namespace, owner label value) -> the owner's pods as (node, CPU millis, memory bytes)."""
+PerNode = dict[str, Requests]
+"""Node name -> what its pods request."""
+PerOwner = dict[tuple[str, str], list[tuple[str, Requests]]]
+"""(namespace, owner label value) -> the owner's pods as (node, requests)."""
 
 
 def cpu_millis(quantity: Any) -> int:
@@ -30,25 +31,25 @@ def cpu_millis(quantity: Any) -> int:
     return int(parse_quantity(quantity) * 1000) if quantity not in (None, "") else 0
 
 
-def requests_of(resources: Mapping[str, Any] | None) -> tuple[int, int]:
-    """(CPU millis, memory bytes) of a resources block's requests."""
+def requests_of(resources: Mapping[str, Any] | None) -> Requests:
+    """What a resources block requests. GPUs (an extended resource) may be given as a limit alone, which is
+    then their request too."""
     r = (resources or {}).get("requests") or {}
+    limits = (resources or {}).get("limits") or {}
     mem = r.get("memory")
-    return cpu_millis(r.get("cpu")), int(parse_quantity(mem)) if mem not in (None, "") else 0
+    gpus = sum(int(parse_quantity(r.get(k, limits.get(k, 0)) or 0)) for k in GPU_RESOURCES)
+    return Requests(cpu_millis(r.get("cpu")), int(parse_quantity(mem)) if mem not in (None, "") else 0, gpus)
 
 
-def pod_requests(pod: Mapping[str, Any]) -> tuple[int, int]:
-    """(CPU millis, memory bytes) a pod requests: containers summed, init containers at their max, plus overhead."""
+def pod_requests(pod: Mapping[str, Any]) -> Requests:
+    """What a pod requests: containers summed, init containers at their max, plus overhead."""
     spec = pod.get("spec") or {}
-    cpu = mem = 0
+    total = Requests()
     for c in spec.get("containers") or []:
-        a, b = requests_of(c.get("resources"))
-        cpu, mem = cpu + a, mem + b
+        total += requests_of(c.get("resources"))
     for c in spec.get("initContainers") or []:
-        a, b = requests_of(c.get("resources"))
-        cpu, mem = max(cpu, a), max(mem, b)
-    over_cpu, over_mem = requests_of({"requests": spec.get("overhead") or {}})
-    return cpu + over_cpu, mem + over_mem
+        total = total.most(requests_of(c.get("resources")))
+    return total + requests_of({"requests": spec.get("overhead") or {}})
 
 
 def node_usable(node: Mapping[str, Any]) -> bool:
@@ -76,32 +77,30 @@ def usage(pods: Iterable[Mapping[str, Any]], owner_label: str) -> tuple[PerNode,
         node = _holds(pod)
         if node is None:
             continue
-        cpu, mem = pod_requests(pod)
-        a, b = used.get(node, (0, 0))
-        used[node] = (a + cpu, b + mem)
+        req = pod_requests(pod)
+        used[node] = used.get(node, Requests()) + req
         meta = pod.get("metadata") or {}
         owner = (meta.get("labels") or {}).get(owner_label)
         if owner:
-            by_owner.setdefault((str(meta.get("namespace")), str(owner)), []).append((node, cpu, mem))
+            by_owner.setdefault((str(meta.get("namespace")), str(owner)), []).append((node, req))
     return used, by_owner
 
 
-def free(base: Iterable[NodeFacts], used: PerNode, own: Iterable[tuple[str, int, int]] = ()) -> list[NodeFacts]:
+def free(base: Iterable[NodeFacts], used: PerNode, own: Iterable[tuple[str, Requests]] = ()) -> list[NodeFacts]:
     """The nodes' facts less what ``used`` requests on them, giving back the ``own`` pods (a re-plan may reuse
     their room)."""
     mine: PerNode = {}
-    for node, cpu, mem in own:
-        a, b = mine.get(node, (0, 0))
-        mine[node] = (a + cpu, b + mem)
+    for node, req in own:
+        mine[node] = mine.get(node, Requests()) + req
     out = []
     for n in base:
-        cpu, mem = used.get(n.name, (0, 0))
-        own_cpu, own_mem = mine.get(n.name, (0, 0))
+        taken = used.get(n.name, Requests()) - mine.get(n.name, Requests())
         out.append(
             n.model_copy(
                 update={
-                    "cpu_millis": max(n.cpu_millis - cpu + own_cpu, 0),
-                    "memory_bytes": max((n.memory_bytes or 0) - mem + own_mem, 0),
+                    "cpu_millis": max(n.cpu_millis - taken.cpu_millis, 0),
+                    "memory_bytes": max((n.memory_bytes or 0) - taken.memory_bytes, 0),
+                    "gpus": max(n.gpus - taken.gpus, 0),
                 }
             )
         )
@@ -116,7 +115,7 @@ def node_facts(
     """Facts of the usable nodes, less what their pods request (pods matching ``exclude`` don't count)."""
     used, _ = usage((p for p in pods if exclude is None or not exclude(p)), owner_label="")
     return [
-        node_facts_from_k8s(dict(n), *used.get(str((n.get("metadata") or {}).get("name")), (0, 0)))
+        node_facts_from_k8s(dict(n), used.get(str((n.get("metadata") or {}).get("name"))))
         for n in nodes
         if node_usable(n)
     ]
@@ -128,17 +127,15 @@ class Reservation:
     nodeSelector): counted on the nodes until the pods show up scheduled in a node list."""
 
     selector: tuple[tuple[str, str], ...]
-    cpu_millis: int
-    memory_bytes: int
+    requests: Requests
     replicas: int
 
     @classmethod
     def of(cls, deploy: Mapping[str, Any]) -> Reservation:
         spec = deploy.get("spec") or {}
         pod_spec = (spec.get("template") or {}).get("spec") or {}
-        cpu, mem = pod_requests({"spec": pod_spec})
         selector = tuple(sorted((pod_spec.get("nodeSelector") or {}).items()))
-        return cls(selector, cpu, mem, int(spec.get("replicas", 1) or 0))
+        return cls(selector, pod_requests({"spec": pod_spec}), int(spec.get("replicas", 1) or 0))
 
 
 def place_reserved(
@@ -147,10 +144,7 @@ def place_reserved(
     """Reserved pods a node list does not show yet, each put on the matching node with the most room left (the
     scheduler's default spread); per node, and per owner. A pod no node has room for takes nothing: the scheduler
     will refuse it too."""
-    room = {
-        n.name: [n.cpu_millis - used.get(n.name, (0, 0))[0], (n.memory_bytes or 0) - used.get(n.name, (0, 0))[1]]
-        for n in base
-    }
+    room = {n.name: Requests(n.cpu_millis, n.memory_bytes or 0, n.gpus) - used.get(n.name, Requests()) for n in base}
     labels = {n.name: n.labels for n in base}
     pending: PerNode = {}
     placed: PerOwner = {}
@@ -158,24 +152,21 @@ def place_reserved(
         for _ in range(max(0, r.replicas - len(by_owner.get(owner, [])))):
             fits = [
                 n
-                for n, (c, m) in room.items()
-                if c >= r.cpu_millis and m >= r.memory_bytes and all(labels[n].get(k) == v for k, v in r.selector)
+                for n, left in room.items()
+                if left.covers(r.requests) and all(labels[n].get(k) == v for k, v in r.selector)
             ]
             if not fits:
                 break
-            n = max(fits, key=lambda x: (room[x][0], room[x][1], x))
-            room[n][0] -= r.cpu_millis
-            room[n][1] -= r.memory_bytes
-            a, b = pending.get(n, (0, 0))
-            pending[n] = (a + r.cpu_millis, b + r.memory_bytes)
-            placed.setdefault(owner, []).append((n, r.cpu_millis, r.memory_bytes))
+            n = max(fits, key=lambda x: (room[x].cpu_millis, room[x].memory_bytes, x))
+            room[n] -= r.requests
+            pending[n] = pending.get(n, Requests()) + r.requests
+            placed.setdefault(owner, []).append((n, r.requests))
     return pending, placed
 
 
 def add(a: PerNode, b: PerNode) -> PerNode:
     """Per-node sums of two usages."""
     out = dict(a)
-    for node, (cpu, mem) in b.items():
-        c, m = out.get(node, (0, 0))
-        out[node] = (c + cpu, m + mem)
+    for node, req in b.items():
+        out[node] = out.get(node, Requests()) + req
     return out

@@ -25,12 +25,12 @@ from typing import Any
 
 from .api import ModelDeploymentSpec
 from .facts import ModelFacts
-from .nodes import NodeFacts, NodeShape, format_cpu, format_memory
+from .nodes import GPU_RESOURCES, NodeFacts, NodeShape, format_cpu, format_memory
 from .occupancy import cpu_millis
 from .policy import min_context, policy_for
 from .sizing import PlanResult, plan
 
-GPU_TAINT_KEYS = ("nvidia.com/gpu", "amd.com/gpu")
+GPU_TAINT_KEYS = GPU_RESOURCES  # device plugins taint GPU node pools with their resource name
 CLASS_LABEL = "node.kubernetes.io/instance-type"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 

@@ -18,8 +18,8 @@ from . import api, catalog
 from .api import ModelDeploymentSpec
 from .download import DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
-from .nodes import GiB, MiB, format_memory, parse_quantity
-from .placement import GPU_TAINT_KEYS, Placement
+from .nodes import GPU_RESOURCES, GiB, MiB, format_memory, parse_quantity
+from .placement import Placement
 
 # The only place image tags live. Official llama.cpp server images, pinned to the build the memory model matches.
 IMAGES: dict[str, str] = {
@@ -330,13 +330,12 @@ def deployment(
     """The llama-server Deployment of a plan: pinned to the plan's node class, restricted security context."""
     assert placement.result is not None
     name = md_meta["name"]
-    p = placement.result.plan
     mounts, volumes, init = _model_volumes(name, spec, model)
     container = _server_container(spec, placement, model, mounts, honour_memory_override)
     tolerations = list(spec.tolerations or [])
-    gpu_key = {"cuda": GPU_TAINT_KEYS[0], "rocm": GPU_TAINT_KEYS[1]}.get(p.backend)
-    if gpu_key:
-        tolerations.append({"key": gpu_key, "operator": "Exists", "effect": "NoSchedule"})
+    for gpu_key in GPU_RESOURCES:  # a pod that asks for a vendor's GPUs tolerates that vendor's GPU taint
+        if gpu_key in placement.result.resources.requests:
+            tolerations.append({"key": gpu_key, "operator": "Exists", "effect": "NoSchedule"})
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,

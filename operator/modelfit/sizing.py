@@ -34,7 +34,7 @@ from .memory import (
     prompt_state_bytes,
     seq_state_bytes,
 )
-from .nodes import BANDWIDTH_LABEL, MiB, NodeFacts, format_cpu, format_memory
+from .nodes import BANDWIDTH_LABEL, MiB, NodeFacts, format_cpu, format_memory, gpu_vendor_info
 
 Auto = Literal["auto"]
 # kvCacheType auto: full precision, else q8_0 (close to f16 in answer quality). q4_0 measurably
@@ -203,7 +203,8 @@ def _backend(policy: Policy, node: NodeFacts) -> str:
     if policy.backend != "auto":
         return policy.backend
     if node.gpus > 0 and node.gpu_memory_bytes > 0:
-        return {"nvidia": "cuda", "amd": "rocm", "intel": "vulkan"}.get(node.gpu_vendor, "vulkan")
+        info = gpu_vendor_info(node.gpu_vendor)
+        return info.backend if info else "vulkan"
     return "cpu"
 
 
@@ -683,16 +684,17 @@ def _prompt_cache(
     return chosen, why
 
 
-def _resources(backend: str, gpus: int, threads: int, memory_request: int) -> Resources:
-    """Requests and limits of the pod: a whole CPU per thread (no CPU limit), memory request = limit, GPUs."""
+def _resources(node: NodeFacts, gpus: int, threads: int, memory_request: int) -> Resources:
+    """Requests and limits of the pod: a whole CPU per thread (no CPU limit), memory request = limit, and the
+    node vendor's GPU resource when the plan uses GPUs."""
     resources = Resources(
         requests={"cpu": format_cpu(threads * 1000), "memory": format_memory(memory_request)},
         limits={"memory": format_memory(memory_request)},
     )
-    gpu_key = {"cuda": "nvidia.com/gpu", "rocm": "amd.com/gpu"}.get(backend)
-    if gpu_key is not None and gpus:
-        resources.requests[gpu_key] = str(gpus)
-        resources.limits[gpu_key] = str(gpus)
+    info = gpu_vendor_info(node.gpu_vendor)
+    if info is not None and gpus:
+        resources.requests[info.resource] = str(gpus)
+        resources.limits[info.resource] = str(gpus)
     return resources
 
 
@@ -758,7 +760,7 @@ def plan(
     return PlanResult(
         plan=p,
         memory=mem,
-        resources=_resources(space.backend, space.gpus, threads.threads, request),
+        resources=_resources(node, space.gpus, threads.threads, request),
         fits=fits,
         shortfall_bytes=shortfall,
         reasons=reasons,
