@@ -213,6 +213,18 @@ NFD_FEATURES = {
 }
 
 
+def _gpus(alloc: dict[str, Any], labels: dict[str, str]) -> tuple[GpuVendor, int, int]:
+    """(vendor, GPUs, memory per GPU) of the first vendor in GPU_VENDORS the node advertises."""
+    for info in GPU_VENDORS:
+        n = int(parse_quantity(alloc.get(info.resource, "0")))
+        if n > 0:
+            raw = labels.get(info.memory_label)
+            if raw is None:
+                return info.vendor, n, 0
+            return info.vendor, n, int(float(raw)) * MiB if info.memory_in_mib else int(parse_quantity(raw))
+    return "none", 0, 0
+
+
 def node_facts_from_k8s(node: dict[str, Any], used: Requests | None = None) -> NodeFacts:
     """Facts of a Node object, less what pods already request on it (``used``: CPU, memory and GPUs).
 
@@ -227,13 +239,7 @@ def node_facts_from_k8s(node: dict[str, Any], used: Requests | None = None) -> N
     alloc = status.get("allocatable") or status.get("capacity") or {}
     cpu = int(parse_quantity(alloc.get("cpu", "0")) * 1000) - used.cpu_millis
     mem = int(parse_quantity(alloc.get("memory", "0"))) - used.memory_bytes
-    info = next((v for v in GPU_VENDORS if int(parse_quantity(alloc.get(v.resource, "0"))) > 0), None)
-    gpus = int(parse_quantity(alloc[info.resource])) - used.gpus if info else 0
-    vendor: GpuVendor = info.vendor if info else "none"
-    gpu_mem = 0
-    if info is not None and info.memory_label in labels:
-        raw = labels[info.memory_label]
-        gpu_mem = int(float(raw)) * MiB if info.memory_in_mib else int(parse_quantity(raw))
+    vendor, gpus, gpu_mem = _gpus(alloc, labels)
     arch = labels.get("kubernetes.io/arch", "amd64")
     features = [feat for label, feat in NFD_FEATURES.items() if labels.get(label) == "true"]
     if not features and arch == "amd64":
@@ -243,7 +249,7 @@ def node_facts_from_k8s(node: dict[str, Any], used: Requests | None = None) -> N
         name=str(meta.get("name", "node")),
         cpu_millis=max(cpu, 0),
         memory_bytes=max(mem, 0),
-        gpus=max(gpus, 0),
+        gpus=max(gpus - used.gpus, 0),
         gpu_vendor=vendor,
         gpu_memory_bytes=gpu_mem,
         cpu_arch="arm64" if arch == "arm64" else "amd64",
