@@ -16,6 +16,10 @@ Rules decided here:
   Replace; decided when the plan changes and kept with it.
 - Drift: an owned child edited by hand (the Deployment's generation moved under our applied hash) is
   applied again, with force.
+- Come back (``Decision.requeue_after``, controller-runtime's ``Result.RequeueAfter``): a model that cannot be
+  read, or a plan no node fits, is looked at again after ``retry_delay(snap.failures)`` -- 10 s doubling to
+  5 minutes -- since room or the model server comes back without an event of ours; anything else waits for
+  an event or the full resync.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ from .status import (
 
 OOM_HEADROOM_STEP = 0.25
 AVOID_SECONDS = 300.0
+RETRY_BASE = 10.0  # seconds before the first retry; doubled for each failure in a row
+MAX_RETRY_DELAY = 300.0
+RETRY_RESULTS = frozenset({"model_unreadable", "unschedulable"})  # the results that come back on their own
 # What makes two plans the same workload for the Always policy (threads and the prompt cache are minor knobs).
 _SHAPE = ("nodeSelector", "backend", "gpuLayers", "context", "kvCacheType", "parallel", "loadMode", "headroomBoost")
 
@@ -95,11 +102,17 @@ class Snapshot:
     seen_generation: int | None = None  # the Deployment's generation as last applied or seen (None: first look)
     missing: Cond | None = None  # a Secret, key or PVC the pods need and that does not exist
     hpa_metric: str = HPA_METRIC
+    failures: int = 0  # reconciles in a row that asked to come back (the shell's count, for the backoff)
 
 
 @dataclass
 class Decision:
-    """What the shell does: delete, then apply (Deployment last), post events, and write ``status``."""
+    """What the shell does: delete, then apply (Deployment last), post events, and write ``status``.
+
+    ``requeue_after`` is when to look again, in seconds (None: on the next event or the full resync). It is the
+    whole answer, backoff included: the shell keeps the count of failures in a row (``Snapshot.failures``,
+    ``failure(failures=)``), adds one when ``requeue_after`` is set and starts again from 0 when it is None.
+    """
 
     status: dict[str, Any]
     result: str  # for the reconcile metric: ready, progressing, unschedulable, invalid, model_unreadable
@@ -111,6 +124,18 @@ class Decision:
     replan_soon: bool = False  # pods wait for the scheduler: look again on fresh node facts next tick
     planned: Cond | None = None  # the Planned condition to keep when applying fails
     seen_generation: int | None = None
+    requeue_after: float | None = None
+
+
+def retry_delay(attempt: int) -> float:
+    """Backoff before the ``attempt``-th retry in a row (from 0): 10 s doubling, at most 5 minutes."""
+    return float(min(MAX_RETRY_DELAY, RETRY_BASE * 2 ** max(0, attempt)))
+
+
+def retry_after(result: str, failures: int) -> float | None:
+    """When a decision with this result looks again: a model server not up yet, or room that frees up when other
+    tenants' pods finish terminating, tells us by no event of ours, so those come back with backoff."""
+    return retry_delay(failures) if result in RETRY_RESULTS else None
 
 
 # ---- the first steps: a spec that can be planned ----------------------------------------------------
@@ -127,14 +152,16 @@ def reported(old: dict[str, Any], reason: str, message: str) -> bool:
     return c.get("status") == "False" and c.get("reason") == reason and c.get("message") == message
 
 
-def failure(meta: dict[str, Any], old: dict[str, Any], reason: str, message: str, result: str) -> Decision:
-    """No plan to run: the Planned=False conditions and nothing to apply."""
+def failure(
+    meta: dict[str, Any], old: dict[str, Any], reason: str, message: str, result: str, failures: int = 0
+) -> Decision:
+    """No plan to run: the Planned=False conditions and nothing to apply (``failures``: see ``Decision``)."""
     new = base_status(meta)
     new["conditions"] = apply_conditions(
         list(old.get("conditions") or []), planning_failure_conditions(reason, message), meta.get("generation")
     )
     level = logging.DEBUG if reported(old, reason, message) else logging.WARNING
-    return Decision(new, result, logs=[(level, f"{reason}: {message}")])
+    return Decision(new, result, logs=[(level, f"{reason}: {message}")], requeue_after=retry_after(result, failures))
 
 
 def api_failure(
@@ -359,7 +386,7 @@ def _capacity(snap: Snapshot, placement: Placement, rendered: Rendered, desired:
 def _unplaced(snap: Snapshot, r: _Reaction, new: dict[str, Any], logs: list[Log]) -> Decision:
     """No node fits: Planned=False with the closest plan, nothing applied."""
     placement = r.placement
-    out = failure(snap.meta, snap.old, placement.reason, placement.message, "unschedulable")
+    out = failure(snap.meta, snap.old, placement.reason, placement.message, "unschedulable", snap.failures)
     if placement.result is not None:
         plan = plan_status(placement, snap.loaded.facts, snap.loaded.size, "", r.boost)
         out.status["plan"] = {**plan, "factsSource": snap.loaded.source}
@@ -519,6 +546,7 @@ def decide(snap: Snapshot) -> Decision:
 
 __all__ = [
     "AVOID_SECONDS",
+    "MAX_RETRY_DELAY",
     "OOM_HEADROOM_STEP",
     "Decision",
     "LoadedFacts",
@@ -529,6 +557,8 @@ __all__ = [
     "failure",
     "keep_running",
     "materially_better",
+    "retry_after",
+    "retry_delay",
     "spec_hash",
     "surge_fits",
 ]
