@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,7 +198,8 @@ AGREEMENT_CASES = [
 def test_values_plan_file_and_operator_agree(
     capsys: pytest.CaptureFixture[str], tmp_path: object, options: tuple[str, ...], reason: str
 ) -> None:
-    """`modelfit values`, `modelfit plan -f` of its ModelDeployment and placement.place on the profile agree."""
+    """`modelfit values`, `modelfit plan -f` of its ModelDeployment, `modelfit plan` with the same options and
+    placement.place on the profile agree (plain `plan` once said fits at context 30208 for --context 131072)."""
     import yaml
 
     from modelfit import catalog
@@ -227,15 +229,27 @@ def test_values_plan_file_and_operator_agree(
     assert d["placement"]["message"] == placed.message == ep["message"]
     assert (err == "") == placed.fits
 
+    # `modelfit plan` with the options themselves
+    rc, out = run(capsys, "plan", "llama-3.2-3b", "--quant", "Q4_K_M", "--node", "cpu-small", *options, "-o", "json")
+    p = json.loads(out)
+    assert rc == (0 if placed.fits else 3)
+    assert p["placement"]["reason"] == reason and p["placement"]["message"] == placed.message
+
     res = placed.result
-    for what, values_says, file_says, operator_says in (
-        ("fits", ep["fits"], d["fits"], placed.fits),
-        ("context", ep["context"], d["plan"]["context"], res.plan.context),
-        ("kv", ep["kvCacheType"], d["plan"]["kv_cache_type"], res.plan.kv_cache_type),
-        ("memory", ep["memoryRequest"], d["resources"]["requests"]["memory"], res.resources.requests["memory"]),
-        ("args", ep["args"], d["plan"]["args"], res.plan.args),
+    for what, values_says, file_says, plan_says, operator_says in (
+        ("fits", ep["fits"], d["fits"], p["fits"], placed.fits),
+        ("context", ep["context"], d["plan"]["context"], p["plan"]["context"], res.plan.context),
+        ("kv", ep["kvCacheType"], d["plan"]["kv_cache_type"], p["plan"]["kv_cache_type"], res.plan.kv_cache_type),
+        (
+            "memory",
+            ep["memoryRequest"],
+            d["resources"]["requests"]["memory"],
+            p["resources"]["requests"]["memory"],
+            res.resources.requests["memory"],
+        ),
+        ("args", ep["args"], d["plan"]["args"], p["plan"]["args"], res.plan.args),
     ):
-        assert values_says == file_says == operator_says, what
+        assert values_says == file_says == plan_says == operator_says, what
 
 
 def test_plan_file_issue_case_reports_the_shortfall(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
@@ -356,3 +370,79 @@ def test_serve_dry_run_passes_the_plan(capsys: pytest.CaptureFixture[str], tmp_p
     rc = main(["serve", str(model), "--threads", "1", "--llama-server", str(fake), "--dry-run"])
     out = capsys.readouterr().out.split()
     assert rc == 0 and out[0] == str(fake) and out[out.index("-t") + 1] == "1"
+
+
+def test_plan_issue_case_context_is_the_minimum(capsys: pytest.CaptureFixture[str]) -> None:
+    """An explicit --context is the least that fits, as in a ModelDeployment: no silent shrink to 30208."""
+    rc = main(["plan", "llama-3.2-3b", "--quant", "Q4_K_M", "--node", "cpu-small", "--context", "131072"])
+    out, err = capsys.readouterr()
+    assert rc == 3 and re.search(r"\| Context size +\| 131,072$", out, re.MULTILINE)
+    assert re.search(r"\| Fits +\| NO \(short by 6,25\d\.\d MiB\)$", out, re.MULTILINE), out
+    assert err == (
+        "modelfit: does not fit cpu-small: NoNodeFits: no node fits the model at the requested context: "
+        "cpu-small: short by 6252Mi\n"
+    )
+
+
+def test_plan_cpu_request_must_fit_the_node_as_with_f(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
+    """--threads 64 on 2 CPUs: the pod's CPU request does not fit, as `plan -f` says (it said Fits yes)."""
+    rc, out = run(capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--threads", "64", "--cpus", "2", "-o", "json")
+    d = json.loads(out)
+    assert rc == 3 and d["fits"] is False and d["placement"]["reason"] == "NoNodeFits"
+    assert d["placement"]["message"].endswith("cpu: short by 62 CPU")
+    assert d["reasons"][0] == "does not fit: the pod requests 64 CPU but the node has 2 free"
+    spec = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "threads": 64}
+    rc, out, _ = plan_file(capsys, tmp_path, [manifest(spec)], "--cpus", "2", "-o", "json")
+    assert rc == 3 and json.loads(out)["placement"] == d["placement"]
+    rc, out = run(capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--threads", "64", "--cpus", "2")
+    assert rc == 3 and "| Fits                            | NO (no node fits" in out
+
+
+def test_plan_backend_the_node_lacks_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """A plan that fits memory but not the spec (backend cuda on a CPU node) says NO, in JSON and the table."""
+    rc, out = run(capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--backend", "cuda", "-o", "json")
+    d = json.loads(out)
+    assert rc == 3 and d["fits"] is False and "backend cuda is not available" in d["placement"]["message"]
+    rc, out = run(capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--backend", "cuda")
+    assert (
+        rc == 3 and "Fits" in out and "NO (no node fits" in out and "| Fits                            | yes" not in out
+    )
+
+
+def test_plan_without_quant_says_which_and_why(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = run(capsys, "plan", "qwen3.5-0.8b", "-o", "json")
+    d = json.loads(out)
+    assert rc == 0 and d["model"]["quant"] == "Q4_K_M"
+    assert d["reasons"][0].startswith("quant Q4_K_M: the default, as --quant was not given")
+    rc, out = run(capsys, "plan", "qwen3.5-0.8b")
+    assert rc == 0 and "| Quantization" in out and "  - quant Q4_K_M: the default, as --quant was not given" in out
+    rc, out = run(capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_k_m", "-o", "json")
+    assert not any(r.startswith("quant ") for r in json.loads(out)["reasons"])  # named: nothing to explain
+
+
+def test_plan_knobs_tune_the_placed_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    """--ubatch is no spec word: the placement's plan, planned again with it."""
+    rc, out = run(
+        capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--context", "8192", "--ubatch", "1024", "-o", "json"
+    )
+    d = json.loads(out)
+    args = d["plan"]["args"]
+    assert rc == 0 and d["fits"] and args[args.index("-ub") + 1] == "1024" and d["plan"]["ubatch"] == 1024
+    rc, out = run(capsys, "plan", "qwen3.5-0.8b", "--quant", "q4_0", "--context", "8192", "-o", "json")
+    assert json.loads(out)["memory"]["compute_bytes"] < d["memory"]["compute_bytes"]
+
+
+def test_serve_places_like_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """serve plans this machine with the same placement: a CPU request beyond it is refused; --port reaches args."""
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    from modelfit_dev.synth import ensure_model
+
+    model = str(ensure_model("llama-tiny", "F16"))
+    rc = main(["serve", model, "--threads", "64", "--cpus", "2", "--llama-server", str(fake), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "modelfit: the model does not fit this machine: NoNodeFits:" in err and "short by 62 CPU" in err
+    rc = main(["serve", model, "--threads", "1", "--port", "9000", "--llama-server", str(fake), "--dry-run"])
+    out = capsys.readouterr().out.split()
+    assert rc == 0 and out[out.index("--port") + 1] == "9000"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -13,7 +15,7 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from modelfit import catalog, cli, crd
+from modelfit import catalog, cli, cli_options, crd
 from modelfit.api import ModelSource
 from modelfit.cli import main
 
@@ -93,6 +95,9 @@ BAD = [
     (("values", *MODEL, "--replicas", "-1"), "--replicas", "from 0 to 1000"),
     (("values", *MODEL, "--gpu-layers", "x"), "--gpu-layers", "from 0 to 1000"),
     (("values", *MODEL, "--context", "4096", "--min-context", "8192"), "--min-context", "above --context"),
+    (("plan", *MODEL, "--gpus", "1"), "--gpus", "needs --gpu-memory"),  # not a silent CPU plan
+    (("serve", *MODEL, "--gpus", "2"), "--gpus", "needs --gpu-memory"),
+    (("values", "https://host/m.gguf", "--quant", "Q4_0"), "--quant", "catalog models only"),
 ]
 
 
@@ -182,12 +187,12 @@ def test_context_0_is_refused_not_planned_small(capsys: pytest.CaptureFixture[st
     [("2G", 2 * 10**9), ("2Gi", 2 * 2**30), ("2048Mi", 2 * 2**30), ("1.5Gi", 3 * 2**29), ("1Mi", 2**20)],
 )
 def test_memory_is_a_kubernetes_quantity(text: str, nbytes: int) -> None:
-    assert cli.memory_arg(text) == nbytes
+    assert cli_options.memory_arg(text) == nbytes
 
 
 @pytest.mark.parametrize(("text", "millis"), [("2", 2000), ("1.5", 1500), ("1500m", 1500), ("1m", 1)])
 def test_cpus_is_a_kubernetes_quantity(text: str, millis: int) -> None:
-    assert cli.cpus_arg(text) == millis
+    assert cli_options.cpus_arg(text) == millis
 
 
 @pytest.mark.parametrize("memory", ["2G", "2Gi", "2048Mi"])
@@ -226,7 +231,7 @@ def _crd_quant_ok(word: str) -> bool:
 
 def _cli_quant_ok(word: str) -> bool:
     try:
-        cli.quant_arg(word)
+        cli_options.quant_arg(word)
     except Exception:  # noqa: BLE001
         return False
     return True
@@ -238,7 +243,7 @@ def test_cli_and_crd_accept_the_same_quant_words() -> None:
         assert cli_ok == crd_ok, (word, cli_ok, crd_ok)
         assert cli_ok == (word in QUANT_WORDS), word
         if cli_ok:
-            canonical = cli.quant_arg(word)
+            canonical = cli_options.quant_arg(word)
             assert canonical in catalog.RECIPES
             assert ModelSource.model_validate({"catalog": "qwen3.5-0.8b", "quant": word}).quant == canonical
         else:
@@ -315,8 +320,80 @@ def test_unexpected_error_is_one_line(capsys: pytest.CaptureFixture[str], monkey
     def boom(*_: object, **__: object) -> None:
         raise RuntimeError("planner exploded\nsecond line")
 
-    monkeypatch.setattr(cli, "plan", boom)
+    monkeypatch.setattr(cli, "place", boom)
     monkeypatch.delenv("MODELFIT_DEBUG", raising=False)
     rc, _, err = cli_run(capsys, "plan", *MODEL)
     assert rc == 1
     assert err == "modelfit: error: unexpected RuntimeError: planner exploded\n"
+
+
+# ---- the spec options are the spec's fields: same ranges, same words, every door ----------------------
+
+PROBES = [-1, 0, 1, 15, 16, 255, 256, 1000, 1001, 1024, 1025, 8192, 1048576, 1048577, 16777216, 16777217]
+WORDS = ["auto", "max", "x", "f16", "q8_0", "q4_0", "q2", "mmap", "none", "mlock", "on", "off", "cpu", "cuda", "tpu"]
+
+
+@pytest.mark.parametrize("option", cli_options.SPEC_OPTIONS, ids=lambda o: o.flag)
+def test_cli_accepts_what_the_spec_accepts(option: cli_options.SpecOption) -> None:
+    """Each spec option takes exactly the values ModelDeploymentSpec takes (no hand copy of a range to drift)."""
+    from modelfit.api import ModelDeploymentSpec
+
+    if option.field == "adapt":
+        return
+    parser = cli.build_parser()
+
+    def cli_ok(text: str) -> bool:
+        try:
+            args = parser.parse_args(["values", *MODEL, option.flag, text])
+        except SystemExit:
+            return False
+        return not isinstance(getattr(args, option.field), cli_options.Rejected)
+
+    def spec_ok(value: object) -> bool:
+        try:
+            ModelDeploymentSpec.model_validate(
+                {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, option.alias: value}
+            )
+        except ValidationError:
+            return False
+        return True
+
+    accepted = 0
+    with contextlib.redirect_stderr(io.StringIO()):
+        for value in [*PROBES, *WORDS]:
+            assert cli_ok(str(value)) == spec_ok(value), (option.flag, value)
+            accepted += spec_ok(value)
+    assert accepted >= 2
+
+
+SAMPLES = {
+    "context": ["--context", "8192"],
+    "min_context": ["--min-context", "4096"],
+    "parallel": ["--parallel", "2"],
+    "threads": ["--threads", "3"],
+    "kv_cache_type": ["--kv-cache-type", "q8_0"],
+    "load_mode": ["--load-mode", "mmap"],
+    "flash_attention": ["--flash-attention", "on"],
+    "prompt_cache": ["--prompt-cache", "256"],
+    "backend": ["--backend", "cpu"],
+    "gpu_layers": ["--gpu-layers", "0"],
+    "replicas": ["--replicas", "2"],
+    "adapt": ["--adapt"],
+}
+
+
+def test_every_spec_option_on_every_door(capsys: pytest.CaptureFixture[str]) -> None:
+    """plan, serve and values take the same spec options (plan had no --adapt); plan -f refuses each."""
+    parser = cli.build_parser()
+    assert set(SAMPLES) == {o.field for o in cli_options.SPEC_OPTIONS}
+    for field, argv in SAMPLES.items():
+        values = parser.parse_args(["values", *MODEL, *argv])
+        assert getattr(values, field) is not None, argv
+        if field == "replicas":  # pods: a values (and manifest) word, not a plan one
+            continue
+        for cmd in ("plan", "serve"):
+            args = parser.parse_args([cmd, *MODEL, *argv])
+            assert getattr(args, field) == getattr(values, field), (cmd, argv)
+        rc, _, err = cli_run(capsys, "plan", "-f", "-", *argv)
+        flag = cli_options.OPTIONS[field].flag
+        assert rc == 2 and f"argument {flag}: not allowed with -f" in err, err

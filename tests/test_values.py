@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from modelfit.cli import load_model, main
+from modelfit.cli import main
+from modelfit.cli_options import load_model
 from modelfit.nodes import profile
 from modelfit.sizing import Policy, plan
 from modelfit.values import release_name, state_values
@@ -180,7 +181,7 @@ def test_release_name(model: str, name: str) -> None:
 
 
 def test_state_values_function() -> None:
-    v = state_values("qwen3.5-0.8b", "q4_0", "cpu-small", context=4096)
+    v = state_values("qwen3.5-0.8b", "q4_0", "cpu-small", spec={"context": 4096})
     assert v["expectedPlan"]["nodeProfile"] == "cpu-small"
     assert v["expectedPlan"]["fits"] is True
     assert yaml.safe_load(yaml.safe_dump(v)) == v

@@ -1,227 +1,65 @@
-"""`modelfit` command line: plan, serve, values, crd, run."""
+"""`modelfit` command line: plan, serve, values, crd, run.
+
+``modelfit plan MODEL`` and ``modelfit serve MODEL`` build a ModelDeployment spec from their options
+(``cli_options``: the spec's own fields, ranges and words) and place it with the operator's call
+(``placement.place``) on the node the options describe, as ``modelfit plan -f`` and ``modelfit values``
+do: every door gives the spec one meaning (an explicit --context is the least that fits unless --adapt;
+the pod's CPU request must fit the node's CPUs).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import yaml
 from pydantic import ValidationError
 
 from . import api, catalog
+from .cli_options import (
+    CPUS_MAX,
+    DEFAULT_QUANT,
+    DEFAULT_QUANT_REASON,
+    GPUS_MAX,
+    OPTIONS,
+    PORT_MAX,
+    PORT_MIN,
+    SPEC_OPTIONS,
+    UBATCH_MAX,
+    UBATCH_MIN,
+    Rejected,
+    add_spec_options,
+    bandwidth_arg,
+    checked,
+    cpus_arg,
+    gpus_arg,
+    load_model,
+    memory_arg,
+    model_source,
+    node_arg,
+    port_arg,
+    quant_arg,
+    spec_words,
+    ubatch_arg,
+)
+from .crd import register as register_crd
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, read_gguf
 from .host import host_facts
-from .nodes import PROFILES, GiB, MiB, NodeFacts, profile
+from .nodes import PROFILES, GiB, MiB, NodeFacts, format_memory, profile
 from .placement import Placement, place
+from .policy import policy_for
 from .render import model_file
-from .sizing import PROMPT_CACHE_MAX_MIB, PlanResult, Policy, plan, spec_policy
-
-# ---- option values ---------------------------------------------------------------------------
-#
-# Every option value is checked where it is parsed, with the range the CRD (api.py) and the
-# planner (sizing.Policy) accept, so a bad value is one line naming the option and the range.
-# A converter raises argparse.ArgumentTypeError; ``checked`` turns that into a ``Rejected``
-# value that main() reports (exit 2) -- so main(argv) returns 2 for a bad value like for any
-# other bad input, instead of argparse exiting from inside parse_args.
-
-CONTEXT_MIN, CONTEXT_MAX = 256, 16_777_216  # as spec.context / spec.minContext in the CRD
-GPU_LAYERS_MAX = 1000  # as spec.gpuLayers
-THREADS_MAX = 1024  # as spec.threads
-BANDWIDTH_MAX_GBPS = 10000.0  # beyond any memory system today
-MEMORY_MIN, MEMORY_MAX = MiB, 1 << 50  # 1Mi .. 1Pi
-CPUS_MAX = 4096
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """An option value a converter refused; main() prints the message and exits 2."""
-
-    message: str
-
-
-def checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse ``type=`` that hands a refusal to main() as a ``Rejected`` value."""
-
-    def parse(text: str) -> Any:
-        try:
-            return convert(text)
-        except argparse.ArgumentTypeError as exc:
-            return Rejected(str(exc))
-
-    parse.__name__ = convert.__name__
-    return parse
-
-
-def _whole(text: str) -> int | None:
-    return int(text) if re.fullmatch(r"\s*[+-]?[0-9]+\s*", text) else None
-
-
-def int_in(lo: int, hi: int, unit: str = "") -> Callable[[str], int]:
-    """A whole number (of unit) from lo to hi."""
-    what = f"a whole number of {unit}" if unit else "a whole number"
-
-    def whole_number(text: str) -> int:
-        n = _whole(text)
-        if n is None or not lo <= n <= hi:
-            raise argparse.ArgumentTypeError(f"must be {what} from {lo} to {hi}, not {text!r}")
-        return n
-
-    return whole_number
-
-
-def context_arg(text: str) -> int | Literal["max"]:
-    """``max`` (the model's trained context) or a size in tokens, as spec.context."""
-    if text == "max":
-        return "max"
-    n = _whole(text)
-    if n == 0:
-        # llama-server's `-c 0` means the model's full context: say so rather than plan for 0
-        raise argparse.ArgumentTypeError(
-            f"0 is not a context size; use max for the model's full context, or {CONTEXT_MIN} to {CONTEXT_MAX}"
-        )
-    if n is None or not CONTEXT_MIN <= n <= CONTEXT_MAX:
-        raise argparse.ArgumentTypeError(
-            f"must be max or a whole number from {CONTEXT_MIN} to {CONTEXT_MAX}, not {text!r}"
-        )
-    return n
-
-
-min_context_arg = int_in(CONTEXT_MIN, CONTEXT_MAX)
-parallel_arg = int_in(1, 256)  # sizing.Policy.parallel, spec.parallel
-ubatch_arg = int_in(16, 8192)  # sizing.Policy.ubatch
-gpus_arg = int_in(0, 64)
-port_arg = int_in(1, 65535)
-replicas_arg = int_in(0, 1000)  # spec.replicas
-
-
-def auto_or_int(lo: int, hi: int, unit: str = "") -> Callable[[str], int | Literal["auto"]]:
-    """``auto`` or a whole number (of unit) from lo to hi, as the spec's int-or-auto fields."""
-    what = f"a whole number of {unit}" if unit else "a whole number"
-
-    def auto_or_whole_number(text: str) -> int | Literal["auto"]:
-        if text == "auto":
-            return "auto"
-        n = _whole(text)
-        if n is None or not lo <= n <= hi:
-            raise argparse.ArgumentTypeError(f"must be auto or {what} from {lo} to {hi}, not {text!r}")
-        return n
-
-    return auto_or_whole_number
-
-
-gpu_layers_arg = auto_or_int(0, GPU_LAYERS_MAX)  # spec.gpuLayers
-threads_arg = auto_or_int(1, THREADS_MAX)  # spec.threads
-cache_ram_arg = auto_or_int(0, PROMPT_CACHE_MAX_MIB, "MiB")  # spec.promptCache (0 = off)
-
-
-def bandwidth_arg(text: str) -> int:
-    """A memory bandwidth in GB/s (as the node label modelfit.io/memory-bandwidth-gbps), in bytes/s."""
-    try:
-        gbps = float(text)
-    except ValueError:
-        gbps = float("nan")
-    if not 0.1 <= gbps <= BANDWIDTH_MAX_GBPS:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be GB/s from 0.1 to {BANDWIDTH_MAX_GBPS:g}, not {text!r}")
-    return int(gbps * 1e9)
-
-
-def quant_arg(text: str) -> str:
-    """A catalog quantization in any case (q4_k_m, Q4-K-M), as the CRD accepts it; returns Q4_K_M."""
-    try:
-        return catalog.normalize_quant(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def node_arg(text: str) -> str:
-    """A hardware profile name or ``host``."""
-    if text != "host" and text not in PROFILES:
-        raise argparse.ArgumentTypeError(f"unknown node profile {text!r}; choose from {', '.join(PROFILES)}, host")
-    return text
-
-
-def _quantity(text: str) -> Decimal:
-    """A Kubernetes quantity, parsed as the API server does (kubernetes.utils.parse_quantity)."""
-    from kubernetes.utils import parse_quantity  # imported here: the kubernetes package is slow to import
-
-    try:
-        q: object = parse_quantity(text)  # type: ignore[no-untyped-call]
-    except (ValueError, InvalidOperation):
-        raise ValueError(text) from None
-    if not isinstance(q, Decimal) or not q.is_finite():
-        raise ValueError(text)
-    return q
-
-
-def _unit_hint(text: str) -> str:
-    """How to write a size that is almost a Kubernetes quantity: 2GB, 2gi, 2GiB."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtpe])i?b?\s*", text, re.IGNORECASE)
-    if m is None:
-        return ""
-    num, unit = m.group(1), m.group(2).upper()
-    return f"; write {num}{unit}i (binary) or {num}{'k' if unit == 'K' else unit} (decimal)"
-
-
-def memory_arg(text: str) -> int:
-    """Bytes from a Kubernetes quantity (4Gi, 4096Mi, 4G), from 1Mi to 1Pi."""
-    rule = "must be a Kubernetes quantity from 1Mi to 1Pi (e.g. 4Gi, 4096Mi, 4G)"
-    try:
-        q = _quantity(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{rule}, not {text!r}{_unit_hint(text)}") from None
-    if not MEMORY_MIN <= q <= MEMORY_MAX:
-        t, hint = text.strip(), ""
-        if _whole(t) is not None and q >= 0:
-            hint = f"; a plain number is bytes: write {t}Gi or {t}Mi"
-        elif t.endswith("m") and q >= 0:
-            hint = f"; m means milli: write {t[:-1]}Mi or {t[:-1]}M"
-        raise argparse.ArgumentTypeError(f"{rule}, not {text!r}{hint}")
-    return int(q)
-
-
-def cpus_arg(text: str) -> int:
-    """CPU millicores from a Kubernetes quantity (2, 1.5, 1500m), from 1m to 4096."""
-    try:
-        q = _quantity(text)
-    except ValueError:
-        q = Decimal(-1)
-    if not Decimal("0.001") <= q <= CPUS_MAX:
-        raise argparse.ArgumentTypeError(f"must be a number of CPUs from 0.001 (1m) to {CPUS_MAX}, not {text!r}")
-    return int(q * 1000)
-
-
-def load_model(model: str, quant: str | None) -> tuple[ModelFacts, str]:
-    """Facts and the path llama-server should load, for a catalog name, a .gguf path or a URL."""
-    if model.startswith(("http://", "https://")) or model.endswith(".gguf") or Path(model).is_file():
-        if quant is not None:
-            raise ValueError("argument --quant: applies to catalog models only; a .gguf file has its own")
-        header = read_gguf(model)
-        facts = facts_from_header(header)
-        path = model if not model.startswith("http") else "/models/" + model.rsplit("/", 1)[-1].split("?")[0]
-        return facts, path
-    if catalog.resolve_name(model) is None:
-        raise KeyError(
-            f"{model!r} is neither a .gguf file, a URL, nor a catalog model ({', '.join(sorted(catalog.MODELS))})"
-        )
-    q = catalog.normalize_quant(quant or "Q4_K_M")
-    facts = catalog_facts_cached(model, q)
-    spec = catalog.MODELS[catalog.resolve_name(model) or model]
-    return facts, "/models/" + spec.hf_file.format(quant=q)
-
-
-def catalog_facts_cached(model: str, quant: str) -> ModelFacts:
-    return catalog.catalog_facts(model, quant)
+from .runner import register as register_run
+from .sizing import PlanResult, Policy, plan
+from .values import register as register_values
 
 
 def node_names(args: argparse.Namespace) -> list[str]:
@@ -256,32 +94,52 @@ def node_from_args(args: argparse.Namespace, name: str | None = None) -> NodeFac
         node.gpu_memory_bytes = args.gpu_memory
         if node.gpus == 0:
             node.gpus, node.gpu_vendor = 1, "nvidia"
+    if node.gpus and not node.gpu_memory_bytes:
+        # a GPU of no known size would be planned as no GPU at all: ask rather than plan for the CPU
+        raise ValueError(
+            f"argument --gpus: needs --gpu-memory, the memory per GPU (e.g. 24Gi); {name} has no GPU to tell"
+        )
     return node
 
 
-def check_min_context(context: int | str | None, min_context: int | None) -> None:
-    """--min-context above --context is refused, as the CRD refuses minContext above context."""
-    if isinstance(context, int) and min_context is not None and min_context > context:
-        raise ValueError(f"argument --min-context: {min_context} is above --context {context}")
+#: Options that tune llama-server without being spec words: planned on the placement's node and terms.
+KNOBS = ("ubatch", "port")
+
+
+def knobs(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in KNOBS if getattr(args, k, None) is not None}
+
+
+def spec_from_args(args: argparse.Namespace) -> tuple[api.ModelDeploymentSpec, str | None]:
+    """The ModelDeployment spec the options describe, and why its quant when --quant chose none."""
+    source = model_source(args.model, args.quant)
+    spec = api.ModelDeploymentSpec.model_validate({"model": source, **spec_words(args)})
+    defaulted = "catalog" in source and args.quant is None
+    return spec, DEFAULT_QUANT_REASON if defaulted else None
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
-    """The options as the spec's words, translated by the operator's own function (sizing.spec_policy)."""
-    check_min_context(args.context, args.min_context)
-    return spec_policy(
-        context=args.context,
-        min_context=args.min_context,
-        parallel=args.parallel,
-        kv_cache_type=args.kv_cache_type,
-        load_mode=args.load_mode,
-        flash_attention=args.flash_attention,
-        backend=args.backend,
-        gpu_layers=args.gpu_layers,
-        prompt_cache=args.cache_ram,
-        threads=getattr(args, "threads", None),
-        ubatch=getattr(args, "ubatch", None),
-        port=getattr(args, "port", None),
-    )
+    """The planner's policy for the options: the operator's translation of their spec (``policy.policy_for``)."""
+    return policy_for(spec_from_args(args)[0]).model_copy(update=knobs(args))
+
+
+def place_args(args: argparse.Namespace, node: NodeFacts) -> tuple[ModelFacts, Placement]:
+    """The options' spec placed on ``node`` with the operator's call, as ``plan -f`` places a manifest."""
+    spec, quant_reason = spec_from_args(args)
+    facts, path = load_model(args.model, args.quant)
+    placed = place(spec, facts, [node], path, 0.0)
+    tuned = knobs(args)
+    if tuned and placed.fits and placed.node is not None:
+        # --ubatch, --port tune a plan that fits: the same node and terms, planned again with them
+        res = plan(facts, placed.node, policy_for(spec, relaxed=placed.adapted).model_copy(update=tuned), path)
+        placed = replace(placed, result=res)
+        if not res.fits:  # a larger ubatch needs a larger compute buffer
+            msg = f"{node.name}: short by {format_memory(res.shortfall_bytes)} with --ubatch {res.plan.ubatch}"
+            placed = replace(placed, fits=False, reason="NoNodeFits", message=msg)
+    if quant_reason is not None and placed.result is not None:
+        res = placed.result
+        placed = replace(placed, result=res.model_copy(update={"reasons": [quant_reason, *res.reasons]}))
+    return facts, placed
 
 
 def result_json(facts: ModelFacts, res: PlanResult) -> dict[str, Any]:
@@ -338,12 +196,22 @@ def _min_ram(res: PlanResult) -> str:
     return _gib(res.memory_request_bytes)
 
 
-def table(facts: ModelFacts, node: NodeFacts, res: PlanResult) -> str:
+def _fits(res: PlanResult, refused: str | None) -> str:
+    if res.shortfall_bytes:
+        return f"NO (short by {_mib(res.shortfall_bytes)})"
+    if refused is not None or not res.fits:
+        return f"NO ({refused or 'see below'})"
+    return "yes"
+
+
+def table(facts: ModelFacts, node: NodeFacts, res: PlanResult, refused: str | None = None) -> str:
+    """The plan as rows; ``refused``: why the placement refuses a plan that fits memory (CPU, backend)."""
     p, m = res.plan, res.memory
     vram_avail = node.gpu_memory_bytes * node.gpus if p.backend != "cpu" else 0
     rows = [
         ("Model", f"{facts.name} ({facts.architecture}, {facts.parameters / 1e9:.2f}B params)"),
         ("Model size", _gib(facts.file_bytes)),
+        ("Quantization", facts.file_type),
         ("VRAM available", _gib(vram_avail)),
         ("VRAM used", _gib(sum(m.vram_bytes))),
         ("System RAM", _gib(node.memory_bytes) if node.memory_bytes is not None else "not given (reporting needs)"),
@@ -372,7 +240,7 @@ def table(facts: ModelFacts, node: NodeFacts, res: PlanResult) -> str:
         ("CPU request", res.resources.requests["cpu"]),
         ("Threads", str(p.threads)),
         ("Parallel slots", str(p.parallel)),
-        ("Fits", "yes" if res.fits else f"NO (short by {_mib(res.shortfall_bytes)})"),
+        ("Fits", _fits(res, refused)),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["Hardware Requirements", "-" * (width + 40)]
@@ -388,19 +256,8 @@ def table(facts: ModelFacts, node: NodeFacts, res: PlanResult) -> str:
     return "\n".join(lines)
 
 
-KV_CACHE_TYPE_HELP = (
-    "KV cache type (default auto: f16 when the context fits, else q8_0; q4_0 degrades answers and is used "
-    "only when named)"
-)
-CACHE_RAM_HELP = (
-    f"prompt cache (llama-server --cache-ram) in MiB, 0 (off) to {PROMPT_CACHE_MAX_MIB}, or auto (default: "
-    "two full-context states of a slot, at most a quarter of the free memory and 8192; 0 when memory is short); "
-    "counted in the memory limit"
-)
-
-
 def _add_plan_options(sp: argparse.ArgumentParser, from_file: bool = False) -> None:
-    quants = ", ".join(catalog.RECIPES)
+    """The options of plan and serve: the model, the node they describe, the spec's fields, --ubatch."""
     if from_file:
         sp.add_argument("model", nargs="?", help="catalog name, .gguf path or http(s) URL (or -f FILE)")
         sp.add_argument(
@@ -416,12 +273,11 @@ def _add_plan_options(sp: argparse.ArgumentParser, from_file: bool = False) -> N
         )
         sp.add_argument("--node", action="append", type=checked(node_arg), help=node_help)
     else:
-        sp.add_argument("model", help="catalog name, .gguf path or http(s) URL")
-        sp.add_argument(
-            "--node", default="cpu", type=checked(node_arg), help=f"hardware profile: {', '.join(PROFILES)} or host"
-        )
+        sp.add_argument("model", help="catalog name or .gguf path")
     sp.add_argument(
-        "--quant", type=checked(quant_arg), help=f"quantization of a catalog model, any case ({quants}; default Q4_K_M)"
+        "--quant",
+        type=checked(quant_arg),
+        help=f"quantization of a catalog model, any case ({', '.join(catalog.RECIPES)}; default {DEFAULT_QUANT})",
     )
     sp.add_argument(
         "--cpus", type=checked(cpus_arg), help=f"allocatable CPUs, 0.001 to {CPUS_MAX} (e.g. 2, 1.5, 1500m)"
@@ -439,34 +295,70 @@ def _add_plan_options(sp: argparse.ArgumentParser, from_file: bool = False) -> N
         help="the node's memory bandwidth in GB/s, as its label modelfit.io/memory-bandwidth-gbps "
         "(default: a 20 GB/s budget); threads auto reach it",
     )
-    sp.add_argument("--gpus", type=checked(gpus_arg), help="GPUs on the node, 0 to 64")
+    sp.add_argument("--gpus", type=checked(gpus_arg), help=f"GPUs on the node, 0 to {GPUS_MAX} (with --gpu-memory)")
     sp.add_argument("--gpu-memory", type=checked(memory_arg), help="memory per GPU, 1Mi to 1Pi (e.g. 24Gi)")
+    add_spec_options(sp, [o.field for o in SPEC_OPTIONS if o.field != "replicas"])
     sp.add_argument(
-        "--context",
-        type=checked(context_arg),
-        help=f"context size in tokens, {CONTEXT_MIN} to {CONTEXT_MAX}, or max for the model's full context",
+        "--ubatch",
+        type=checked(ubatch_arg),
+        help=f"micro-batch size, {UBATCH_MIN} to {UBATCH_MAX} (default {Policy().ubatch})",
     )
-    sp.add_argument(
-        "--min-context",
-        type=checked(min_context_arg),
-        help=f"smallest acceptable context, {CONTEXT_MIN} to {CONTEXT_MAX} (at most --context)",
-    )
-    sp.add_argument("--parallel", type=checked(parallel_arg), help="parallel slots, 1 to 256")
-    sp.add_argument("--ubatch", type=checked(ubatch_arg), help="micro-batch size, 16 to 8192")
-    sp.add_argument(
-        "--threads",
-        type=checked(threads_arg),
-        help=f"llama-server threads and the CPU request in cores, 1 to {THREADS_MAX}, or auto (default: the "
-        "fewest that reach the node's memory bandwidth, at least 2)",
-    )
-    sp.add_argument("--kv-cache-type", choices=["auto", "f16", "q8_0", "q4_0"], help=KV_CACHE_TYPE_HELP)
-    sp.add_argument("--load-mode", choices=["auto", "mmap", "none", "mlock"])
-    sp.add_argument("--flash-attention", choices=["auto", "on", "off"])
-    sp.add_argument("--cache-ram", "--prompt-cache", dest="cache_ram", type=checked(cache_ram_arg), help=CACHE_RAM_HELP)
-    sp.add_argument("--backend", choices=["auto", "cpu", "cuda", "rocm", "vulkan"])
-    sp.add_argument(
-        "--gpu-layers", type=checked(gpu_layers_arg), help=f"layers on the GPU, 0 to {GPU_LAYERS_MAX}, or auto"
-    )
+
+
+# ---- output: a placement as a table, JSON or YAML ---------------------------------------------------
+
+
+def placement_json(facts: ModelFacts, p: Placement) -> dict[str, Any]:
+    """``placement`` {fits, reason, message, node, nodeSelector, adapted} and the plan's JSON contract."""
+    placed = {
+        "fits": p.fits,
+        "reason": p.reason,
+        "message": p.message,
+        "node": p.node.name if p.node is not None else None,
+        "nodeSelector": p.selector,
+        "adapted": p.adapted,
+    }
+    out: dict[str, Any] = {"placement": placed}
+    if p.result is not None:
+        out.update(result_json(facts, p.result), fits=p.fits)  # a plan that fits memory may still be refused
+    return out
+
+
+@dataclass
+class Shown:
+    """One placement to print: ``title`` heads its table, ``head`` its JSON, ``who`` names it on stderr."""
+
+    facts: ModelFacts
+    placement: Placement
+    title: str | None = None
+    head: dict[str, Any] = field(default_factory=dict)
+    who: str = ""
+
+
+def show(items: list[Shown], output: str) -> int:
+    """Print placements; say on stderr why each that does not fit does not. Exit code 0, or 3."""
+    if output == "table":
+        blocks = []
+        for it in items:
+            p, text = it.placement, it.title or ""
+            if p.result is not None and p.node is not None:
+                table_text = table(it.facts, p.node, p.result, None if p.fits else p.message)
+                text = f"{text}\n\n{table_text}" if text else table_text
+            blocks.append(text)
+        print("\n\n".join(blocks))
+    else:
+        data = [{**it.head, **placement_json(it.facts, it.placement)} for it in items]
+        if output == "json":
+            print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        else:
+            print(yaml.safe_dump_all(data, sort_keys=False), end="")
+    for it in items:
+        if not it.placement.fits:
+            print(f"modelfit: {it.who}: {it.placement.reason}: {it.placement.message}", file=sys.stderr)
+    return 0 if all(it.placement.fits for it in items) else 3
+
+
+# ---- `modelfit plan`: the options' spec, or each ModelDeployment of a file, placed as the operator places it
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -474,47 +366,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return cmd_plan_file(args)
     if args.model is None:
         raise ValueError("a model (catalog name, .gguf path or URL) or -f FILE is required")
-    facts, path = load_model(args.model, args.quant)
     node = node_from_args(args)
-    res = plan(facts, node, policy_from_args(args), model_path=path)
-    if args.output == "json":
-        print(json.dumps(result_json(facts, res), indent=2))
-    elif args.output == "yaml":
-        print(yaml.safe_dump(result_json(facts, res), sort_keys=False))
-    else:
-        print(table(facts, node, res))
-    return 0 if res.fits else 3
+    facts, placed = place_args(args, node)
+    return show([Shown(facts, placed, who=f"does not fit {node.name}")], args.output)
 
-
-# ---- `modelfit plan -f`: a ModelDeployment placed as the operator places it -------------------
 
 #: Options that the manifest's spec sets; refused with -f so the file alone decides.
-SPEC_OPTIONS = (
-    "model",
-    "quant",
-    "context",
-    "min_context",
-    "parallel",
-    "ubatch",
-    "kv_cache_type",
-    "load_mode",
-    "flash_attention",
-    "cache_ram",
-    "backend",
-    "gpu_layers",
-    "threads",
-)
+FILE_SETS = ("model", "quant", *(o.field for o in SPEC_OPTIONS), "ubatch")
 NODE_PROFILE_ANNOTATION = "modelfit.io/node-profile"  # set by charts/modeldeployment from `modelfit values`
-
-
-@dataclass
-class FilePlan:
-    """One ModelDeployment of a file, its model facts and where the operator would place it."""
-
-    namespace: str
-    name: str
-    facts: ModelFacts
-    placement: Placement
 
 
 def read_manifests(path: str) -> list[dict[str, Any]]:
@@ -570,7 +429,7 @@ def spec_facts(spec: api.ModelDeploymentSpec) -> ModelFacts:
     """
     m = spec.model
     if m.catalog is not None:
-        return catalog_facts_cached(m.catalog, m.quant or "Q4_K_M")
+        return catalog.catalog_facts(m.catalog, m.quant or DEFAULT_QUANT)
     mf = model_file(spec)
     if mf.url is None:
         known = catalog.for_file_name(mf.file_name)  # the operator's own rule
@@ -585,9 +444,12 @@ def spec_facts(spec: api.ModelDeploymentSpec) -> ModelFacts:
     return facts_from_header(header)
 
 
-def place_file(args: argparse.Namespace) -> list[FilePlan]:
-    """Every ModelDeployment of the file placed on the --node profiles as the operator's reconcile places it."""
-    out = []
+def cmd_plan_file(args: argparse.Namespace) -> int:
+    given = [o for o in FILE_SETS if getattr(args, o, None) is not None]
+    if given:
+        opt = "model" if given[0] == "model" else _flag(given[0])
+        raise ValueError(f"argument {opt}: not allowed with -f; the manifest's spec sets it")
+    shown = []
     for doc in read_manifests(args.file):
         ns, name, spec = spec_of(doc)
         names = node_names(args) if args.node is not None else None
@@ -596,55 +458,14 @@ def place_file(args: argparse.Namespace) -> list[FilePlan]:
             names = [annotated] if annotated in PROFILES else ["cpu"]
         nodes = [node_from_args(args, n) for n in names]
         facts = spec_facts(spec)
-        placement = place(spec, facts, nodes, model_file(spec, facts.file_bytes).path, 0.0)
-        out.append(FilePlan(ns, name, facts, placement))
-    return out
+        p = place(spec, facts, nodes, model_file(spec, facts.file_bytes).path, 0.0)
+        what = f"{api.KIND} {ns}/{name}"
+        head = {"modelDeployment": {"namespace": ns, "name": name}}
+        shown.append(Shown(facts, p, f"{what}: {p.reason}: {p.message}", head, what))
+    return show(shown, args.output)
 
 
-def placement_json(fp: FilePlan) -> dict[str, Any]:
-    p = fp.placement
-    placed = {
-        "fits": p.fits,
-        "reason": p.reason,
-        "message": p.message,
-        "node": p.node.name if p.node is not None else None,
-        "nodeSelector": p.selector,
-        "adapted": p.adapted,
-    }
-    out: dict[str, Any] = {"modelDeployment": {"namespace": fp.namespace, "name": fp.name}, "placement": placed}
-    if p.result is not None:
-        out.update(result_json(fp.facts, p.result))
-    return out
-
-
-def cmd_plan_file(args: argparse.Namespace) -> int:
-    given = [o for o in SPEC_OPTIONS if getattr(args, o, None) is not None]
-    if given:
-        opt = "model" if given[0] == "model" else "--" + given[0].replace("_", "-")
-        raise ValueError(f"argument {opt}: not allowed with -f; the manifest's spec sets it")
-    plans = place_file(args)
-    if args.output in ("json", "yaml"):
-        data = [placement_json(fp) for fp in plans]
-        if args.output == "json":
-            print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
-        else:
-            print(yaml.safe_dump_all(data, sort_keys=False), end="")
-    else:
-        blocks = []
-        for fp in plans:
-            p = fp.placement
-            head = f"{api.KIND} {fp.namespace}/{fp.name}: {p.reason}: {p.message}"
-            if p.result is not None and p.node is not None:
-                head += "\n\n" + table(fp.facts, p.node, p.result)
-            blocks.append(head)
-        print("\n\n".join(blocks))
-    for fp in plans:
-        if not fp.placement.fits:
-            print(
-                f"modelfit: {api.KIND} {fp.namespace}/{fp.name}: {fp.placement.reason}: {fp.placement.message}",
-                file=sys.stderr,
-            )
-    return 0 if all(fp.placement.fits for fp in plans) else 3
+# ---- `modelfit serve`: plan for this machine and run llama-server ---------------------------------------
 
 
 def find_llama_server() -> str | None:
@@ -662,17 +483,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model.startswith(("http://", "https://")):
         print("modelfit serve needs a local .gguf file or a catalog model already downloaded", file=sys.stderr)
         return 2
-    facts, path = load_model(args.model, args.quant)
-    args.node = "host"
-    node = node_from_args(args)
-    policy = policy_from_args(args)
-    res = plan(facts, node, policy, model_path=path)
-    print(table(facts, node, res), file=sys.stderr)
-    if not res.fits:
-        print(
-            f"modelfit: the model does not fit this machine (short by {res.shortfall_bytes // MiB} MiB)",
-            file=sys.stderr,
-        )
+    node = node_from_args(args, "host")
+    facts, placed = place_args(args, node)
+    res = placed.result
+    if res is not None:
+        print(table(facts, node, res, None if placed.fits else placed.message), file=sys.stderr)
+    if not placed.fits or res is None:
+        print(f"modelfit: the model does not fit this machine: {placed.reason}: {placed.message}", file=sys.stderr)
         return 3
     binary = args.llama_server or find_llama_server()
     if not binary:
@@ -687,6 +504,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     os.execve(binary, [binary, *res.plan.args], {**os.environ, **res.plan.env})  # the plan's env, as the pod's
     return 0  # pragma: no cover
+
+
+# ---- the parser and main ----------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -706,34 +526,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     ss = sub.add_parser("serve", help="plan for this machine and run llama-server")
     _add_plan_options(ss)
-    ss.add_argument("--port", type=checked(port_arg), default=8080, help="port llama-server listens on, 1 to 65535")
+    ss.add_argument(
+        "--port",
+        type=checked(port_arg),
+        help=f"port llama-server listens on, {PORT_MIN} to {PORT_MAX} (default {Policy().port})",
+    )
     ss.add_argument("--llama-server", help="path to the llama-server binary")
     ss.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     ss.set_defaults(func=cmd_serve)
-    _register_more(sub)
+    register_values(sub)
+    register_crd(sub)
+    register_run(sub)
     return ap
 
 
-def _register_more(sub: Any) -> None:
-    """Subcommands that live in other modules (operator, chart values)."""
-    try:
-        from .values import register as register_values
-
-        register_values(sub)
-    except ImportError:
-        pass
-    try:
-        from .crd import register as register_crd
-
-        register_crd(sub)
-    except ImportError:
-        pass
-    try:
-        from .runner import register as register_run
-
-        register_run(sub)
-    except ImportError:
-        pass
+def _flag(dest: str) -> str:
+    """The option a parsed value came from: a spec option's first flag (--cache-ram), else --dest."""
+    return OPTIONS[dest].flag if dest in OPTIONS else "--" + dest.replace("_", "-")
 
 
 def _rejected(args: argparse.Namespace) -> str | None:
@@ -741,7 +550,7 @@ def _rejected(args: argparse.Namespace) -> str | None:
     for dest, value in vars(args).items():
         for one in value if isinstance(value, list) else [value]:
             if isinstance(one, Rejected):
-                return f"argument --{dest.replace('_', '-')}: {one.message}"
+                return f"argument {_flag(dest)}: {one.message}"
     return None
 
 
@@ -794,8 +603,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m modelfit.cli` runs this file as __main__, and values.py imports modelfit.cli: two modules,
-    # two Rejected classes, and a refused value slips past _rejected(). Run the one modelfit.cli instead.
-    from modelfit import cli as _cli
-
-    sys.exit(_cli.main())
+    sys.exit(main())

@@ -21,29 +21,23 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import yaml
 
 from . import catalog
 from .api import ModelDeploymentSpec
-from .cli import (
-    CACHE_RAM_HELP,
-    KV_CACHE_TYPE_HELP,
-    cache_ram_arg,
-    catalog_facts_cached,
-    check_min_context,
+from .cli_options import (
+    DEFAULT_QUANT,
+    SPEC_OPTIONS,
+    add_spec_options,
     checked,
-    context_arg,
-    gpu_layers_arg,
+    default,
     load_model,
-    min_context_arg,
-    parallel_arg,
+    model_source,
     quant_arg,
-    replicas_arg,
-    threads_arg,
+    spec_words,
 )
-from .facts import ModelFacts
 from .nodes import PROFILES, NodeFacts, profile
 from .placement import Placement, place
 from .render import model_file
@@ -59,16 +53,6 @@ def release_name(model: str) -> str:
         base = base[: -len(".gguf")]
     slug = _DNS.sub("-", base.lower()).strip("-")[:63].rstrip("-")
     return slug or "model"
-
-
-def model_source(model: str, quant: str | None) -> dict[str, Any]:
-    """The ``model`` section of the ModelDeployment: a catalog entry or a URL."""
-    if model.startswith(("http://", "https://")):
-        return {"url": model}
-    key = catalog.resolve_name(model)
-    if key is None:
-        raise KeyError(f"{model!r} is neither a catalog model ({', '.join(sorted(catalog.MODELS))}) nor an http(s) URL")
-    return {"catalog": key, "quant": catalog.normalize_quant(quant or "Q4_K_M")}
 
 
 def expected_plan(res: PlanResult, node: NodeFacts, placement: Placement | None = None) -> dict[str, Any]:
@@ -107,56 +91,26 @@ def state_values(
     quant: str | None = None,
     node: str = "cpu",
     *,
-    context: int | Literal["max"] = "max",
+    spec: dict[str, Any] | None = None,
     namespace: str = "default",
     name: str | None = None,
-    min_context: int | None = None,
-    parallel: int | None = None,
-    replicas: int | None = None,
-    backend: str | None = None,
-    gpu_layers: int | Literal["auto"] | None = None,
-    kv_cache_type: str | None = None,
-    load_mode: str | None = None,
-    flash_attention: str | None = None,
-    prompt_cache: int | Literal["auto"] | None = None,
-    threads: int | Literal["auto"] | None = None,
-    adapt: bool | None = None,
     install_operator: bool = True,
     operator_values: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The helmfile state values (a plain dict, ready for YAML)."""
-    source = model_source(model, quant)
-    facts: ModelFacts
-    if "catalog" in source:
-        facts = catalog_facts_cached(source["catalog"], source["quant"])
-    else:
-        facts, _ = load_model(model, None)
+    """The helmfile state values (a plain dict, ready for YAML); ``spec``: the spec's fields by manifest name."""
+    source = model_source(model, quant, local=False)
+    facts, _ = load_model(model, quant)
     node_facts = profile(node)
-    spec: dict[str, Any] = {"model": source, "nodeProfile": node_facts.name, "context": context}
-    for key, value in (
-        ("minContext", min_context),
-        ("parallel", parallel),
-        ("backend", backend),
-        ("gpuLayers", gpu_layers),
-        ("kvCacheType", kv_cache_type),
-        ("loadMode", load_mode),
-        ("flashAttention", flash_attention),
-        ("promptCache", prompt_cache),
-        ("threads", threads),
-        ("replicas", replicas),
-        ("adapt", adapt),
-    ):
-        if value is not None:
-            spec[key] = value
-    # The operator's own call (handlers._place): the spec as the CRD reads it, one node of the profile.
-    md = ModelDeploymentSpec.model_validate({k: v for k, v in spec.items() if k != "nodeProfile"})
+    words = {"context": default("context"), **(spec or {})}
+    md = ModelDeploymentSpec.model_validate({"model": source, **words})
+    # The operator's own call (its reconcile's placement), on one node of the profile.
     placed = place(md, facts, [node_facts], model_file(md, facts.file_bytes).path, 0.0)
     assert placed.result is not None  # one node without taints or labels: always eligible, always planned
     return {
         "name": name or release_name(model),
         "namespace": namespace,
         "operator": {"enabled": install_operator, "values": operator_values or {}},
-        "modelDeployment": spec,
+        "modelDeployment": {"model": source, "nodeProfile": node_facts.name, **words},
         "expectedPlan": expected_plan(placed.result, node_facts, placed),
     }
 
@@ -184,25 +138,13 @@ def _operator_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_values(args: argparse.Namespace) -> int:
-    check_min_context(args.context, args.min_context)
     values = state_values(
         args.model,
         args.quant,
         args.node,
-        context=args.context,
+        spec=spec_words(args),
         namespace=args.namespace,
         name=args.name,
-        min_context=args.min_context,
-        parallel=args.parallel,
-        replicas=args.replicas,
-        backend=args.backend,
-        gpu_layers=args.gpu_layers,
-        kv_cache_type=args.kv_cache_type,
-        load_mode=args.load_mode,
-        flash_attention=args.flash_attention,
-        prompt_cache=args.cache_ram,
-        threads=args.threads,
-        adapt=args.adapt,
         install_operator=not args.no_operator,
         operator_values=_operator_values(args),
     )
@@ -227,30 +169,10 @@ def register(sub: Any) -> None:
     sp.add_argument(
         "--quant",
         type=checked(quant_arg),
-        help=f"quantization of a catalog model, any case ({', '.join(catalog.RECIPES)}; default Q4_K_M)",
+        help=f"quantization of a catalog model, any case ({', '.join(catalog.RECIPES)}; default {DEFAULT_QUANT})",
     )
     sp.add_argument("--node", default="cpu", choices=list(PROFILES), help="hardware profile the plan expects")
-    sp.add_argument(
-        "--context",
-        default="max",
-        type=checked(context_arg),
-        help="context size in tokens, 256 to 16777216, or max for the model's full context (default: max)",
-    )
-    sp.add_argument("--min-context", type=checked(min_context_arg), help="256 to 16777216 (at most --context)")
-    sp.add_argument("--parallel", type=checked(parallel_arg), help="parallel slots, 1 to 256")
-    sp.add_argument("--replicas", type=checked(replicas_arg), help="llama-server pods, 0 to 1000")
-    sp.add_argument("--backend", choices=["auto", "cpu", "cuda", "rocm", "vulkan"])
-    sp.add_argument("--gpu-layers", type=checked(gpu_layers_arg), help="layers on the GPU, 0 to 1000, or auto")
-    sp.add_argument("--kv-cache-type", choices=["auto", "f16", "q8_0", "q4_0"], help=KV_CACHE_TYPE_HELP)
-    sp.add_argument("--load-mode", choices=["auto", "mmap", "none", "mlock"])
-    sp.add_argument("--flash-attention", choices=["auto", "on", "off"])
-    sp.add_argument("--cache-ram", "--prompt-cache", dest="cache_ram", type=checked(cache_ram_arg), help=CACHE_RAM_HELP)
-    sp.add_argument(
-        "--threads", type=checked(threads_arg), help="llama-server threads and CPU request, 1 to 1024, or auto"
-    )
-    sp.add_argument(
-        "--adapt", action=argparse.BooleanOptionalAction, default=None, help="let the operator shrink the plan to fit"
-    )
+    add_spec_options(sp, [o.field for o in SPEC_OPTIONS])
     sp.add_argument("-n", "--namespace", default="default", help="namespace of the ModelDeployment")
     sp.add_argument("--name", help="release and ModelDeployment name (default: from the model)")
     sp.add_argument("--no-operator", action="store_true", help="do not install the operator chart (already installed)")
