@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from modelfit import handlers
+from modelfit import sources
 from modelfit.gguf_reader import GGUFError, GGUFHeader
 from modelfit.render import HASH_ANNOTATION, MD_LABEL
 
@@ -19,7 +19,7 @@ def _offline(url: str, headers: dict[str, str] | None, timeout: float) -> GGUFHe
 
 @pytest.fixture(autouse=True)
 def offline_catalog_headers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(handlers, "HEADERS", handlers.HeaderReads(reader=_offline))
+    monkeypatch.setattr(sources, "HEADERS", sources.HeaderReads(reader=_offline))
     yield
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from modelfit import catalog, handlers
+from modelfit import catalog, sources
 from modelfit.api import ModelDeploymentSpec
 from modelfit.gguf_reader import GGUFError, read_gguf
-from modelfit.handlers import HeaderReads, OperatorState, load_facts, reconcile
 from modelfit.kube import path_for
+from modelfit.reconciler import OperatorState, reconcile
+from modelfit.sources import HeaderReads, Sources, load_facts
 from modelfit_dev import synth
 from test_handlers import CPU_LARGE, LOG, FakeKube, deploy_path, md
 
@@ -138,8 +139,7 @@ def test_catalog_model_is_planned_from_its_header_when_the_url_answers(server, t
     url, _ = server
     write_catalog_like(tmp_path / "l.gguf", "llama-3.2-1b", "Q4_0")
     monkeypatch.setattr(catalog, "catalog_url", lambda name, quant: f"{url}/l.gguf")
-    st = OperatorState()
-    st.headers = HeaderReads()
+    st = OperatorState(Sources(HeaderReads()))
     p = plan({"model": {"catalog": "llama-3.2-1b", "quant": "Q4_0"}, "context": 8192}, FakeKube([CPU_LARGE]), st)
     assert p["plan"]["factsSource"] == f"header: {url}/l.gguf"
     assert p["plan"]["modelBytes"] == (tmp_path / "l.gguf").stat().st_size  # the file's, not the estimate
@@ -154,8 +154,7 @@ def test_a_header_that_differs_from_the_catalog_is_a_warning_and_wins(server, mo
     tiny = synth.ensure_model("llama-tiny", "F16")
     (h.root / "tiny.gguf").symlink_to(tiny)
     monkeypatch.setattr(catalog, "catalog_url", lambda name, quant: f"{url}/tiny.gguf")
-    st = OperatorState()
-    st.headers = HeaderReads()
+    st = OperatorState(Sources(HeaderReads()))
     p = plan({"model": {"catalog": "llama-3.2-1b", "quant": "F16"}, "context": 4096}, FakeKube([CPU_LARGE]), st)
     assert p["plan"]["factsSource"] == f"header: {url}/tiny.gguf"
     assert p["plan"]["totalLayers"] == 3  # llama-tiny's 2 blocks plus output, not the catalog's 16
@@ -168,8 +167,7 @@ def test_a_header_that_differs_from_the_catalog_is_a_warning_and_wins(server, mo
 
 def test_unreachable_catalog_url_falls_back_fast_and_is_not_tried_twice(monkeypatch):
     monkeypatch.setattr(catalog, "catalog_url", lambda name, quant: "http://127.0.0.1:9/none.gguf")
-    st = OperatorState()
-    st.headers = HeaderReads()
+    st = OperatorState(Sources(HeaderReads()))
     k = FakeKube([CPU_LARGE])
     started = time.monotonic()
     spec = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 4096}
@@ -180,7 +178,7 @@ def test_unreachable_catalog_url_falls_back_fast_and_is_not_tried_twice(monkeypa
     assert conds(p)["Planned"]["status"] == "True"
     for _ in range(3):
         plan(spec, k, st, name="other")
-    assert st.headers.reads == 1 and time.monotonic() - started < 3
+    assert st.sources.headers.reads == 1 and time.monotonic() - started < 3
 
 
 def test_a_hub_that_never_answers_costs_one_bounded_wait(monkeypatch):
@@ -227,7 +225,7 @@ def test_a_failure_is_retried_after_a_while_and_at_once_with_a_new_token():
 
 def test_model_on_a_pvc_says_it_is_known_by_its_file_name():
     spec = {"model": {"pvc": {"claimName": "models", "path": "/Qwen3.5-0.8B-Q4_0.gguf"}}, "context": 4096}
-    loaded = asyncio.run(load_facts(ModelDeploymentSpec.model_validate(spec), OperatorState()))
+    loaded = asyncio.run(load_facts(ModelDeploymentSpec.model_validate(spec), Sources()))
     assert loaded.source == (
         "catalog (recognised by the file name Qwen3.5-0.8B-Q4_0.gguf; the operator does not read PVC models)"
     )
@@ -341,7 +339,7 @@ def test_a_token_that_cannot_be_a_header_is_refused_clearly(data, why):
     k = FakeKube([])
     k.objects[path_for("v1", "Secret", "ns", "hf")] = {"data": data}
     spec = ModelDeploymentSpec.model_validate({"model": {"url": "http://h/m.gguf", "tokenSecretRef": {"name": "hf"}}})
-    token, note = asyncio.run(handlers.model_token(k, "ns", spec))
+    token, note = asyncio.run(sources.model_token(k, "ns", spec))
     assert token is None and why in note
 
 

@@ -3,10 +3,10 @@ import logging
 
 import pytest
 
-from modelfit import handlers, kube
+from modelfit import api, handlers, kube, reconciler, sources
 from modelfit.gguf_reader import GGUFError
-from modelfit.handlers import OperatorState, reconcile
 from modelfit.kube import path_for
+from modelfit.reconciler import OperatorState, reconcile, resync_loop
 
 LOG = logging.getLogger("test")
 
@@ -52,7 +52,7 @@ SEED = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 32768,
 
 
 class FakeKube:
-    """Stores applied objects by path; lists nodes and pods."""
+    """Stores applied objects by path; lists nodes and pods; keeps the status writes (merge patches)."""
 
     def __init__(self, nodes, pods=()):
         self.nodes = list(nodes)
@@ -62,6 +62,7 @@ class FakeKube:
         self.deletes = []
         self.fail_apply = {}  # kind -> KubeError raised by apply
         self.fail_get = {}  # path -> KubeError raised by get
+        self.status_writes = []  # (path, merge patch)
 
     async def create(self, path, body):
         return body
@@ -86,9 +87,35 @@ class FakeKube:
         self.deletes.append(path)
         return self.objects.pop(path, None) is not None
 
+    async def merge_patch(self, path, body):
+        self.status_writes.append((path, body))
+        return body
+
+
+def status_path(name="qwen"):
+    return path_for(api.API_VERSION, api.KIND, "default", name) + "/status"
+
 
 def go(body, k, state):
-    return asyncio.run(reconcile(body, LOG, k, state))
+    """One reconcile; its status patch, checked to be what it wrote (once, on the status subresource)."""
+    before = len(k.status_writes)
+    patch = asyncio.run(reconcile(body, LOG, k, state))
+    name = body["metadata"]["name"]
+    assert k.status_writes[before:] == ([(status_path(name), {"status": patch})] if patch else [])
+    return patch
+
+
+def _merge(old, patch):
+    """``old`` with a status patch applied as the API server applies a merge patch: maps merge, null deletes."""
+    out = dict(old)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict):
+            out[key] = _merge(old[key] if isinstance(old.get(key), dict) else {}, value)
+        else:
+            out[key] = value
+    return out
 
 
 def deploy_path(name="qwen"):
@@ -160,7 +187,7 @@ def test_unreadable_model(monkeypatch):
     def boom(url, *_):
         raise GGUFError(f"{url}: HTTP 404")
 
-    monkeypatch.setattr(handlers, "read_gguf", boom)
+    monkeypatch.setattr(sources, "read_gguf", boom)
     k, st = FakeKube([CPU_LARGE]), OperatorState()
     p = go(md({"model": {"url": "https://example.invalid/m.gguf"}}), k, st)
     conds = {c["type"]: c for c in p["conditions"]}
@@ -233,7 +260,7 @@ def test_burst_plans_see_each_other_and_a_full_node_does_not_fit():
     k, st = FakeKube(hosts), OperatorState()
     spec = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 4096}
     patches = [go(md(spec, name=f"m{i}"), k, st) for i in range(5)]
-    cpu = st.reservations[("default", "m0")].cpu_millis
+    cpu = st.reservations[("default", "m0")].requests.cpu_millis
     per_host = 8000 // cpu
     planned = [p for p in patches if {c["type"]: c for c in p["conditions"]}["Planned"]["reason"] == "Planned"]
     fitting = [p["plan"]["nodeSelector"]["kubernetes.io/hostname"] for p in planned]
@@ -285,7 +312,7 @@ async def test_kopf_operator_on_kmock(kmock):
     body["metadata"]["resourceVersion"] = "1"
     kmock.objects["modelfit.io/v1alpha1/modeldeployments", "default", "qwen"] = body
     kube.set_client(kube.Kube(str(kmock.url)))
-    handlers.STATE.__init__()
+    reconciler.STATE.__init__()
     registry = kopf.get_default_registry()
 
     @kopf.on.login(registry=registry)
@@ -430,7 +457,7 @@ def test_every_permanent_error_names_the_child(status):
 def test_transient_error_is_reported_and_retried_with_backoff(status):
     k, st = FakeKube([CPU_LARGE]), OperatorState()
     k.fail_apply["Deployment"] = kube.KubeError(status, "try again")
-    with pytest.raises(handlers.ApiRetry) as err:
+    with pytest.raises(reconciler.ApiRetry) as err:
         go(md(SEED), k, st)
     c = conds_of(err.value.patch)["Degraded"]
     assert c["reason"] == "ApiUnavailable" and "try again" in c["message"] and "retrying" in c["message"]
@@ -438,7 +465,7 @@ def test_transient_error_is_reported_and_retried_with_backoff(status):
     assert seen.failures == 1 and seen.retry_at > 0 and not st.due(("default", "qwen"))
     seen.retry_at = 1.0  # the backoff has passed
     assert st.due(("default", "qwen"))
-    with pytest.raises(handlers.ApiRetry):
+    with pytest.raises(reconciler.ApiRetry):
         go(md(SEED), k, st)
     assert st.seen[("default", "qwen")].failures == 2
     del k.fail_apply["Deployment"]
@@ -447,8 +474,8 @@ def test_transient_error_is_reported_and_retried_with_backoff(status):
 
 
 def test_retry_delay_backs_off_to_a_bound():
-    delays = [handlers.retry_delay(i) for i in range(12)]
-    assert delays[:3] == [10.0, 20.0, 40.0] and max(delays) == handlers.MAX_RETRY_DELAY
+    delays = [reconciler.retry_delay(i) for i in range(12)]
+    assert delays[:3] == [10.0, 20.0, 40.0] and max(delays) == reconciler.MAX_RETRY_DELAY
     assert delays == sorted(delays)
 
 
@@ -465,22 +492,64 @@ def test_kopf_handler_writes_the_condition_then_raises_a_temporary_error():
     k = FakeKube([CPU_LARGE])
     k.fail_apply["Deployment"] = kube.KubeError(503, "etcdserver: leader changed")
     kube.set_client(k)
-    handlers.STATE.__init__()
+    reconciler.STATE.__init__()
     patch = kopf.Patch()
     try:
         with pytest.raises(kopf.TemporaryError) as err:
             asyncio.run(handlers.modeldeployment_changed(body=md(SEED), patch=patch, logger=LOG, retry=2))
         assert err.value.delay == 40.0
-        c = {c["type"]: c for c in patch["status"]["conditions"]}["Degraded"]
-        assert c["reason"] == "ApiUnavailable" and "leader changed" in c["message"]
+        ((path, written),) = k.status_writes
+        c = conds_of(written["status"])["Degraded"]
+        assert path == status_path() and c["reason"] == "ApiUnavailable" and "leader changed" in c["message"]
+        assert not patch  # kopf's own patch stays empty: the reconciler is the status's one writer
         # a permanent error: the condition, and the handler succeeds (kopf does not retry it)
         k.fail_apply["Deployment"] = kube.KubeError(422, INVALID)
-        patch = kopf.Patch()
         asyncio.run(handlers.modeldeployment_changed(body=md(SEED), patch=patch, logger=LOG, retry=0))
-        assert {c["type"]: c for c in patch["status"]["conditions"]}["Degraded"]["reason"] == "ApplyFailed"
+        assert conds_of(k.status_writes[-1][1]["status"])["Degraded"]["reason"] == "ApplyFailed" and not patch
     finally:
         kube.set_client(None)
-        handlers.STATE.__init__()
+        reconciler.STATE.__init__()
+
+
+def test_the_resync_loop_writes_through_the_same_writer_a_transient_failure_too():
+    k = FakeKube([CPU_LARGE])
+    body, key = md(SEED), ("default", "qwen")
+
+    async def run():
+        st = OperatorState()
+        await reconcile(body, LOG, k, st)  # kopf's first reconcile: the loop leaves objects it has not seen
+        k.fail_get[deploy_path()] = kube.KubeError(503, "etcdserver: leader changed")
+        st.bodies[key], st.seen[key].pods_dirty = body, True
+        loop = asyncio.create_task(resync_loop(st, tick=0.02))
+        try:
+            assert await _wait(lambda: len(k.status_writes) == 2, 5.0)
+        finally:
+            loop.cancel()
+        return st
+
+    kube.set_client(k)
+    try:
+        st = asyncio.run(run())
+    finally:
+        kube.set_client(None)
+    (path, first), (again, failed) = k.status_writes
+    assert path == again == status_path() and conds_of(first["status"])["Planned"]["status"] == "True"
+    c = conds_of(failed["status"])["Degraded"]
+    assert c["reason"] == "ApiUnavailable" and "retrying" in c["message"]
+    assert st.seen[key].failures == 1 and not st.due(key)  # the loop comes back after the backoff
+
+
+def test_a_status_write_for_an_object_gone_meanwhile_is_dropped_other_refusals_raise():
+    k, refusal = FakeKube([CPU_LARGE]), [kube.KubeError(404, 'modeldeployments.modelfit.io "qwen" not found')]
+
+    async def refuse(path, body):
+        raise refusal[0]
+
+    k.merge_patch = refuse
+    assert asyncio.run(reconcile(md(SEED), LOG, k, OperatorState()))["plan"]["fits"]  # deleted: nothing to report
+    refusal[0] = kube.KubeError(422, "status.plan.context: Invalid value")
+    with pytest.raises(kube.KubeError, match="422"):
+        asyncio.run(reconcile(md(SEED), LOG, k, OperatorState()))
 
 
 @pytest.mark.parametrize("name", ["x" * 64, "1model", "my.model", "-a", "a-"])
@@ -543,7 +612,7 @@ def test_non_http_answer_is_model_unreadable(monkeypatch):
     def garbage(url, *_):
         raise http.client.BadStatusLine("SSH-2.0-OpenSSH")
 
-    monkeypatch.setattr(handlers, "read_gguf", garbage)
+    monkeypatch.setattr(sources, "read_gguf", garbage)
     k, st = FakeKube([CPU_LARGE]), OperatorState()
     c = conds_of(go(md({"model": {"url": "http://127.0.0.1:22/m.gguf"}}), k, st))["Planned"]
     assert c["reason"] == "ModelUnreadable" and "not an HTTP answer" in c["message"]
@@ -630,16 +699,6 @@ def _shapes():
             {"name": "large", "labels": {SHAPE_LABEL: "large"}, "cpu": "16", "memory": "64Gi"},
         ]
     )
-
-
-def _merge(old, patch):
-    out = dict(old)
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(old.get(key), dict):
-            out[key] = {k: v for k, v in _merge(old[key], value).items() if v is not None}
-        else:
-            out[key] = value
-    return out
 
 
 def _pod(name, template, node_name=None):
@@ -748,14 +807,14 @@ def test_unreadable_model_is_retried_with_backoff_until_it_answers(monkeypatch):
 
     tiny = ensure_model("llama-tiny", "F16")  # a real GGUF header once the "server" is up
     answers = {"up": False}
-    real = handlers.read_gguf
+    real = sources.read_gguf
 
     def reader(url, *a, **kw):
         if not answers["up"]:
             raise GGUFError(f"{url}: cannot fetch ([Errno 111] Connection refused)")
         return real(str(tiny), *a, **kw)
 
-    monkeypatch.setattr(handlers, "read_gguf", reader)
+    monkeypatch.setattr(sources, "read_gguf", reader)
     k, st = FakeKube([CPU_LARGE]), OperatorState()
     body = md({"model": {"url": "http://10.88.0.1:18080/m.gguf"}})
     go(body, k, st)
@@ -787,10 +846,6 @@ def _running_pod(node_name, template=None):
         "spec": {"nodeName": node_name, "containers": [{"resources": {"requests": {"memory": "1Gi", "cpu": "1"}}}]},
         "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
     }
-
-
-def _merge(status, patch):
-    return {**status, **patch, "plan": {**status.get("plan", {}), **(patch.get("plan") or {})}}
 
 
 def _serving(k, status):

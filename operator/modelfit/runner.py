@@ -15,17 +15,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     import kopf
 
     from . import handlers, metrics
+    from .reconciler import STATE
 
     kopf.configure(
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    handlers.STATE.node_shapes = node_shapes(args.node_shapes)
-    if handlers.STATE.node_shapes:
-        names = ", ".join(s.name for s in handlers.STATE.node_shapes)
+    STATE.node_shapes = node_shapes(args.node_shapes)
+    if STATE.node_shapes:
+        names = ", ".join(s.name for s in STATE.node_shapes)
         logging.getLogger("modelfit").info(f"node shapes a cluster autoscaler can add: {names}")
-    handlers.STATE.hpa_metric = args.hpa_metric or os.environ.get("MODELFIT_HPA_METRIC") or handlers.STATE.hpa_metric
+    STATE.hpa_metric = args.hpa_metric or os.environ.get("MODELFIT_HPA_METRIC") or STATE.hpa_metric
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     clusterwide = args.all_namespaces or not args.namespace

@@ -1,0 +1,243 @@
+"""Where a model comes from: its facts read from the catalog, a catalog file's header or a URL's header.
+
+Shell-level I/O (HTTP header reads in threads, the token Secret through ``kube``), kept apart from the
+reconciler so the command line can read a model the way the operator does: ``load_facts`` runs without a
+cluster (``kube=None``; pass ``token=`` for a gated file), ``catalog_facts`` is the cached catalog table.
+A ``Sources`` holds what one process remembers of its reads (the operator's lives in its ``OperatorState``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import functools
+import hashlib
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import api, catalog
+from .api import ModelDeploymentSpec
+from .decide import LoadedFacts
+from .facts import ModelFacts, facts_from_header
+from .gguf_reader import GGUFError, GGUFHeader, read_gguf
+from .kube import Kube, KubeError, path_for
+from .render import model_file
+from .status import Cond
+
+HEADER_TIMEOUT = 5.0  # seconds per HTTP request of a catalog file's header read
+HEADER_WAIT = 8.0  # the longest a reconcile waits for one (a DNS lookup is not bounded by the socket timeout)
+HEADER_RETRY = 600.0  # a failed read is tried again after this long (at once when the token changes)
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what an HTTP header value and curl's config accept
+
+
+@dataclass
+class _Outcome:
+    at: float
+    header: GGUFHeader | None
+    error: str
+
+
+Reader = Callable[[str, dict[str, str] | None, float], GGUFHeader]
+
+
+def _read_header(url: str, headers: dict[str, str] | None, timeout: float) -> GGUFHeader:
+    return read_gguf(url, headers, timeout)
+
+
+class HeaderReads:
+    """Header reads of catalog files, shared by every reconcile of the process.
+
+    One read per (URL, token) runs at a time, in a thread; a reconcile waits for it at most ``wait`` seconds
+    (a slower read finishes in the background and is used from then on). A header read is kept; a failure
+    is remembered for ``retry`` seconds, so an unreachable hub costs one wait, not one per reconcile.
+    """
+
+    def __init__(
+        self,
+        timeout: float = HEADER_TIMEOUT,
+        wait: float = HEADER_WAIT,
+        retry: float = HEADER_RETRY,
+        reader: Reader = _read_header,
+    ) -> None:
+        self.timeout, self.wait, self.retry, self.reader = timeout, wait, retry, reader
+        self.outcomes: dict[tuple[str, str], _Outcome] = {}
+        self.running: dict[tuple[str, str], concurrent.futures.Future[GGUFHeader]] = {}
+        self.reads = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="modelfit-header")
+
+    async def read(self, url: str, token: str | None = None) -> tuple[GGUFHeader | None, str]:
+        """The header of ``url`` or None and why not."""
+        key = (url, hashlib.sha256(token.encode()).hexdigest() if token else "")
+        known = self.outcomes.get(key)
+        if known is not None and (known.header is not None or time.monotonic() - known.at < self.retry):
+            return known.header, known.error
+        fut = self.running.get(key)
+        if fut is None:
+            headers = {"Authorization": f"Bearer {token}"} if token else None
+            self.reads += 1
+            fut = self._pool.submit(self.reader, url, headers, self.timeout)
+            self.running[key] = fut
+            fut.add_done_callback(functools.partial(self._finished, key))
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+                loop.call_soon_threadsafe(ready.set)
+
+        fut.add_done_callback(wake)  # after _finished: the outcome is recorded before the wake-up
+        try:
+            await asyncio.wait_for(ready.wait(), self.wait)
+        except TimeoutError:
+            error = f"{url}: no answer within {self.wait:g} s"
+            self.outcomes[key] = _Outcome(time.monotonic(), None, error)
+            return None, error
+        done = self.outcomes.get(key)
+        return (done.header, done.error) if done is not None else (None, f"{url}: read cancelled")
+
+    def _finished(self, key: tuple[str, str], fut: concurrent.futures.Future[GGUFHeader]) -> None:
+        self.running.pop(key, None)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            self.outcomes[key] = _Outcome(time.monotonic(), fut.result(), "")
+        else:
+            error = str(exc) if isinstance(exc, GGUFError) else f"{type(exc).__name__}: {exc}"
+            self.outcomes[key] = _Outcome(time.monotonic(), None, error[:500])
+
+
+HEADERS = HeaderReads()
+
+
+class Sources:
+    """What one process remembers of its model reads; all of it can be read again after a restart."""
+
+    def __init__(self, headers: HeaderReads | None = None) -> None:
+        self.headers = headers  # catalog header reads; None: the process-wide HEADERS
+        self.facts: dict[tuple[str, str | None], tuple[ModelFacts, int]] = {}  # (url, sha256) -> facts, size
+        self.header_facts: dict[str, tuple[GGUFHeader, str, ModelFacts]] = {}  # catalog URL -> header, name, facts
+
+
+SOURCES = Sources()
+
+
+def secret_problem(
+    secret: dict[str, Any] | None, ref: api.SecretKeyRef | api.TokenSecretRef, where: str, ns: str, what: str
+) -> Cond | None:
+    """A missing Secret or key as a Degraded condition: ``what`` cannot happen until it exists."""
+    if secret is None:
+        return ("True", "SecretNotFound", f"Secret {ref.name} ({where}) does not exist in namespace {ns}; {what}")
+    if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
+        return ("True", "SecretKeyNotFound", f"Secret {ref.name} ({where}) has no key {ref.key}; {what}")
+    return None
+
+
+async def model_token(kube: Kube | None, ns: str | None, spec: ModelDeploymentSpec) -> tuple[str | None, str]:
+    """The token of spec.model.tokenSecretRef, or None and why not ("" when none is asked for)."""
+    ref = spec.model.token_secret_ref
+    if ref is None:
+        return None, ""
+    where = "spec.model.tokenSecretRef"
+    if kube is None or ns is None:
+        return None, f"no cluster to read Secret {ref.name} ({where}) from"
+    try:
+        secret = await kube.get(path_for("v1", "Secret", ns, ref.name))
+    except KubeError as exc:
+        return None, f"cannot read Secret {ref.name} ({where}): {exc}"
+    problem = secret_problem(secret, ref, where, ns, "the model is read without a token")
+    if problem is not None or secret is None:
+        return None, problem[2] if problem else ""
+    data = secret.get("data") or {}
+    try:
+        if ref.key in data:
+            token = base64.b64decode(str(data[ref.key]), validate=True).decode("utf-8")
+        else:
+            token = str((secret.get("stringData") or {})[ref.key])
+    except ValueError:  # binascii.Error and UnicodeDecodeError
+        return None, f"Secret {ref.name} ({where}) key {ref.key} is not base64 of UTF-8 text"
+    token = token.strip()
+    if not _TOKEN_RE.fullmatch(token):
+        return None, f"Secret {ref.name} ({where}) key {ref.key} is empty or has spaces or control characters inside"
+    return token, ""
+
+
+catalog_facts = functools.lru_cache(maxsize=256)(catalog.catalog_facts)  # pure, and 10% of a burst's CPU
+
+
+async def load_facts(
+    spec: ModelDeploymentSpec,
+    sources: Sources = SOURCES,
+    kube: Kube | None = None,
+    namespace: str | None = None,
+    *,
+    token: str | None = None,
+) -> LoadedFacts:
+    """Model facts, file size and where they came from.
+
+    A catalog model is planned from its file's header when the catalog URL answers (within HEADER_WAIT;
+    a failure is remembered for HEADER_RETRY), else from the catalog's facts; a header that differs from
+    the catalog on the key numbers is a warning. A url or huggingFace file is read once per (url, sha256);
+    a file on a PVC is known by its catalog file name only (the operator does not mount PVCs).
+    With spec.model.tokenSecretRef every read sends ``Authorization: Bearer`` with the Secret's token
+    (read through ``kube``), or with ``token`` when given (a caller without a cluster: the command line).
+    """
+    m = spec.model
+    token_note = ""
+    if token is None:
+        token, token_note = await model_token(kube, namespace, spec)
+    if m.catalog is not None:
+        built_in = catalog_facts(m.catalog, m.quant or "Q4_K_M")
+        url = catalog.catalog_url(m.catalog, m.quant or "Q4_K_M")
+        header, error = await (sources.headers or HEADERS).read(url, token)
+        facts: ModelFacts | None = None
+        if header is not None:
+            cached = sources.header_facts.get(url)
+            try:
+                if cached is not None and cached[0] is header and cached[1] == built_in.name:
+                    facts = cached[2]  # the same header read: the same facts object (and its remembered estimates)
+                else:
+                    facts = facts_from_header(header, name=built_in.name)
+                    sources.header_facts[url] = (header, built_in.name, facts)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                error = f"{url}: header not usable ({type(exc).__name__}: {exc})"
+        if facts is None:
+            why = error + (f"; {token_note}" if token_note else "")
+            return LoadedFacts(built_in, built_in.file_bytes, f"catalog (header unreachable: {why})")
+        differ = catalog.facts_mismatch(facts, built_in)
+        mismatch = ""
+        if differ:
+            mismatch = f"the header of {url} differs from the catalog: {', '.join(differ)}; planned from the header"
+            facts = facts.model_copy(update={"warnings": [*facts.warnings, mismatch]})
+        return LoadedFacts(facts, facts.file_bytes, f"header: {url}", mismatch)
+    mf = model_file(spec)
+    if mf.url is None:
+        known = catalog.for_file_name(mf.file_name)
+        if known is None:
+            raise GGUFError(
+                f"cannot read {mf.file_name} on PVC {mf.pvc_claim} from the operator; "
+                "name the file like a catalog model or serve it from a URL"
+            )
+        built_in = catalog.catalog_facts(*known)
+        source = f"catalog (recognised by the file name {mf.file_name}; the operator does not read PVC {mf.pvc_claim})"
+        return LoadedFacts(built_in, built_in.file_bytes, source)
+    key = (mf.url, m.sha256)
+    if key not in sources.facts:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        try:
+            header = await asyncio.to_thread(read_gguf, mf.url, headers)
+        except GGUFError as exc:
+            note = token_note
+            if not note and token is None and re.search(r": HTTP 40[13]\b", str(exc)):
+                note = "a gated or private file needs spec.model.tokenSecretRef (a Secret with a Hugging Face token)"
+            if note:
+                raise GGUFError(f"{exc}; {note}") from exc
+            raise
+        facts = facts_from_header(header)
+        sources.facts[key] = (facts, facts.file_bytes)
+    facts, size = sources.facts[key]
+    return LoadedFacts(facts, size, f"header: {mf.url}")
