@@ -473,12 +473,6 @@ def test_transient_error_is_reported_and_retried_with_backoff(status):
     assert (st.seen[("default", "qwen")].failures, st.seen[("default", "qwen")].retry_at) == (0, 0.0)
 
 
-def test_retry_delay_backs_off_to_a_bound():
-    delays = [reconciler.retry_delay(i) for i in range(12)]
-    assert delays[:3] == [10.0, 20.0, 40.0] and max(delays) == reconciler.MAX_RETRY_DELAY
-    assert delays == sorted(delays)
-
-
 def test_failed_read_is_a_condition():
     k, st = FakeKube([CPU_LARGE]), OperatorState()
     k.fail_get[deploy_path()] = kube.KubeError(403, 'deployments.apps "qwen" is forbidden')

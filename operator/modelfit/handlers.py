@@ -18,8 +18,9 @@ from typing import Any
 import kopf
 
 from . import api, metrics
+from .decide import retry_delay
 from .kube import get_client
-from .reconciler import STATE, ApiRetry, reconcile, resync_loop, retry_delay
+from .reconciler import STATE, ApiRetry, reconcile, resync_loop
 from .render import MD_LABEL
 
 HANDLER_RETRIES = 8  # kopf's attempts at a transient API failure; the resync loop keeps trying after that

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import api, metrics
 from .api import ModelDeploymentSpec
-from .decide import Decision, LoadedFacts, Snapshot, api_failure, check_spec, decide, failure
+from .decide import Decision, LoadedFacts, Snapshot, api_failure, check_spec, decide, failure, retry_delay
 from .gguf_reader import GGUFError
 from .kube import ClusterSnapshot, Kube, KubeError, get_client, path_for
 from .nodes import NodeShape
@@ -42,12 +42,6 @@ RESYNC_TICK = 5.0  # seconds between resync checks
 RESYNC_DEBOUNCE = 1.0  # after a pod or Deployment event wakes the resync loop, gather more events this long
 RESYNC_CONCURRENCY = 4  # ModelDeployments the resync loop reconciles at once
 FULL_RESYNC = 300.0  # re-plan at least this often
-MAX_RETRY_DELAY = 300.0
-
-
-def retry_delay(attempt: int) -> float:
-    """Backoff before retrying a transient API failure: 10 s doubling, at most 5 minutes."""
-    return float(min(MAX_RETRY_DELAY, 10.0 * 2 ** max(0, attempt)))
 
 
 class ApiRetry(Exception):
@@ -65,7 +59,7 @@ class _Seen:
     at: float = 0.0
     pods_dirty: bool = False
     avoid: dict[tuple[tuple[str, str], ...], float] = field(default_factory=dict)
-    failures: int = 0  # transient API failures in a row
+    failures: int = 0  # reconciles in a row that asked to come back (API retry, requeue_after): the backoff
     retry_at: float = 0.0  # when the resync loop retries after one (monotonic; 0: no retry pending)
     deploy_generation: int | None = None  # metadata.generation of the Deployment as we last applied or saw it
     # The plan status of our last reconcile and the generation it was for: the body a reconcile gets can lag
@@ -188,14 +182,6 @@ def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# What a reconcile's result says about when to look again: these retry with the backoff of a transient
-# failure. A model server that is not up yet (or a hub that answers 5xx) must not wait for the 5-minute full
-# resync, nor must a plan that no node fits: room comes back when other pods (not ours, so no event of ours
-# says so) finish terminating. Anything else waits for a change (or the full resync).
-# TODO(decide.Decision.requeue_after): when the core says when to come back, use it here instead.
-BACKOFF_RESULTS = frozenset({"api_retry", "model_unreadable", "unschedulable"})
-
-
 async def reconcile(
     body: dict[str, Any],
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
@@ -204,8 +190,9 @@ async def reconcile(
 ) -> dict[str, Any]:
     """Gather, decide, apply for one ModelDeployment and write its status; returns the status patch.
 
-    Both entrances (kopf's handler, the resync loop) call this. A transient API failure writes its
-    condition, then raises ``ApiRetry`` for the caller to retry.
+    Both entrances (kopf's handler, the resync loop) call this. When to look again is the decision's
+    ``requeue_after`` (a model not readable yet, a plan no node fits) or, for a transient API failure, the
+    same backoff; that failure writes its condition, then raises ``ApiRetry`` for the caller to retry.
     """
     kube = kube or get_client()
     started = time.monotonic()
@@ -216,15 +203,15 @@ async def reconcile(
         seen.node_generation, seen.at, seen.pods_dirty = state.node_generation, time.monotonic(), False
         result, retry = "error", None
         try:
-            patch, result = await _reconcile(body, logger, kube, state, seen)
+            patch, result, requeue_after = await _reconcile(body, logger, kube, state, seen)
         except ApiRetry as exc:
-            patch, result, retry = exc.patch, "api_retry", exc
+            patch, result, retry, requeue_after = exc.patch, "api_retry", exc, retry_delay(seen.failures)
         finally:
             metrics.RECONCILES.labels(result=result).inc()
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-        if result in BACKOFF_RESULTS:
+        if requeue_after is not None:  # seen.failures counts these in a row: the backoff
             seen.failures += 1
-            seen.retry_at = time.monotonic() + retry_delay(seen.failures - 1)
+            seen.retry_at = time.monotonic() + requeue_after
         else:
             seen.failures, seen.retry_at = 0, 0.0
         await write_status(kube, key, patch, logger)
@@ -340,6 +327,7 @@ async def _gather(
         seen_generation=seen.deploy_generation,
         missing=missing,
         hpa_metric=state.hpa_metric,
+        failures=seen.failures,
     )
 
 
@@ -367,8 +355,9 @@ async def _reconcile(
     kube: Kube,
     state: OperatorState,
     seen: _Seen,
-) -> tuple[dict[str, Any], str]:
-    """Gather a snapshot, call ``decide.decide``, apply its decision; every outcome is a status patch."""
+) -> tuple[dict[str, Any], str, float | None]:
+    """Gather a snapshot, call ``decide.decide``, apply its decision; every outcome is a status patch
+    (with the result for the metric, and when to look again)."""
     meta = body.get("metadata") or {}
     ns = str(meta.get("namespace"))
     old: dict[str, Any] = dict(body.get("status") or {})
@@ -383,7 +372,9 @@ async def _reconcile(
         if isinstance(exc, http.client.HTTPException):
             msg = f"{model_file(spec).url}: not an HTTP answer ({type(exc).__name__}: {msg})"
         return _finish(
-            logger, old, failure(meta, old, "ModelUnreadable", f"cannot read the model: {msg}", "model_unreadable")
+            logger,
+            old,
+            failure(meta, old, "ModelUnreadable", f"cannot read the model: {msg}", "model_unreadable", seen.failures),
         )
     decision: Decision | None = None
     try:
@@ -405,7 +396,7 @@ async def _reconcile(
         if failed.exc.status == 403 and "being terminated" in failed.exc.message:
             # Its namespace is being deleted, and the ModelDeployment with it: nothing to report or retry.
             logger.debug(f"namespace {ns} is terminating: {failed}")
-            return {}, "terminating"
+            return {}, "terminating", None
         transient = failed.exc.transient
         reason = "ApiUnavailable" if transient else "ApplyFailed" if failed.write else "ApiError"
         message = f"{failed}" + ("; retrying" if transient else "")
@@ -419,7 +410,7 @@ async def _reconcile(
         patch = _status_patch(old, status)
         if transient:
             raise ApiRetry(f"{reason}: {message}", patch) from None
-        return patch, "api_error"
+        return patch, "api_error", None
     for reason, message in decision.events:
         if reason == "PlanChanged":
             metrics.PLAN_CHANGES.inc()  # lost in the move to decide.py: modelfit_plan_changes_total stayed 0
@@ -429,7 +420,7 @@ async def _reconcile(
         metrics.PLANNED_MEMORY.labels(namespace=ns, name=str(meta.get("name"))).set(
             int(plan.get("memoryRequestBytes") or 0)
         )
-    return _status_patch(old, decision.status), decision.result
+    return _status_patch(old, decision.status), decision.result, decision.requeue_after
 
 
 def _reserve(state: OperatorState, snap: Snapshot, decision: Decision) -> None:
@@ -446,10 +437,10 @@ def _log(logger: logging.Logger | logging.LoggerAdapter[logging.Logger], lines: 
 
 def _finish(
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger], old: dict[str, Any], decision: Decision
-) -> tuple[dict[str, Any], str]:
+) -> tuple[dict[str, Any], str, float | None]:
     """A decision with nothing to apply (the spec or the model cannot be planned)."""
     _log(logger, decision.logs)
-    return _status_patch(old, decision.status), decision.result
+    return _status_patch(old, decision.status), decision.result, decision.requeue_after
 
 
 async def _post_event(kube: Kube, body: dict[str, Any], reason: str, message: str) -> None:
