@@ -191,8 +191,10 @@ def _mib(n: int) -> str:
 
 
 def _min_ram(res: PlanResult) -> str:
+    """The least memory the plan runs in (no prompt cache), then what the planned cache adds to the request."""
     if res.cache_free_request_bytes and res.cache_free_request_bytes < res.memory_request_bytes:
-        return f"{_gib(res.memory_request_bytes)} ({_gib(res.cache_free_request_bytes)} with --cache-ram 0)"
+        cache = f"{res.plan.cache_ram_mib} MiB prompt cache"
+        return f"{_gib(res.cache_free_request_bytes)} ({_gib(res.memory_request_bytes)} with the {cache} planned)"
     return _gib(res.memory_request_bytes)
 
 
