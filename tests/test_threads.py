@@ -31,7 +31,6 @@ from modelfit.sizing import (
     Policy,
     decode_bytes_per_token,
     plan,
-    spec_policy,
 )
 
 QWEN = catalog_facts("qwen3.5-0.8b", "Q4_0")
@@ -106,13 +105,13 @@ def test_less_than_one_free_cpu_still_plans_one_thread_and_warns() -> None:
 
 
 def test_spec_threads_override_the_rule_and_are_not_capped() -> None:
-    r = plan(QWEN, node(4), spec_policy(threads=8, context=4096))
+    r = plan(QWEN, node(4), Policy(threads=8, context=4096))
     assert r.plan.threads == 8 and r.resources.requests["cpu"] == "8"
     assert threads_reason(r).startswith("threads 8: as requested")
     assert any("requests 8 CPU but the node has 4 free" in w for w in r.warnings)
-    assert spec_policy(threads="auto").threads == "auto" and spec_policy().threads == "auto"
+    assert Policy(threads="auto").threads == "auto" and Policy().threads == "auto"
     with pytest.raises(ValueError):
-        spec_policy(threads=0)
+        Policy(threads=0)
 
 
 def test_full_gpu_offload_needs_one_thread_partial_offload_follows_the_rule() -> None:

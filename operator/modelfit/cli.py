@@ -53,12 +53,12 @@ from .crd import register as register_crd
 from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, read_gguf
 from .host import host_facts
-from .nodes import PROFILES, GiB, MiB, NodeFacts, format_memory, profile
+from .nodes import PROFILES, GiB, MiB, NodeFacts, profile
 from .placement import Placement, place
 from .policy import policy_for
 from .render import model_file
 from .runner import register as register_run
-from .sizing import PlanResult, Policy, plan
+from .sizing import PlanResult, Policy
 from .values import register as register_values
 
 
@@ -120,22 +120,14 @@ def spec_from_args(args: argparse.Namespace) -> tuple[api.ModelDeploymentSpec, s
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
     """The planner's policy for the options: the operator's translation of their spec (``policy.policy_for``)."""
-    return policy_for(spec_from_args(args)[0]).model_copy(update=knobs(args))
+    return policy_for(spec_from_args(args)[0], knobs=knobs(args))
 
 
 def place_args(args: argparse.Namespace, node: NodeFacts) -> tuple[ModelFacts, Placement]:
     """The options' spec placed on ``node`` with the operator's call, as ``plan -f`` places a manifest."""
     spec, quant_reason = spec_from_args(args)
     facts, path = load_model(args.model, args.quant)
-    placed = place(spec, facts, [node], path, 0.0)
-    tuned = knobs(args)
-    if tuned and placed.fits and placed.node is not None:
-        # --ubatch, --port tune a plan that fits: the same node and terms, planned again with them
-        res = plan(facts, placed.node, policy_for(spec, relaxed=placed.adapted).model_copy(update=tuned), path)
-        placed = replace(placed, result=res)
-        if not res.fits:  # a larger ubatch needs a larger compute buffer
-            msg = f"{node.name}: short by {format_memory(res.shortfall_bytes)} with --ubatch {res.plan.ubatch}"
-            placed = replace(placed, fits=False, reason="NoNodeFits", message=msg)
+    placed = place(spec, facts, [node], path, 0.0, knobs(args))
     if quant_reason is not None and placed.result is not None:
         res = placed.result
         placed = replace(placed, result=res.model_copy(update={"reasons": [quant_reason, *res.reasons]}))

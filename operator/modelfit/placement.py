@@ -20,6 +20,7 @@ only when ``kvCacheType: q4_0`` asks for it) and change backend.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -173,8 +174,9 @@ def place(
     nodes: list[NodeFacts],
     model_path: str,
     headroom_boost: float = 0.0,
+    knobs: Mapping[str, Any] | None = None,
 ) -> Placement:
-    """The best node class and its plan for a spec, or why nothing fits."""
+    """The best node class and its plan for a spec, or why nothing fits (``knobs``: see ``policy_for``)."""
     if not nodes:
         return Placement(False, "NoNodes", "the cluster has no schedulable nodes")
     eligible, excluded = [], []
@@ -192,7 +194,7 @@ def place(
     misses: dict[str, str] = {}
     closest: tuple[tuple[int, int], NodeFacts, dict[str, str], PlanResult] | None = None
     for relaxed in tiers:
-        policy = policy_for(spec, headroom_boost, relaxed)
+        policy = policy_for(spec, headroom_boost, relaxed, knobs)
         best: tuple[tuple[bool, bool, int, bool, int], NodeFacts, dict[str, str], PlanResult] | None = None
         for selector, node in classes:
             res = plan(facts, node, policy, model_path=model_path)

@@ -14,6 +14,7 @@ Every rule that gives a spec word its planning meaning lives here, and every doo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .api import ModelDeploymentSpec
@@ -36,8 +37,14 @@ def cpu_limit_threads(spec: ModelDeploymentSpec) -> int | None:
     return None if limit is None else max(1, cpu_millis(limit) // 1000)
 
 
-def policy_for(spec: ModelDeploymentSpec, headroom_boost: float = 0.0, relaxed: bool = False) -> Policy:
-    """The planner's policy for ``spec``; ``relaxed`` is adapt's second try, ``headroom_boost`` the OOM boost."""
+def policy_for(
+    spec: ModelDeploymentSpec,
+    headroom_boost: float = 0.0,
+    relaxed: bool = False,
+    knobs: Mapping[str, Any] | None = None,
+) -> Policy:
+    """The planner's policy for ``spec``; ``relaxed`` is adapt's second try, ``headroom_boost`` the OOM boost,
+    ``knobs`` Policy fields no spec field sets (the CLI's --ubatch and --port)."""
     fields: dict[str, Any] = {
         "context": spec.context,
         "min_context": min_context(spec, relaxed),
@@ -58,4 +65,4 @@ def policy_for(spec: ModelDeploymentSpec, headroom_boost: float = 0.0, relaxed: 
             gpu_layers="auto",
             kv_cache_type=KV_OPT_IN if spec.kv_cache_type == KV_OPT_IN else "auto",
         )
-    return Policy(**fields)
+    return Policy(**fields, **(knobs or {}))

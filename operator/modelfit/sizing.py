@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -114,50 +114,6 @@ class Policy(BaseModel):
     port: int = 8080
     host: str = "0.0.0.0"
     metrics: bool = True
-
-
-def spec_policy(
-    *,
-    context: int | Literal["max"] | None = None,
-    min_context: int | None = None,
-    parallel: int | None = None,
-    kv_cache_type: str | None = None,
-    load_mode: str | None = None,
-    flash_attention: str | None = None,
-    backend: str | None = None,
-    gpu_layers: int | str | None = None,
-    prompt_cache: int | str | None = None,
-    threads: int | str | None = None,
-    relaxed: bool = False,
-    **extra: Any,
-) -> Policy:
-    """The planner's Policy from the spec's words; None keeps the default.
-
-    One translation for the operator (``placement.policy_for``), ``modelfit plan``/``serve``
-    and ``modelfit values``, so they plan alike. ``prompt_cache`` is spec.promptCache (auto or
-    MiB, 0 = off); ``threads`` is spec.threads (auto or a count). ``relaxed`` is adapt's second try: backend, GPU layers and KV type are
-    freed, but q4_0 KV stays opt-in -- an explicit q4_0 is kept, anything else becomes auto.
-    """
-    fields: dict[str, Any] = {
-        "context": context,
-        "min_context": min_context,
-        "parallel": parallel,
-        "kv_cache_type": kv_cache_type,
-        "load_mode": load_mode,
-        "flash_attention": flash_attention,
-        "backend": backend,
-        "gpu_layers": gpu_layers,
-        "cache_ram_mib": prompt_cache,
-        "threads": threads,
-        **extra,
-    }
-    if relaxed:
-        fields.update(
-            backend="auto",
-            gpu_layers="auto",
-            kv_cache_type=KV_OPT_IN if kv_cache_type == KV_OPT_IN else "auto",
-        )
-    return Policy(**{k: v for k, v in fields.items() if v is not None})
 
 
 class Plan(BaseModel):
