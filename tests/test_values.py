@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from modelfit.cli import main
-from modelfit.cli_options import load_model
 from modelfit.nodes import profile
 from modelfit.sizing import Policy, plan
+from modelfit.sources import load_model
 from modelfit.values import release_name, state_values
 
 

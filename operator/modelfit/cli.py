@@ -10,6 +10,7 @@ the pod's CPU request must fit the node's CPUs).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shlex
@@ -25,7 +26,6 @@ from pydantic import ValidationError
 from . import api, catalog
 from .cli_options import (
     CPUS_MAX,
-    DEFAULT_QUANT,
     DEFAULT_QUANT_REASON,
     GPUS_MAX,
     OPTIONS,
@@ -40,9 +40,7 @@ from .cli_options import (
     checked,
     cpus_arg,
     gpus_arg,
-    load_model,
     memory_arg,
-    model_source,
     node_arg,
     port_arg,
     quant_arg,
@@ -50,8 +48,8 @@ from .cli_options import (
     ubatch_arg,
 )
 from .crd import register as register_crd
-from .facts import ModelFacts, facts_from_header
-from .gguf_reader import GGUFError, read_gguf
+from .facts import ModelFacts
+from .gguf_reader import GGUFError
 from .host import host_facts
 from .nodes import PROFILES, GiB, MiB, NodeFacts, profile
 from .placement import Placement, place
@@ -59,6 +57,7 @@ from .policy import policy_for
 from .render import model_file
 from .runner import register as register_run
 from .sizing import PlanResult, Policy
+from .sources import DEFAULT_QUANT, load_facts, load_model, model_source
 from .values import register as register_values
 
 
@@ -414,28 +413,11 @@ def spec_of(doc: dict[str, Any]) -> tuple[str, str, api.ModelDeploymentSpec]:
 
 
 def spec_facts(spec: api.ModelDeploymentSpec) -> ModelFacts:
-    """The model facts the operator plans with, read without a cluster.
-
-    A catalog model: the catalog's facts (the operator prefers its file's header when the hub answers;
-    the two agree for catalog files). A url or huggingFace file: its header, read over HTTP(S) with
-    $HF_TOKEN when spec.model.tokenSecretRef asks for a token. A PVC file: recognised by its catalog
-    file name, as the operator does (it does not mount PVCs).
-    """
-    m = spec.model
-    if m.catalog is not None:
-        return catalog.catalog_facts(m.catalog, m.quant or DEFAULT_QUANT)
-    mf = model_file(spec)
-    if mf.url is None:
-        known = catalog.for_file_name(mf.file_name)  # the operator's own rule
-        if known is None:
-            raise GGUFError(
-                f"cannot read {mf.file_name} on PVC {mf.pvc_claim}; name the file like a catalog model "
-                "or serve it from a URL"
-            )
-        return catalog.catalog_facts(*known)
-    token = os.environ.get("HF_TOKEN") if m.token_secret_ref is not None else None
-    header = read_gguf(mf.url, {"Authorization": f"Bearer {token}"} if token else None)
-    return facts_from_header(header)
+    """The model facts the operator plans with (``sources.load_facts``), read without a cluster: a catalog
+    model from the catalog's facts (no network), a url or huggingFace file from its header ($HF_TOKEN when
+    spec.model.tokenSecretRef asks for a token), a PVC file by its catalog file name."""
+    token = os.environ.get("HF_TOKEN") if spec.model.token_secret_ref is not None else None
+    return asyncio.run(load_facts(spec, token=token, catalog_header=False)).facts
 
 
 def cmd_plan_file(args: argparse.Namespace) -> int:

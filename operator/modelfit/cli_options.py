@@ -18,17 +18,15 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from annotated_types import Ge, Le
 
 from . import catalog
 from .api import ModelDeploymentSpec, ServiceSpec
-from .facts import ModelFacts, facts_from_header
-from .gguf_reader import read_gguf
 from .nodes import PROFILES, MiB
 from .sizing import MIN_CONTEXT_DEFAULT, Policy
+from .sources import DEFAULT_QUANT
 
 # ---- refusals ----------------------------------------------------------------------------------
 
@@ -330,39 +328,7 @@ def check_min_context(context: object, min_context: int | None) -> None:
 
 # ---- the model argument ----------------------------------------------------------------------------
 
-DEFAULT_QUANT = "Q4_K_M"
 DEFAULT_QUANT_REASON = (
     f"quant {DEFAULT_QUANT}: the default, as --quant was not given ({DEFAULT_QUANT} is the usual balance of file "
     f"size and answer quality; --quant picks another: {', '.join(catalog.RECIPES)})"
 )
-
-
-def model_source(model: str, quant: str | None, *, local: bool = True) -> dict[str, Any]:
-    """spec.model for the model argument: a catalog entry (default quant Q4_K_M) or a URL.
-
-    A local .gguf file (``local``) has no spec source; it is written as a file on a volume, the
-    closest a ModelDeployment comes (placement reads no source: the CLI passes the file's facts).
-    """
-    if model.startswith(("http://", "https://")) or model.endswith(".gguf") or Path(model).is_file():
-        if quant is not None:
-            raise ValueError("argument --quant: applies to catalog models only; a .gguf file has its own")
-        if model.startswith(("http://", "https://")):
-            return {"url": model}
-        if local:
-            return {"pvc": {"claimName": "local", "path": Path(model).name}}
-    key = catalog.resolve_name(model)
-    if key is None:
-        files = "a .gguf file, a URL," if local else "an http(s) URL"
-        raise KeyError(f"{model!r} is neither {files} nor a catalog model ({', '.join(sorted(catalog.MODELS))})")
-    return {"catalog": key, "quant": catalog.normalize_quant(quant or DEFAULT_QUANT)}
-
-
-def load_model(model: str, quant: str | None) -> tuple[ModelFacts, str]:
-    """Facts and the path llama-server should load, for a catalog name, a .gguf path or a URL."""
-    source = model_source(model, quant)
-    if "catalog" in source:
-        name, q = source["catalog"], source["quant"]
-        return catalog.catalog_facts(name, q), "/models/" + catalog.MODELS[name].hf_file.format(quant=q)
-    facts = facts_from_header(read_gguf(model))
-    path = model if "pvc" in source else "/models/" + model.rsplit("/", 1)[-1].split("?")[0]
-    return facts, path

@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import api, catalog
@@ -29,6 +30,7 @@ from .kube import Kube, KubeError, path_for
 from .render import model_file
 from .status import Cond
 
+DEFAULT_QUANT = "Q4_K_M"  # a catalog model named without a quant (the command line): the usual size/quality balance
 HEADER_TIMEOUT = 5.0  # seconds per HTTP request of a catalog file's header read
 HEADER_WAIT = 8.0  # the longest a reconcile waits for one (a DNS lookup is not bounded by the socket timeout)
 HEADER_RETRY = 600.0  # a failed read is tried again after this long (at once when the token changes)
@@ -176,6 +178,7 @@ async def load_facts(
     namespace: str | None = None,
     *,
     token: str | None = None,
+    catalog_header: bool = True,
 ) -> LoadedFacts:
     """Model facts, file size and where they came from.
 
@@ -185,14 +188,18 @@ async def load_facts(
     a file on a PVC is known by its catalog file name only (the operator does not mount PVCs).
     With spec.model.tokenSecretRef every read sends ``Authorization: Bearer`` with the Secret's token
     (read through ``kube``), or with ``token`` when given (a caller without a cluster: the command line).
+    ``catalog_header=False`` plans a catalog model from the catalog's facts without the network (the command
+    line: the two agree for catalog files, and a plan should not wait on a hub).
     """
     m = spec.model
     token_note = ""
     if token is None:
         token, token_note = await model_token(kube, namespace, spec)
     if m.catalog is not None:
-        built_in = catalog_facts(m.catalog, m.quant or "Q4_K_M")
-        url = catalog.catalog_url(m.catalog, m.quant or "Q4_K_M")
+        built_in = catalog_facts(m.catalog, m.quant or DEFAULT_QUANT)
+        if not catalog_header:
+            return LoadedFacts(built_in, built_in.file_bytes, "catalog")
+        url = catalog.catalog_url(m.catalog, m.quant or DEFAULT_QUANT)
         header, error = await (sources.headers or HEADERS).read(url, token)
         facts: ModelFacts | None = None
         if header is not None:
@@ -241,3 +248,37 @@ async def load_facts(
         sources.facts[key] = (facts, facts.file_bytes)
     facts, size = sources.facts[key]
     return LoadedFacts(facts, size, f"header: {mf.url}")
+
+
+# ---- the command line's model argument: a catalog name, a .gguf path or a URL ------------------------------
+
+
+def model_source(model: str, quant: str | None, *, local: bool = True) -> dict[str, Any]:
+    """spec.model for the model argument: a catalog entry (default quant Q4_K_M) or a URL.
+
+    A local .gguf file (``local``) has no spec source; it is written as a file on a volume, the
+    closest a ModelDeployment comes (placement reads no source: the CLI passes the file's facts).
+    """
+    if model.startswith(("http://", "https://")) or model.endswith(".gguf") or Path(model).is_file():
+        if quant is not None:
+            raise ValueError("argument --quant: applies to catalog models only; a .gguf file has its own")
+        if model.startswith(("http://", "https://")):
+            return {"url": model}
+        if local:
+            return {"pvc": {"claimName": "local", "path": Path(model).name}}
+    key = catalog.resolve_name(model)
+    if key is None:
+        files = "a .gguf file, a URL," if local else "an http(s) URL"
+        raise KeyError(f"{model!r} is neither {files} nor a catalog model ({', '.join(sorted(catalog.MODELS))})")
+    return {"catalog": key, "quant": catalog.normalize_quant(quant or DEFAULT_QUANT)}
+
+
+def load_model(model: str, quant: str | None) -> tuple[ModelFacts, str]:
+    """Facts and the path llama-server should load, for a catalog name, a .gguf path or a URL."""
+    source = model_source(model, quant)
+    if "catalog" in source:
+        name, q = source["catalog"], source["quant"]
+        return catalog.catalog_facts(name, q), "/models/" + catalog.MODELS[name].hf_file.format(quant=q)
+    facts = facts_from_header(read_gguf(model))
+    path = model if "pvc" in source else "/models/" + model.rsplit("/", 1)[-1].split("?")[0]
+    return facts, path

@@ -28,13 +28,10 @@ import yaml
 from . import catalog
 from .api import ModelDeploymentSpec
 from .cli_options import (
-    DEFAULT_QUANT,
     SPEC_OPTIONS,
     add_spec_options,
     checked,
     default,
-    load_model,
-    model_source,
     quant_arg,
     spec_words,
 )
@@ -42,6 +39,7 @@ from .nodes import PROFILES, NodeFacts, profile
 from .placement import Placement, place
 from .render import model_file
 from .sizing import PlanResult
+from .sources import DEFAULT_QUANT, load_model, model_source
 
 _DNS = re.compile(r"[^a-z0-9]+")
 
