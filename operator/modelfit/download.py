@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-# llama.cpp names split models "<prefix>-%05d-of-%05d.gguf" (see gguf_reader._SPLIT_RE).
+# llama.cpp names split models "<prefix>-%05d-of-%05d.gguf" (see gguf_header._SPLIT_RE).
 _FIRST_SHARD_NAME = re.compile(r"^(?P<prefix>.*)-00001-of-(?P<count>\d{5})\.gguf$")
 _FIRST_SHARD_URL = re.compile(r"^(?P<prefix>.*?)-00001-of-(?P<count>\d{5})\.gguf(?P<rest>[?#].*)?$")
 

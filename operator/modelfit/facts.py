@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .gguf_reader import GGUFHeader
+from .gguf_header import GGUFHeader
 
 _BLK_RE = re.compile(r"^blk\.(\d+)\.")
 
