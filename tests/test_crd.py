@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from modelfit import crd
-from modelfit.sizing import OWNED_FLAGS
+from modelfit.flags import OWNED_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,6 @@ DOWNLOADER_IMAGE = "docker.io/curlimages/curl:8.11.1"
 PORT = 8080
 CACHE_DIR = "/models"
 SOURCE_DIR = "/model-source"
-FIELD_MANAGER = "modelfit"
 HASH_ANNOTATION = "modelfit.io/plan-hash"
 APPLIED_ANNOTATION = "modelfit.io/applied-hash"
 APPLIED_PLAN_ANNOTATION = "modelfit.io/applied-plan"
@@ -561,8 +559,3 @@ def render(
     applied = digest(objs)
     deploy["metadata"]["annotations"] = {APPLIED_ANNOTATION: applied, APPLIED_PLAN_ANNOTATION: plan_hash}
     return Rendered(objs, absent, plan_hash, applied)
-
-
-def command_line(placement: Placement, spec: ModelDeploymentSpec) -> str:
-    assert placement.result is not None
-    return shlex.join(["llama-server", *placement.result.plan.args, *(spec.server_args or [])])

@@ -21,9 +21,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from .facts import ModelFacts
-from .flags import OWNED_FLAGS, render_args
+from .flags import render_args
 from .memory import (
-    GPU_DEVICE_OVERHEAD,
     KVType,
     LoadMode,
     MemoryBreakdown,
@@ -729,8 +728,6 @@ def plan(
 
 
 __all__ = [
-    "GPU_DEVICE_OVERHEAD",
-    "OWNED_FLAGS",
     "THP_ENV",
     "Plan",
     "PlanResult",
