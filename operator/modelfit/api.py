@@ -521,19 +521,31 @@ class ModelDeploymentSpec(_Model):
 
 # ---- status ------------------------------------------------------------------------------------
 
+ConditionType = Literal["Ready", "Planned", "Progressing", "Degraded", "Unschedulable"]
+ConditionStatus = Literal["True", "False", "Unknown"]
 
-class Condition(_Model):
+
+class _Status(_Model):
+    """The status is read back from the API server: a field another version of the operator writes is ignored,
+    not a reason to read the whole status as garbage."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Condition(_Status):
     """A condition of the ModelDeployment (metav1.Condition)."""
 
-    type: Literal["Ready", "Planned", "Progressing", "Degraded", "Unschedulable"] = Field(description="Condition type.")
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    type: ConditionType = Field(description="Condition type.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(max_length=1024, description="CamelCase reason.")
     message: str = Field(default="", max_length=32768, description="Human-readable details.")
     observed_generation: int | None = Field(default=None, ge=0, description="Spec generation this condition is about.")
     last_transition_time: str | None = Field(default=None, description="When the status last changed (RFC 3339).")
 
 
-class MemoryStatus(_Model):
+# A declared subset of memory.MemoryBreakdown (same names and types; tests/test_status.py holds it to that):
+# each is made from the other by model_validate(other.model_dump()). (Docstrings here are the CRD's descriptions.)
+class MemoryStatus(_Status):
     """Predicted memory of one llama-server process, in bytes."""
 
     weights_bytes: int = Field(default=0, description="Weights in host memory.")
@@ -556,7 +568,9 @@ class MemoryStatus(_Model):
     kv_cells_swa: int = Field(default=0, description="KV cells of sliding-window layers.")
 
 
-class PlanStatus(_Model):
+# Fields named as in sizing.Plan and sizing.PlanResult record those: a plan is copied in and out by name
+# (status.plan_status, status.placement_from_status).
+class PlanStatus(_Status):
     """The planner's output for the node class this ModelDeployment targets."""
 
     model: str = Field(default="", description="Model name (for printer columns).")
@@ -604,25 +618,28 @@ class PlanStatus(_Model):
     )
 
 
-class ModelDeploymentStatus(_Model):
+# A field left None is not written (dump): a planning failure, say, writes no endpoint and leaves the last one.
+class ModelDeploymentStatus(_Status):
     """What the operator planned and observed."""
-
-    model_config = ConfigDict(extra="ignore")
 
     plan: PlanStatus | None = Field(default=None, description="The current plan.")
     conditions: list[Condition] = Field(
         default_factory=list, description="Ready, Planned, Progressing, Degraded, Unschedulable."
     )
-    endpoint: str = Field(default="", description="In-cluster URL of the OpenAI-compatible API.")
-    replicas: int = Field(default=0, description="Pods of the current Deployment.")
-    ready_replicas: int = Field(default=0, description="Pods ready to serve.")
-    selector: str = Field(default="", description="Label selector of the pods (scale subresource).")
-    observed_generation: int = Field(default=0, description="Spec generation last reconciled.")
-    oom_kills: int = Field(default=0, description="OOM kills observed (each raises the memory headroom).")
+    endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI-compatible API.")
+    replicas: int | None = Field(default=None, description="Pods of the current Deployment.")
+    ready_replicas: int | None = Field(default=None, description="Pods ready to serve.")
+    selector: str | None = Field(default=None, description="Label selector of the pods (scale subresource).")
+    observed_generation: int | None = Field(default=None, description="Spec generation last reconciled.")
+    oom_kills: int | None = Field(default=None, description="OOM kills observed (each raises the memory headroom).")
     memory_override_rejected: int | None = Field(
         default=None,
         description="A spec.resources memory (bytes) that was OOM-killed; the plan's memory is used while it is set.",
     )
+
+    def dump(self) -> dict[str, Any]:
+        """The status as written to the API server: camelCase, JSON types, None fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 class ModelDeployment(_Model):
