@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from modelfit import catalog, occupancy
+from modelfit.api import Condition, ModelDeploymentStatus
 from modelfit.decide import (
     AVOID_SECONDS,
     MAX_RETRY_DELAY,
@@ -32,9 +33,10 @@ from modelfit.decide import (
 from modelfit.facts import ModelFacts
 from modelfit.nodes import NodeShape, node_facts_from_k8s, parse_node_shapes
 from modelfit.render import HASH_ANNOTATION
-from modelfit.status import Cond
+from modelfit.status import condition
 
 Obj = dict[str, Any]
+Cond = tuple[str, str, str]  # status, reason, message
 Builder = Callable[..., Obj]
 
 NOW = 1000.0  # the snapshot's monotonic clock
@@ -63,14 +65,14 @@ def snapshot(
     *,
     name: str = "qwen",
     generation: int = 1,
-    old: Obj | None = None,
+    old: ModelDeploymentStatus | None = None,
     pods: list[Obj] | None = None,
     others: list[Obj] | None = None,
     deploy: Obj | None = None,
     shapes: list[NodeShape] | None = None,
     avoid: dict[Any, float] | None = None,
     seen_generation: int | None = None,
-    missing: Cond | None = None,
+    missing: Condition | None = None,
     failures: int = 0,
 ) -> Snapshot:
     """What the shell gathers for a catalog model (planned from the catalog's facts, as in every unit test):
@@ -83,7 +85,7 @@ def snapshot(
     return Snapshot(
         meta=meta,
         spec=checked,
-        old=old or {},
+        old=old if old is not None else ModelDeploymentStatus(),
         loaded=LoadedFacts(facts, facts.file_bytes, "catalog (header unreachable: not read in unit tests)"),
         nodes=occupancy.node_facts(nodes, others or []),
         pods=pods or [],
@@ -99,7 +101,7 @@ def snapshot(
 
 
 def conds(decision: Decision) -> dict[str, Cond]:
-    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in decision.status["conditions"]}
+    return {c.type: (c.status, c.reason, c.message) for c in decision.status.conditions}
 
 
 def child(decision: Decision, kind: str) -> Obj:
@@ -123,7 +125,7 @@ def after(decision: Decision, make_pod: Builder, **pod: Any) -> Obj:
     """The next snapshot's ``old``, ``deploy`` and ``pods`` once this decision is applied: its pod runs Ready
     on its plan's node, or is the given pod (of the same template)."""
     deploy = deployment(decision, ready=0 if pod else 1)
-    node = decision.status["plan"]["nodeSelector"].get(HOST)
+    node = decision.status.plan.node_selector.get(HOST)
     p = (
         make_pod(template=template(deploy), **pod)
         if pod
@@ -190,7 +192,7 @@ def test_a_bad_spec_is_planned_false_with_its_reason(name: str, spec: Obj, needl
     meta = meta_of(name)
     checked = check_spec(meta, spec)
     assert isinstance(checked, tuple)
-    d = failure(meta, {}, *checked, "invalid", failures=3)
+    d = failure(meta, ModelDeploymentStatus(), *checked, "invalid", failures=3)
     c = conds(d)
     assert c["Planned"][:2] == ("False", "InvalidSpec") and needle in c["Planned"][2]
     assert c["Degraded"][:2] == ("True", "InvalidSpec") and c["Ready"][:2] == ("False", "NotPlanned")
@@ -219,21 +221,21 @@ def test_a_first_plan_applies_its_children_deployment_last(make_node: Builder) -
     d = decide(snapshot(SEED, [make_node("cpu-small"), make_node("cpu-large")]))
     assert [o["kind"] for o in d.apply] == ["Service", "Deployment"]  # the Deployment carries the applied hash
     assert {kind for _, kind, _ in d.delete} == {"PodDisruptionBudget", "HorizontalPodAutoscaler"}
-    plan = d.status["plan"]
-    assert (plan["backend"], plan["context"], plan["nodeClass"], plan["rollout"]) == (
+    plan = d.status.plan
+    assert (plan.backend, plan.context, plan.node_class, plan.rollout) == (
         "cpu",
         32768,
         "cpu-large",
         "Surge",
     )
-    assert plan["model"].startswith("Qwen3.5-0.8B") and plan["quant"] == "Q4_0" and plan["memoryRequest"].endswith("Mi")
-    assert plan["fits"] is True and plan["factsSource"].startswith("catalog")
+    assert plan.model.startswith("Qwen3.5-0.8B") and plan.quant == "Q4_0" and plan.memory_request.endswith("Mi")
+    assert plan.fits is True and plan.facts_source.startswith("catalog")
     container = child(d, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:2] == ["-m", "/models/Qwen3.5-0.8B-Q4_0.gguf"]
     assert [reason for reason, _ in d.events] == ["PlanChanged"] and "cpu on cpu-large" in d.events[0][1]
     c = conds(d)
     assert c["Planned"][:2] == ("True", "Planned") and c["Ready"][0] == "False" and c["Progressing"][1] == "RollingOut"
-    assert d.status["endpoint"] == "http://qwen.default.svc:8080" and d.status["observedGeneration"] == 1
+    assert d.status.endpoint == "http://qwen.default.svc:8080" and d.status.observed_generation == 1
     assert (d.result, d.requeue_after, d.replan_soon) == ("progressing", None, False)
 
 
@@ -254,21 +256,21 @@ def test_each_oom_kill_raises_the_headroom_a_step_up_to_one(make_node: Builder, 
     deploy, killed = deployment(d), []
     for round_, boost in enumerate([0.25, 0.5, 0.75, 1.0, 1.0], start=1):
         killed.append(make_pod(f"qwen-{round_}", node="cpu-large", template=template(deploy), oom_killed=True))
-        before = d.status["plan"]
+        before = d.status.plan
         d = decide(snapshot(SEED, nodes, old=d.status, deploy=deploy, pods=killed))
-        assert d.status["plan"]["headroomBoost"] == boost
-        assert d.status["oomKills"] == min(round_, int(1 / OOM_HEADROOM_STEP))
-        if boost > before.get("headroomBoost", 0.0):
-            assert d.status["plan"]["memoryRequestBytes"] > before["memoryRequestBytes"]
+        assert d.status.plan.headroom_boost == boost
+        assert d.status.oom_kills == min(round_, int(1 / OOM_HEADROOM_STEP))
+        if boost > before.headroom_boost:
+            assert d.status.plan.memory_request_bytes > before.memory_request_bytes
             assert [r for r, _ in d.events] == ["PlanChanged"]
             deploy = deployment(d)
         else:
-            assert d.status["plan"]["hash"] == before["hash"] and not d.apply and not d.events
+            assert d.status.plan.hash == before.hash and not d.apply and not d.events
             assert conds(d)["Degraded"][:2] == ("True", "OOMKilled")  # the same pods keep being killed: said so
     # the last plan's own pod runs: the killed pods of older templates count no more
     ok = make_pod("qwen-6", node="cpu-large", template=template(deploy), ready=True)
     d = decide(snapshot(SEED, nodes, old=d.status, deploy=deploy, pods=[*killed[:-1], ok]))
-    assert d.status["oomKills"] == 4 and conds(d)["Degraded"][1] == "AsExpected" and not d.apply
+    assert d.status.oom_kills == 4 and conds(d)["Degraded"][1] == "AsExpected" and not d.apply
 
 
 @pytest.mark.parametrize(
@@ -296,16 +298,16 @@ def test_a_tight_memory_override(
     if oom:
         first = d
         d = decide(snapshot(spec, nodes, **after(d, make_pod, node="cpu-large", oom_killed=True)))
-        assert d.status["oomKills"] == 1 and d.status["memoryOverrideRejected"] == 96 * 1024 * 1024
-        assert d.status["plan"]["headroomBoost"] == 0.0  # the plan was right; the override was not
-        assert d.status["plan"]["memoryRequestBytes"] == first.status["plan"]["memoryRequestBytes"]
+        assert d.status.oom_kills == 1 and d.status.memory_override_rejected == 96 * 1024 * 1024
+        assert d.status.plan.headroom_boost == 0.0  # the plan was right; the override was not
+        assert d.status.plan.memory_request_bytes == first.status.plan.memory_request_bytes
     limits = child(d, "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert limits["memory"] == (d.status["plan"]["resources"]["limits"]["memory"] if applied_limit == "plan" else limit)
+    assert limits["memory"] == (d.status.plan.resources["limits"]["memory"] if applied_limit == "plan" else limit)
     assert conds(d)["Planned"][1] == planned and needle in conds(d)["Planned"][2]
     if oom:  # the next reconcile keeps it dropped and counts the kill once
         again = decide(snapshot(spec, nodes, **after(d, make_pod)))
-        assert again.status["oomKills"] == 1 and not again.apply
-        assert again.status["memoryOverrideRejected"] == 96 * 1024 * 1024
+        assert again.status.oom_kills == 1 and not again.apply
+        assert again.status.memory_override_rejected == 96 * 1024 * 1024
 
 
 @pytest.mark.parametrize(
@@ -333,7 +335,7 @@ def test_pods_the_scheduler_refuses(
     avoid = {large: avoid_until} if avoid_until is not None else None
     if refused:
         first = decide(snapshot(spec, nodes))
-        assert first.status["plan"]["nodeClass"] == "cpu-large"
+        assert first.status.plan.node_class == "cpu-large"
         d = decide(
             snapshot(spec, nodes, avoid=avoid, **after(first, make_pod, unschedulable="0/2 nodes: Insufficient cpu"))
         )
@@ -341,7 +343,7 @@ def test_pods_the_scheduler_refuses(
         assert conds(d)["Unschedulable"] == ("True", "FailedScheduling", "0/2 nodes: Insufficient cpu")
     else:
         d = decide(snapshot(spec, nodes, avoid=avoid))
-    assert d.status["plan"]["nodeClass"] == node_class
+    assert d.status.plan.node_class == node_class
     assert d.avoid == ({large: avoided_until} if avoided_until is not None else {})
 
 
@@ -402,34 +404,34 @@ def test_keep_or_move_a_running_plan(
 ) -> None:
     """The first plan runs; then the nodes change (and the policy: a new policy is not a new plan)."""
     running = decide(snapshot(SMALL, [make_node(n) for n in first]))
-    assert running.status["plan"]["nodeClass"] == first[0]
+    assert running.status.plan.node_class == first[0]
     spec = {**SMALL, "rebalance": {"policy": policy}} if policy else SMALL
     pod = {"unschedulable": "0/2 nodes: Insufficient cpu"} if refused else {}
     d = decide(snapshot(spec, [make_node(n) for n in then], generation=2, **after(running, make_pod, **pod)))
-    plan = d.status["plan"]
+    plan = d.status.plan
     words = conds(d)["Planned"][2]
-    assert plan["nodeClass"] == node_class
+    assert plan.node_class == node_class
     if needle is None:  # no verdict to give: nothing to choose, or no choice left
         assert "kept:" not in words and "moved:" not in words, words
     else:
         assert needle in words
     if moved:
-        assert plan["hash"] != running.status["plan"]["hash"] and [r for r, _ in d.events] == ["PlanChanged"]
-        assert child(d, "Deployment")["spec"]["template"]["spec"]["nodeSelector"] == plan["nodeSelector"]
+        assert plan.hash != running.status.plan.hash and [r for r, _ in d.events] == ["PlanChanged"]
+        assert child(d, "Deployment")["spec"]["template"]["spec"]["nodeSelector"] == plan.node_selector
     else:
-        assert plan["hash"] == running.status["plan"]["hash"] and d.apply == [] and d.events == []
+        assert plan.hash == running.status.plan.hash and d.apply == [] and d.events == []
         assert d.result == "ready"
     if node_class == "gpu-24g":
-        assert plan["backend"] == "cuda" and plan["gpuLayers"] == plan["totalLayers"]
+        assert plan.backend == "cuda" and plan.gpu_layers == plan.total_layers
 
 
 def test_an_adapted_plan_moves_when_the_specs_own_terms_fit_again(make_node: Builder, make_pod: Builder) -> None:
     spec = {"model": {"catalog": "llama-3.1-8b", "quant": "Q4_K_M"}, "context": 131072, "adapt": True}
     mid = make_node("cpu-mid", "4", "8Gi")
     running = decide(snapshot(spec, [mid]))
-    assert conds(running)["Planned"][1] == "Adapted" and running.status["plan"]["context"] < 131072
+    assert conds(running)["Planned"][1] == "Adapted" and running.status.plan.context < 131072
     d = decide(snapshot(spec, [mid, make_node("cpu-large")], **after(running, make_pod)))
-    assert (d.status["plan"]["nodeClass"], d.status["plan"]["context"]) == ("cpu-large", 131072)
+    assert (d.status.plan.node_class, d.status.plan.context) == ("cpu-large", 131072)
     assert "moved: the spec's own terms fit again" in conds(d)["Planned"][2] and d.apply
 
 
@@ -440,17 +442,17 @@ def test_a_running_plan_pinned_to_a_node_shape_stays_while_its_pods_wait(make_no
     shapes = _shapes()
     nodes = [make_node("cpu-small")]
     d = decide(snapshot(BIG, nodes, shapes=shapes))
-    planned = d.status["plan"]["hash"]
+    planned = d.status.plan.hash
     pending = after(d, make_pod, unschedulable="0/1 nodes are available: 1 node(s) didn't match Pod's node selector")
     d = decide(snapshot(BIG, nodes, shapes=shapes, **pending))
-    assert d.status["plan"]["hash"] == planned and not d.apply
+    assert d.status.plan.hash == planned and not d.apply
     assert conds(d)["Planned"][1] == "WaitingForNode" and "node shape large" in conds(d)["Planned"][2]
     assert conds(d)["Unschedulable"][1] == "WaitingForNode" and "shape large" in conds(d)["Unschedulable"][2]
     nodes.append(make_node("ca-large-1", labels={SHAPE_LABEL: "large"}))
     for pods in (pending["pods"], [make_pod(node="ca-large-1", template=template(pending["deploy"]), ready=True)]):
         d = decide(snapshot(BIG, nodes, shapes=shapes, old=d.status, deploy=pending["deploy"], pods=pods))
-        assert d.status["plan"]["hash"] == planned and not d.apply
-        assert d.status["plan"]["nodeSelector"] == {SHAPE_LABEL: "large"}
+        assert d.status.plan.hash == planned and not d.apply
+        assert d.status.plan.node_selector == {SHAPE_LABEL: "large"}
     assert conds(d)["Planned"][0] == "True" and conds(d)["Unschedulable"][0] == "False"
     two = {**BIG, "replicas": 2}
     d = decide(snapshot(two, nodes, shapes=shapes, generation=2, old=d.status, deploy=pending["deploy"], pods=pods))
@@ -474,10 +476,10 @@ def test_scaling_is_not_a_new_plan(make_node: Builder, make_pod: Builder) -> Non
     running = decide(snapshot(spec, nodes))
     hpa = child(running, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "ModelDeployment"
-    assert any("autoscaling 1-3 replicas" in r for r in running.status["plan"]["reasons"])
+    assert any("autoscaling 1-3 replicas" in r for r in running.status.plan.reasons)
     d = decide(snapshot({**spec, "replicas": 2}, nodes, generation=2, **after(running, make_pod)))  # the HPA wrote it
     assert child(d, "Deployment")["spec"]["replicas"] == 2 and d.events == []  # no PlanChanged
-    assert d.status["plan"]["hash"] == running.status["plan"]["hash"]
+    assert d.status.plan.hash == running.status.plan.hash
 
 
 # ---- rollout: Surge or Replace ------------------------------------------------------------------------
@@ -502,8 +504,8 @@ def test_surge_when_there_is_room_else_replace(
     else:
         spec = {**SMALL, "context": context}
         d = decide(snapshot(spec, [make_node(n) for n in then], generation=2, **after(running, make_pod)))
-        assert d.status["plan"]["context"] == context and d.apply
-    assert d.status["plan"]["rollout"] == rollout
+        assert d.status.plan.context == context and d.apply
+    assert d.status.plan.rollout == rollout
     strategy = child(d, "Deployment")["spec"]["strategy"]["rollingUpdate"]
     assert strategy == (
         {"maxSurge": 1, "maxUnavailable": 0} if rollout == "Surge" else {"maxSurge": 0, "maxUnavailable": 1}
@@ -594,15 +596,15 @@ def test_waiting_for_a_node(
         c["Planned"][1] == planned and needle in c["Planned"][2] and c["Unschedulable"][:2] == ("True", unschedulable)
     )
     if selector is None:
-        assert d.apply == [] and d.status["plan"]["fits"] is False and d.result == "unschedulable"
+        assert d.apply == [] and d.status.plan.fits is False and d.result == "unschedulable"
         return
-    assert c["Planned"][0] == "True" and d.status["plan"]["nodeSelector"] == selector
+    assert c["Planned"][0] == "True" and d.status.plan.node_selector == selector
     assert child(d, "Deployment")["spec"]["template"]["spec"]["nodeSelector"] == selector
     assert d.result == "progressing" and d.requeue_after is None  # the scheduler places the pod when room frees
     # the next look, room freed or not yet: the plan stays
     pending = after(d, make_pod, unschedulable="0/1 nodes are available: Insufficient cpu")
     again = decide(snapshot(spec, nodes, shapes=_shapes() if shapes else None, **pending))
-    assert again.status["plan"]["hash"] == d.status["plan"]["hash"] and again.apply == []
+    assert again.status.plan.hash == d.status.plan.hash and again.apply == []
 
 
 def test_shapes_too_small_change_nothing(make_node: Builder) -> None:
@@ -611,11 +613,13 @@ def test_shapes_too_small_change_nothing(make_node: Builder) -> None:
 
 
 def test_a_missing_secret_is_degraded_and_logged_once(make_node: Builder) -> None:
-    missing = ("True", "SecretNotFound", "Secret llm-key not found")
+    missing = condition("Degraded", "True", "SecretNotFound", "Secret llm-key not found")
     nodes = [make_node("cpu-large")]
     spec = {**SEED, "apiKeySecretRef": {"name": "llm-key"}}
     d = decide(snapshot(spec, nodes, missing=missing))
-    assert conds(d)["Degraded"] == missing and child(d, "Deployment")  # the pods start once it exists
+    assert conds(d)["Degraded"] == ("True", "SecretNotFound", "Secret llm-key not found") and child(
+        d, "Deployment"
+    )  # the pods start once it exists
     assert (logging.WARNING, "SecretNotFound: Secret llm-key not found") in d.logs
     again = decide(snapshot(spec, nodes, old=d.status, missing=missing))
     assert not [line for level, line in again.logs if level >= logging.WARNING]
@@ -648,10 +652,17 @@ def test_when_to_come_back(make_node: Builder, case: str, failures: int, result:
     ours: those come back with backoff over the failures in a row; the rest waits for an event."""
     meta, nodes = meta_of(), [make_node("cpu-small")]
     if case == "model-unreadable":
-        d = failure(meta, {}, "ModelUnreadable", "cannot read the model: HTTP 503", "model_unreadable", failures)
+        d = failure(
+            meta,
+            ModelDeploymentStatus(),
+            "ModelUnreadable",
+            "cannot read the model: HTTP 503",
+            "model_unreadable",
+            failures,
+        )
         assert conds(d)["Planned"][:2] == ("False", "ModelUnreadable") and conds(d)["Degraded"][0] == "True"
     elif case == "invalid":
-        d = failure(meta, {}, "InvalidSpec", "spec is invalid", "invalid", failures)
+        d = failure(meta, ModelDeploymentStatus(), "InvalidSpec", "spec is invalid", "invalid", failures)
     else:
         spec = {
             "no-node-fits": BIG,

@@ -172,6 +172,18 @@ def test_own_pods_do_not_shrink_the_plan():
     assert again.get("plan", status["plan"])["context"] == status["plan"]["context"]
 
 
+def test_a_status_that_does_not_parse_is_read_as_empty_and_written_over(caplog):
+    """A hand-edited status (a condition of no known type, a count that is not a number) does not stop the
+    reconcile: the decision reads it as empty, the log says so, and the status written replaces it."""
+    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    garbage = {"oomKills": "many", "conditions": [{"type": "Bogus", "status": "True", "reason": "x"}]}
+    with caplog.at_level(logging.WARNING):
+        patch = go(md(SEED, status=garbage), k, st)
+    assert [r for r in caplog.records if "the status does not parse; read as empty" in r.getMessage()]
+    assert patch["oomKills"] == 0 and patch["plan"]["nodeClass"] == "cpu-large"
+    assert [c["type"] for c in patch["conditions"]] == ["Ready", "Planned", "Progressing", "Degraded", "Unschedulable"]
+
+
 def test_bad_spec_and_owned_flags_become_conditions():
     k, st = FakeKube([CPU_LARGE]), OperatorState()
     p = go(md({"model": {"url": "https://x/m.gguf"}, "context": "lots"}), k, st)

@@ -1,9 +1,10 @@
 """The operator's one decision for a ModelDeployment: a gathered snapshot -> what to write. Pure: no I/O.
 
-The shell (``handlers``) gathers a ``Snapshot`` -- the object, its model facts, the nodes with what every
-pod on them requests, our pods and Deployment, what the cluster serves -- and calls ``decide``. The
-``Decision`` says which children to apply and delete, which events to post, what to log and the whole new
-status; the shell applies it and writes the status in one place.
+The shell (``reconciler``) gathers a ``Snapshot`` -- the object, its status as read, its model facts, the nodes
+with what every pod on them requests, our pods and Deployment, what the cluster serves -- and calls ``decide``.
+The ``Decision`` says which children to apply and delete, which events to post, what to log and the whole new
+status (typed: ``api.ModelDeploymentStatus``, its conditions one setter each in ``status``); the shell applies it
+and writes the status in one place.
 
 Rules decided here:
 
@@ -31,7 +32,7 @@ from typing import Any, NamedTuple
 from pydantic import ValidationError
 
 from . import api
-from .api import ModelDeploymentSpec, Rebalance
+from .api import Condition, ModelDeploymentSpec, ModelDeploymentStatus, PlanStatus, Rebalance
 from .facts import ModelFacts
 from .nodes import NodeFacts, NodeShape, parse_quantity
 from .occupancy import requests_of
@@ -52,16 +53,21 @@ from .render import (
     selector_string,
 )
 from .status import (
-    Cond,
+    Room,
     api_failure_conditions,
-    apply_conditions,
-    get_condition,
+    find_condition,
+    merge_conditions,
     placement_from_status,
     plan_message,
     plan_status,
     planning_failure_conditions,
     pod_signals,
-    workload_conditions,
+    set_degraded,
+    set_planned,
+    set_progressing,
+    set_ready,
+    set_unschedulable,
+    workload,
 )
 
 OOM_HEADROOM_STEP = 0.25
@@ -70,7 +76,16 @@ RETRY_BASE = 10.0  # seconds before the first retry; doubled for each failure in
 MAX_RETRY_DELAY = 300.0
 RETRY_RESULTS = frozenset({"model_unreadable", "unschedulable"})  # the results that come back on their own
 # What makes two plans the same workload for the Always policy (threads and the prompt cache are minor knobs).
-_SHAPE = ("nodeSelector", "backend", "gpuLayers", "context", "kvCacheType", "parallel", "loadMode", "headroomBoost")
+_SHAPE = (
+    "node_selector",
+    "backend",
+    "gpu_layers",
+    "context",
+    "kv_cache_type",
+    "parallel",
+    "load_mode",
+    "headroom_boost",
+)
 
 AvoidKey = tuple[tuple[str, str], ...]
 Log = tuple[int, str]
@@ -89,7 +104,7 @@ class Snapshot:
 
     meta: dict[str, Any]
     spec: ModelDeploymentSpec
-    old: dict[str, Any]  # the status as read
+    old: ModelDeploymentStatus  # the status as read (parsed by the shell; empty when it did not parse)
     loaded: LoadedFacts
     nodes: list[NodeFacts]  # with what every other pod requests taken off; our own pods' requests count as free
     pods: list[dict[str, Any]]  # the pods of this ModelDeployment
@@ -100,7 +115,7 @@ class Snapshot:
     empty: list[NodeFacts] = field(default_factory=list)  # the usable nodes as if no pod ran on them
     avoid: dict[AvoidKey, float] = field(default_factory=dict)  # node classes avoided until (monotonic)
     seen_generation: int | None = None  # the Deployment's generation as last applied or seen (None: first look)
-    missing: Cond | None = None  # a Secret, key or PVC the pods need and that does not exist
+    missing: Condition | None = None  # Degraded: a Secret, key or PVC the pods need and that does not exist
     hpa_metric: str = HPA_METRIC
     failures: int = 0  # reconciles in a row that asked to come back (the shell's count, for the backoff)
 
@@ -114,7 +129,7 @@ class Decision:
     ``failure(failures=)``), adds one when ``requeue_after`` is set and starts again from 0 when it is None.
     """
 
-    status: dict[str, Any]
+    status: ModelDeploymentStatus  # the whole new status (the shell dumps it once: ``ModelDeploymentStatus.dump``)
     result: str  # for the reconcile metric: ready, progressing, unschedulable, invalid, model_unreadable
     apply: list[dict[str, Any]] = field(default_factory=list)
     delete: list[tuple[str, str, str]] = field(default_factory=list)
@@ -122,7 +137,7 @@ class Decision:
     logs: list[Log] = field(default_factory=list)
     avoid: dict[AvoidKey, float] = field(default_factory=dict)
     replan_soon: bool = False  # pods wait for the scheduler: look again on fresh node facts next tick
-    planned: Cond | None = None  # the Planned condition to keep when applying fails
+    planned: Condition | None = None  # the Planned condition to keep when applying fails
     seen_generation: int | None = None
     requeue_after: float | None = None
 
@@ -141,38 +156,48 @@ def retry_after(result: str, failures: int) -> float | None:
 # ---- the first steps: a spec that can be planned ----------------------------------------------------
 
 
-def base_status(meta: dict[str, Any]) -> dict[str, Any]:
-    return {"observedGeneration": meta.get("generation"), "selector": selector_string(str(meta.get("name")))}
+def base_status(meta: dict[str, Any]) -> ModelDeploymentStatus:
+    return ModelDeploymentStatus(
+        observed_generation=meta.get("generation"), selector=selector_string(str(meta.get("name")))
+    )
 
 
-def reported(old: dict[str, Any], reason: str, message: str) -> bool:
+def reported(old: ModelDeploymentStatus, reason: str, message: str) -> bool:
     """Whether the status already says Planned=False for this reason and message: a resync that reaches the
     same verdict logs it at debug (it was logged once, when it was reported)."""
-    c = get_condition(list(old.get("conditions") or []), "Planned") or {}
-    return c.get("status") == "False" and c.get("reason") == reason and c.get("message") == message
+    c = find_condition(old.conditions, "Planned")
+    return c is not None and (c.status, c.reason, c.message) == ("False", reason, message)
 
 
 def failure(
-    meta: dict[str, Any], old: dict[str, Any], reason: str, message: str, result: str, failures: int = 0
+    meta: dict[str, Any], old: ModelDeploymentStatus, reason: str, message: str, result: str, failures: int = 0
 ) -> Decision:
     """No plan to run: the Planned=False conditions and nothing to apply (``failures``: see ``Decision``)."""
     new = base_status(meta)
-    new["conditions"] = apply_conditions(
-        list(old.get("conditions") or []), planning_failure_conditions(reason, message), meta.get("generation")
+    new.conditions = merge_conditions(
+        old.conditions, planning_failure_conditions(reason, message), meta.get("generation")
     )
     level = logging.DEBUG if reported(old, reason, message) else logging.WARNING
     return Decision(new, result, logs=[(level, f"{reason}: {message}")], requeue_after=retry_after(result, failures))
 
 
 def api_failure(
-    meta: dict[str, Any], old: dict[str, Any], new: dict[str, Any], reason: str, message: str, planned: Cond | None
-) -> dict[str, Any]:
-    """The status when the API server refused (or could not take) a read or a write."""
+    meta: dict[str, Any],
+    old: ModelDeploymentStatus,
+    decided: Decision | None,
+    reason: str,
+    message: str,
+) -> ModelDeploymentStatus:
+    """The status when the API server refused (or could not take) a read or a write: what the decision (if any)
+    planned and counted, its Planned condition, and the failure in the others."""
+    out = base_status(meta)
     values = api_failure_conditions(reason, message)
-    if planned is not None:
-        values["Planned"] = planned
-    out = {**base_status(meta), **new}
-    out["conditions"] = apply_conditions(list(old.get("conditions") or []), values, meta.get("generation"))
+    if decided is not None:
+        st = decided.status
+        out.plan, out.oom_kills, out.memory_override_rejected = st.plan, st.oom_kills, st.memory_override_rejected
+        if decided.planned is not None:
+            values.append(decided.planned)
+    out.conditions = merge_conditions(old.conditions, values, meta.get("generation"))
     return out
 
 
@@ -241,16 +266,14 @@ def _limit_bytes(placement: Placement) -> int:
 def react(snap: Snapshot) -> _Reaction:
     """Place, then answer what the pods say: OOM kills and pods the scheduler refuses."""
     old, spec = snap.old, snap.spec
-    boost = float((old.get("plan") or {}).get("headroomBoost") or 0.0)
+    boost = old.plan.headroom_boost if old.plan is not None else 0.0
     override = memory_override_bytes(spec)
-    rejected = old.get("memoryOverrideRejected")
+    rejected = old.memory_override_rejected
     override_failed = override is not None and rejected == override
     avoid = {k: t for k, t in snap.avoid.items() if t > snap.now}
     placement = _place(snap, boost, avoid)
     sig = pod_signals(snap.pods, template_hash(snap.deploy))
-    out = _Reaction(
-        placement, boost, int(old.get("oomKills") or 0), rejected, override_failed, avoid, bool(sig.unschedulable), []
-    )
+    out = _Reaction(placement, boost, old.oom_kills or 0, rejected, override_failed, avoid, bool(sig.unschedulable), [])
     if not placement.fits or placement.result is None:
         return out
     honour = memory_override_verdict(placement, spec, override_failed) is None
@@ -276,46 +299,54 @@ def react(snap: Snapshot) -> _Reaction:
 # ---- no churn -------------------------------------------------------------------------------------
 
 
-def materially_better(old: dict[str, Any], new: dict[str, Any], min_improvement: int) -> str | None:
+def materially_better(old: PlanStatus, new: PlanStatus, min_improvement: int) -> str | None:
     """Why the new plan is worth a move (see ``api.Rebalance``), or None."""
 
-    def gpu_share(p: dict[str, Any]) -> float:
-        total = int(p.get("totalLayers") or 0)
-        return 100.0 * int(p.get("gpuLayers") or 0) / total if p.get("backend") != "cpu" and total else 0.0
+    def gpu_share(p: PlanStatus) -> float:
+        total = p.total_layers
+        return 100.0 * p.gpu_layers / total if p.backend != "cpu" and total else 0.0
 
-    if old.get("adapted") and not new.get("adapted"):
+    if old.adapted and not new.adapted:
         return "the spec's own terms fit again (the running plan was adapted)"
     gain = gpu_share(new) - gpu_share(old)
     if gain >= min_improvement:
         return f"GPU share {gpu_share(old):.0f}% -> {gpu_share(new):.0f}%"
-    old_ctx, new_ctx = int(old.get("context") or 0), int(new.get("context") or 0)
-    if old_ctx and new_ctx >= old_ctx * (1 + min_improvement / 100):
-        return f"context {old_ctx} -> {new_ctx}"
+    if old.context and new.context >= old.context * (1 + min_improvement / 100):
+        return f"context {old.context} -> {new.context}"
     return None
 
 
-def keep_running(snap: Snapshot, r: _Reaction, new_plan: dict[str, Any], pinned: bool) -> tuple[bool, str]:
-    """Keep the applied plan instead of the new one? And the words for it (see ``api.Rebalance``)."""
-    old, spec = snap.old, snap.spec
-    old_plan: dict[str, Any] = old.get("plan") or {}
+def _may_keep(snap: Snapshot, r: _Reaction, old_plan: PlanStatus, pinned: bool) -> bool:
+    """Is the applied plan still one to run: applied, made for this spec, memory override and headroom, and its
+    pods can run (or wait for a node shape they are pinned to)?"""
     annotations = ((snap.deploy or {}).get("metadata") or {}).get("annotations") or {}
     applied_plan = annotations.get(APPLIED_PLAN_ANNOTATION) or annotations.get(APPLIED_ANNOTATION)
-    if not (old_plan.get("hash") and old_plan.get("fits") and applied_plan == old_plan.get("hash")):
-        return False, ""
+    if not (old_plan.hash and old_plan.fits and applied_plan == old_plan.hash):
+        return False
     same_spec = (
-        old_plan.get("specHash") == spec_hash(spec)
-        if old_plan.get("specHash")
-        else old.get("observedGeneration") == snap.meta.get("generation")
+        old_plan.spec_hash == spec_hash(snap.spec)
+        if old_plan.spec_hash
+        else snap.old.observed_generation == snap.meta.get("generation")
     )
-    same_override = old.get("memoryOverrideRejected") == r.rejected
-    boost_same = float(old_plan.get("headroomBoost") or 0.0) == r.boost
-    selector = old_plan.get("nodeSelector") or {}
-    present = any(all(n.labels.get(k) == v for k, v in selector.items()) for n in snap.nodes)
-    if not (same_spec and same_override and boost_same) or (not pinned and (r.unschedulable or not present)):
-        return False, ""  # a new spec, an OOM kill, pods that cannot run, or their node class is gone
-    if all(old_plan.get(k) == new_plan.get(k) for k in _SHAPE):
+    same_override = snap.old.memory_override_rejected == r.rejected
+    present = any(all(n.labels.get(k) == v for k, v in old_plan.node_selector.items()) for n in snap.nodes)
+    # a new spec, an OOM kill, pods that cannot run, or their node class is gone
+    return (
+        same_spec
+        and same_override
+        and old_plan.headroom_boost == r.boost
+        and (pinned or not (r.unschedulable or not present))
+    )
+
+
+def keep_running(snap: Snapshot, r: _Reaction, new_plan: PlanStatus, pinned: bool) -> tuple[bool, str]:
+    """Keep the applied plan instead of the new one? And the words for it (see ``api.Rebalance``)."""
+    old_plan = snap.old.plan
+    if old_plan is None or not _may_keep(snap, r, old_plan, pinned):
+        return False, ""
+    if all(getattr(old_plan, k) == getattr(new_plan, k) for k in _SHAPE):
         return True, ""  # the same workload; minor knobs (threads, prompt cache) do not roll the pods
-    rebalance = spec.rebalance or Rebalance()
+    rebalance = snap.spec.rebalance or Rebalance()
     if rebalance.policy == "Always":
         return False, ""
     if rebalance.policy == "Never":
@@ -330,15 +361,15 @@ def keep_running(snap: Snapshot, r: _Reaction, new_plan: dict[str, Any], pinned:
 
 def surge_fits(snap: Snapshot, placement: Placement) -> bool:
     """Room for the new pod beside a running one? Always when the pods move to another node class."""
-    old_plan: dict[str, Any] = snap.old.get("plan") or {}
+    old_plan = snap.old.plan
     running = [p for p in snap.pods if (p.get("status") or {}).get("phase") == "Running"]
     node, res = placement.node, placement.result
-    if not running or node is None or res is None or old_plan.get("nodeSelector") != placement.selector:
+    if not running or node is None or res is None or old_plan is None or old_plan.node_selector != placement.selector:
         return True
     if node.count > len(running):
         return True  # a member of the class without our pod takes the new one
-    old_mem = int(old_plan.get("memoryRequestBytes") or 0)
-    both = requests_of(old_plan.get("resources")) + requests_of(res.resources.model_dump())
+    old_mem = old_plan.memory_request_bytes
+    both = requests_of(old_plan.resources) + requests_of(res.resources.model_dump())
     mem_ok = node.memory_bytes is None or node.memory_bytes >= old_mem + res.memory_request_bytes
     return mem_ok and node.cpu_millis >= both.cpu_millis and node.gpus >= both.gpus
 
@@ -363,51 +394,75 @@ def replicas_that_fit(snap: Snapshot, placement: Placement, requests: dict[str, 
     return room, nodes
 
 
-def _capacity(snap: Snapshot, placement: Placement, rendered: Rendered, desired: int, values: dict[str, Cond]) -> None:
-    """Say before the scheduler does when the present nodes hold fewer replicas than wanted."""
+def _room(snap: Snapshot, placement: Placement, rendered: Rendered) -> Room:
+    """The replicas the present nodes of the plan's class hold, with the rendered pod's requests."""
     deploy = rendered.by_kind("Deployment") or {}
     containers = ((deploy.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or [{}]
     requests = dict((containers[0].get("resources") or {}).get("requests") or {})
     room, nodes = replicas_that_fit(snap, placement, requests)
-    if desired <= room or values["Unschedulable"][0] == "True" or not nodes:
-        return
-    where = ", ".join(f"{k}={v}" for k, v in sorted(placement.selector.items()))
-    values["Unschedulable"] = (
-        "True",
-        "InsufficientCapacity",
-        f"{desired} replicas wanted, the {nodes} present node(s) of {where} hold {room}; the others stay pending "
-        "(a cluster autoscaler can add a node)",
-    )
+    return Room(room, nodes, placement.selector)
 
 
 # ---- the decision ---------------------------------------------------------------------------------
 
 
-def _unplaced(snap: Snapshot, r: _Reaction, new: dict[str, Any], logs: list[Log]) -> Decision:
+def _facts_logs(snap: Snapshot, r: _Reaction) -> list[Log]:
+    """Where the model facts come from, said when that changes (with how the header differs from the catalog)."""
+    if (snap.old.plan.facts_source if snap.old.plan is not None else None) == snap.loaded.source:
+        return []
+    # An unplaced model records no plan, hence no facts source: say it once, with its verdict.
+    again = not r.placement.fits and reported(snap.old, r.placement.reason, r.placement.message)
+    logs = [(logging.DEBUG if again else logging.INFO, f"model facts from {snap.loaded.source}")]
+    if snap.loaded.mismatch:
+        logs.append((logging.DEBUG if again else logging.WARNING, snap.loaded.mismatch))
+    return logs
+
+
+def _unplaced(snap: Snapshot, r: _Reaction, logs: list[Log]) -> Decision:
     """No node fits: Planned=False with the closest plan, nothing applied."""
     placement = r.placement
     out = failure(snap.meta, snap.old, placement.reason, placement.message, "unschedulable", snap.failures)
     if placement.result is not None:
         plan = plan_status(placement, snap.loaded.facts, snap.loaded.size, "", r.boost)
-        out.status["plan"] = {**plan, "factsSource": snap.loaded.source}
-    out.status.update({k: v for k, v in new.items() if k not in out.status})
+        plan.facts_source = snap.loaded.source
+        out.status.plan = plan
+    out.status.oom_kills, out.status.memory_override_rejected = r.oom_kills, r.rejected
     out.logs[:0], out.avoid = logs, r.avoid
     return out
 
 
+def _keep_or_move(snap: Snapshot, r: _Reaction) -> tuple[Placement, bool, str]:
+    """The placement to run -- the applied plan kept as it is, or the new one -- whether it is kept, and why."""
+    old_plan = snap.old.plan
+    fresh = plan_status(r.placement, snap.loaded.facts, snap.loaded.size, "", r.boost)
+    pinned = (
+        old_plan is not None
+        and bool(old_plan.node_selector)
+        and any(s.labels == old_plan.node_selector for s in snap.shapes)
+    )
+    keep, why = keep_running(snap, r, fresh, pinned)
+    if not keep or old_plan is None:
+        return r.placement, False, why
+    placement = placement_from_status(old_plan)
+    if r.placement.reason == WAITING_FOR_NODE and r.placement.selector == placement.selector:
+        # still waiting for a node of its class: say so, not "Planned" (the kept plan's own words)
+        placement = replace(placement, reason=WAITING_FOR_NODE, message=r.placement.message)
+    return placement, True, why
+
+
 def _plan_record(
     snap: Snapshot, r: _Reaction, placement: Placement, rendered_hash: str, keep: bool, surge: bool
-) -> dict[str, Any]:
+) -> PlanStatus:
     """status.plan: the kept plan as it was, or the new one with its rollout; the autoscaling target."""
-    spec, old_plan = snap.spec, snap.old.get("plan") or {}
+    spec, old_plan = snap.spec, snap.old.plan
     assert placement.result is not None
-    if keep:
-        plan = {**old_plan, "hash": rendered_hash}
+    if keep and old_plan is not None:
+        plan = old_plan.model_copy(update={"hash": rendered_hash})
     else:
         plan = plan_status(placement, snap.loaded.facts, snap.loaded.size, rendered_hash, r.boost)
-        plan["rollout"] = "Surge" if surge else "Replace"
-    plan["specHash"] = spec_hash(spec)
-    plan["factsSource"] = snap.loaded.source
+        plan.rollout = "Surge" if surge else "Replace"
+    plan.spec_hash = spec_hash(spec)
+    plan.facts_source = snap.loaded.source
     if spec.autoscaling is not None:
         a, parallel = spec.autoscaling, placement.result.plan.parallel
         target = hpa_target_milli(parallel, a.target_utilization) / 1000
@@ -415,18 +470,8 @@ def _plan_record(
             f"autoscaling {a.min_replicas}-{a.max_replicas} replicas: HPA on {snap.hpa_metric} (requests in flight "
             f"plus deferred per pod), target {target:g} = parallel {parallel} x {a.target_utilization}%"
         )
-        plan["reasons"] = [*[x for x in plan.get("reasons") or [] if not x.startswith("autoscaling ")], line]
+        plan.reasons = [*[x for x in plan.reasons if not x.startswith("autoscaling ")], line]
     return plan
-
-
-def _planned(placement: Placement, why: str, verdict: str | None) -> Cond:
-    assert placement.result is not None
-    message = placement.message
-    if placement.result.warnings:
-        message += f"; {'; '.join(placement.result.warnings)}"
-    if why:
-        message += f"; {why}"
-    return ("True", "MemoryOverrideIgnored", verdict) if verdict is not None else ("True", placement.reason, message)
 
 
 def _changes(snap: Snapshot, placement: Placement, rendered: Rendered, decision: Decision) -> None:
@@ -454,7 +499,7 @@ def _changes(snap: Snapshot, placement: Placement, rendered: Rendered, decision:
     # hash and the next reconcile applies everything again (no missing Service after a restart).
     decision.delete = list(rendered.absent)
     decision.apply = sorted(rendered.objects, key=lambda o: o["kind"] == "Deployment")
-    if (snap.old.get("plan") or {}).get("hash") != rendered.hash:
+    if snap.old.plan is None or snap.old.plan.hash != rendered.hash:
         assert placement.result is not None
         p = placement.result.plan
         what = (
@@ -465,58 +510,56 @@ def _changes(snap: Snapshot, placement: Placement, rendered: Rendered, decision:
         decision.logs.append((logging.INFO, f"plan applied: {what}"))
 
 
-def _workload(
-    snap: Snapshot, placement: Placement, rendered: Rendered, plan: dict[str, Any], decision: Decision
-) -> dict[str, Cond]:
-    """Ready, Progressing, Degraded and Unschedulable from the Deployment and pods, in the plan's words."""
+def _conditions(
+    snap: Snapshot, placement: Placement, rendered: Rendered, planned: Condition, decision: Decision
+) -> list[Condition]:
+    """Every condition of a planned ModelDeployment, one setter each (as Cluster API's ``updateStatus``), from
+    what the shell gathered: the Deployment and pods, the references that do not exist, node shapes and nodes."""
     desired = desired_replicas(snap.spec)
-    values = workload_conditions(snap.deploy, snap.pods, desired, template_hash(rendered.by_kind("Deployment")))
-    shape = next((s for s in snap.shapes if plan.get("nodeSelector") and s.labels == plan["nodeSelector"]), None)
-    if shape is not None and values["Unschedulable"][0] == "True":
-        values["Unschedulable"] = (
-            "True",
-            WAITING_FOR_NODE,
-            f"pods wait for a node of shape {shape.name} (a cluster autoscaler can add one): "
-            f"{values['Unschedulable'][2]}",
-        )
-    elif placement.reason == WAITING_FOR_NODE:
-        values["Unschedulable"] = ("True", WAITING_FOR_NODE, placement.message)
-    else:
-        _capacity(snap, placement, rendered, desired, values)
-    if snap.missing is not None:
-        values["Degraded"] = snap.missing
-        was = get_condition(list(snap.old.get("conditions") or []), "Degraded") or {}
-        if (was.get("reason"), was.get("message")) != snap.missing[1:]:
-            decision.logs.append((logging.WARNING, f"{snap.missing[1]}: {snap.missing[2]}"))
-    return values
+    w = workload(snap.deploy, snap.pods, desired, template_hash(rendered.by_kind("Deployment")))
+    selector = decision.status.plan.node_selector if decision.status.plan is not None else {}
+    shape = next((s.name for s in snap.shapes if selector and s.labels == selector), None)
+    missing = snap.missing
+    if missing is not None:
+        was = find_condition(snap.old.conditions, "Degraded")
+        if was is None or (was.reason, was.message) != (missing.reason, missing.message):
+            decision.logs.append((logging.WARNING, f"{missing.reason}: {missing.message}"))
+    return [
+        planned,
+        set_ready(w),
+        set_progressing(w),
+        set_degraded(w, missing),
+        set_unschedulable(
+            w,
+            shape=shape,
+            waiting=placement.message if placement.reason == WAITING_FOR_NODE else None,
+            room=_room(snap, placement, rendered),
+        ),
+    ]
+
+
+def _observed(snap: Snapshot, decision: Decision) -> None:
+    """What the Deployment reports, where the model is served, and the result for the metric."""
+    st, deployed = decision.status, (snap.deploy or {}).get("status") or {}
+    st.replicas = int(deployed.get("replicas") or 0)
+    st.ready_replicas = int(deployed.get("readyReplicas") or 0)
+    port = snap.spec.service.port if snap.spec.service else api.ServiceSpec().port
+    st.endpoint = f"http://{snap.meta.get('name')}.{snap.meta.get('namespace')}.svc:{port}"
+    ready = find_condition(st.conditions, "Ready")
+    decision.result = "ready" if ready is not None and ready.status == "True" else "progressing"
 
 
 def decide(snap: Snapshot) -> Decision:
     """Plan, choose between keeping and moving, render the children and compute the status."""
-    meta, spec, old = snap.meta, snap.spec, snap.old
+    meta, spec = snap.meta, snap.spec
     r = react(snap)
-    logs = list(r.logs)
-    old_plan: dict[str, Any] = old.get("plan") or {}
-    new: dict[str, Any] = {**base_status(meta), "oomKills": r.oom_kills}
-    if r.rejected is not None:
-        new["memoryOverrideRejected"] = r.rejected
-    if old_plan.get("factsSource") != snap.loaded.source:
-        # An unplaced model records no plan, hence no facts source: say it once, with its verdict.
-        again = not r.placement.fits and reported(old, r.placement.reason, r.placement.message)
-        logs.append((logging.DEBUG if again else logging.INFO, f"model facts from {snap.loaded.source}"))
-        if snap.loaded.mismatch:
-            logs.append((logging.DEBUG if again else logging.WARNING, snap.loaded.mismatch))
+    logs = [*r.logs, *_facts_logs(snap, r)]
     if not r.placement.fits or r.placement.result is None:
-        return _unplaced(snap, r, new, logs)
+        return _unplaced(snap, r, logs)
 
-    fresh = plan_status(r.placement, snap.loaded.facts, snap.loaded.size, "", r.boost)
-    pinned = bool(old_plan.get("nodeSelector")) and any(s.labels == old_plan["nodeSelector"] for s in snap.shapes)
-    keep, why = keep_running(snap, r, fresh, pinned)
-    placement = placement_from_status(old_plan) if keep else r.placement
-    if keep and r.placement.reason == WAITING_FOR_NODE and r.placement.selector == placement.selector:
-        # still waiting for a node of its class: say so, not "Planned" (the kept plan's own words)
-        placement = replace(placement, reason=WAITING_FOR_NODE, message=r.placement.message)
-    surge = old_plan.get("rollout") == "Surge" if keep else surge_fits(snap, placement)
+    placement, keep, why = _keep_or_move(snap, r)
+    old_rollout = snap.old.plan.rollout if snap.old.plan is not None else None
+    surge = old_rollout == "Surge" if keep else surge_fits(snap, placement)
     verdict = memory_override_verdict(placement, spec, r.override_failed)
     rendered = render(
         meta,
@@ -528,19 +571,15 @@ def decide(snap: Snapshot) -> Decision:
         surge=surge,
         hpa_metric=snap.hpa_metric,
     )
-    new["plan"] = plan = _plan_record(snap, r, placement, rendered.hash, keep, surge)
-    planned = _planned(placement, why, verdict)
+    new = base_status(meta)
+    new.oom_kills, new.memory_override_rejected = r.oom_kills, r.rejected
+    new.plan = _plan_record(snap, r, placement, rendered.hash, keep, surge)
+    planned = set_planned(placement, why, verdict)
     decision = Decision(new, "progressing", logs=logs, avoid=r.avoid, replan_soon=r.unschedulable, planned=planned)
     _changes(snap, placement, rendered, decision)
-    values = _workload(snap, placement, rendered, plan, decision)
-    values["Planned"] = planned
-    new["conditions"] = apply_conditions(list(old.get("conditions") or []), values, meta.get("generation"))
-    dst = (snap.deploy or {}).get("status") or {}
-    new["replicas"] = int(dst.get("replicas") or 0)
-    new["readyReplicas"] = int(dst.get("readyReplicas") or 0)
-    port = spec.service.port if spec.service else api.ServiceSpec().port
-    new["endpoint"] = f"http://{meta.get('name')}.{meta.get('namespace')}.svc:{port}"
-    decision.result = "ready" if values["Ready"][0] == "True" else "progressing"
+    conditions = _conditions(snap, placement, rendered, planned, decision)
+    new.conditions = merge_conditions(snap.old.conditions, conditions, meta.get("generation"))
+    _observed(snap, decision)
     return decision
 
 

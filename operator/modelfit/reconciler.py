@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import api, metrics
 from .api import ModelDeploymentSpec
 from .decide import Decision, LoadedFacts, Snapshot, api_failure, check_spec, decide, failure, retry_delay
@@ -36,7 +38,7 @@ from .nodes import NodeShape
 from .occupancy import Reservation
 from .render import HPA_METRIC, MD_LABEL, POD_MONITOR_API_VERSION, model_file, selector_string
 from .sources import Sources, load_facts, secret_problem
-from .status import Cond
+from .status import condition
 
 RESYNC_TICK = 5.0  # seconds between resync checks
 RESYNC_DEBOUNCE = 1.0  # after a pod or Deployment event wakes the resync loop, gather more events this long
@@ -64,7 +66,7 @@ class _Seen:
     deploy_generation: int | None = None  # metadata.generation of the Deployment as we last applied or saw it
     # The plan status of our last reconcile and the generation it was for: the body a reconcile gets can lag
     # behind it (the resync loop works on the last watched body; our own status write may not be back yet).
-    plan: dict[str, Any] | None = None
+    plan: api.PlanStatus | None = None
     plan_generation: Any = None
 
 
@@ -242,7 +244,7 @@ async def write_status(
         logger.debug(f"not writing the status: the object is gone ({exc})")  # deleted meanwhile, as kopf ignores it
 
 
-async def _missing_reference(kube: Kube, ns: str, spec: ModelDeploymentSpec) -> Cond | None:
+async def _missing_reference(kube: Kube, ns: str, spec: ModelDeploymentSpec) -> api.Condition | None:
     """A Secret, Secret key or PVC the pods need and that does not exist, as a Degraded condition.
 
     The pods are created anyway (they start once it exists); an answer other than found/not found (no RBAC
@@ -262,7 +264,8 @@ async def _missing_reference(kube: Kube, ns: str, spec: ModelDeploymentSpec) -> 
                 return problem
         pvc = spec.model.pvc
         if pvc is not None and await kube.get(path_for("v1", "PersistentVolumeClaim", ns, pvc.claim_name)) is None:
-            return (
+            return condition(
+                "Degraded",
                 "True",
                 "PvcNotFound",
                 f"PersistentVolumeClaim {pvc.claim_name} (spec.model.pvc) does not exist in namespace {ns}; "
@@ -282,7 +285,13 @@ class _ApiFailed(Exception):
 
 
 async def _gather(
-    body: dict[str, Any], spec: ModelDeploymentSpec, loaded: LoadedFacts, kube: Kube, state: OperatorState, seen: _Seen
+    body: dict[str, Any],
+    old: api.ModelDeploymentStatus,
+    spec: ModelDeploymentSpec,
+    loaded: LoadedFacts,
+    kube: Kube,
+    state: OperatorState,
+    seen: _Seen,
 ) -> Snapshot:
     """Everything ``decide`` reads: node facts (what every other pod requests), our pods and Deployment."""
     meta = body.get("metadata") or {}
@@ -302,14 +311,14 @@ async def _gather(
         raise _ApiFailed(exc, f"reading Deployment {name}", write=False) from exc
     pod_monitors = await pod_monitors_served(kube, state)
     missing = await _missing_reference(kube, ns, spec)
-    old = dict(body.get("status") or {})
     gen = meta.get("generation")
     if (
         seen.plan is not None
         and seen.plan_generation == gen
-        and (old.get("plan") or {}).get("hash") != seen.plan.get("hash")
+        and (old.plan.hash if old.plan is not None else None) != seen.plan.hash
     ):
-        old = {**old, "plan": seen.plan, "observedGeneration": gen}  # our own last word; the body lags behind it
+        # our own last word; the body lags behind it
+        old = old.model_copy(update={"plan": seen.plan, "observed_generation": gen})
     # No await from here to the reservation after decide(): a reconcile that places next sees these pods.
     return Snapshot(
         meta=meta,
@@ -346,7 +355,7 @@ async def _apply(kube: Kube, ns: str, decision: Decision, seen: _Seen, deploy_ex
             raise _ApiFailed(exc, f"{obj['kind']} {obj['metadata']['name']}", write=True) from exc
         if obj["kind"] == "Deployment":
             seen.deploy_generation = (out.get("metadata") or {}).get("generation")
-            decision.status["replicas"] = int(((out.get("status") or {}).get("replicas")) or 0)
+            decision.status.replicas = int(((out.get("status") or {}).get("replicas")) or 0)
 
 
 async def _reconcile(
@@ -360,10 +369,11 @@ async def _reconcile(
     (with the result for the metric, and when to look again)."""
     meta = body.get("metadata") or {}
     ns = str(meta.get("namespace"))
-    old: dict[str, Any] = dict(body.get("status") or {})
+    old: dict[str, Any] = dict(body.get("status") or {})  # as written: the patch is what differs from it
+    read = _read_status(old, logger)  # as the core reads it
     checked = check_spec(meta, body.get("spec") or {})
     if isinstance(checked, tuple):
-        return _finish(logger, old, failure(meta, old, *checked, "invalid"))
+        return _finish(logger, old, failure(meta, read, *checked, "invalid"))
     spec = checked
     try:
         loaded = await load_facts(spec, state.sources, kube, ns)
@@ -374,16 +384,16 @@ async def _reconcile(
         return _finish(
             logger,
             old,
-            failure(meta, old, "ModelUnreadable", f"cannot read the model: {msg}", "model_unreadable", seen.failures),
+            failure(meta, read, "ModelUnreadable", f"cannot read the model: {msg}", "model_unreadable", seen.failures),
         )
     decision: Decision | None = None
     try:
-        snap = await _gather(body, spec, loaded, kube, state, seen)
+        snap = await _gather(body, read, spec, loaded, kube, state, seen)
         metrics.track_node_facts_age(state.snapshot.age)
         decision = decide(snap)
         _reserve(state, snap, decision)
-        plan = decision.status.get("plan") or {}
-        seen.plan, seen.plan_generation = (plan if plan.get("fits") else None), meta.get("generation")
+        plan = decision.status.plan
+        seen.plan, seen.plan_generation = (plan if plan is not None and plan.fits else None), meta.get("generation")
         _log(logger, decision.logs)
         seen.avoid, seen.deploy_generation = decision.avoid, decision.seen_generation
         if decision.replan_soon:
@@ -401,13 +411,7 @@ async def _reconcile(
         reason = "ApiUnavailable" if transient else "ApplyFailed" if failed.write else "ApiError"
         message = f"{failed}" + ("; retrying" if transient else "")
         logger.warning(f"{reason}: {message}")
-        carried: dict[str, Any] = {
-            k: decision.status[k]
-            for k in ("plan", "oomKills", "memoryOverrideRejected")
-            if decision and k in decision.status
-        }
-        status = api_failure(meta, old, carried, reason, message, decision.planned if decision else None)
-        patch = _status_patch(old, status)
+        patch = _status_patch(old, api_failure(meta, read, decision, reason, message).dump())
         if transient:
             raise ApiRetry(f"{reason}: {message}", patch) from None
         return patch, "api_error", None
@@ -415,12 +419,23 @@ async def _reconcile(
         if reason == "PlanChanged":
             metrics.PLAN_CHANGES.inc()  # lost in the move to decide.py: modelfit_plan_changes_total stayed 0
         await _post_event(kube, body, reason, message)
-    plan = decision.status.get("plan") or {}
-    if plan:
-        metrics.PLANNED_MEMORY.labels(namespace=ns, name=str(meta.get("name"))).set(
-            int(plan.get("memoryRequestBytes") or 0)
-        )
-    return _status_patch(old, decision.status), decision.result, decision.requeue_after
+    plan = decision.status.plan
+    if plan is not None:
+        metrics.PLANNED_MEMORY.labels(namespace=ns, name=str(meta.get("name"))).set(plan.memory_request_bytes)
+    return _status_patch(old, decision.status.dump()), decision.result, decision.requeue_after
+
+
+def _read_status(
+    raw: dict[str, Any], logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
+) -> api.ModelDeploymentStatus:
+    """The status as ``decide`` reads it; one that does not parse (a hand edit, say) is read as empty, and the
+    status written over it."""
+    try:
+        return api.ModelDeploymentStatus.model_validate(raw)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        logger.warning(f"the status does not parse; read as empty: {errors}")
+        return api.ModelDeploymentStatus()
 
 
 def _reserve(state: OperatorState, snap: Snapshot, decision: Decision) -> None:
@@ -440,7 +455,7 @@ def _finish(
 ) -> tuple[dict[str, Any], str, float | None]:
     """A decision with nothing to apply (the spec or the model cannot be planned)."""
     _log(logger, decision.logs)
-    return _status_patch(old, decision.status), decision.result, decision.requeue_after
+    return _status_patch(old, decision.status.dump()), decision.result, decision.requeue_after
 
 
 async def _post_event(kube: Kube, body: dict[str, Any], reason: str, message: str) -> None:

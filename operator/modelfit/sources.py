@@ -28,7 +28,7 @@ from .facts import ModelFacts, facts_from_header
 from .gguf_reader import GGUFError, GGUFHeader, read_gguf
 from .kube import Kube, KubeError, path_for
 from .render import model_file
-from .status import Cond
+from .status import condition
 
 DEFAULT_QUANT = "Q4_K_M"  # a catalog model named without a quant (the command line): the usual size/quality balance
 HEADER_TIMEOUT = 5.0  # seconds per HTTP request of a catalog file's header read
@@ -130,12 +130,19 @@ SOURCES = Sources()
 
 def secret_problem(
     secret: dict[str, Any] | None, ref: api.SecretKeyRef | api.TokenSecretRef, where: str, ns: str, what: str
-) -> Cond | None:
+) -> api.Condition | None:
     """A missing Secret or key as a Degraded condition: ``what`` cannot happen until it exists."""
     if secret is None:
-        return ("True", "SecretNotFound", f"Secret {ref.name} ({where}) does not exist in namespace {ns}; {what}")
+        return condition(
+            "Degraded",
+            "True",
+            "SecretNotFound",
+            f"Secret {ref.name} ({where}) does not exist in namespace {ns}; {what}",
+        )
     if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
-        return ("True", "SecretKeyNotFound", f"Secret {ref.name} ({where}) has no key {ref.key}; {what}")
+        return condition(
+            "Degraded", "True", "SecretKeyNotFound", f"Secret {ref.name} ({where}) has no key {ref.key}; {what}"
+        )
     return None
 
 
@@ -153,7 +160,7 @@ async def model_token(kube: Kube | None, ns: str | None, spec: ModelDeploymentSp
         return None, f"cannot read Secret {ref.name} ({where}): {exc}"
     problem = secret_problem(secret, ref, where, ns, "the model is read without a token")
     if problem is not None or secret is None:
-        return None, problem[2] if problem else ""
+        return None, problem.message if problem else ""
     data = secret.get("data") or {}
     try:
         if ref.key in data:
