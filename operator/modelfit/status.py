@@ -42,6 +42,8 @@ def now_iso() -> str:
 
 
 def condition(type_: ConditionType, status: ConditionStatus, reason: str, message: str = "") -> Condition:
+    """A condition as a setter says it (``merge_conditions`` adds its generation and transition time), its
+    message cut to metav1.Condition's limit."""
     return Condition(type=type_, status=status, reason=reason, message=message[:MESSAGE_MAX])
 
 
