@@ -24,25 +24,65 @@ if [[ "${1:-up}" == "down" ]]; then
 fi
 
 T0=$(date +%s)
+# How long the one-time builds take on a fresh 2-core machine of this kind (measured; see the README).
+K8S_USUAL="15-20 minutes"  # k8s 967 s, etcd 64 s, kwok 191 s measured beside other builds
+LLAMA_USUAL="11-19 minutes"  # 658 s alone, 1123 s beside other builds
 say() { printf '\n==> [%ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
 
-say "Debian packages (only the missing ones; the real node needs root)"
-bash scripts/install-deps.sh || echo "continuing without them: no real node"
+# long WHAT USUAL LOG CMD...: a long build, run with a line every 30 s saying how long it has run, how long it
+# usually takes on a 2-core machine, and how far it is (ninja's [n/m] or the build's last log line). Cached
+# builds return at once and say so.
+long() {
+  local what=$1 usual=$2 log=$3; shift 3
+  mkdir -p "$(dirname "$log")"
+  "$@" >"$log" 2>&1 &
+  local pid=$! start=$SECONDS next=$((SECONDS + 30))
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if ((SECONDS >= next)); then
+      next=$((SECONDS + 30))
+      local where
+      where=$(grep -ho '^\[[0-9]*/[0-9]*\]' "$log" "${LONG_PROGRESS:-/dev/null}" 2>/dev/null | tail -1 || true)
+      [[ -n "$where" ]] && where="step ${where//[\[\]]/} of the compile" || where=$(tail -1 "$log" | cut -c1-100)
+      printf '    %s: %ss so far (usually %s on 2 cores, once; cached after): %s\n' \
+        "$what" "$((SECONDS - start))" "$usual" "$where"
+    fi
+  done
+  if ! wait "$pid"; then
+    tail -30 "$log"
+    return 1
+  fi
+  if ((SECONDS - start < 5)); then echo "    $what: cached"; else echo "    $what: done in $((SECONDS - start))s"; fi
+}
 
 say "python package"
 if ! python3 -c "import modelfit.handlers" 2>/dev/null; then
   python3 -m pip install -q -e .
 fi
 
-say "control plane binaries (built once from Go modules, cached in $MODELFIT_CACHE)"
-bash e2e/build.sh k8s etcd kwok
+say "the seed case, planned before any cluster exists (modelfit plan reads the model's shape, no weights)"
+python3 -m modelfit.cli plan qwen3.5-0.8b --quant q4_0 --node cpu --context 262144
+say "the same seed, as the operator will plan it (modelfit plan -f examples/qwen3.5-0.8b-q4_0-cpu.yaml)"
+python3 -m modelfit.cli plan -f examples/qwen3.5-0.8b-q4_0-cpu.yaml --node cpu-small --node cpu-large
+echo
+echo "Next, once per machine: Kubernetes and llama.cpp are compiled from source (nothing prebuilt can be"
+echo "downloaded here), about 30 minutes on 2 cores in all; every later run reuses the cache in $MODELFIT_CACHE."
+
+say "Debian packages (only the missing ones; the real node needs root)"
+bash scripts/install-deps.sh || echo "continuing without them: no real node"
+
+LOGS="$MODELFIT_CACHE/logs"
+say "control plane binaries (etcd, kube-apiserver, controller-manager, scheduler, kubelet, kwok from Go modules)"
+long "Kubernetes, etcd and kwok" "$K8S_USUAL" "$LOGS/build-k8s.log" bash e2e/build.sh k8s etcd kwok
 source e2e/env.sh
 REAL=0
 if [[ $(id -u) == 0 ]] && command -v containerd >/dev/null && command -v runc >/dev/null; then REAL=1; fi
 if ((REAL)); then
-  say "llama-server and the node's images (built once, cached)"
-  bash scripts/build-llama-server.sh >/dev/null
-  bash e2e/images.sh "$MODELFIT_CACHE/images" pause curl llama
+  say "llama-server (llama.cpp's CPU build, the binary the memory model is calibrated on) and the node's images"
+  LONG_PROGRESS="$MODELFIT_CACHE/llama/11434.0.0/build.log" \
+    long "llama.cpp" "$LLAMA_USUAL" "$LOGS/build-llama.log" bash scripts/build-llama-server.sh
+  long "node images (pause, curl, llama-server)" "1 minute" "$LOGS/images.log" \
+    bash e2e/images.sh "$MODELFIT_CACHE/images" pause curl llama
 else
   echo "no real node here (needs root, containerd and runc: apt-get install containerd runc containernetworking-plugins umoci skopeo busybox-static)"
 fi
