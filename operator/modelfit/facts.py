@@ -14,9 +14,14 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .gguf_header import GGUFHeader
+from .gguf_header import ArraySummary, GGUFError, GGUFHeader
 
 _BLK_RE = re.compile(r"^blk\.(\d+)\.")
+# A header comes from anywhere: every number read from it is checked (a GGUFError naming the key), so a hostile
+# one costs a condition, not the operator. llama.cpp reads counts and sizes as uint32 and refuses more than
+# LLAMA_MAX_LAYERS (512) blocks; 4096 leaves it room to grow and keeps a header's layers to a few MB.
+MAX_LAYERS = 4096
+_UINT32 = 1 << 32
 
 # Architectures whose every layer is recurrent (no KV cache).
 RECURRENT_ARCHS = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"}
@@ -164,15 +169,48 @@ class ModelFacts(BaseModel):
         return any(lf.swa for lf in self.layers)
 
 
-def _per_layer(value: Any, n: int, default: int) -> list[int]:
+def _count(value: Any, where: str, default: int = 0) -> int:
+    """A count or size from the header (``where``: its key): a uint32, as llama.cpp reads it."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GGUFError(f"{where} is of type {type(value).__name__}, not an integer")
+    if not 0 <= value < _UINT32:
+        raise GGUFError(f"{where} = {value} is out of range (a uint32)")
+    return value
+
+
+def _length(value: Any, where: str) -> int:
+    """How many items an array key holds (0 when absent)."""
+    if value is None:
+        return 0
+    if not isinstance(value, list | ArraySummary):
+        raise GGUFError(f"{where} is of type {type(value).__name__}, not an array")
+    return len(value)
+
+
+def _blocks(header: GGUFHeader, n_layer_all: int, n_layer: int, arch: str) -> None:
+    """The tensors agree with block_count: none past it, and every trunk block has some (llama.cpp loads them)."""
+    if n_layer_all > MAX_LAYERS:
+        raise GGUFError(f"{arch}.block_count = {n_layer_all}: more than {MAX_LAYERS} layers")
+    top = max((b for b in (layer_of(t.name) for t in header.tensors) if b is not None), default=-1)
+    if top >= n_layer_all:
+        raise GGUFError(f"tensor blk.{top}.* is past {arch}.block_count = {n_layer_all}")
+    if n_layer > top + 1:
+        raise GGUFError(f"{arch}.block_count = {n_layer_all} but the tensors stop at block {top}")
+
+
+def _per_layer(value: Any, n: int, default: int, where: str = "") -> list[int]:
     if value is None:
         return [default] * n
+    if isinstance(value, ArraySummary) or (isinstance(value, list) and len(value) > MAX_LAYERS):
+        raise GGUFError(f"{where} is an array of {len(value)} items, too long for per-layer values")
     if isinstance(value, list):
-        vals = [int(v) for v in value]
+        vals = [_count(v, f"{where} item") for v in value]
         if len(vals) < n:
             vals += [vals[-1] if vals else default] * (n - len(vals))
         return vals[:n]
-    return [int(value)] * n
+    return [_count(value, where)] * n
 
 
 def build_layers(
@@ -251,16 +289,23 @@ class _Attention(NamedTuple):
     head_v: int
 
 
-def _attention(key: Callable[..., Any], n_layer_all: int, n_embd: int) -> _Attention:
+def _attention(key: Callable[..., Any], n_layer_all: int, n_embd: int, arch: str) -> _Attention:
     """Heads, KV heads and FFN width per layer (scalars or per-layer arrays in GGUF), and head sizes."""
-    heads = _per_layer(key("attention.head_count"), n_layer_all, 0)
-    heads_kv = _per_layer(key("attention.head_count_kv"), n_layer_all, 0)
+
+    def per_layer(suffix: str) -> list[int]:
+        return _per_layer(key(suffix), n_layer_all, 0, f"{arch}.{suffix}")
+
+    def num(suffix: str) -> int:
+        return _count(key(suffix), f"{arch}.{suffix}")
+
+    heads = per_layer("attention.head_count")
+    heads_kv = per_layer("attention.head_count_kv")
     if key("attention.head_count_kv") is None:
         heads_kv = list(heads)
-    n_ff = _per_layer(key("feed_forward_length"), n_layer_all, 0)
+    n_ff = per_layer("feed_forward_length")
     n_head_max = max(heads, default=0)
-    head_k = int(key("attention.key_length", 0) or (n_embd // n_head_max if n_head_max else 0))
-    head_v = int(key("attention.value_length", 0) or head_k)
+    head_k = num("attention.key_length") or (n_embd // n_head_max if n_head_max else 0)
+    head_v = num("attention.value_length") or head_k
     return _Attention(heads, heads_kv, n_ff, head_k, head_v)
 
 
@@ -269,12 +314,16 @@ def _sliding_window(key: Callable[..., Any], arch: str) -> tuple[int, int | list
     raw = key("attention.sliding_window_pattern")
     pattern: int | list[bool] | None
     if isinstance(raw, list):
+        if len(raw) > MAX_LAYERS:
+            raise GGUFError(f"{arch}.attention.sliding_window_pattern has {len(raw)} items, more than {MAX_LAYERS}")
         pattern = [bool(x) for x in raw]
+    elif isinstance(raw, bool):
+        pattern = int(raw)
     else:
-        pattern = int(raw) if raw is not None else None
-    n_swa = int(key("attention.sliding_window", 0) or 0)
+        pattern = _count(raw, f"{arch}.attention.sliding_window_pattern") if raw is not None else None
+    n_swa = _count(key("attention.sliding_window"), f"{arch}.attention.sliding_window")
     if arch == "llama4":
-        n_swa = int(key("attention.chunk_size", n_swa) or 0)
+        n_swa = _count(key("attention.chunk_size"), f"{arch}.attention.chunk_size", n_swa)
     return n_swa, pattern
 
 
@@ -289,21 +338,26 @@ def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts
     def key(suffix: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{suffix}", default)
 
-    n_layer_all = int(key("block_count", 0) or 0)
+    def num(suffix: str) -> int:
+        return _count(key(suffix), f"{arch}.{suffix}")
+
+    if not isinstance(meta.get("general.architecture", ""), str):
+        raise GGUFError(f"general.architecture is of type {type(meta['general.architecture']).__name__}, not a string")
+    n_layer_all = num("block_count")
     if n_layer_all <= 0:
         blocks = [t for t in (layer_of(x.name) for x in header.tensors) if t is not None]
         n_layer_all = max(blocks) + 1 if blocks else 0
         warnings.append(f"{arch}.block_count missing; counted {n_layer_all} blocks from tensor names")
-    n_layer = max(n_layer_all - int(key("nextn_predict_layers", 0) or 0), 0)
+    n_layer = max(n_layer_all - num("nextn_predict_layers"), 0)
+    _blocks(header, n_layer_all, n_layer, arch)
     token_embd = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
-    n_embd = int(key("embedding_length", 0) or 0)
-    if n_embd <= 0 and token_embd is not None:
-        n_embd = int(token_embd.shape[0])
-    att = _attention(key, n_layer_all, n_embd)
-    tokens = meta.get("tokenizer.ggml.tokens")
-    n_vocab = int(key("vocab_size", 0) or (len(tokens) if tokens is not None else 0))
+    n_embd = num("embedding_length")
+    if n_embd <= 0 and token_embd is not None and token_embd.shape:
+        n_embd = _count(token_embd.shape[0], "token_embd.weight's first dimension")
+    att = _attention(key, n_layer_all, n_embd, arch)
+    n_vocab = num("vocab_size") or _length(meta.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")
     if n_vocab <= 0 and token_embd is not None and len(token_embd.shape) > 1:
-        n_vocab = int(token_embd.shape[1])
+        n_vocab = _count(token_embd.shape[1], "token_embd.weight's second dimension")
     tied = "output.weight" not in {t.name for t in header.tensors}
     n_swa, swa_pattern = _sliding_window(key, arch)
     rec_layers = key("attention.recurrent_layers")
@@ -318,14 +372,14 @@ def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts
         att.head_v,
         n_swa=n_swa,
         swa_pattern=swa_pattern,
-        full_attention_interval=key("full_attention_interval"),
+        full_attention_interval=num("full_attention_interval") or None,
         recurrent_layers=[bool(x) for x in rec_layers] if isinstance(rec_layers, list) else None,
     )
     ssm = SSMFacts(
-        d_conv=int(key("ssm.conv_kernel", 0) or 0),
-        d_inner=int(key("ssm.inner_size", 0) or 0),
-        d_state=int(key("ssm.state_size", 0) or 0),
-        n_group=int(key("ssm.group_count", 0) or 0),
+        d_conv=num("ssm.conv_kernel"),
+        d_inner=num("ssm.inner_size"),
+        d_state=num("ssm.state_size"),
+        n_group=num("ssm.group_count"),
     )
     ftype = meta.get("general.file_type")
     return ModelFacts(
@@ -342,13 +396,13 @@ def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts
         head_dim_v=att.head_v,
         n_ff=max(att.n_ff, default=0),
         n_vocab=n_vocab,
-        context_length=int(key("context_length", 0) or 4096),
+        context_length=num("context_length") or 4096,
         tied_embeddings=tied,
         n_swa=n_swa if any(lf.swa for lf in layers) else 0,
-        n_expert=int(key("expert_count", 0) or 0),
-        n_expert_used=int(key("expert_used_count", 0) or 0),
-        n_ff_exp=int(key("expert_feed_forward_length", 0) or 0),
-        n_merges=len(meta.get("tokenizer.ggml.merges") or []),
+        n_expert=num("expert_count"),
+        n_expert_used=num("expert_used_count"),
+        n_ff_exp=num("expert_feed_forward_length"),
+        n_merges=_length(meta.get("tokenizer.ggml.merges"), "tokenizer.ggml.merges"),
         tokenizer=str(meta.get("tokenizer.ggml.model", "")),
         ssm=ssm,
         layers=layers,
@@ -363,9 +417,10 @@ def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts
 def _ftype_name(ftype: Any) -> str | None:
     if ftype is None:
         return None
+    number = _count(ftype, "general.file_type")
     try:
         from gguf import LlamaFileType
 
-        return LlamaFileType(int(ftype)).name.replace("MOSTLY_", "").replace("ALL_", "")
+        return LlamaFileType(number).name.replace("MOSTLY_", "").replace("ALL_", "")
     except ValueError:
         return str(ftype)

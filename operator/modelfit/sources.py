@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
+import http.client
 import re
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from . import api, catalog
 from .api import ModelDeploymentSpec
 from .decide import LoadedFacts
 from .facts import ModelFacts, facts_from_header
-from .gguf_reader import GGUFError, GGUFHeader, read_gguf
+from .gguf_reader import READ_DEADLINE, GGUFError, GGUFHeader, read_gguf
 from .kube import Kube, KubeError, path_for
 from .render import model_file
 from .status import condition
@@ -34,6 +35,8 @@ DEFAULT_QUANT = "Q4_K_M"  # a catalog model named without a quant (the command l
 HEADER_TIMEOUT = 5.0  # seconds per HTTP request of a catalog file's header read
 HEADER_WAIT = 8.0  # the longest a reconcile waits for one (a DNS lookup is not bounded by the socket timeout)
 HEADER_RETRY = 600.0  # a failed read is tried again after this long (at once when the token changes)
+READ_WORKERS = 8  # url/huggingFace header reads at once: a read holds ~2 chunks (MAX_CHUNK), so ~50 MiB in all
+READ_GRACE = 5.0  # a reconcile waits READ_DEADLINE plus this for a read (a DNS lookup is not bounded by it)
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what an HTTP header value and curl's config accept
 
 
@@ -48,7 +51,7 @@ Reader = Callable[[str, dict[str, str] | None, float], GGUFHeader]
 
 
 def _read_header(url: str, headers: dict[str, str] | None, timeout: float) -> GGUFHeader:
-    return read_gguf(url, headers, timeout)
+    return read_gguf(url, headers, timeout, READ_DEADLINE)
 
 
 class HeaderReads:
@@ -177,6 +180,32 @@ async def model_token(kube: Kube | None, ns: str | None, spec: ModelDeploymentSp
 
 catalog_facts = functools.lru_cache(maxsize=256)(catalog.catalog_facts)  # pure, and 10% of a burst's CPU
 
+_READS = concurrent.futures.ThreadPoolExecutor(max_workers=READ_WORKERS, thread_name_prefix="modelfit-read")
+
+
+def _usable(where: str, work: Callable[[], ModelFacts]) -> ModelFacts:
+    """``work`` (a header read, its facts) with every failure a GGUFError: a hostile header ends as a
+    condition, never as an exception the reconciler does not expect (facts check what they read; this is
+    the shell's last line, for MemoryError and the like)."""
+    try:
+        return work()
+    except GGUFError:
+        raise
+    except http.client.HTTPException as exc:
+        raise GGUFError(f"{where}: not an HTTP answer ({type(exc).__name__}: {exc})"[:500]) from exc
+    except Exception as exc:  # whatever a header makes of the parser, the operator goes on
+        raise GGUFError(f"{where}: header not usable ({type(exc).__name__}: {exc})"[:500]) from exc
+
+
+async def _off_the_loop(where: str, work: Callable[[], ModelFacts]) -> ModelFacts:
+    """``work`` in a worker thread, so a large or hostile header never holds the event loop. The read's own
+    deadline stops the thread; the wait here only bounds what that deadline cannot (a DNS lookup)."""
+    fut = asyncio.get_running_loop().run_in_executor(_READS, _usable, where, work)
+    try:
+        return await asyncio.wait_for(fut, READ_DEADLINE + READ_GRACE)
+    except TimeoutError as exc:
+        raise GGUFError(f"{where}: no header within {READ_DEADLINE + READ_GRACE:g} s") from exc
+
 
 async def load_facts(
     spec: ModelDeploymentSpec,
@@ -215,10 +244,10 @@ async def load_facts(
                 if cached is not None and cached[0] is header and cached[1] == built_in.name:
                     facts = cached[2]  # the same header read: the same facts object (and its remembered estimates)
                 else:
-                    facts = facts_from_header(header, name=built_in.name)
+                    facts = await _off_the_loop(url, functools.partial(facts_from_header, header, built_in.name))
                     sources.header_facts[url] = (header, built_in.name, facts)
-            except (ValueError, TypeError, KeyError, IndexError) as exc:
-                error = f"{url}: header not usable ({type(exc).__name__}: {exc})"
+            except GGUFError as exc:
+                error = f"{url}: header not usable ({exc})"
         if facts is None:
             why = error + (f"; {token_note}" if token_note else "")
             return LoadedFacts(built_in, built_in.file_bytes, f"catalog (header unreachable: {why})")
@@ -242,8 +271,12 @@ async def load_facts(
     key = (mf.url, m.sha256)
     if key not in sources.facts:
         headers = {"Authorization": f"Bearer {token}"} if token else None
+        url = mf.url
         try:
-            header = await asyncio.to_thread(read_gguf, mf.url, headers)
+            # one deadline for the whole read (each socket operation waits at most what is left of it)
+            facts = await _off_the_loop(
+                url, lambda: facts_from_header(read_gguf(url, headers, READ_DEADLINE, READ_DEADLINE))
+            )
         except GGUFError as exc:
             note = token_note
             if not note and token is None and re.search(r": HTTP 40[13]\b", str(exc)):
@@ -251,7 +284,6 @@ async def load_facts(
             if note:
                 raise GGUFError(f"{exc}; {note}") from exc
             raise
-        facts = facts_from_header(header)
         sources.facts[key] = (facts, facts.file_bytes)
     facts, size = sources.facts[key]
     return LoadedFacts(facts, size, f"header: {mf.url}")
