@@ -3,6 +3,8 @@
 Every spec is either refused by the API server (schema, CEL) with a clear message, or accepted and
 reported in a condition within seconds; the operator keeps running, logs no traceback, and does not
 loop on any of them. Every CLI invocation is one line naming the option, never a traceback.
+Hostile GGUF headers (tests/hostile_gguf.py's corpus, and a server that drips a byte a second) are each a
+ModelUnreadable condition, and ModelDeployments applied among them are planned meanwhile (their latency printed).
 
 Run with ``-s`` to see the results table (case -> outcome).
 """
@@ -104,6 +106,37 @@ ONE_SOURCE = "exactly one of catalog, url, huggingFace or pvc must be set"
 OWNED = "serverArgs must not contain flags the plan owns"
 NAME_LONG = "metadata.name must be at most 63 characters"
 NAME_DNS = "metadata.name must be a DNS-1035 label"
+
+
+def _load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+HOSTILE: dict[str, tuple[bytes, str]] = _load("_hostile_gguf", REPO / "tests" / "hostile_gguf.py").CORPUS
+MEANWHILE = 3  # normal models applied right after the hostile headers, to time their plans
+
+
+def _hostile_cases() -> list[Any]:
+    """The dripping server first (it holds a read for the whole deadline), then each crafted header, then
+    normal models whose plans must not wait for any of them."""
+    out = [
+        case(
+            "url-drips",
+            Condition("Planned", "False", "ModelUnreadable", "deadline"),
+            model={"url": f"{FILES}/drip.gguf"},
+        )
+    ]
+    for name, (_, says) in sorted(HOSTILE.items()):
+        text = re.sub(r"\\(.)", r"\1", says)  # the corpus' regexes as plain text
+        cond = Condition("Planned", "False", "ModelUnreadable", text)
+        out.append(case(f"hostile-{name}", cond, model={"url": f"{FILES}/hostile/{name}.gguf"}))
+    planned = Condition("Planned", "True", "Planned", "cpu on", own_node=True)
+    return out + [case(f"meanwhile-{i}", planned, context=4096) for i in range(MEANWHILE)]
+
 
 # (name, manifest, expectation)
 CASES = [
@@ -214,6 +247,7 @@ CASES = [
          context=4096, model={**QWEN, "sha256": "0" * 64}),
     # -- the boundary: 63 characters make a valid label
     case("name-63-chars", Condition("Planned", "True", "Planned", "cpu on", own_node=True), meta_name="m" * 63, context=4096),
+    *_hostile_cases(),
 ]  # fmt: skip
 
 RESULTS: dict[str, str] = {}
@@ -223,17 +257,36 @@ RESULTS: dict[str, str] = {}
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
-    """A file server on 127.0.0.1: an error page, a 404, a 500 and a truncated GGUF header."""
+    """A file server on 127.0.0.1: an error page, a 404, a 500, a truncated GGUF header, the hostile headers
+    (whole files: this server ignores Range) and one that drips a byte a second."""
 
     bodies = {
         "/error-page.gguf": b"<html><body>Sign in to continue</body></html>\n" * 50,
         "/truncated.gguf": b"GGUF\x03\x00\x00\x00" + (5).to_bytes(8, "little") + (2).to_bytes(8, "little") + b"\x01",
+        **{f"/hostile/{name}.gguf": data for name, (data, _) in HOSTILE.items()},
     }
+    stop = threading.Event()
+
+    def _drip(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        for i in range(120):  # each byte within any socket timeout; the reader's deadline ends it
+            if self.stop.wait(1.0 if i else 0.0):
+                return
+            try:
+                self.wfile.write(b"GGUF\x03"[i : i + 1] or b"\0")
+                self.wfile.flush()
+            except OSError:
+                return
 
     def _answer(self, with_body: bool) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/broken.gguf":
             self.send_error(500, "backend exploded")
+            return
+        if path == "/drip.gguf" and with_body:
+            self._drip()
             return
         body = self.bodies.get(path)
         if body is None:
@@ -243,7 +296,10 @@ class _Files(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if with_body:
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except OSError:  # the reader hangs up once it has the header: a whole-file answer is cut short
+                pass
 
     def do_HEAD(self) -> None:
         self._answer(False)
@@ -292,6 +348,7 @@ def corpus(cluster: Any, crd: str, operator: Any) -> Iterator[dict[str, Any]]:
     pool = f"bad{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)
     cluster.kubectl("-n", ns, "create", "secret", "generic", "llm-key", "--from-literal=other=x")
+    _Files.stop.clear()
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     garbage, _ = _garbage_server()
@@ -357,6 +414,7 @@ def corpus(cluster: Any, crd: str, operator: Any) -> Iterator[dict[str, Any]]:
     cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
     for n in nodes:
         cluster.delete_node(n, wait=False)
+    _Files.stop.set()
     files.shutdown()
     files.server_close()
     garbage.close()
@@ -411,14 +469,39 @@ def test_bad_spec(
         assert _condition(obj, "Ready").get("status") == "False"
 
 
+def test_models_are_planned_while_hostile_headers_are_read(corpus: dict[str, Any]) -> None:
+    """Normal models applied right after the hostile headers, while the drip still holds a read, are planned
+    within seconds. Printed: apply to the first poll that saw each condition (upper bounds; the polls start
+    after the last apply, so only the last-applied cases are tight), and the operator's peak memory."""
+    applied: dict[str, Applied] = corpus["applied"]
+
+    def took(name: str) -> float | None:
+        a = applied[name]
+        return round(a.seen - a.at, 1) if a.seen is not None else None
+
+    meanwhile = [f"meanwhile-{i}" for i in range(MEANWHILE)]
+    drip = applied["url-drips"]
+    ended = drip.seen if drip.seen is not None else float("inf")
+    during = [n for n in meanwhile if (applied[n].seen or ended) < ended]
+    hwm = ""
+    status = Path(f"/proc/{corpus['operator'].pid}/status")
+    if status.exists():
+        lines = status.read_text().splitlines()
+        hwm = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("VmHWM")), "")
+    print(
+        f"\nhostile headers: {len(HOSTILE)} crafted files and a drip, each Planned=False ModelUnreadable "
+        f"(the drip after <= {took('url-drips')} s); normal models applied after them Planned=True after "
+        f"<= {[took(n) for n in meanwhile]} s, {len(during)} of {MEANWHILE} before the drip's read ended; "
+        f"operator peak RSS {hwm or 'unknown'}"
+    )
+    assert all(t is not None and t <= 30.0 for t in map(took, meanwhile)), [took(n) for n in meanwhile]
+
+
 # ---- the CLI corpus: a subset of tests/test_cli_inputs.py, as real processes --------------------
 
 
 def _cli_table() -> list[tuple[tuple[str, ...], str, str]]:
-    spec = importlib.util.spec_from_file_location("_cli_inputs_table", REPO / "tests" / "test_cli_inputs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("_cli_inputs_table", REPO / "tests" / "test_cli_inputs.py")
     return list(module.BAD[::2])  # every other one: plan, serve and values, each option at least once
 
 
