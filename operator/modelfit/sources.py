@@ -236,57 +236,73 @@ async def load_facts(
         if not catalog_header:
             return LoadedFacts(built_in, built_in.file_bytes, "catalog")
         url = catalog.catalog_url(m.catalog, m.quant or DEFAULT_QUANT)
-        header, error = await (sources.headers or HEADERS).read(url, token)
-        facts: ModelFacts | None = None
-        if header is not None:
-            cached = sources.header_facts.get(url)
-            try:
-                if cached is not None and cached[0] is header and cached[1] == built_in.name:
-                    facts = cached[2]  # the same header read: the same facts object (and its remembered estimates)
-                else:
-                    facts = await _off_the_loop(url, functools.partial(facts_from_header, header, built_in.name))
-                    sources.header_facts[url] = (header, built_in.name, facts)
-            except GGUFError as exc:
-                error = f"{url}: header not usable ({exc})"
-        if facts is None:
-            why = error + (f"; {token_note}" if token_note else "")
-            return LoadedFacts(built_in, built_in.file_bytes, f"catalog (header unreachable: {why})")
-        differ = catalog.facts_mismatch(facts, built_in)
-        mismatch = ""
-        if differ:
-            mismatch = f"the header of {url} differs from the catalog: {', '.join(differ)}; planned from the header"
-            facts = facts.model_copy(update={"warnings": [*facts.warnings, mismatch]})
-        return LoadedFacts(facts, facts.file_bytes, f"header: {url}", mismatch)
+        return await _catalog_header(sources, url, built_in, token, token_note)
     mf = model_file(spec)
     if mf.url is None:
-        known = catalog.for_file_name(mf.file_name)
-        if known is None:
-            raise GGUFError(
-                f"cannot read {mf.file_name} on PVC {mf.pvc_claim} from the operator; "
-                "name the file like a catalog model or serve it from a URL"
-            )
-        built_in = catalog.catalog_facts(*known)
-        source = f"catalog (recognised by the file name {mf.file_name}; the operator does not read PVC {mf.pvc_claim})"
-        return LoadedFacts(built_in, built_in.file_bytes, source)
+        return _on_pvc(mf.file_name, mf.pvc_claim)
     key = (mf.url, m.sha256)
     if key not in sources.facts:
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        url = mf.url
-        try:
-            # one deadline for the whole read (each socket operation waits at most what is left of it)
-            facts = await _off_the_loop(
-                url, lambda: facts_from_header(read_gguf(url, headers, READ_DEADLINE, READ_DEADLINE))
-            )
-        except GGUFError as exc:
-            note = token_note
-            if not note and token is None and re.search(r": HTTP 40[13]\b", str(exc)):
-                note = "a gated or private file needs spec.model.tokenSecretRef (a Secret with a Hugging Face token)"
-            if note:
-                raise GGUFError(f"{exc}; {note}") from exc
-            raise
+        facts = await _url_header(mf.url, token, token_note)
         sources.facts[key] = (facts, facts.file_bytes)
     facts, size = sources.facts[key]
     return LoadedFacts(facts, size, f"header: {mf.url}")
+
+
+async def _catalog_header(
+    sources: Sources, url: str, built_in: ModelFacts, token: str | None, token_note: str
+) -> LoadedFacts:
+    """A catalog model's facts from its file's header (the catalog's when it does not answer), mismatches named."""
+    header, error = await (sources.headers or HEADERS).read(url, token)
+    facts: ModelFacts | None = None
+    if header is not None:
+        cached = sources.header_facts.get(url)
+        try:
+            if cached is not None and cached[0] is header and cached[1] == built_in.name:
+                facts = cached[2]  # the same header read: the same facts object (and its remembered estimates)
+            else:
+                facts = await _off_the_loop(url, functools.partial(facts_from_header, header, built_in.name))
+                sources.header_facts[url] = (header, built_in.name, facts)
+        except GGUFError as exc:
+            error = f"{url}: header not usable ({exc})"
+    if facts is None:
+        why = error + (f"; {token_note}" if token_note else "")
+        return LoadedFacts(built_in, built_in.file_bytes, f"catalog (header unreachable: {why})")
+    differ = catalog.facts_mismatch(facts, built_in)
+    mismatch = ""
+    if differ:
+        mismatch = f"the header of {url} differs from the catalog: {', '.join(differ)}; planned from the header"
+        facts = facts.model_copy(update={"warnings": [*facts.warnings, mismatch]})
+    return LoadedFacts(facts, facts.file_bytes, f"header: {url}", mismatch)
+
+
+def _on_pvc(file_name: str, claim: str | None) -> LoadedFacts:
+    """A file on a PVC, known by its catalog file name only (the operator does not mount PVCs)."""
+    known = catalog.for_file_name(file_name)
+    if known is None:
+        raise GGUFError(
+            f"cannot read {file_name} on PVC {claim} from the operator; "
+            "name the file like a catalog model or serve it from a URL"
+        )
+    built_in = catalog.catalog_facts(*known)
+    source = f"catalog (recognised by the file name {file_name}; the operator does not read PVC {claim})"
+    return LoadedFacts(built_in, built_in.file_bytes, source)
+
+
+async def _url_header(url: str, token: str | None, token_note: str) -> ModelFacts:
+    """A url or huggingFace file's facts from its header, read off the loop within one deadline."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        # one deadline for the whole read (each socket operation waits at most what is left of it)
+        return await _off_the_loop(
+            url, lambda: facts_from_header(read_gguf(url, headers, READ_DEADLINE, READ_DEADLINE))
+        )
+    except GGUFError as exc:
+        note = token_note
+        if not note and token is None and re.search(r": HTTP 40[13]\b", str(exc)):
+            note = "a gated or private file needs spec.model.tokenSecretRef (a Secret with a Hugging Face token)"
+        if note:
+            raise GGUFError(f"{exc}; {note}") from exc
+        raise
 
 
 # ---- the command line's model argument: a catalog name, a .gguf path or a URL ------------------------------
