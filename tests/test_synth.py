@@ -44,7 +44,12 @@ def test_tiny_roundtrip(name: str, tmp_path: Path) -> None:
     assert _field(r, "general.architecture") == arch
     assert _field(r, f"{arch}.block_count") == spec.n_layer
     assert _field(r, f"{arch}.embedding_length") == spec.n_embd
-    assert _field(r, f"{arch}.attention.head_count_kv") == spec.n_head_kv
+    if arch == "lfm2":  # per-layer KV heads: 0 on the short-convolution blocks
+        kv = [0 if spec.is_recurrent(il) else spec.n_head_kv for il in range(spec.n_layer)]
+        assert _field(r, "lfm2.attention.head_count_kv") == kv and 0 < sum(x > 0 for x in kv) < spec.n_layer
+        assert _field(r, "lfm2.shortconv.l_cache") == spec.shortconv_l_cache
+    else:
+        assert _field(r, f"{arch}.attention.head_count_kv") == spec.n_head_kv
     assert _field(r, f"{arch}.context_length") == spec.n_ctx_train
     assert _field(r, "tokenizer.ggml.model") == spec.tokenizer
     tokens = _field(r, "tokenizer.ggml.tokens")
@@ -74,6 +79,7 @@ def test_real_shapes_param_counts() -> None:
     assert synth.n_params(synth.SPECS["gemma3-1b"]) == 999_885_952
     assert synth.n_params(synth.SPECS["llama-3.2-1b"]) == 1_235_814_432
     assert synth.n_params(synth.SPECS["qwen3-0.6b"]) == 596_049_920  # llama.cpp: "596.05 M"
+    assert synth.n_params(synth.SPECS["lfm2-350m"]) == 354_483_968  # LFM2-350M: 354 M
 
 
 def test_ensure_model_caches(tmp_path: Path) -> None:
@@ -186,3 +192,16 @@ def test_tiny_q4_0_serves(name: str, server: object, tmp_path_factory: pytest.Te
     body = json.loads(text)
     assert isinstance(body["content"], str)
     assert 1 <= body["tokens_predicted"] <= 4
+
+
+def test_lfm2_header_gives_the_hybrid_layers(tmp_path: Path) -> None:
+    """facts_from_header knows lfm2: per-layer KV heads (0: a short-convolution block) and its conv state."""
+    from modelfit.facts import facts_from_header
+    from modelfit.gguf_reader import read_gguf
+
+    spec = synth.SPECS["lfm2-tiny"]
+    facts = facts_from_header(read_gguf(synth.write_gguf(spec, tmp_path / "lfm2.gguf")))
+    assert not facts.warnings
+    assert [lf.recurrent for lf in facts.layers] == [spec.is_recurrent(il) for il in range(spec.n_layer)]
+    assert [lf.n_embd_k_gqa for lf in facts.layers if lf.attention] == [spec.n_head_kv * spec.head_dim] * 2
+    assert facts.ssm.n_embd_r == (spec.shortconv_l_cache - 1) * spec.n_embd and facts.ssm.n_embd_s == 0

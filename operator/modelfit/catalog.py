@@ -14,7 +14,7 @@ from __future__ import annotations
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from pydantic import BaseModel, Field
 
-from .facts import LayerFact, ModelFacts, SSMFacts, TensorFact, build_layers
+from .facts import LayerFact, ModelFacts, SSMFacts, TensorFact, build_layers, shortconv_ssm
 
 # Recipe name -> (llama-quantize ftype name, default tensor type).
 RECIPES: dict[str, tuple[str, str]] = {
@@ -52,6 +52,8 @@ class ArchSpec(BaseModel):
     n_expert: int = 0
     n_expert_used: int = 0
     n_ff_exp: int = 0
+    attention_layers: list[int] = Field(default_factory=list)  # lfm2: the others are short-convolution blocks
+    shortconv_l_cache: int = 0  # lfm2: conv kernel length (conv_L_cache)
     header_bytes: int = 0
     hf_repo: str = ""
     hf_file: str = ""  # with {quant}
@@ -84,6 +86,30 @@ def _qwen35(
         ssm_conv=4,
         header_bytes=10_961_568,
         hf_repo=repo,
+        hf_file=display + "-{quant}.gguf",
+    )
+
+
+def _lfm2(display: str, n_embd: int, n_head: int, n_ff: int) -> ArchSpec:
+    """LiquidAI LFM2: 16 blocks, 10 gated short-convolution and 6 GQA attention (layer_types of config.json);
+    n_ff is the auto-adjusted block_ff_dim that convert_hf_to_gguf writes (llama.cpp's size names key on it)."""
+    return ArchSpec(
+        arch="lfm2",
+        display=display,
+        n_layer=16,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=8,
+        head_dim=64,
+        n_ff=n_ff,
+        n_vocab=65536,
+        context_length=128000,
+        tied=True,
+        qk_norm=True,
+        attention_layers=[2, 5, 8, 10, 12, 14],
+        shortconv_l_cache=3,
+        header_bytes=2_600_000,
+        hf_repo=f"LiquidAI/{display}-GGUF",
         hf_file=display + "-{quant}.gguf",
     )
 
@@ -214,6 +240,9 @@ MODELS: dict[str, ArchSpec] = {
         hf_repo="unsloth/gemma-3-4b-it-GGUF",
         hf_file="gemma-3-4b-it-{quant}.gguf",
     ),
+    "lfm2-350m": _lfm2("LFM2-350M", 1024, 16, 4608),
+    "lfm2-700m": _lfm2("LFM2-700M", 1536, 24, 6912),
+    "lfm2-1.2b": _lfm2("LFM2-1.2B", 2048, 32, 8192),
     "qwen3-30b-a3b": ArchSpec(
         arch="qwen3moe",
         display="Qwen3-30B-A3B",
@@ -272,7 +301,7 @@ def tensor_shapes(spec: ArchSpec) -> list[tuple[str, tuple[int, ...]]]:
     e, hd = spec.n_embd, spec.head_dim
     q_dim, kv_dim = spec.n_head * hd, spec.n_head_kv * hd
     out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (e, spec.n_vocab))]
-    out.append(("output_norm.weight", (e,)))
+    out.append(("token_embd_norm.weight" if spec.arch == "lfm2" else "output_norm.weight", (e,)))
     if not spec.tied:
         out.append(("output.weight", (e, spec.n_vocab)))
     if spec.rope_freqs:
@@ -281,7 +310,24 @@ def tensor_shapes(spec: ArchSpec) -> list[tuple[str, tuple[int, ...]]]:
         p = f"blk.{i}."
         recurrent = spec.full_attention_interval > 0 and (i + 1) % spec.full_attention_interval != 0
         out.append((p + "attn_norm.weight", (e,)))
-        if spec.arch == "qwen35":
+        if spec.arch == "lfm2":
+            if i in spec.attention_layers:
+                out += [
+                    (p + "attn_q.weight", (e, q_dim)),
+                    (p + "attn_k.weight", (e, kv_dim)),
+                    (p + "attn_v.weight", (e, kv_dim)),
+                    (p + "attn_output.weight", (q_dim, e)),
+                    (p + "attn_q_norm.weight", (hd,)),
+                    (p + "attn_k_norm.weight", (hd,)),
+                ]
+            else:
+                out += [
+                    (p + "shortconv.conv.weight", (spec.shortconv_l_cache, e)),
+                    (p + "shortconv.in_proj.weight", (e, 3 * e)),
+                    (p + "shortconv.out_proj.weight", (e, e)),
+                ]
+            out.append((p + "ffn_norm.weight", (e,)))
+        elif spec.arch == "qwen35":
             out.append((p + "post_attention_norm.weight", (e,)))
             if recurrent:
                 k_dim = spec.linear_k_heads * spec.linear_head_dim
@@ -338,7 +384,7 @@ def tensor_shapes(spec: ArchSpec) -> list[tuple[str, tuple[int, ...]]]:
 
 # ---- llama-quantize's type choice ----------------------------------------------------------
 
-_NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d", "rope_freqs")
+_NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d", "shortconv.conv.weight", "rope_freqs")
 
 
 def _allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
@@ -438,12 +484,15 @@ def catalog_facts(name: str, quant: str) -> ModelFacts:
         TensorFact(name=n, ggml_type=types[n], shape=s, nbytes=_nbytes(types[n], s)) for n, s in tensor_shapes(spec)
     ]
     n = spec.n_layer
+    heads_kv = [spec.n_head_kv] * n
+    if spec.attention_layers:
+        heads_kv = [spec.n_head_kv if i in spec.attention_layers else 0 for i in range(n)]
     layers: list[LayerFact] = build_layers(
         spec.arch,
         n,
         n,
         [spec.n_head] * n,
-        [spec.n_head_kv] * n,
+        heads_kv,
         [spec.n_ff] * n,
         spec.head_dim,
         spec.head_dim,
@@ -458,6 +507,8 @@ def catalog_facts(name: str, quant: str) -> ModelFacts:
             d_state=spec.linear_head_dim,
             n_group=spec.linear_k_heads,
         )
+    if spec.shortconv_l_cache:
+        ssm = shortconv_ssm(spec.shortconv_l_cache, spec.n_embd)
     weights = sum(t.nbytes for t in tensors)
     return ModelFacts(
         name=f"{spec.display}-{q}",

@@ -57,6 +57,7 @@ KNOWN_ARCHS = {
     "deepseek2",
     "olmo2",
     "smollm3",
+    "lfm2",
 }
 
 
@@ -167,6 +168,12 @@ class ModelFacts(BaseModel):
     @property
     def has_swa(self) -> bool:
         return any(lf.swa for lf in self.layers)
+
+
+def shortconv_ssm(l_cache: int, n_embd: int) -> SSMFacts:
+    """LFM2's short-convolution state: (L_cache - 1) x n_embd F32 per layer and sequence, no ssm state
+    (llama-hparams.cpp n_embd_r for n_shortconv_l_cache; n_embd_s is 0)."""
+    return SSMFacts(d_conv=l_cache, d_inner=n_embd)
 
 
 def _count(value: Any, where: str, default: int = 0) -> int:
@@ -381,6 +388,8 @@ def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts
         d_state=num("ssm.state_size"),
         n_group=num("ssm.group_count"),
     )
+    if l_cache := int(key("shortconv.l_cache", 0) or 0):
+        ssm = shortconv_ssm(l_cache, n_embd)
     ftype = meta.get("general.file_type")
     return ModelFacts(
         name=name or str(meta.get("general.name") or header.source.rsplit("/", 1)[-1]),

