@@ -167,6 +167,7 @@ _FACT_KEYS = [
     "ssm.state_size",
     "ssm.inner_size",
     "ssm.group_count",
+    "shortconv.l_cache",
 ]
 _RANGES = {
     T.UINT8: (0, 255),

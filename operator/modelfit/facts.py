@@ -388,7 +388,7 @@ def facts_from_header(header: GGUFHeader, name: str | None = None) -> ModelFacts
         d_state=num("ssm.state_size"),
         n_group=num("ssm.group_count"),
     )
-    if l_cache := int(key("shortconv.l_cache", 0) or 0):
+    if l_cache := num("shortconv.l_cache"):
         ssm = shortconv_ssm(l_cache, n_embd)
     ftype = meta.get("general.file_type")
     return ModelFacts(
