@@ -254,11 +254,18 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def start_server(pt: Point, model_path: str, timeout: float) -> LlamaServer:
+@contextlib.contextmanager
+def start_server(pt: Point, model_path: str, timeout: float) -> Iterator[LlamaServer]:
+    """A started llama-server for a point, stopped on exit (entered once: a second __enter__ would start
+    a second process on the same port and lose the first one's handle)."""
     args = with_endpoint(pt.args, model_path, free_port())
     srv = LlamaServer(llama_bin("llama-server"), args, timeout=timeout)
     with environment(pt.env):
-        return srv.__enter__()
+        srv.__enter__()
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 def timed_completion(srv: LlamaServer, prompt: str, n_predict: int, timeout: float) -> dict[str, float]:
@@ -300,8 +307,9 @@ def run_interleaved(
         for i, pt in enumerate(points):
             t0 = time.monotonic()
             try:
-                srv = start_server(pt, model_path, timeout=max(10.0, min(180.0, deadline - t0)))
-                servers[i] = stack.enter_context(srv)
+                servers[i] = stack.enter_context(
+                    start_server(pt, model_path, timeout=max(10.0, min(180.0, deadline - t0)))
+                )
                 rows[i].load_s = time.monotonic() - t0
             except Exception as exc:  # noqa: BLE001 - a failed point is reported, the rest go on
                 rows[i].error = str(exc).splitlines()[0]
