@@ -2,8 +2,9 @@
 
 Each case plans with the same flags the operator would use, runs llama-server with
 `plan.args`, sends one prompt per slot and compares the predicted peak RSS with
-the process' VmHWM. The prompt cache (--cache-ram) is checked on its own: a chat
-resumed from it, and the peak once it is full.
+the process' VmHWM; and the predicted peak against a context filled to the last cell.
+The prompt cache (--cache-ram) is checked on its own: a chat resumed from it, and the
+peak once it is full.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from modelfit.gguf_reader import read_gguf
 from modelfit.memory import MiB
 from modelfit.nodes import NodeFacts
 from modelfit.sizing import Policy, plan
-from modelfit_dev.probe import LlamaServer, filler_prompt, free_port, read_status, with_endpoint
+from modelfit_dev.probe import LlamaServer, filler_prompt, free_port, read_status, token_prompt, with_endpoint
 from modelfit_dev.synth import ensure_model, llama_bin
 
 pytestmark = pytest.mark.llama
@@ -28,6 +29,8 @@ CASES = [
     ("gemma3-tiny", "Q4_0", 2048, "none", 2, "f16"),
     ("qwen3moe-tiny", "Q4_0", 4096, "mmap", 1, "q8_0"),
     ("qwen3-tiny", "Q4_0", 4096, "mmap", 4, "q8_0"),
+    ("lfm2-tiny", "Q4_0", 4096, "none", 2, "f16"),
+    ("gpt-oss-tiny", "Q4_0", 4096, "mmap", 1, "q8_0"),
 ]
 
 
@@ -48,8 +51,36 @@ def test_predicted_rss_matches_real_server(model: str, quant: str, ctx: int, mod
         m = srv.measure([filler_prompt(words, seed=i) for i in range(np_)], n_predict=4)
     pred, meas = res.memory.total_bytes, m.vm_hwm
     err = (pred - meas) / meas
-    # tiny models are dominated by the runtime; hold them to 10%, never more than 5% under
-    assert -0.05 <= err <= 0.10, f"predicted {pred / MiB:.1f} MiB, measured {meas / MiB:.1f} MiB ({100 * err:+.1f}%)"
+    # Never under. The peak counts a full context (the whole compute buffer, HOST_BYTES_PER_CELL per cell),
+    # which a 300-word prompt leaves mostly untouched: 4-6 MiB on these ~30 MiB runtime-dominated processes.
+    # The full-context test below and bench/memory_fill.py (real shapes) hold the peak closer.
+    assert 0 <= err <= 0.25, f"predicted {pred / MiB:.1f} MiB, measured {meas / MiB:.1f} MiB ({100 * err:+.1f}%)"
+
+
+FULL = [
+    ("qwen3-tiny", "mmap", 1, "f16"),
+    ("qwen35-tiny", "none", 4, "q8_0"),
+    ("lfm2-tiny", "none", 2, "q8_0"),
+    ("gpt-oss-tiny", "mmap", 1, "f16"),
+]
+
+
+@pytest.mark.parametrize(("model", "mode", "np_", "kv"), FULL)
+def test_predicted_peak_bounds_a_full_context(model: str, mode: str, np_: int, kv: str) -> None:
+    """Every slot's prompt fills its share of the 4096 cells: the predicted peak still holds the process."""
+    path = ensure_model(model, "Q4_0")
+    facts = facts_from_header(read_gguf(path))
+    policy = Policy(context=4096, parallel=np_, kv_cache_type=kv, load_mode=mode, cache_ram_mib=0)
+    res = plan(facts, NodeFacts(name="t", cpu_millis=2000, memory_bytes=None), policy, model_path=str(path))
+    with LlamaServer(llama_bin("llama-server"), with_endpoint(res.plan.args, str(path), free_port())) as srv:
+        per_slot = 4096 // np_ - 1
+        m = srv.measure([token_prompt(per_slot, facts.n_vocab, seed=i) for i in range(np_)], n_predict=0)
+    pred, meas = res.memory.total_bytes, m.vm_hwm
+    err = (pred - meas) / meas
+    assert m.prompt_tokens == per_slot * np_
+    print(f"\n[full context] {model} {mode} np {np_} {kv}: predicted {pred / MiB:.1f} MiB, VmHWM {meas / MiB:.1f} MiB")
+    # never under; tiny models are dominated by the runtime, whose constants are fitted on real shapes
+    assert 0 <= err <= 0.15, f"predicted {pred / MiB:.1f} MiB, measured {meas / MiB:.1f} MiB ({100 * err:+.1f}%)"
 
 
 def test_modelfit_serve_runs_the_plan(tmp_path: pytest.TempPathFactory) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from modelfit import memory
 from modelfit.facts import ModelFacts
 from modelfit.memory import KVType, LoadMode, MiB, ServerConfig, estimate
 
@@ -94,8 +95,13 @@ def test_cuda_vram_per_process(row: Row) -> None:
 
 
 @pytest.mark.parametrize("row", MEASURED, ids=[r[0] for r in MEASURED])
-def test_cuda_host_peak(row: Row) -> None:
-    """Predicted host peak (VmHWM, the end of an mmap load included) within -2%..+5%."""
+def test_cuda_host_peak(row: Row, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Predicted host peak (VmHWM, the end of an mmap load included) within -2%..+5%.
+
+    VmHWM was read after a short prompt, so the host state of the context cells it left empty
+    (memory.HOST_BYTES_PER_CELL, in the peak as the context fills) is left out here.
+    """
+    monkeypatch.setattr(memory, "HOST_BYTES_PER_CELL", 0)
     mem = estimate(FACTS[row[1]], _cfg(row))
     hwm = row[13]
     err = (mem.total_bytes / MiB - hwm) / hwm

@@ -21,7 +21,7 @@ def test_seed_case_predicts_gigabytes_not_half_a_gigabyte() -> None:
     assert r.fits and r.plan.context == 262144 and r.plan.backend == "cpu"
     # KV 3 GiB + weights 0.47 + compute + runtime: ~3.9 GiB once the context is full
     cache = r.memory.cache_ram_bytes
-    assert 3.5 * GiB < r.memory.total_bytes < r.memory.full_context_bytes - cache < 4.5 * GiB
+    assert 3.5 * GiB < r.memory.total_bytes == r.memory.full_context_bytes - cache < 4.5 * GiB
     assert r.plan.gpu_layers == 0 and r.plan.total_layers == 25
     # the prompt cache is planned (llama-server's own default would be 8192 MiB, uncounted) and counted
     assert cache > 0 and r.plan.args[r.plan.args.index("--cache-ram") + 1] == str(r.plan.cache_ram_mib)
@@ -131,12 +131,12 @@ def test_small_node_gets_q8_0_kv_and_a_shorter_context_not_q4_0() -> None:
     kv = next(x for x in r.reasons if x.startswith("KV cache"))
     assert "f16 would need" in kv and "q4_0 is not used" in kv
     ctx = next(x for x in r.reasons if x.startswith("context"))
-    assert "q4_0 KV would reach 56320" in ctx and "degrades answers" in ctx
+    assert "q4_0 KV would reach 55808" in ctx and "degrades answers" in ctx
 
 
 def test_q4_0_kv_only_when_asked() -> None:
     r = plan(LLAMA_3B, profile("cpu-small"), Policy(kv_cache_type="q4_0"))
-    assert r.fits and r.plan.kv_cache_type == "q4_0" and r.plan.context == 56320
+    assert r.fits and r.plan.kv_cache_type == "q4_0" and r.plan.context == 55808
     assert any("q4_0 measurably degrades answers" in x for x in r.reasons)
 
 
@@ -202,7 +202,7 @@ def test_prompt_cache_auto_does_not_multiply_a_small_models_request() -> None:
 
 
 def test_prompt_cache_auto_takes_at_most_a_quarter_of_the_models_own_memory() -> None:
-    r = plan(QWEN, profile("cpu"), Policy(context=32768))
+    r = plan(QWEN, profile("cpu"), Policy(context=16384))
     own = r.memory.full_context_bytes - r.memory.cache_ram_bytes
     assert r.plan.cache_ram_mib == int(own * PROMPT_CACHE_MODEL_SHARE) // MiB
     assert any("a quarter of the plan's own" in x for x in r.reasons)
@@ -215,7 +215,7 @@ def test_prompt_cache_explicit_budget_may_exceed_the_auto_bounds() -> None:
 
 def test_prompt_cache_auto_takes_at_most_a_quarter_of_the_free_memory() -> None:
     off = plan(QWEN, cpu(None), Policy(context=32768, cache_ram_mib=0))
-    free = 2 * GiB
+    free = 512 * MiB
     r = plan(QWEN, cpu(off.memory_request_bytes + free), Policy(context=32768))
     assert r.fits and r.plan.context == 32768 and r.plan.kv_cache_type == "f16"
     assert 0 < r.plan.cache_ram_mib * MiB <= free // 4

@@ -10,12 +10,13 @@ unmapped, ``llama-model-loader.cpp``; the peak is the larger of the end of
 loading and service), the KV cache of attention layers only
 (``llama-kv-cache*.cpp``), F32 recurrent state per slot
 (``llama-memory-recurrent.cpp``), compute buffers sized for one ubatch against a
-full cache (``llama-context.cpp`` sched_reserve), the output buffer, the
-server's prompt cache (a budget that fills as prompts are saved: counted in the
-limit, not in the peak of a fresh server) and context checkpoints, and the
-process' own runtime.
+full cache (``llama-context.cpp`` sched_reserve: all of it in the peak, as a full
+context touches it), the output buffer, the server's prompt cache (a budget that
+fills as prompts are saved: counted in the limit, not in the peak of a fresh
+server) and context checkpoints, and the process' own runtime (anonymous memory
+and the file-backed pages of the binary).
 Constants marked *calibrated* were fitted against the real llama-server built by
-``scripts/build-llama-server.sh`` (see ``bench/sizing_accuracy.py``).
+``scripts/build-llama-server.sh`` (see ``bench/sizing_accuracy.py`` and ``bench/memory_fill.py``).
 """
 
 from __future__ import annotations
@@ -45,16 +46,25 @@ REPACK_AVX512 = {"Q2_K"}
 REPACK_ARM = {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}
 
 # --- calibrated constants (llama-server b11434, x86-64 CPU build; bench/sizing_accuracy.py) ---
-# Resident memory of llama-server besides its buffers: binary pages, libraries, HTTP
-# server, thread stacks, sampler, allocator arenas.
-RUNTIME_BASE = 16 * MiB
+# Anonymous memory of llama-server besides its buffers, the vocabulary and the per-cell state below:
+# HTTP server, thread stacks, sampler, allocator arenas. 2-6 MiB measured at full context on qwen3,
+# gemma3, lfm2 and gpt-oss shapes (bench/memory_fill.py; the earlier 16 MiB also held the binary's pages).
+RUNTIME_BASE = 6 * MiB
+# File-backed pages of the llama-server binary and its libraries, resident in every load mode: RssFile
+# under load mode none, RssFile less the CPU_Mapped span under mmap; 10.6-12.9 MiB on every model measured.
+RUNTIME_FILE = 13 * MiB
+# Host memory per context cell beyond the KV cache and the compute buffer: the cells' position maps
+# (llama-kv-cells.h, a map node per position and sequence), the slots' token lists and a request's
+# parsed prompt. 175-300 B per cell measured between half and full context on dense and SWA models.
+HOST_BYTES_PER_CELL = 256
 # Tokenizer tables (id_to_token, token_to_id, and BPE merge ranks), per vocabulary entry.
 VOCAB_BYTES_PER_TOKEN_BPE = 297
 VOCAB_BYTES_PER_TOKEN_SPM = 216
 # Each slot beyond the first: slot state, batch views and its sampler's candidate array.
 PER_SLOT_BYTES = int(0.9 * MiB)
 PER_SLOT_BYTES_PER_TOKEN = 4
-# Hybrid Gated-DeltaNet models (qwen35, qwen3next) keep a further fixed working set.
+# Hybrid Gated-DeltaNet models (qwen35, qwen3next) keep a further fixed working set (25-26 MiB over
+# RUNTIME_BASE on the 0.8B's shape at 8192 and 65536 cells, 4 slots; bench/memory_fill.py).
 HYBRID_RUNTIME_EXTRA = 26 * MiB
 HYBRID_ARCHS = {"qwen35", "qwen35moe", "qwen3next"}
 # --- calibrated on CUDA (llama-server b11434, CUDA 13.0, driver 580, one H200; bench/results/cuda-h200.md) ---
@@ -66,24 +76,27 @@ GPU_DEVICE_OVERHEAD = 600 * MiB
 # product) and for MoE models (measured 695-703 MiB in all; dense FA graphs use only MMQ kernels).
 GPU_CUBLAS_OVERHEAD = 100 * MiB
 # Host RSS of the CUDA/cuBLAS runtime once serving (anonymous + library pages + pinned staging),
-# beyond RUNTIME_BASE and the vocabulary: 340 MiB measured (residuals 330-350 MiB).
-GPU_HOST_OVERHEAD = 340 * MiB
+# beyond RUNTIME_BASE + RUNTIME_FILE and the vocabulary: 356 MiB measured with the two together
+# (residuals 346-366 MiB; fitted when the runtime was one 16 MiB constant, so 340 + 16 - 19).
+GPU_HOST_OVERHEAD = 337 * MiB
 # cuBLAS's libraries touched once it runs (see GPU_CUBLAS_OVERHEAD): 60-105 MiB more host RSS.
 GPU_CUBLAS_HOST_OVERHEAD = 100 * MiB
-# The same at the end of loading, when with mmap the whole file is still mapped (VmHWM - file).
-GPU_HOST_LOAD_OVERHEAD = 262 * MiB
+# The same at the end of loading, when with mmap the whole file is still mapped (VmHWM - file; 262 MiB
+# beyond a 16 MiB runtime when fitted).
+GPU_HOST_LOAD_OVERHEAD = 259 * MiB
 # Compute buffer of one ubatch, in floats per token: a*F + b*E (+ d_inner for recurrent
 # layers, + n_expert_used*E for MoE), fitted on qwen35, llama, gemma3 and qwen3moe shapes.
 ACT_FF = 2.84
 ACT_EMBD = 5.51
 ACT_RECURRENT = 0.8
 ACT_RECURRENT_PER_SEQ = 3.5  # extra recurrent-state copies per additional slot
-# Context length whose mask pages a typical prompt touches; the rest of the compute
-# buffer is reserved (allocated, touched only as the context fills) and goes into the
-# memory limit, not into the predicted peak.
+# The compute buffer is allocated for one ubatch against the full cache, but its pages are touched only as
+# the context fills: the F16 mask, n_ubatch x 2 B per cell in use. bench/memory_fill.py (every slot filled
+# to 1/10/50/100%): LFM2-350M's first 6 blocks at 32768 cells, 4 slots, grew 35.4 MiB from 10% to 100% (the
+# mask's 28.8 plus HOST_BYTES_PER_CELL); the seed's shape (first 4 blocks, 65536 cells, 4 slots, q8_0) 55 MiB,
+# where counting only 16384 touched cells left the peak 10.5% under. So the peak counts all of it;
+# compute_reserve_bytes says how much a prompt of up to TOUCHED_KV_CELLS tokens leaves untouched.
 TOUCHED_KV_CELLS = 4096
-# Hybrid (recurrent + attention) graphs touch more of the mask on the same prompts (measured).
-HYBRID_TOUCHED_KV_CELLS = 16384
 # Without flash attention the KQ matrix is materialized; the fixed part is smaller.
 ACT_NO_FA_CAP = 26 * MiB
 
@@ -129,13 +142,13 @@ class MemoryBreakdown(BaseModel):
     kv_cache_bytes: int = 0  # host KV
     recurrent_bytes: int = 0  # host recurrent state
     compute_bytes: int = 0  # host compute buffers, as allocated
-    compute_reserve_bytes: int = 0  # allocated compute pages touched only as the context fills
+    compute_reserve_bytes: int = 0  # of compute_bytes, pages only a context past TOUCHED_KV_CELLS touches
     output_bytes: int = 0
     cache_ram_bytes: int = 0  # prompt cache budget: filled only as prompts are saved, so in the limit, not the peak
     checkpoint_bytes: int = 0
     overhead_bytes: int = 0
-    total_bytes: int = 0  # predicted peak RSS in service (prompts of up to TOUCHED_KV_CELLS, prompt cache empty)
-    full_context_bytes: int = 0  # total_bytes plus the compute reserve and the prompt cache: RSS once both are full
+    total_bytes: int = 0  # predicted peak RSS in service, at any context fill (prompt cache empty)
+    full_context_bytes: int = 0  # total_bytes plus the prompt cache: RSS once it is full too
     anon_bytes: int = 0  # total minus file-backed pages
     vram_bytes: list[int] = Field(default_factory=list)  # per GPU
     vram_weights_bytes: int = 0
@@ -383,8 +396,8 @@ def _state(facts: ModelFacts, cfg: ServerConfig, start: int) -> tuple[int, int, 
 
 
 def _compute(facts: ModelFacts, cfg: ServerConfig, out: MemoryBreakdown, start: int, n_gpus: int) -> tuple[int, int]:
-    """Sets the host compute buffer (as allocated, and the part only a full context touches) in ``out``;
-    returns (host compute resident in a fresh server, device compute per GPU)."""
+    """Sets the host compute buffer (as allocated, and the part only a long context touches) in ``out``;
+    returns (host compute resident at the peak, device compute per GPU)."""
     full_cells, swa_cells = out.kv_cells, out.kv_cells_swa
     act = activation_bytes(facts, cfg)
     mask_full = mask_bytes(facts, cfg, full_cells, swa_cells)
@@ -400,11 +413,10 @@ def _compute(facts: ModelFacts, cfg: ServerConfig, out: MemoryBreakdown, start: 
         ) * cfg.n_ubatch * (2 if cfg.flash_attn else 4)
         out.compute_reserve_bytes = 0
         return out.compute_bytes, dev_compute
-    touch = HYBRID_TOUCHED_KV_CELLS if facts.architecture in HYBRID_ARCHS else TOUCHED_KV_CELLS
-    resident = act + mask_bytes(facts, cfg, min(full_cells, touch), min(swa_cells, touch))
+    short = act + mask_bytes(facts, cfg, min(full_cells, TOUCHED_KV_CELLS), min(swa_cells, TOUCHED_KV_CELLS))
     out.compute_bytes = act + mask_full
-    out.compute_reserve_bytes = out.compute_bytes - resident
-    return resident, 0
+    out.compute_reserve_bytes = out.compute_bytes - short
+    return out.compute_bytes, 0
 
 
 def _vocab_bytes(facts: ModelFacts) -> int:
@@ -417,6 +429,8 @@ def _overhead(facts: ModelFacts, cfg: ServerConfig, n_gpus: int) -> int:
     """The runtime, the vocabulary, the slots and the GPU runtime's host side."""
     return (
         RUNTIME_BASE
+        + RUNTIME_FILE
+        + HOST_BYTES_PER_CELL * pad(cfg.n_ctx, 256)
         + _vocab_bytes(facts)
         + (HYBRID_RUNTIME_EXTRA if facts.architecture in HYBRID_ARCHS else 0)
         + (max(cfg.n_parallel, 1) - 1) * (PER_SLOT_BYTES + PER_SLOT_BYTES_PER_TOKEN * facts.n_vocab)
@@ -430,8 +444,8 @@ def _load_peak(facts: ModelFacts, out: MemoryBreakdown, n_gpus: int) -> int:
     buffer filled before the head and tail are unmapped and the context allocated. With a GPU the
     offloaded tensors are read through the mapping too (measured: VmHWM = file + 262 MiB + vocabulary,
     while the steady RSS holds only the CPU_Mapped span)."""
-    peak = max(facts.file_bytes, out.weights_bytes) + out.repack_bytes + RUNTIME_BASE + _vocab_bytes(facts)
-    return peak + (GPU_HOST_LOAD_OVERHEAD if n_gpus else 0)
+    peak = max(facts.file_bytes, out.weights_bytes) + out.repack_bytes + RUNTIME_BASE + RUNTIME_FILE
+    return peak + _vocab_bytes(facts) + (GPU_HOST_LOAD_OVERHEAD if n_gpus else 0)
 
 
 def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
@@ -463,10 +477,11 @@ def estimate(facts: ModelFacts, cfg: ServerConfig) -> MemoryBreakdown:
         + out.output_bytes
         + out.checkpoint_bytes
         + out.overhead_bytes
+        - RUNTIME_FILE
     )
-    out.total_bytes = out.anon_bytes + out.weights_file_bytes
+    out.total_bytes = out.anon_bytes + out.weights_file_bytes + RUNTIME_FILE
     # The prompt cache is a budget: entries are allocated as prompts are saved, up to --cache-ram.
-    out.full_context_bytes = out.total_bytes + out.compute_reserve_bytes + out.cache_ram_bytes
+    out.full_context_bytes = out.total_bytes + out.cache_ram_bytes
     if cfg.load_mode != "none":
         peak = _load_peak(facts, out, n_gpus)
         out.total_bytes = max(out.total_bytes, peak)
