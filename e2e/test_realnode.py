@@ -95,7 +95,16 @@ def test_seed_shape_serves_chat_and_authenticated_metrics(
 def test_cgroup_peak_matches_the_plan(
     cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, qwen35: Path, load_mode: str
 ) -> None:
-    """After a prompt that fills a ubatch, the container's real memory against memory.total_bytes."""
+    """After a prompt that fills a ubatch, the container's cgroup peak against memory.total_bytes.
+
+    memory.max_usage_in_bytes of the llama-server container's cgroup (cgroup v1) is what its limit is held
+    to: anonymous memory plus the page cache charged to it. Less the charged page cache nothing maps (the
+    model file's header and the tail the loader unmapped, under mmap: clean pages the kernel reclaims at
+    the limit before anything else), it is never above the predicted peak and at most 3% under it (the
+    peak counts a full context; this prompt fills about a quarter). Measured here: none -1.58% (raw peak
+    +17.4%: 145 MiB of the file read() charged), mmap -0.54% (raw +0.87%, 14.5 MiB unmapped); the same plan
+    in a cgroup of its own on the development host (modelfit_dev.probe): -1.92% and -0.97%.
+    """
     cache = host_path_dir(f"mem-{load_mode}")
     shutil.rmtree(cache, ignore_errors=True)
     url = model_server.serve(f"/{ns}/qwen35.gguf", qwen35)
@@ -120,14 +129,18 @@ def test_cgroup_peak_matches_the_plan(
     mem = status(cluster, ns, name)["plan"]["memory"]
     limit = pod["spec"]["containers"][0]["resources"]["limits"]["memory"]
     total = int(mem["totalBytes"])
-    err = used.vm_hwm / total - 1
+    unmapped_cache = max(used.cache - used.mapped_file, 0)
+    peak = used.cgroup_peak - unmapped_cache
+    err = peak / total - 1
     print(
-        f"\n[realnode] memory {load_mode}: predicted {total / MiB:.0f} MiB, VmHWM {used.vm_hwm / MiB:.0f} MiB "
-        f"({err:+.1%}), cgroup peak {used.cgroup_peak / MiB:.0f} MiB ({used.cgroup_peak / total - 1:+.1%}), "
-        f"rss {used.rss / MiB:.0f} MiB, mapped file {used.mapped_file / MiB:.0f} MiB, "
-        f"cache {used.cache / MiB:.0f} MiB, limit {limit}, failcnt {used.failcnt}"
+        f"\n[realnode] memory {load_mode}: predicted {total / MiB:.1f} MiB, cgroup peak {used.cgroup_peak / MiB:.1f} "
+        f"MiB ({used.cgroup_peak / total - 1:+.2%}), less {unmapped_cache / MiB:.1f} MiB unmapped page cache "
+        f"{peak / MiB:.1f} MiB ({err:+.2%}), VmHWM {used.vm_hwm / MiB:.1f} MiB ({used.vm_hwm / total - 1:+.2%}), "
+        f"rss {used.rss / MiB:.0f} MiB, mapped file {used.mapped_file / MiB:.0f} MiB, limit {limit}, failcnt {used.failcnt}"
     )
-    assert abs(err) < 0.05, f"VmHWM {used.vm_hwm} vs predicted {total}"
+    assert -0.03 <= err <= 0.0, (
+        f"cgroup peak {used.cgroup_peak} less {unmapped_cache} vs predicted {total} ({err:+.2%})"
+    )
     if load_mode == "mmap":
         # The weights are clean file pages: hitting the limit would mean evicting them (thrashing).
         # Under none, hitting it only reclaims the page cache read() left behind, which is harmless.
