@@ -155,7 +155,7 @@ def test_spec_kv_auto_never_q4_0_and_adapt_keeps_it_opt_in():
     assert p.fits and p.result.plan.kv_cache_type == "q8_0" and p.result.plan.context < 56320
     assert "KV q8_0" in p.message
     opted = run(spec("llama-3.2-3b", "Q4_K_M", kvCacheType="q4_0"), [cpu_small()])
-    assert opted.fits and opted.result.plan.kv_cache_type == "q4_0" and opted.result.plan.context == 56320
+    assert opted.fits and opted.result.plan.kv_cache_type == "q4_0" and opted.result.plan.context == 55808
     # adapt's second try frees the KV type, but only to auto (f16, else q8_0) ...
     strict_f16 = spec("llama-3.2-3b", "Q4_K_M", context=65536, kvCacheType="f16", adapt=True)
     p = run(strict_f16, [cpu_small()])
