@@ -5,7 +5,8 @@ point of the grid, plan with `modelfit.sizing.plan`, run llama-server with
 `plan.args`, send one prompt per slot, read VmHWM / RssAnon / RssFile from
 /proc, and print predicted against measured, beside a header-only estimate in
 the style of gguf-parser-go (every layer gets KV, no recurrent state, no repack)
-and the seed page's figure.
+and the seed page's figure. The predicted peak counts a full context, so after these short prompts
+it reads a few percent over; bench/memory_fill.py measures it as the context fills to 100%.
 
     python bench/sizing_accuracy.py                       # default grid
     python bench/sizing_accuracy.py --models qwen35-0.8b --contexts 4096,32768
