@@ -16,6 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "modelfit.io_modeldeployments.yaml"
 POOL_LABEL = "modelfit.io/e2e-pool"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+NODE_DIR = Path(os.environ.get("MODELFIT_NODE_DIR", "/tmp/modelfit-node"))
+HOST_CACHE_ROOT = NODE_DIR / "host-cache"  # the one hostPath root the e2e operator allows
+# The e2e's model servers listen on loopback and the pod bridge: networks header reads refuse by default.
+SETTINGS_ARGS = [
+    "--host-path-root", str(HOST_CACHE_ROOT), "--allow-network", "127.0.0.0/8", "--allow-network", "10.88.0.0/16",
+]  # fmt: skip
 
 
 def free_port() -> int:
@@ -47,7 +53,7 @@ class Operator:
         env = dict(os.environ, KUBECONFIG=self.kubeconfig, PYTHONUNBUFFERED="1")
         env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
         cmd = [
-            sys.executable, "-m", "modelfit.cli", "run", *self.extra_args, "--standalone",
+            sys.executable, "-m", "modelfit.cli", "run", *self.extra_args, *SETTINGS_ARGS, "--standalone",
             "--log-format", "plain", "--liveness", "", "--metrics-port", str(self.metrics_port),
         ]  # fmt: skip
         log = open(self.log_path, "ab")

@@ -37,6 +37,7 @@ from .kube import ClusterSnapshot, Kube, KubeError, get_client, path_for
 from .nodes import NodeShape
 from .occupancy import Reservation
 from .render import HPA_METRIC, MD_LABEL, POD_MONITOR_API_VERSION, model_file, selector_string
+from .settings import DEFAULT as DEFAULT_SETTINGS
 from .sources import Sources, load_facts, secret_problem
 from .status import condition
 
@@ -85,6 +86,7 @@ class OperatorState:
         self.pod_monitors: tuple[bool, float] = (False, 0.0)  # (served, checked at)
         self.node_shapes: list[NodeShape] = []  # nodes a cluster autoscaler can add (--node-shapes)
         self.hpa_metric = HPA_METRIC  # the per-pod metric of rendered HPAs (--hpa-metric)
+        self.settings = DEFAULT_SETTINGS  # the admin's bounds on every spec (--host-path-root, --allow-network)
         self.wake: asyncio.Event | None = None  # set by pod/Deployment events: the resync loop looks at once
         self.reservations: dict[tuple[str, str], Reservation] = {}  # our Deployments' pods, as planned
         self.reservations_version = 0

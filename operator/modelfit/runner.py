@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .nodes import NodeShape
+    from .settings import Settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -27,6 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         names = ", ".join(s.name for s in STATE.node_shapes)
         logging.getLogger("modelfit").info(f"node shapes a cluster autoscaler can add: {names}")
     STATE.hpa_metric = args.hpa_metric or os.environ.get("MODELFIT_HPA_METRIC") or STATE.hpa_metric
+    STATE.settings = settings(args)
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     clusterwide = args.all_namespaces or not args.namespace
@@ -51,6 +53,25 @@ def node_shapes(path: str | None) -> list[NodeShape]:
         return load_node_shapes(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"argument --node-shapes: {path}: {exc}") from exc
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    """The admin's settings from the flags, else their $MODELFIT_* variables (comma-separated lists)."""
+    from .settings import Settings
+
+    def listed(values: list[str] | None, env: str) -> tuple[str, ...]:
+        if values:
+            return tuple(values)
+        return tuple(v.strip() for v in os.environ.get(env, "").split(",") if v.strip())
+
+    try:
+        return Settings(
+            host_path_roots=listed(args.host_path_root, "MODELFIT_HOST_PATH_ROOTS"),
+            allow_networks=listed(args.allow_network, "MODELFIT_ALLOW_NETWORKS"),
+            deny_networks=listed(args.deny_network, "MODELFIT_DENY_NETWORKS"),
+        )
+    except ValueError as exc:
+        raise ValueError(f"operator settings: {exc}") from exc
 
 
 def register(sub: Any) -> None:
@@ -79,6 +100,27 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="per-pod custom metric of the HPAs rendered for spec.autoscaling: requests in flight plus deferred, "
         "as your metrics adapter names it (default llamacpp_requests_inflight, or $MODELFIT_HPA_METRIC)",
+    )
+    sp.add_argument(
+        "--host-path-root",
+        action="append",
+        metavar="DIR",
+        help="a node directory under which spec.modelCache.hostPath caches may live (repeatable; default none: "
+        "hostPath caches are refused; $MODELFIT_HOST_PATH_ROOTS, comma-separated)",
+    )
+    sp.add_argument(
+        "--allow-network",
+        action="append",
+        metavar="CIDR",
+        help="let model header reads reach this network although it is refused by default (loopback, link-local, "
+        "private ranges); repeatable ($MODELFIT_ALLOW_NETWORKS)",
+    )
+    sp.add_argument(
+        "--deny-network",
+        action="append",
+        metavar="CIDR",
+        help="refuse model header reads to this network too, e.g. the cluster's pod and service ranges; "
+        "repeatable ($MODELFIT_DENY_NETWORKS)",
     )
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_run)
