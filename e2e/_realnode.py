@@ -148,9 +148,12 @@ def prompt_of(tokens: int) -> str:
     return " ".join(words[i % len(words)] for i in range(tokens))
 
 
-def host_path_dir(name: str) -> Path:
-    """A hostPath cache directory for one scenario, under the node's own directory."""
-    return NODE_DIR / "host-cache" / name
+def host_path_dir(ns: str, name: str, sha256: str | None = None) -> Path:
+    """Where the operator puts a model's files on the node for ``modelCache.hostPath.path: HOST_CACHE_ROOT``
+    (the e2e operator's one allowed root): its own directory, or the content-addressed one of its digest."""
+    from _support import HOST_CACHE_ROOT
+
+    return HOST_CACHE_ROOT / (f"sha256-{sha256}" if sha256 else f"{ns}/{name}")
 
 
 def run(cmd: list[str], timeout: float = 60) -> str:

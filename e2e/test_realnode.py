@@ -30,7 +30,7 @@ from _realnode import (
     prompt_of,
     sha256_of,
 )
-from _support import REPO, condition, free_port, md, wait_condition
+from _support import HOST_CACHE_ROOT, REPO, condition, free_port, md, wait_condition
 from modelfit_dev.synth import ensure_model
 
 pytestmark = pytest.mark.realnode
@@ -105,11 +105,11 @@ def test_cgroup_peak_matches_the_plan(
     +17.4%: 145 MiB of the file read() charged), mmap -0.54% (raw +0.87%, 14.5 MiB unmapped); the same plan
     in a cgroup of its own on the development host (modelfit_dev.probe): -1.92% and -0.97%.
     """
-    cache = host_path_dir(f"mem-{load_mode}")
-    shutil.rmtree(cache, ignore_errors=True)
-    url = model_server.serve(f"/{ns}/qwen35.gguf", qwen35)
     name = f"mem-{load_mode}"
-    spec = pinned(model={"url": url}, context=8192, loadMode=load_mode, modelCache={"hostPath": {"path": str(cache)}})
+    shutil.rmtree(host_path_dir(ns, name), ignore_errors=True)
+    url = model_server.serve(f"/{ns}/qwen35.gguf", qwen35)
+    cache = {"hostPath": {"path": str(HOST_CACHE_ROOT)}}
+    spec = pinned(model={"url": url}, context=8192, loadMode=load_mode, modelCache=cache)
     if load_mode == "mmap":
         # First let a pod download the file, then measure a pod whose llama-server is the first to touch it.
         cluster.apply(md(name, ns, **spec))
@@ -211,16 +211,20 @@ def test_tight_limit_under_mmap_is_not_applied(
 
 
 def test_downloads(cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, tiny: Path) -> None:
-    """Wrong sha256, a download cut half-way, a server without Range, a corrupt cached file, hostPath cache."""
+    """Wrong sha256, a download cut half-way, a server without Range, a corrupt cached file, hostPath cache
+    (content-addressed under the allowed root), and a hostPath outside the allowed roots refused."""
     sha = sha256_of(tiny)
+    root = str(HOST_CACHE_ROOT)
     cases = {
         "badsum": (model_server.serve(f"/{ns}/bad.gguf", tiny), "0" * 64, None),
         "cut": (model_server.serve(f"/{ns}/cut.gguf", tiny, cut_first=1), sha, None),
         "norange": (model_server.serve(f"/{ns}/norange.gguf", tiny, ranges=False), sha, None),
-        "cached": (model_server.serve(f"/{ns}/cached.gguf", tiny), sha, host_path_dir(f"{ns}-cached")),
+        "cached": (model_server.serve(f"/{ns}/cached.gguf", tiny), sha, root),
+        # The issue's reproduction: /etc as the cache and a URL ending in passwd (with a size that differs).
+        "escape": (model_server.serve(f"/{ns}/passwd", tiny), sha, "/etc"),
     }
     # A corrupt file already in the node's cache, with the right size: it must be verified, not served.
-    cached_dir = host_path_dir(f"{ns}-cached")
+    cached_dir = host_path_dir(ns, "cached", sha)
     shutil.rmtree(cached_dir, ignore_errors=True)
     cached_dir.mkdir(parents=True)
     bad = bytearray(tiny.read_bytes())
@@ -232,8 +236,15 @@ def test_downloads(cluster: Any, operator: Any, real_node: RealNode, model_serve
             model={"url": url, "sha256": sum_}, context=512, threads=1, resources={"requests": {"cpu": "250m"}}
         )
         if cache is not None:
-            spec["modelCache"] = {"hostPath": {"path": str(cache)}}
+            spec["modelCache"] = {"hostPath": {"path": cache}}
         cluster.apply(md(name, ns, **spec))
+    passwd = Path("/etc/passwd").read_bytes()
+    obj = wait_condition(
+        cluster, ns, "escape", "Planned", status="False", reason="HostPathNotAllowed", operator=operator
+    )
+    assert "not an allowed cache root" in condition(obj, "Planned")["message"], condition(obj, "Planned")
+    assert cluster.get_json("-n", ns, "deployment", "escape", check=False) is None
+    assert not model_server.gets(f"/{ns}/passwd") and Path("/etc/passwd").read_bytes() == passwd
     obj = wait_condition(
         cluster, ns, "badsum", "Degraded", reason="ModelDownloadFailed", timeout=180, operator=operator
     )

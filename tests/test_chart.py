@@ -280,6 +280,8 @@ OPERATOR_CASES: dict[str, dict[str, Any]] = {
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule"}],
         "priorityClassName": "system-cluster-critical",
+        "hostPathCache": {"roots": ["/var/lib/modelfit/models", "/mnt/fast/models"]},
+        "egress": {"allowNetworks": ["10.20.0.0/16"], "denyNetworks": ["10.96.0.0/12", "fd00::/8"]},
     },
 }
 
@@ -423,6 +425,14 @@ def test_operator_args_parse_with_modelfit_run(helm: str, helm_env: dict[str, st
     assert args.metrics_port == ports["metrics"]
     assert args.liveness.endswith(f":{ports['health']}/healthz")
     assert args.namespace == (OPERATOR_CASES[case].get("watchNamespaces") or None)
+    # The admin's bounds reach the operator's settings exactly (hostPath roots, egress networks).
+    from modelfit.runner import settings
+
+    values = OPERATOR_CASES[case]
+    got = settings(args)
+    assert list(got.host_path_roots) == values.get("hostPathCache", {}).get("roots", [])
+    assert list(got.allow_networks) == values.get("egress", {}).get("allowNetworks", [])
+    assert list(got.deny_networks) == values.get("egress", {}).get("denyNetworks", [])
 
 
 def test_image_override(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
@@ -479,6 +489,8 @@ def test_service_monitor_toggle(helm: str, helm_env: dict[str, str], tmp_path: P
         ["metrics.serviceMonitor.interval=often"],
         ["resources.limits.memory=lots"],
         ["nodeShapes[0].name=a"],
+        ["hostPathCache.roots[0]=relative/dir"],
+        ["egress.allowNetworks[0]=everywhere"],
         ["nodeShapes[0].name=a,nodeShapes[0].labels.a=b,nodeShapes[0].cpu=1,nodeShapes[0].memory=lots"],
     ],
     ids=lambda s: s[0],

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from . import api, metrics
 from .api import ModelDeploymentSpec
+from .cache import host_path_problem
 from .decide import Decision, LoadedFacts, Snapshot, api_failure, check_spec, decide, failure, retry_delay
 from .gguf_reader import GGUFError
 from .kube import ClusterSnapshot, Kube, KubeError, get_client, path_for
@@ -377,6 +378,9 @@ async def _reconcile(
     if isinstance(checked, tuple):
         return _finish(logger, old, failure(meta, read, *checked, "invalid"))
     spec = checked
+    refused = host_path_problem(spec, state.settings)
+    if refused is not None:
+        return _finish(logger, old, failure(meta, read, "HostPathNotAllowed", refused, "invalid"))
     try:
         loaded = await load_facts(spec, state.sources, kube, ns)
     except (GGUFError, KeyError, ValueError, OSError, http.client.HTTPException) as exc:

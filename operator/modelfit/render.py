@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from . import api, catalog
 from .api import ModelDeploymentSpec
+from .cache import host_cache_dir
 from .download import DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
 from .nodes import GPU_RESOURCES, GiB, MiB, format_memory, parse_quantity
@@ -57,6 +59,9 @@ class ModelFile:
         return f"{CACHE_DIR}/{self.file_name}"
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}")
+
+
 def model_file(spec: ModelDeploymentSpec, size_bytes: int = 0) -> ModelFile:
     m = spec.model
     if m.catalog is not None:
@@ -70,8 +75,15 @@ def model_file(spec: ModelDeploymentSpec, size_bytes: int = 0) -> ModelFile:
         assert m.pvc is not None
         name = m.pvc.path.rsplit("/", 1)[-1]
         return ModelFile(name, None, size_bytes, m.sha256, m.pvc.claim_name, m.pvc.path)
-    name = url.split("?", 1)[0].rsplit("/", 1)[-1] or "model.gguf"
-    return ModelFile(name, url, size_bytes, m.sha256)
+    return ModelFile(cache_file_name(url), url, size_bytes, m.sha256)
+
+
+def cache_file_name(url: str) -> str:
+    """The name the model gets in its cache directory: the URL's last path segment when it is a plain file name
+    (the downloader writes exactly there, and llama.cpp finds a split model's shards by their names), else
+    ``model.gguf``."""
+    name = url.split("?", 1)[0].split("#", 1)[0].rsplit("/", 1)[-1]
+    return name if _PLAIN_NAME.fullmatch(name) else "model.gguf"
 
 
 def labels(name: str) -> dict[str, str]:
@@ -196,12 +208,14 @@ def memory_override_verdict(placement: Placement, spec: ModelDeploymentSpec, oom
     return None
 
 
-def _cache_volume(name: str, spec: ModelDeploymentSpec, model: ModelFile) -> dict[str, Any]:
-    cache = spec.model_cache
+def _cache_volume(md_meta: dict[str, Any], spec: ModelDeploymentSpec, model: ModelFile) -> dict[str, Any]:
+    cache, name = spec.model_cache, md_meta["name"]
     if cache is not None and cache.pvc is not None:
         return {"name": "model-cache", "persistentVolumeClaim": {"claimName": f"{name}-models"}}
     if cache is not None and cache.host_path is not None:
-        return {"name": "model-cache", "hostPath": {"path": cache.host_path.path, "type": "DirectoryOrCreate"}}
+        split = len(shard_names(model.file_name)) > 1
+        path = host_cache_dir(cache.host_path.path, md_meta["namespace"], name, model.sha256, split)
+        return {"name": "model-cache", "hostPath": {"path": path, "type": "DirectoryOrCreate"}}
     empty: dict[str, Any] = {"sizeLimit": format_memory(int(model.size_bytes * 1.1) + 512 * MiB)}
     if cache is not None and cache.empty_dir is not None and cache.empty_dir.medium:
         empty["medium"] = cache.empty_dir.medium
@@ -209,7 +223,7 @@ def _cache_volume(name: str, spec: ModelDeploymentSpec, model: ModelFile) -> dic
 
 
 def _prepare_host_path() -> dict[str, Any]:
-    """Hand a hostPath cache directory to the unprivileged downloader.
+    """Hand the model's own hostPath cache directory (``cache.host_cache_dir``) to the unprivileged downloader.
 
     The kubelet creates a ``DirectoryOrCreate`` hostPath as root 0755 and fsGroup does not apply to
     hostPath volumes, so uid 1000 could not write the model (curl exit 23 on a real node). This step runs
@@ -237,7 +251,7 @@ def _prepare_host_path() -> dict[str, Any]:
 
 
 def _model_volumes(
-    name: str, spec: ModelDeploymentSpec, model: ModelFile
+    md_meta: dict[str, Any], spec: ModelDeploymentSpec, model: ModelFile
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(mounts, volumes, init containers) that put the model where llama-server reads it."""
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
@@ -250,7 +264,7 @@ def _model_volumes(
         )
         return mounts, volumes, init
     mounts.append({"name": "model-cache", "mountPath": CACHE_DIR, "readOnly": True})
-    volumes.append(_cache_volume(name, spec, model))
+    volumes.append(_cache_volume(md_meta, spec, model))
     # The size is checked only when it is the real file's (read from its header); a catalog size is
     # an estimate and a split model's is the sum of its shards.
     exact = spec.model.catalog is None and len(shard_names(model.file_name)) == 1
@@ -328,7 +342,7 @@ def deployment(
     """The llama-server Deployment of a plan: pinned to the plan's node class, restricted security context."""
     assert placement.result is not None
     name = md_meta["name"]
-    mounts, volumes, init = _model_volumes(name, spec, model)
+    mounts, volumes, init = _model_volumes(md_meta, spec, model)
     container = _server_container(spec, placement, model, mounts, honour_memory_override)
     tolerations = list(spec.tolerations or [])
     for gpu_key in GPU_RESOURCES:  # a pod that asks for a vendor's GPUs tolerates that vendor's GPU taint
