@@ -75,7 +75,7 @@ MUST = [
     ("create", "poddisruptionbudgets.policy", True),
     ("delete", "poddisruptionbudgets.policy", True),
     ("create", "events", True),
-    ("get", "secrets", True),  # a Hugging Face token (spec.model.tokenSecretRef) and the API key check
+    ("get", "secrets", True),  # where secretAccess allows: a Hugging Face token, the API key (rotation)
 ]
 MUST_NOT = [
     ("delete", "nodes", False), ("patch", "nodes", False), ("list", "secrets", False), ("watch", "secrets", True),
@@ -90,7 +90,12 @@ MUST_NOT = [
 def test_helm_install_and_least_privilege(cluster, crd, operator_paused, pool, namespace, tmp_path):
     pool.add("sys", cpu="4", memory="8Gi")
     try:
-        _run(cluster, f"helm install {RELEASE} charts/modelfit -n {SYSTEM_NS} --create-namespace --wait --timeout 120s")
+        # Secrets only where the values say (issue 17: it could get every Secret in the cluster).
+        access = f"--set 'secretAccess.namespaces[0]={namespace}'"
+        _run(
+            cluster,
+            f"helm install {RELEASE} charts/modelfit -n {SYSTEM_NS} {access} --create-namespace --wait --timeout 120s",
+        )
         ns = ["-n", SYSTEM_NS]
         assert cluster.get_json("crd", "modeldeployments.modelfit.io")
         deploy = cluster.get_json(*ns, "deployment", RELEASE)
@@ -113,6 +118,9 @@ def test_helm_install_and_least_privilege(cluster, crd, operator_paused, pool, n
                 scope = ["-n", namespace] if namespaced else ["--all-namespaces"]
                 got = cluster.kubectl("auth", "can-i", verb, res, who, *scope, check=False).stdout.strip()
                 assert got == allowed, f"can-i {verb} {res}: {got}, want {allowed}"
+        for scope in (["-n", "kube-system"], ["-n", SYSTEM_NS], ["--all-namespaces"]):
+            got = cluster.kubectl("auth", "can-i", "get", "secrets", who, *scope, check=False).stdout.strip()
+            assert got == "no", f"can-i get secrets {scope}: {got}"
 
         # the operator, run with nothing but the chart's ServiceAccount token
         kubeconfig = _sa_kubeconfig(cluster, sa, tmp_path / "sa.kubeconfig")

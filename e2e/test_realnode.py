@@ -268,6 +268,47 @@ def test_downloads(cluster: Any, operator: Any, real_node: RealNode, model_serve
         print(f"\n[realnode] download {k}: {v}")
 
 
+def test_api_key_rotation_rolls_the_pods(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, tiny: Path
+) -> None:
+    """A changed API-key Secret: the operator rolls the pods (it reads the Secret by name every 10 s); measured:
+    time until the new key works, and until the old one fails on every Ready pod."""
+    old, new = uuid.uuid4().hex, uuid.uuid4().hex
+
+    def key_secret(value: str) -> dict[str, Any]:
+        data = {"api-key": base64.b64encode(value.encode()).decode()}
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rot-key", "namespace": ns}, "data": data}
+
+    cluster.apply(key_secret(old))
+    url = model_server.serve(f"/{ns}/rot.gguf", tiny)
+    spec = pinned(model={"url": url}, context=512, threads=1, apiKeySecretRef={"name": "rot-key"})
+    cluster.apply(md("rot", ns, **spec))
+    wait_condition(cluster, ns, "rot", "Ready", timeout=240, operator=operator)
+    pod = real_node.ready_pod(ns, "rot")
+    assert http(f"{real_node.base_url(pod)}/v1/models", key=old)[0] == 200
+    assert http(f"{real_node.base_url(pod)}/v1/models", key=new)[0] == 401
+
+    def answers(key: str) -> list[int]:
+        ready = [p for p in real_node.pods(ns, "rot") if p["status"].get("podIP") and _ready(p)]
+        return [http(f"{real_node.base_url(p)}/v1/models", key=key, timeout=5)[0] for p in ready]
+
+    t0 = time.monotonic()
+    cluster.apply(key_secret(new))
+    cluster.wait_for(lambda: 200 in answers(new), timeout=180, interval=0.5, what="the new key accepted")
+    new_works = time.monotonic() - t0
+    cluster.wait_for(lambda: set(answers(old)) == {401}, timeout=120, interval=0.5, what="the old key refused")
+    old_fails = time.monotonic() - t0
+    events = cluster.kubectl("-n", ns, "get", "events", "--field-selector", "reason=ApiKeyRotated").stdout
+    assert "rolling the pods" in events, events
+    print(
+        f"\n[realnode] API key rotation: new key works after {new_works:.1f}s, old key refused after {old_fails:.1f}s"
+    )
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
+
+
 def sha256_of_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -338,7 +338,6 @@ EXPECTED_CLUSTER = (
 )
 EXPECTED_NAMESPACED = (
     {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
-    | {("", "secrets", "get")}  # spec.model.tokenSecretRef's token for the header read; missing Secrets reported
     | {("apps", "deployments", v) for v in MANAGE}
     | {("", r, v) for r in ("services", "persistentvolumeclaims") for v in MANAGE}
     | {("policy", "poddisruptionbudgets", v) for v in MANAGE}
@@ -349,11 +348,22 @@ EXPECTED_NAMESPACED = (
 )
 
 
+SECRETS = {("", "secrets", "get")}  # by name: the Secrets a ModelDeployment names (token, API key)
+
+
+def _cluster_roles(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the operator's ClusterRole, the secret-reader ClusterRole bound only per namespace)."""
+    roles = {r["metadata"]["name"]: r for r in by_kind(docs, "ClusterRole")}
+    assert sorted(roles) == ["mf-modelfit", "mf-modelfit-secret-reader"]
+    return roles["mf-modelfit"], roles["mf-modelfit-secret-reader"]
+
+
 def test_rbac_is_exactly_least_privilege_cluster_wide(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
     docs = render(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path)
     assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
-    (cr,) = by_kind(docs, "ClusterRole")
-    assert _grants(cr["rules"]) == EXPECTED_CLUSTER | EXPECTED_NAMESPACED
+    cr, reader = _cluster_roles(docs)
+    assert _grants(cr["rules"]) == EXPECTED_CLUSTER | EXPECTED_NAMESPACED  # no Secret anywhere
+    assert _grants(reader["rules"]) == SECRETS
     (crb,) = by_kind(docs, "ClusterRoleBinding")
     (sa,) = by_kind(docs, "ServiceAccount")
     assert crb["roleRef"] == {
@@ -382,17 +392,36 @@ def test_watch_namespaces_args_and_namespaced_rbac(helm: str, helm_env: dict[str
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["modelfit", "run"]
     assert c["args"] == ["--standalone", "--namespace=models", "--namespace=team-a", *DEFAULT_TAIL]
-    (cr,) = by_kind(docs, "ClusterRole")
+    cr, _ = _cluster_roles(docs)
     assert _grants(cr["rules"]) == EXPECTED_CLUSTER  # nothing namespaced cluster-wide
     roles = by_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["models", "team-a"]
     for role in roles:
-        assert _grants(role["rules"]) == EXPECTED_NAMESPACED
+        assert _grants(role["rules"]) == EXPECTED_NAMESPACED | SECRETS  # Secrets where it watches
     bindings = by_kind(docs, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["models", "team-a"]
     for b in bindings:
         assert b["roleRef"]["kind"] == "Role"
         assert b["subjects"][0]["namespace"] == "modelfit-system"
+
+
+def test_secret_access_only_in_the_namespaces_named(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    values = {"secretAccess": {"namespaces": ["team-a", "team-b"]}}
+    docs = render(helm, helm_env, OPERATOR_CHART, values, tmp_path=tmp_path)
+    cr, reader = _cluster_roles(docs)
+    assert not _grants(cr["rules"]) & SECRETS
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for b in bindings:
+        assert b["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "mf-modelfit-secret-reader",
+        }
+        assert b["subjects"][0]["namespace"] == "modelfit-system"
+    assert [b["metadata"]["name"] for b in by_kind(docs, "ClusterRoleBinding")] == ["mf-modelfit"]
+    notes = render_notes(helm, helm_env, OPERATOR_CHART, tmp_path, values)
+    assert "team-a, team-b" in notes and "--clusterrole=mf-modelfit-secret-reader" in notes
 
 
 def test_all_namespaces_by_default(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
@@ -444,9 +473,10 @@ def test_image_override(helm: str, helm_env: dict[str, str], tmp_path: Path) -> 
     assert c["imagePullPolicy"] == "Always"
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     assert spec["serviceAccountName"] == "mf-op"
-    assert c["args"][-5:] == [
+    assert c["args"][-10:] == [
         "--metrics-port=9191", "--log-format=plain", "--verbose", "--hpa-metric=llamacpp_requests_inflight",
-        "--no-standalone",
+        "--host-path-root=/var/lib/modelfit/models", "--host-path-root=/mnt/fast/models",
+        "--allow-network=10.20.0.0/16", "--deny-network=10.96.0.0/12", "--deny-network=fd00::/8", "--no-standalone",
     ]  # fmt: skip
     assert "--liveness=http://0.0.0.0:8181/healthz" in c["args"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"health": 8181, "metrics": 9191}

@@ -38,6 +38,7 @@ from .nodes import NodeFacts, NodeShape, parse_quantity
 from .occupancy import requests_of
 from .placement import WAITING_FOR_NODE, Placement, class_selector, ineligible_reason, place_with_shapes
 from .render import (
+    API_KEY_ANNOTATION,
     APPLIED_ANNOTATION,
     APPLIED_PLAN_ANNOTATION,
     HASH_ANNOTATION,
@@ -116,6 +117,7 @@ class Snapshot:
     avoid: dict[AvoidKey, float] = field(default_factory=dict)  # node classes avoided until (monotonic)
     seen_generation: int | None = None  # the Deployment's generation as last applied or seen (None: first look)
     missing: Condition | None = None  # Degraded: a Secret, key or PVC the pods need and that does not exist
+    api_key_version: str | None = None  # the API-key Secret's resourceVersion: a new one rolls the pods
     hpa_metric: str = HPA_METRIC
     failures: int = 0  # reconciles in a row that asked to come back (the shell's count, for the backoff)
 
@@ -227,10 +229,14 @@ def spec_hash(spec: ModelDeploymentSpec) -> str:
 
 
 def template_hash(deploy: dict[str, Any] | None) -> str | None:
+    return _template_annotation(deploy, HASH_ANNOTATION)
+
+
+def _template_annotation(deploy: dict[str, Any] | None, key: str) -> str | None:
     if deploy is None:
         return None
     annotations: dict[str, str] = ((deploy["spec"]["template"].get("metadata") or {}).get("annotations")) or {}
-    return annotations.get(HASH_ANNOTATION)
+    return annotations.get(key)
 
 
 # ---- signals from the pods --------------------------------------------------------------------------
@@ -499,6 +505,11 @@ def _changes(snap: Snapshot, placement: Placement, rendered: Rendered, decision:
     # hash and the next reconcile applies everything again (no missing Service after a restart).
     decision.delete = list(rendered.absent)
     decision.apply = sorted(rendered.objects, key=lambda o: o["kind"] == "Deployment")
+    live_key = _template_annotation(deploy, API_KEY_ANNOTATION)
+    new_key = _template_annotation(rendered.by_kind("Deployment"), API_KEY_ANNOTATION)
+    if live_key and new_key and live_key != new_key:
+        decision.events.append(("ApiKeyRotated", f"the API-key Secret changed: rolling the pods of {name}"))
+        decision.logs.append((logging.INFO, "the API-key Secret changed: rolling the pods with the new key"))
     if snap.old.plan is None or snap.old.plan.hash != rendered.hash:
         assert placement.result is not None
         p = placement.result.plan
@@ -570,6 +581,7 @@ def decide(snap: Snapshot) -> Decision:
         honour_memory_override=verdict is None,
         surge=surge,
         hpa_metric=snap.hpa_metric,
+        api_key_version=snap.api_key_version,
     )
     new = base_status(meta)
     new.oom_kills, new.memory_override_rejected = r.oom_kills, r.rejected

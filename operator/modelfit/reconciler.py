@@ -46,6 +46,8 @@ RESYNC_TICK = 5.0  # seconds between resync checks
 RESYNC_DEBOUNCE = 1.0  # after a pod or Deployment event wakes the resync loop, gather more events this long
 RESYNC_CONCURRENCY = 4  # ModelDeployments the resync loop reconciles at once
 FULL_RESYNC = 300.0  # re-plan at least this often
+KEY_RECHECK = 10.0  # seconds between reads of a referenced API-key Secret: a rotated key rolls the pods
+KEY_READS_PER_TICK = 50  # at most this many Secret reads per resync tick (1000 keys: each every 100 s)
 
 
 class ApiRetry(Exception):
@@ -91,6 +93,8 @@ class OperatorState:
         self.wake: asyncio.Event | None = None  # set by pod/Deployment events: the resync loop looks at once
         self.reservations: dict[tuple[str, str], Reservation] = {}  # our Deployments' pods, as planned
         self.reservations_version = 0
+        # API-key Secrets referenced by a ModelDeployment, (namespace, name) -> (resourceVersion, read at)
+        self.key_versions: dict[tuple[str, str], tuple[str | None, float]] = {}
 
     def mark_dirty(self, key: tuple[str, str]) -> None:
         self.seen.setdefault(key, _Seen()).pods_dirty = True
@@ -247,12 +251,17 @@ async def write_status(
         logger.debug(f"not writing the status: the object is gone ({exc})")  # deleted meanwhile, as kopf ignores it
 
 
-async def _missing_reference(kube: Kube, ns: str, spec: ModelDeploymentSpec) -> api.Condition | None:
-    """A Secret, Secret key or PVC the pods need and that does not exist, as a Degraded condition.
+async def _references(
+    kube: Kube, ns: str, spec: ModelDeploymentSpec, state: OperatorState
+) -> tuple[api.Condition | None, str | None]:
+    """(A Secret, Secret key or PVC the pods need and that does not exist, as a Degraded condition; the
+    resourceVersion of the API-key Secret, which the pod template carries so that a rotated key rolls the pods).
 
-    The pods are created anyway (they start once it exists); an answer other than found/not found (no RBAC
-    on Secrets, say) means the check cannot be made, and the kubelet's CreateContainerConfigError tells.
+    The operator reads only the Secrets a spec names, by name. The pods are created anyway (they start once
+    it exists); an answer other than found/not found (no RBAC on Secrets in this namespace, say) means the
+    check cannot be made, and the kubelet's CreateContainerConfigError tells.
     """
+    missing, version = None, None
     try:
         refs = [
             (spec.api_key_secret_ref, "spec.apiKeySecretRef"),
@@ -262,12 +271,19 @@ async def _missing_reference(kube: Kube, ns: str, spec: ModelDeploymentSpec) -> 
             if ref is None:
                 continue
             secret = await kube.get(path_for("v1", "Secret", ns, ref.name))
+            if ref is spec.api_key_secret_ref:
+                version = str(((secret or {}).get("metadata") or {}).get("resourceVersion") or "") or None
+                state.key_versions[(ns, ref.name)] = (version, time.monotonic())
             problem = secret_problem(secret, ref, where, ns, "the pods cannot start until it does")
-            if problem is not None:
-                return problem
+            if problem is not None and missing is None:
+                missing = problem
         pvc = spec.model.pvc
-        if pvc is not None and await kube.get(path_for("v1", "PersistentVolumeClaim", ns, pvc.claim_name)) is None:
-            return condition(
+        if (
+            missing is None
+            and pvc is not None
+            and await kube.get(path_for("v1", "PersistentVolumeClaim", ns, pvc.claim_name)) is None
+        ):
+            missing = condition(
                 "Degraded",
                 "True",
                 "PvcNotFound",
@@ -275,8 +291,8 @@ async def _missing_reference(kube: Kube, ns: str, spec: ModelDeploymentSpec) -> 
                 "the pods cannot be scheduled until it does",
             )
     except KubeError:
-        return None
-    return None
+        return missing, version
+    return missing, version
 
 
 class _ApiFailed(Exception):
@@ -313,7 +329,7 @@ async def _gather(
     except KubeError as exc:
         raise _ApiFailed(exc, f"reading Deployment {name}", write=False) from exc
     pod_monitors = await pod_monitors_served(kube, state)
-    missing = await _missing_reference(kube, ns, spec)
+    missing, key_version = await _references(kube, ns, spec, state)
     gen = meta.get("generation")
     if (
         seen.plan is not None
@@ -338,6 +354,7 @@ async def _gather(
         avoid=dict(seen.avoid),
         seen_generation=seen.deploy_generation,
         missing=missing,
+        api_key_version=key_version,
         hpa_metric=state.hpa_metric,
         failures=seen.failures,
     )
@@ -524,6 +541,10 @@ async def resync_loop(
             await asyncio.wait_for(state.wake.wait(), tick)
             await asyncio.sleep(RESYNC_DEBOUNCE)
         state.wake.clear()
+        try:
+            await check_api_keys(state, get_client())
+        except Exception as exc:  # noqa: BLE001 - a failed check is retried next tick; the loop goes on
+            log.warning(f"checking API-key Secrets failed: {exc}")
         for key, body in list(state.bodies.items()):
             seen = state.seen.get(key)
             if seen is None or not seen.at:
@@ -533,6 +554,40 @@ async def resync_loop(
             task = asyncio.create_task(one(key, body))
             running[key] = task
             task.add_done_callback(functools.partial(_forget_task, running, key))
+
+
+async def check_api_keys(state: OperatorState, kube: Kube, recheck: float = KEY_RECHECK) -> int:
+    """Read the API-key Secrets ModelDeployments reference, by name, the least recently read first; a changed
+    resourceVersion marks the ModelDeployments that use it for a reconcile, which rolls their pods with the new
+    key. Kubernetes gives no watch on named Secrets short of list/watch on all of a namespace's, which this
+    operator is not granted. Returns how many changed."""
+    users: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for key, body in state.bodies.items():
+        ref = ((body.get("spec") or {}).get("apiKeySecretRef") or {}).get("name")
+        if isinstance(ref, str) and ref and not (body.get("metadata") or {}).get("deletionTimestamp"):
+            users.setdefault((key[0], ref), []).append(key)
+    for gone in set(state.key_versions) - set(users):
+        del state.key_versions[gone]
+    now = time.monotonic()
+    stale = sorted(
+        (k for k in users if now - state.key_versions.get(k, (None, 0.0))[1] >= recheck),
+        key=lambda k: state.key_versions.get(k, (None, 0.0))[1],
+    )[:KEY_READS_PER_TICK]
+    changed = 0
+    for ns, name in stale:
+        known = state.key_versions.get((ns, name))
+        try:
+            secret = await kube.get(path_for("v1", "Secret", ns, name))
+        except KubeError:
+            state.key_versions[(ns, name)] = (known[0] if known else None, now)  # no RBAC here: the pods tell
+            continue
+        version = str(((secret or {}).get("metadata") or {}).get("resourceVersion") or "") or None
+        state.key_versions[(ns, name)] = (version, now)
+        if known is not None and known[0] != version:
+            changed += 1
+            for key in users[(ns, name)]:
+                state.mark_dirty(key)
+    return changed
 
 
 def _forget_task(running: dict[tuple[str, str], asyncio.Task[None]], key: tuple[str, str], _: object) -> None:

@@ -36,6 +36,7 @@ SOURCE_DIR = "/model-source"
 HASH_ANNOTATION = "modelfit.io/plan-hash"
 APPLIED_ANNOTATION = "modelfit.io/applied-hash"
 APPLIED_PLAN_ANNOTATION = "modelfit.io/applied-plan"
+API_KEY_ANNOTATION = "modelfit.io/api-key-version"  # the pods' API-key Secret resourceVersion
 MD_LABEL = "modelfit.io/modeldeployment"
 POD_MONITOR_API_VERSION = "monitoring.coreos.com/v1"
 UID = 1000
@@ -338,8 +339,13 @@ def deployment(
     model: ModelFile,
     honour_memory_override: bool = True,
     surge: bool = False,
+    api_key_version: str | None = None,
 ) -> dict[str, Any]:
-    """The llama-server Deployment of a plan: pinned to the plan's node class, restricted security context."""
+    """The llama-server Deployment of a plan: pinned to the plan's node class, restricted security context.
+
+    ``api_key_version``: the API-key Secret's resourceVersion. llama-server reads its key once, at start, so
+    the pod template carries it: a rotated key rolls the pods (surge where the plan has room), and the old
+    key stops working when the last old pod is gone."""
     assert placement.result is not None
     name = md_meta["name"]
     mounts, volumes, init = _model_volumes(md_meta, spec, model)
@@ -379,6 +385,8 @@ def deployment(
     )
     if volumes[-1].get("emptyDir") is not None and volumes[-1]["name"] == "model-cache":
         pod_annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] = "true"
+    if spec.api_key_secret_ref is not None and api_key_version:
+        pod_annotations[API_KEY_ANNOTATION] = api_key_version
     template = {"metadata": {"labels": labels(name), "annotations": pod_annotations}, "spec": pod_spec}
     template["metadata"]["annotations"][HASH_ANNOTATION] = digest(template)
     return {
@@ -530,6 +538,19 @@ class Rendered:
         return next((o for o in self.objects if o["kind"] == kind), None)
 
 
+def _without_key_version(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object as the plan hash sees it: a rotated API key rolls the pods but is not a new plan."""
+    if obj["kind"] != "Deployment":
+        return obj
+    template: dict[str, Any] = obj["spec"]["template"]
+    annotations: dict[str, str] = template["metadata"].get("annotations") or {}
+    if API_KEY_ANNOTATION not in annotations:
+        return obj
+    kept = {k: v for k, v in annotations.items() if k not in (API_KEY_ANNOTATION, HASH_ANNOTATION)}
+    metadata = {**template["metadata"], "annotations": kept}
+    return {**obj, "spec": {**obj["spec"], "template": {**template, "metadata": metadata}}}
+
+
 def render(
     md_meta: dict[str, Any],
     spec: ModelDeploymentSpec,
@@ -540,6 +561,7 @@ def render(
     honour_memory_override: bool = True,
     surge: bool = False,
     hpa_metric: str = HPA_METRIC,
+    api_key_version: str | None = None,
 ) -> Rendered:
     """Every child of a ModelDeployment for a fitting placement.
 
@@ -552,7 +574,7 @@ def render(
     claim = pvc(md_meta, spec, model)
     if claim is not None:
         objs.append(claim)
-    deploy = deployment(md_meta, spec, placement, model, honour_memory_override, surge)
+    deploy = deployment(md_meta, spec, placement, model, honour_memory_override, surge, api_key_version)
     objs.append(deploy)
     objs.append(service(md_meta, spec))
     if with_pod_monitor:
@@ -568,7 +590,7 @@ def render(
     else:
         absent.append(("autoscaling/v2", "HorizontalPodAutoscaler", name))
     replicas = deploy["spec"].pop("replicas")
-    plan_hash = digest([o for o in objs if o["kind"] != "PodDisruptionBudget"])
+    plan_hash = digest([_without_key_version(o) for o in objs if o["kind"] != "PodDisruptionBudget"])
     deploy["spec"]["replicas"] = replicas
     applied = digest(objs)
     deploy["metadata"]["annotations"] = {APPLIED_ANNOTATION: applied, APPLIED_PLAN_ANNOTATION: plan_hash}

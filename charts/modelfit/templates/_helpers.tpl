@@ -83,16 +83,23 @@ CRDs (kopf's scanning).
 {{- end }}
 
 {{/*
-Permissions the operator needs where ModelDeployments live: post events,
-manage the children, read/patch the ModelDeployments themselves, and get (never
-list or watch) the Secrets a ModelDeployment names: the token of
-spec.model.tokenSecretRef for its GGUF header read, and a missing Secret or key
-reported as a condition.
+Get (never list or watch) the Secrets a ModelDeployment names: the token of
+spec.model.tokenSecretRef for its GGUF header read, the API key of
+spec.apiKeySecretRef (a rotated key rolls the pods), a missing Secret or key
+reported as a condition. Granted only where the operator watches
+(watchNamespaces) or where secretAccess.namespaces says, never cluster-wide.
 */}}
-{{- define "modelfit.namespacedRules" -}}
+{{- define "modelfit.secretRules" -}}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+{{- end }}
+
+{{/*
+Permissions the operator needs where ModelDeployments live: post events,
+manage the children, read/patch the ModelDeployments themselves.
+*/}}
+{{- define "modelfit.namespacedRules" -}}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
