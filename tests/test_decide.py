@@ -347,6 +347,41 @@ def test_pods_the_scheduler_refuses(
     assert d.avoid == ({large: avoided_until} if avoided_until is not None else {})
 
 
+def test_an_avoided_class_that_is_the_only_eligible_one_is_still_planned_on(
+    make_node: Builder, make_pod: Builder
+) -> None:
+    """Avoiding a node class the scheduler refused is a preference: when it leaves no eligible node (here only
+    a tainted node none tolerates), the plan stays on it and the pods say why they wait -- not NoEligibleNodes
+    naming the one node the spec excludes (the burst on the demo cluster: 56 models for 5 minutes)."""
+    real = make_node("real-0", "4", "8Gi", taints=[{"key": "real", "value": "true", "effect": "NoSchedule"}])
+    nodes = [make_node("cpu-large"), real]
+    first = decide(snapshot(SEED, nodes))
+    refused = after(first, make_pod, unschedulable="0/2 nodes: Insufficient cpu")
+    d = decide(snapshot(SEED, nodes, **refused))
+    assert d.avoid == {((HOST, "cpu-large"),): NOW + AVOID_SECONDS}
+    again = decide(snapshot(SEED, nodes, avoid=d.avoid, **refused))
+    assert conds(again)["Planned"][:2] == ("True", "Planned") and again.status.plan.node_class == "cpu-large"
+    assert conds(again)["Unschedulable"] == ("True", "FailedScheduling", "0/2 nodes: Insufficient cpu")
+
+
+def test_a_pod_that_waits_for_room_is_refused_by_design_and_its_class_not_avoided(
+    make_node: Builder, make_pod: Builder
+) -> None:
+    """A model planned for an empty node of a full class (WaitingForNode) has a pending pod the scheduler
+    refuses until room frees up: that is the plan, not a reason to avoid the class (adapt or not)."""
+    nodes = [make_node("cpu-large"), make_node("cpu-other", "8", "32Gi")]
+    others = [
+        make_pod(f"busy-{n}", node=n, owner=None, namespace="b", requests={"cpu": cpu, "memory": "1Gi"})
+        for n, cpu in (("cpu-large", "16"), ("cpu-other", "8"))
+    ]
+    first = decide(snapshot(SEED, nodes, others=others))
+    assert conds(first)["Unschedulable"][1] == "WaitingForNode"
+    refused = after(first, make_pod, unschedulable="0/2 nodes: Insufficient cpu")
+    d = decide(snapshot(SEED, nodes, others=others, **refused))
+    assert d.avoid == {} and not d.apply and conds(d)["Unschedulable"][1] == "WaitingForNode"
+    assert d.status.plan.node_selector == first.status.plan.node_selector
+
+
 # ---- no churn: keep or move a running plan (spec.rebalance) -----------------------------------------
 
 

@@ -1042,3 +1042,125 @@ def test_a_verdict_is_logged_once_not_on_every_resync(caplog, spec):
         go(md(spec, status=p), k, st)
     if spec["model"].get("url") is None:
         assert [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# ---- a burst larger than the cluster ---------------------------------------------------------------
+
+
+class MiniCluster(FakeKube):
+    """FakeKube with a Deployment controller and a scheduler in miniature: each Deployment gets its replicas as
+    pods of its current template (older ones go), and each unbound pod, oldest first, is bound to the matching
+    node (nodeSelector, taints) with the most CPU left, or marked Unschedulable as kube-scheduler does."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.created = 0
+
+    async def list(self, path, **params):
+        items = await super().list(path, **params)
+        want = dict(kv.split("=", 1) for kv in (params.get("labelSelector") or "").split(",") if kv)
+        return [p for p in items if all((p["metadata"].get("labels") or {}).get(a) == b for a, b in want.items())]
+
+    def schedule(self):
+        from modelfit.nodes import Requests, node_facts_from_k8s
+        from modelfit.occupancy import pod_requests, usage
+        from modelfit.placement import tolerates
+        from modelfit.render import HASH_ANNOTATION, MD_LABEL
+
+        pods = []
+        for d in (o for o in self.objects.values() if o["kind"] == "Deployment"):
+            template, name = d["spec"]["template"], d["metadata"]["name"]
+            current = template["metadata"]["annotations"][HASH_ANNOTATION]
+            mine = [
+                p
+                for p in self.pods
+                if p["metadata"]["labels"].get(MD_LABEL) == name
+                and p["metadata"]["annotations"][HASH_ANNOTATION] == current
+            ]
+            for _ in range(int(d["spec"].get("replicas", 1)) - len(mine)):
+                self.created += 1
+                meta = {**template["metadata"], "name": f"{name}-{self.created}", "namespace": "default"}
+                mine.append({"metadata": meta, "spec": dict(template["spec"]), "status": {"phase": "Pending"}})
+            pods += mine
+        self.pods = sorted(pods, key=lambda p: int(p["metadata"]["name"].rsplit("-", 1)[1]))
+        for p in self.pods:
+            if p["spec"].get("nodeName"):
+                continue
+            used, _ = usage(self.pods, "")
+            want, tolerations = p["spec"].get("nodeSelector") or {}, p["spec"].get("tolerations") or []
+            room = [
+                f
+                for f in (node_facts_from_k8s(n, used.get(n["metadata"]["name"])) for n in self.nodes)
+                if all(f.labels.get(k) == v for k, v in want.items())
+                and all(tolerates(tolerations, t) for t in f.taints)
+                and Requests(f.cpu_millis, f.memory_bytes or 0, f.gpus).covers(pod_requests(p))
+            ]
+            if room:
+                p["spec"] = {**p["spec"], "nodeName": max(room, key=lambda f: (f.cpu_millis, f.name)).name}
+                p["status"] = {"phase": "Running"}
+            else:
+                refused = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+                p["status"] = {"phase": "Pending", "conditions": [{**refused, "message": "0/3 nodes are available"}]}
+
+
+REAL_NODE = node(
+    "real-0", "4", "8Gi", taints=[{"key": "modelfit.io/real-node", "value": "true", "effect": "NoSchedule"}]
+)
+
+
+def _burst(spec, names, seed, rounds=4):
+    """``names`` created at once (kopf's handlers, concurrently, in a shuffled order), then ``rounds`` of the
+    resync loop with the scheduler between them; each one's final conditions, pods and the applies per round."""
+    import random
+
+    rnd = random.Random(seed)
+    k, st = MiniCluster([node("h0", "8", "32Gi"), node("h1", "8", "32Gi"), REAL_NODE]), OperatorState()
+    status = {x: {} for x in names}
+
+    async def one(x):
+        status[x] = _merge(status[x], await reconcile(md(spec, name=x, status=status[x]), LOG, k, st))
+
+    async def burst():
+        order = rnd.sample(names, len(names))
+        await asyncio.gather(*(one(x) for x in order))
+
+    asyncio.run(burst())
+    applies = []
+    for _ in range(rounds):
+        k.schedule()
+        st.snapshot.invalidate()
+        before = k.applies
+        for x in rnd.sample(names, len(names)):
+            asyncio.run(one(x))
+        applies.append(k.applies - before)
+    k.schedule()
+    out = {}
+    for x in names:
+        conds = {c["type"]: c for c in status[x]["conditions"]}
+        phases = sorted(
+            p["status"]["phase"] for p in k.pods if p["metadata"]["labels"].get("modelfit.io/modeldeployment") == x
+        )
+        out[x] = (conds, deploy_path(x) in k.objects, phases)
+    return out, applies
+
+
+@pytest.mark.parametrize("adapt", [True, False], ids=["adapt", "strict"])
+def test_a_burst_larger_than_the_cluster_leaves_every_model_a_pending_pod_whatever_the_order(adapt):
+    """12 models at once where 4 fit (two 8-CPU hosts, 2 each; a tainted node none tolerates): the 4 run, the 8
+    others each get a Deployment whose pod pends (WaitingForNode: the scheduler or an autoscaler acts on it),
+    in any order of arrival; none reads NoEligibleNodes while the hosts are eligible but full, and the plans
+    settle (no Deployment re-applied once the scheduler has placed what fits)."""
+    spec = {**SMALL_SPEC, "context": 4096, "adapt": adapt}
+    names = [f"m{i:02d}" for i in range(12)]
+    outcomes = set()
+    for seed in range(3):
+        out, applies = _burst(spec, names, seed)
+        for name, (conds, has_deploy, phases) in out.items():
+            planned, unsched = conds["Planned"], conds["Unschedulable"]
+            assert planned["reason"] != "NoEligibleNodes", (seed, name, planned)
+            assert planned["status"] == "True" and has_deploy and len(phases) == 1, (seed, name, planned, phases)
+            if phases == ["Pending"]:
+                assert (unsched["status"], unsched["reason"]) == ("True", "WaitingForNode"), (seed, name, unsched)
+        assert applies[-1] == 0, (seed, applies)
+        outcomes.add(tuple(sorted((v[2][0], v[0]["Unschedulable"]["reason"]) for v in out.values())))
+    assert outcomes == {(("Pending", "WaitingForNode"),) * 8 + (("Running", "Scheduled"),) * 4}

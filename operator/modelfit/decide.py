@@ -9,8 +9,10 @@ and writes the status in one place.
 Rules decided here:
 
 - Signals: an OOM kill under a tight ``spec.resources`` memory override drops the override; any other OOM
-  kill raises the memory headroom (``OOM_HEADROOM_STEP``) and re-plans; pods the scheduler refuses make
-  an ``adapt`` spec avoid that node class for ``AVOID_SECONDS``.
+  kill raises the memory headroom (``OOM_HEADROOM_STEP``) and re-plans; pods the scheduler refuses on a class
+  the facts say has room make an ``adapt`` spec avoid that node class for ``AVOID_SECONDS`` (a pod planned to
+  wait for room, WaitingForNode, is refused by design and avoids nothing); an avoided class is still used when
+  no other class fits, so the pod keeps waiting where it can run.
 - No churn (``spec.rebalance``): a running plan whose spec is unchanged keeps its node class unless the
   new plan is materially better (see ``api.Rebalance``); it moves at once when its pods cannot run.
 - Rollout: Surge (the new pod first) when the node class has room for the old and the new pod, else
@@ -213,12 +215,9 @@ def check_spec(meta: dict[str, Any], raw: dict[str, Any]) -> ModelDeploymentSpec
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return "InvalidSpec", f"spec is invalid: {errors}"
-    owned = spec.owned_flags_in_server_args()
-    if owned:
-        return (
-            "InvalidSpec",
-            f"serverArgs contains flags the plan owns: {', '.join(owned)}; set the matching spec field instead",
-        )
+    bad_args = spec.server_args_problem()
+    if bad_args is not None:
+        return "InvalidSpec", bad_args
     return spec
 
 
@@ -255,13 +254,20 @@ class _Reaction:
 
 
 def _place(snap: Snapshot, boost: float, avoid: dict[AvoidKey, float]) -> Placement:
+    """The placement, away from the avoided node classes when that fits (a plan, or a pod to wait for room);
+    else on every node: avoiding is a preference, and a class the scheduler refused is still where the pod can
+    wait, where "no node is eligible" (the avoided nodes left out) would leave it nothing at all."""
+
     def usable(nodes: list[NodeFacts]) -> list[NodeFacts]:
-        return [n for n in nodes if tuple(sorted(class_selector(n).items())) not in avoid] or nodes
+        return [n for n in nodes if tuple(sorted(class_selector(n).items())) not in avoid]
 
     path = model_file(snap.spec, snap.loaded.size).path
-    return place_with_shapes(
-        snap.spec, snap.loaded.facts, usable(snap.nodes), snap.shapes, path, boost, usable(snap.empty)
-    )
+    spec, facts = snap.spec, snap.loaded.facts
+    if avoid:
+        got = place_with_shapes(spec, facts, usable(snap.nodes), snap.shapes, path, boost, usable(snap.empty))
+        if got.fits:
+            return got
+    return place_with_shapes(spec, facts, snap.nodes, snap.shapes, path, boost, snap.empty)
 
 
 def _limit_bytes(placement: Placement) -> int:
@@ -293,7 +299,9 @@ def react(snap: Snapshot) -> _Reaction:
         out.oom_kills += 1
         out.logs.append((logging.WARNING, f"OOMKilled in {sig.oom_killed}; memory headroom boost now {out.boost:.2f}"))
         out.placement = _place(snap, out.boost, avoid)
-    elif sig.unschedulable and spec.adapt:
+    elif sig.unschedulable and spec.adapt and placement.reason != WAITING_FOR_NODE:
+        # The facts say the class has room, the scheduler says no: avoid it. A pod that waits for room or a node
+        # (WaitingForNode) is refused by design until then; avoiding its class would only move it about.
         avoid[tuple(sorted(placement.selector.items()))] = snap.now + AVOID_SECONDS
         other = _place(snap, boost, avoid)
         if other.fits and other.selector != placement.selector:
