@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic.alias_generators import to_camel
 
 from .catalog import RECIPES
-from .flags import OWNED_FLAGS
+from .flags import KINDS, OWNED_FLAGS, REFUSED, REFUSED_FLAGS, cel_refuses, flag_of
 
 GROUP = "modelfit.io"
 VERSION = "v1alpha1"
@@ -61,14 +61,21 @@ Quant = Annotated[
 ]
 Backend = Literal["auto", "cpu", "cuda", "rocm", "vulkan"]
 
-# Owned flags written as --flag=value are refused too; CEL checks both spellings.
-OWNED_SORTED = sorted(OWNED_FLAGS)
-_OWNED_CEL_LIST = "[" + ", ".join(f"'{f}'" for f in OWNED_SORTED) + "]"
+# serverArgs' CEL rules, from the same tables as ``server_args_problem`` (``flags.flag_of`` spells both): the
+# flags the plan owns, then one rule per kind of refused flag, its message naming every spelling.
 OWNED_FLAGS_RULE: dict[str, Any] = {
-    "rule": f"self.all(a, !{_OWNED_CEL_LIST}.exists(f, a == f || a.startsWith(f + '=')))",
+    "rule": cel_refuses(OWNED_FLAGS),
     "message": "serverArgs must not contain flags the plan owns (model, context, parallel, KV cache, GPU layers, "
     "threads, batch, load mode, host, port, fit...); set the matching spec field instead",
 }
+REFUSED_FLAGS_RULES: list[dict[str, Any]] = [
+    {
+        "rule": cel_refuses(s for r in REFUSED if r.kind == kind for s in r.spellings),
+        "message": f"serverArgs must not contain flags that {text}: "
+        + ", ".join(s for r in REFUSED if r.kind == kind for s in r.spellings),
+    }
+    for kind, text in KINDS.items()
+]
 INT_OR_STRING: dict[str, Any] = {"x-kubernetes-int-or-string": True}
 
 # The name of a ModelDeployment names its Service (a DNS-1035 label) and is a label value on every child
@@ -489,8 +496,10 @@ class ModelDeploymentSpec(_Model):
     server_args: list[str] | None = Field(
         default=None,
         max_length=64,
-        description="Extra llama-server arguments appended to the plan's; flags the plan owns are refused.",
-        json_schema_extra={"x-kubernetes-validations": [OWNED_FLAGS_RULE]},
+        description="Extra llama-server arguments appended to the plan's. Refused: flags the plan owns, and flags "
+        "that carry secrets, load memory the plan does not count, fetch from the network, expose the pod's files "
+        "or break its probes.",
+        json_schema_extra={"x-kubernetes-validations": [OWNED_FLAGS_RULE, *REFUSED_FLAGS_RULES]},
     )
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding the API key (LLAMA_API_KEY)."
@@ -511,12 +520,21 @@ class ModelDeploymentSpec(_Model):
         return value
 
     def owned_flags_in_server_args(self) -> list[str]:
-        bad = []
-        for a in self.server_args or []:
-            flag = a.split("=", 1)[0]
-            if flag in OWNED_FLAGS:
-                bad.append(flag)
-        return bad
+        """The flags in serverArgs the plan owns, as llama-server reads them (``flags.flag_of``)."""
+        return [f for f in map(flag_of, self.server_args or []) if f in OWNED_FLAGS]
+
+    def server_args_problem(self) -> str | None:
+        """Why serverArgs cannot run (the flags the plan owns, each refused flag and why), or None: the one
+        check of the operator (InvalidSpec) and ``modelfit plan -f``; the CRD's rules refuse the same flags."""
+        problems = []
+        owned = self.owned_flags_in_server_args()
+        if owned:
+            problems.append(
+                f"serverArgs contains flags the plan owns: {', '.join(owned)}; set the matching spec field instead"
+            )
+        refused = [f for f in map(flag_of, self.server_args or []) if f in REFUSED_FLAGS]
+        problems += [f"serverArgs: {f} {REFUSED_FLAGS[f].why}" for f in dict.fromkeys(refused)]
+        return "; ".join(problems) or None
 
 
 # ---- status ------------------------------------------------------------------------------------

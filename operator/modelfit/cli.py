@@ -406,9 +406,9 @@ def spec_of(doc: dict[str, Any]) -> tuple[str, str, api.ModelDeploymentSpec]:
         spec = api.ModelDeploymentSpec.model_validate(doc.get("spec") or {})
     except ValidationError as exc:
         raise ValueError(f"{what}: spec.{_one_line(exc)}") from None
-    owned = spec.owned_flags_in_server_args()
-    if owned:
-        raise ValueError(f"{what}: serverArgs contains flags the plan owns: {', '.join(owned)}")
+    bad_args = spec.server_args_problem()
+    if bad_args is not None:
+        raise ValueError(f"{what}: {bad_args}")
     return ns, name, spec
 
 
