@@ -1052,9 +1052,10 @@ class MiniCluster(FakeKube):
     pods of its current template (older ones go), and each unbound pod, oldest first, is bound to the matching
     node (nodeSelector, taints) with the most CPU left, or marked Unschedulable as kube-scheduler does."""
 
-    def __init__(self, nodes):
+    def __init__(self, nodes, binds=None):
         super().__init__(nodes)
         self.created = 0
+        self.binds = binds  # a random.Random: bind unbound pods in a shuffled order, not the oldest first
 
     async def list(self, path, **params):
         items = await super().list(path, **params)
@@ -1083,7 +1084,7 @@ class MiniCluster(FakeKube):
                 mine.append({"metadata": meta, "spec": dict(template["spec"]), "status": {"phase": "Pending"}})
             pods += mine
         self.pods = sorted(pods, key=lambda p: int(p["metadata"]["name"].rsplit("-", 1)[1]))
-        for p in self.pods:
+        for p in self.binds.sample(self.pods, len(self.pods)) if self.binds else self.pods:
             if p["spec"].get("nodeName"):
                 continue
             used, _ = usage(self.pods, "")
@@ -1108,17 +1109,19 @@ REAL_NODE = node(
 )
 
 
-def _burst(spec, names, seed, rounds=4):
-    """``names`` created at once (kopf's handlers, concurrently, in a shuffled order), then ``rounds`` of the
-    resync loop with the scheduler between them; each one's final conditions, pods and the applies per round."""
+def _burst(specs, seed, rounds=4):
+    """``specs`` (by name) created at once (kopf's handlers, concurrently, in a shuffled order), then ``rounds`` of the
+    resync loop with the scheduler between them (binding the oldest pods first for an even ``seed``, in a
+    shuffled order for an odd one); each one's final conditions, pods and the applies per round."""
     import random
 
-    rnd = random.Random(seed)
-    k, st = MiniCluster([node("h0", "8", "32Gi"), node("h1", "8", "32Gi"), REAL_NODE]), OperatorState()
+    rnd, names = random.Random(seed), sorted(specs)
+    hosts = [node("h0", "8", "32Gi"), node("h1", "8", "32Gi"), REAL_NODE]
+    k, st = MiniCluster(hosts, binds=rnd if seed % 2 else None), OperatorState()
     status = {x: {} for x in names}
 
     async def one(x):
-        status[x] = _merge(status[x], await reconcile(md(spec, name=x, status=status[x]), LOG, k, st))
+        status[x] = _merge(status[x], await reconcile(md(specs[x], name=x, status=status[x]), LOG, k, st))
 
     async def burst():
         order = rnd.sample(names, len(names))
@@ -1146,15 +1149,19 @@ def _burst(spec, names, seed, rounds=4):
 
 @pytest.mark.parametrize("adapt", [True, False], ids=["adapt", "strict"])
 def test_a_burst_larger_than_the_cluster_leaves_every_model_a_pending_pod_whatever_the_order(adapt):
-    """12 models at once where 4 fit (two 8-CPU hosts, 2 each; a tainted node none tolerates): the 4 run, the 8
+    """13 models at once where 4 fit (two 8-CPU hosts, 2 each; a tainted node none tolerates): the 4 run, 8
     others each get a Deployment whose pod pends (WaitingForNode: the scheduler or an autoscaler acts on it),
-    in any order of arrival; none reads NoEligibleNodes while the hosts are eligible but full, and the plans
-    settle (no Deployment re-applied once the scheduler has placed what fits)."""
-    spec = {**SMALL_SPEC, "context": 4096, "adapt": adapt}
-    names = [f"m{i:02d}" for i in range(12)]
+    one too big for any node reads NoNodeFits naming why, in any order of arrival and of binding; none reads
+    NoEligibleNodes while the hosts are eligible but full, and the plans settle (no Deployment re-applied
+    once the scheduler has placed what fits)."""
+    specs = {f"m{i:02d}": {**SMALL_SPEC, "context": 4096, "adapt": adapt} for i in range(12)}
+    specs["big"] = {"model": {"catalog": "qwen3-30b-a3b", "quant": "Q8_0"}, "context": 131072}
     outcomes = set()
-    for seed in range(3):
-        out, applies = _burst(spec, names, seed)
+    for seed in range(4):
+        out, applies = _burst(specs, seed)
+        conds, has_deploy, phases = out.pop("big")
+        assert conds["Planned"]["reason"] == "NoNodeFits" and not has_deploy and not phases
+        assert all(h in conds["Planned"]["message"] for h in ("h0", "h1", "short by", "real-0"))
         for name, (conds, has_deploy, phases) in out.items():
             planned, unsched = conds["Planned"], conds["Unschedulable"]
             assert planned["reason"] != "NoEligibleNodes", (seed, name, planned)
