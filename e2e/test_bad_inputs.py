@@ -104,6 +104,8 @@ MUST_MATCH = "in body should match"
 CTX = "context must be max or a number between 256 and 16777216"
 ONE_SOURCE = "exactly one of catalog, url, huggingFace or pvc must be set"
 OWNED = "serverArgs must not contain flags the plan owns"
+SECRET_ARG = "serverArgs must not contain flags that carry secrets into the pod's arguments"
+UNCOUNTED_ARG = "serverArgs must not contain flags that load or move memory the plan does not count"
 NAME_LONG = "metadata.name must be at most 63 characters"
 NAME_DNS = "metadata.name must be a DNS-1035 label"
 
@@ -186,6 +188,11 @@ CASES = [
          modelCache={"emptyDir": {}, "hostPath": {"path": "/models"}}),
     case("owned-flag", Refused(OWNED), serverArgs=["--jinja", "-c", "4096"]),
     case("owned-flag-equals", Refused(OWNED), serverArgs=["--n-gpu-layers=99"]),
+    case("owned-flag-underscore", Refused(OWNED), serverArgs=["--ctx_size", "4096"]),  # llama-server reads --ctx-size
+    case("api-key-in-args", Refused(SECRET_ARG), serverArgs=["--jinja", "--api-key", "sk-e2e"]),
+    case("api-key-equals-underscore", Refused(SECRET_ARG), serverArgs=["--api_key=sk-e2e"]),
+    case("mmproj-in-args", Refused(UNCOUNTED_ARG), serverArgs=["--mmproj", "/models/mmproj.gguf"]),
+    case("mmproj-short", Refused(UNCOUNTED_ARG), serverArgs=["-mm", "/models/mmproj.gguf"]),
     # -- names that cannot make valid children: CEL at the root, or the API server itself
     case("name-64-chars", Refused(NAME_LONG), meta_name="m" * 64),
     case("name-253-chars", Refused(NAME_LONG), meta_name="m" * 253),
