@@ -662,6 +662,7 @@ def test_every_kopf_handler_has_an_explicit_stable_id():
         "node_event": {"node-events"},
         "pod_event": {"pod-events"},
         "deployment_event": {"deployment-events"},
+        "service_event": {"service-events"},
         "node_facts_age": {"nodeFactsAgeSeconds"},
     }
 

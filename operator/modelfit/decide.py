@@ -120,6 +120,8 @@ class Snapshot:
     seen_generation: int | None = None  # the Deployment's generation as last applied or seen (None: first look)
     missing: Condition | None = None  # Degraded: a Secret, key or PVC the pods need and that does not exist
     api_key_version: str | None = None  # the API-key Secret's resourceVersion: a new one rolls the pods
+    verify: bool = False  # compare the live children with the plan (first look after a start, a deleted child)
+    absent_children: list[str] = field(default_factory=list)  # children the shell found missing when verifying
     hpa_metric: str = HPA_METRIC
     failures: int = 0  # reconciles in a row that asked to come back (the shell's count, for the backoff)
 
@@ -507,6 +509,15 @@ def _changes(snap: Snapshot, placement: Placement, rendered: Rendered, decision:
         decision.logs.append(
             (logging.WARNING, f"Deployment {name} was edited (generation {live_generation}); restoring it")
         )
+    elif snap.verify and deploy is not None and applied == rendered.applied:
+        # What no generation tells: children deleted, or edits made while no operator watched.
+        changed = [*snap.absent_children]
+        where = first_difference((rendered.by_kind("Deployment") or {}).get("spec"), deploy.get("spec") or {}, "spec")
+        if where is not None:
+            changed.append(f"Deployment {name} {where}")
+        if changed:
+            drifted = True
+            decision.logs.append((logging.WARNING, f"restoring what differs from the plan: {'; '.join(changed)}"))
     if applied == rendered.applied and not drifted:
         return
     # The Deployment carries the applied hash, so it goes last: a crash half-way leaves a stale
@@ -527,6 +538,36 @@ def _changes(snap: Snapshot, placement: Placement, rendered: Rendered, decision:
         )
         decision.events.append(("PlanChanged", f"new plan: {what}"))
         decision.logs.append((logging.INFO, f"plan applied: {what}"))
+
+
+def first_difference(want: Any, live: Any, path: str) -> str | None:
+    """Where ``live`` does not hold what ``want`` sets (``None``: it holds all of it). Fields the API server adds
+    (defaults) are not differences; quantities compare by value ("1000m" is "1")."""
+    if isinstance(want, dict):
+        if not isinstance(live, dict):
+            return f"{path} is not an object"
+        for key, value in want.items():
+            where = first_difference(value, live.get(key), f"{path}.{key}")
+            if where is not None:
+                return where
+        return None
+    if isinstance(want, list):
+        if not isinstance(live, list) or len(live) != len(want):
+            return f"{path} has {len(live) if isinstance(live, list) else 'no'} items, not {len(want)}"
+        for i, (w, v) in enumerate(zip(want, live, strict=True)):
+            where = first_difference(w, v, f"{path}[{i}]")
+            if where is not None:
+                return where
+        return None
+    if want == live:
+        return None
+    if isinstance(want, str) and isinstance(live, str | int):
+        try:
+            if parse_quantity(want) == parse_quantity(str(live)):
+                return None
+        except ValueError:
+            pass
+    return f"{path} is {live!r}, not {want!r}"
 
 
 def _conditions(

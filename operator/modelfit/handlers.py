@@ -1,8 +1,8 @@
 """kopf glue: the operator's handlers, each one call into ``reconciler`` (gather, decide, apply, status).
 
 - ModelDeployment created/updated/resumed -> ``reconciler.reconcile`` (plan, apply children, write status).
-- ModelDeployment, Node, Pod and Deployment events -> ``reconciler.STATE``'s indexes; the resync loop
-  (started at startup) re-plans or refreshes what they marked.
+- ModelDeployment, Node, Pod, Deployment and Service events -> ``reconciler.STATE``'s indexes; the resync
+  loop (started at startup) re-plans or refreshes what they marked (a deleted child is restored).
 - A transient API failure becomes kopf's TemporaryError: kopf retries it ``HANDLER_RETRIES`` times with
   backoff, the resync loop every few minutes after that.
 kopf keeps its progress in ``modelfit.io/`` annotations, never in the status: ``reconciler.write_status``
@@ -94,6 +94,15 @@ async def deployment_event(body: kopf.Body, **_: Any) -> None:
     owner = body.metadata.labels.get(MD_LABEL)
     if owner:
         STATE.mark_dirty((str(body.metadata.namespace), owner))
+
+
+@kopf.on.event("", "v1", "services", id="service-events", labels={"app.kubernetes.io/managed-by": "modelfit"})
+async def service_event(event: kopf.RawEvent, **_: Any) -> None:
+    """A Service of ours deleted by hand is recreated: the next reconcile checks every child."""
+    meta = (event.get("object") or {}).get("metadata") or {}
+    owner = (meta.get("labels") or {}).get(MD_LABEL)
+    if owner and event.get("type") == "DELETED":
+        STATE.child_deleted((str(meta.get("namespace")), owner))
 
 
 @kopf.on.probe(id="nodeFactsAgeSeconds")

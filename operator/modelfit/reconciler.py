@@ -67,6 +67,7 @@ class _Seen:
     avoid: dict[tuple[tuple[str, str], ...], float] = field(default_factory=dict)
     failures: int = 0  # reconciles in a row that asked to come back (API retry, requeue_after): the backoff
     retry_at: float = 0.0  # when the resync loop retries after one (monotonic; 0: no retry pending)
+    verified: bool = False  # the children were checked against the plan since this process started (or lost one)
     deploy_generation: int | None = None  # metadata.generation of the Deployment as we last applied or saw it
     # The plan status of our last reconcile and the generation it was for: the body a reconcile gets can lag
     # behind it (the resync loop works on the last watched body; our own status write may not be back yet).
@@ -109,6 +110,11 @@ class OperatorState:
             else:
                 self.reservations[key] = reservation
             self.reservations_version += 1
+
+    def child_deleted(self, key: tuple[str, str]) -> None:
+        """An owned child was deleted (by hand, say): check every child and restore what is missing."""
+        self.seen.setdefault(key, _Seen()).verified = False
+        self.mark_dirty(key)
 
     def forget(self, key: tuple[str, str]) -> None:
         self.reserve(key, None)
@@ -328,6 +334,14 @@ async def _gather(
         deploy = await kube.get(path_for("apps/v1", "Deployment", ns, name))
     except KubeError as exc:
         raise _ApiFailed(exc, f"reading Deployment {name}", write=False) from exc
+    absent: list[str] = []
+    if not seen.verified and deploy is not None:
+        # After a start or a deleted child: what was applied may have changed while no one watched.
+        try:
+            if await kube.get(path_for("v1", "Service", ns, name)) is None:
+                absent.append(f"Service {name}")
+        except KubeError as exc:
+            raise _ApiFailed(exc, f"reading Service {name}", write=False) from exc
     pod_monitors = await pod_monitors_served(kube, state)
     missing, key_version = await _references(kube, ns, spec, state)
     gen = meta.get("generation")
@@ -355,6 +369,8 @@ async def _gather(
         seen_generation=seen.deploy_generation,
         missing=missing,
         api_key_version=key_version,
+        verify=not seen.verified,
+        absent_children=absent,
         hpa_metric=state.hpa_metric,
         failures=seen.failures,
     )
@@ -425,6 +441,7 @@ async def _reconcile(
             seen.pods_dirty = True
             state.snapshot.invalidate()
         await _apply(kube, ns, decision, seen, snap.deploy is not None)
+        seen.verified = True
     except _ApiFailed as failed:
         if failed.exc.status == 403 and "being terminated" in failed.exc.message:
             # Its namespace is being deleted, and the ModelDeployment with it: nothing to report or retry.
