@@ -642,6 +642,90 @@ def test_waiting_for_a_node(
     assert again.status.plan.hash == d.status.plan.hash and again.apply == []
 
 
+# ---- why no node was used -------------------------------------------------------------------------
+
+
+def _state(node: Obj, *, cordoned: bool = False, ready: str = "True") -> Obj:
+    node["spec"]["unschedulable"] = cordoned
+    node["status"]["conditions"] = [{"type": "Ready", "status": ready}]
+    return node
+
+
+def _ml_nodes(make_node: Builder) -> list[Obj]:
+    """Nodes of pool ml, each kept from the spec by another reason, and two nodes outside the pool."""
+    ml = {"pool": "ml"}
+    return [
+        *(_state(make_node(f"c{i}", labels=ml), cordoned=True) for i in (1, 2, 3)),  # drained
+        _state(make_node("r1", labels=ml), ready="False"),
+        _state(make_node("u1", labels=ml), ready="Unknown"),
+        make_node("t1", labels=ml, taints=[{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]),
+        make_node("x1"),
+        make_node("x2"),
+    ]
+
+
+def test_no_eligible_node_names_every_node_and_why(make_node: Builder) -> None:
+    """A drained (cordoned), a not Ready and an unreachable node are named as such, with the taint and the
+    nodeSelector that keep the others out: one clause per reason, the most nodes first."""
+    d = decide(snapshot({**SMALL, "nodeSelector": {"pool": "ml"}}, _ml_nodes(make_node)))
+    message = (
+        "no node is eligible: 3 nodes (c1, c2, c3): cordoned (spec.unschedulable); 2 nodes (x1, x2): nodeSelector "
+        "pool=ml does not match; r1: not Ready; t1: taint dedicated=db:NoSchedule is not tolerated; u1: "
+        "unreachable (Ready Unknown)"
+    )
+    assert conds(d)["Planned"] == ("False", "NoEligibleNodes", message)
+    assert conds(d)["Unschedulable"] == ("True", "NoEligibleNodes", message) and d.apply == []
+
+
+def test_no_node_fits_names_the_small_ones_and_the_ineligible_ones(make_node: Builder) -> None:
+    nodes = [*_ml_nodes(make_node), make_node("s1", "4", "256Mi", labels={"pool": "ml"})]
+    d = decide(snapshot({**SMALL, "nodeSelector": {"pool": "ml"}}, nodes))
+    status, reason, message = conds(d)["Planned"]
+    assert (status, reason) == ("False", "NoNodeFits")
+    assert message.startswith("no node fits the model at the requested context: s1: short by ")
+    assert message.endswith(
+        "Mi (not eligible: 3 nodes (c1, c2, c3): cordoned (spec.unschedulable); 2 nodes (x1, x2): nodeSelector "
+        "pool=ml does not match; r1: not Ready; t1: taint dedicated=db:NoSchedule is not tolerated; u1: "
+        "unreachable (Ready Unknown))"
+    )
+
+
+def test_a_spec_that_tolerates_the_cordon_may_run_there_as_the_scheduler_allows(make_node: Builder) -> None:
+    tolerant = {**SMALL, "tolerations": [{"key": "node.kubernetes.io/unschedulable", "operator": "Exists"}]}
+    d = decide(snapshot(tolerant, [_state(make_node("cpu-large"), cordoned=True)]))
+    assert conds(d)["Planned"][:2] == ("True", "Planned") and d.status.plan.node_class == "cpu-large"
+
+
+def test_the_message_stays_short_for_a_hundred_nodes(make_node: Builder) -> None:
+    nodes = [
+        *(_state(make_node(f"drained-node-{i:03d}"), cordoned=True) for i in range(60)),
+        *(_state(make_node(f"lost-node-{i:03d}"), ready="False") for i in range(30)),
+        *(
+            make_node(f"t{i}", taints=[{"key": f"team-{i}", "value": "x" * 40, "effect": "NoSchedule"}])
+            for i in range(10)
+        ),
+    ]
+    message = conds(decide(snapshot(SMALL, nodes)))["Planned"][2]
+    assert len(message) < 1024, message
+    assert message.startswith(
+        "no node is eligible: 60 nodes (drained-node-000, drained-node-001, drained-node-002, ...): cordoned "
+        "(spec.unschedulable); 30 nodes (lost-node-000, lost-node-001, lost-node-002, ...): not Ready; t0: taint "
+    )
+    assert message.endswith(
+        "; t6: taint team-6=" + "x" * 40 + ":NoSchedule is not tolerated; and 3 more nodes for 3 other reasons"
+    )
+
+
+def test_a_running_plan_leaves_a_drained_node_class(make_node: Builder, make_pod: Builder) -> None:
+    """Its class cordoned (kubectl drain), a running plan moves to a node that can take its pods."""
+    nodes = [make_node("cpu-large"), make_node("cpu-other", "8", "32Gi")]
+    first = decide(snapshot(SMALL, nodes))
+    assert first.status.plan.node_class == "cpu-large"
+    drained = [_state(make_node("cpu-large"), cordoned=True), nodes[1]]
+    d = decide(snapshot(SMALL, drained, **after(first, make_pod)))
+    assert d.status.plan.node_class == "cpu-other" and child(d, "Deployment")
+
+
 def test_shapes_too_small_change_nothing(make_node: Builder) -> None:
     d = decide(snapshot(BIG, [make_node("cpu-small")], shapes=_shapes()[:1]))  # only tiny
     assert conds(d)["Planned"][:2] == ("False", "NoNodeFits") and d.apply == []

@@ -61,15 +61,29 @@ def test_pod_requests_sum_containers_max_init_and_add_overhead():
     assert pod_requests({}) == R()
 
 
-def test_usable_nodes():
+def test_usable_nodes_are_all_but_those_being_deleted_a_cordon_or_not_ready_is_a_taint():
+    """A cordoned or not Ready node stays in the node facts, with the taint the node lifecycle controller gives
+    it: placement leaves it out as the scheduler does (unless the pod tolerates it) and names it."""
     assert node_usable(k8s_node("n"))  # no Ready condition yet
-    assert not node_usable(k8s_node("n", spec={"unschedulable": True}))
-    not_ready = k8s_node("n")
+    assert not node_usable(k8s_node("n", metadata={"name": "n", "deletionTimestamp": "2025-01-01T00:00:00Z"}))
+    cordoned = k8s_node("c", spec={"unschedulable": True})
+    not_ready, unknown = k8s_node("r"), k8s_node("u")
     not_ready["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
-    assert not node_usable(not_ready)
+    unknown["status"]["conditions"] = [{"type": "Ready", "status": "Unknown"}]
+    assert all(node_usable(n) for n in (cordoned, not_ready, unknown))
+    taints = {n["metadata"]["name"]: node_facts_from_k8s(n).taints for n in (cordoned, not_ready, unknown)}
+    assert taints == {
+        "c": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}],
+        "r": [{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}],
+        "u": [{"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}],
+    }
+    assert node_facts_from_k8s(k8s_node("n")).taints == []
+    # the controller's own taint is not doubled
+    drained = k8s_node("d", spec={"unschedulable": True, "taints": taints["c"]})
+    assert node_facts_from_k8s(drained).taints == taints["c"]
 
 
-def test_node_facts_count_running_pods_only_on_usable_nodes():
+def test_node_facts_count_running_pods_only():
     cordoned = k8s_node("small", "2", "4Gi", spec={"unschedulable": True})
     pods = [
         pod("big", "500m", "1Gi"),
@@ -78,7 +92,8 @@ def test_node_facts_count_running_pods_only_on_usable_nodes():
         {**pod("", "4", "4Gi"), "spec": {"containers": []}},  # not scheduled
     ]
     facts = node_facts([k8s_node("big", "16", "64Gi"), cordoned], pods)
-    assert [(f.name, f.cpu_millis, f.memory_bytes) for f in facts] == [("big", 15000, 62 * Gi)]
+    assert [(f.name, f.cpu_millis, f.memory_bytes) for f in facts] == [("big", 15000, 62 * Gi), ("small", 2000, 4 * Gi)]
+    assert facts[1].taints == [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]
     mine = node_facts([k8s_node("big", "16", "64Gi")], pods, exclude=lambda p: p is pods[0])
     assert (mine[0].cpu_millis, mine[0].memory_bytes) == (15500, 63 * Gi)
 
@@ -117,6 +132,21 @@ def test_reservation_of_a_deployment():
     r = Reservation.of(deployment("2", "1Gi", replicas=3, selector={"pool": "cpu"}))
     assert r == Reservation((("pool", "cpu"),), R(2000, Gi), 3)
     assert Reservation.of({"spec": {"replicas": 0}}).replicas == 0
+
+
+def test_reserved_pods_go_nowhere_the_scheduler_would_not_put_them():
+    """A cordoned node (or one with a taint the pods do not tolerate) holds no reserved pod: the scheduler
+    would not put it there, so the room it shows is not taken."""
+    cordoned = node_facts_from_k8s(k8s_node("c", "16", "64Gi", spec={"unschedulable": True}))
+    gpu = node_facts_from_k8s(k8s_node("g", "8", "32Gi", spec={"taints": [{"key": "gpu", "effect": "NoSchedule"}]}))
+    small = node_facts_from_k8s(k8s_node("s", "2", "4Gi"))
+    plain = Reservation.of(deployment("1", "1Gi", replicas=3))
+    _, placed = place_reserved([cordoned, gpu, small], {}, {}, {("ns", "x"): plain})
+    assert placed[("ns", "x")] == [("s", R(1000, Gi)), ("s", R(1000, Gi))]  # the third finds no room
+    tolerant = deployment("1", "1Gi")
+    tolerant["spec"]["template"]["spec"]["tolerations"] = [{"key": "gpu", "operator": "Exists"}]
+    _, placed = place_reserved([cordoned, gpu], {}, {}, {("ns", "y"): Reservation.of(tolerant)})
+    assert placed[("ns", "y")] == [("g", R(1000, Gi))]
 
 
 def test_reserved_pods_spread_to_the_roomiest_matching_node_and_stop_when_nothing_fits():

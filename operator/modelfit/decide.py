@@ -345,8 +345,11 @@ def _may_keep(snap: Snapshot, r: _Reaction, old_plan: PlanStatus, pinned: bool) 
         else snap.old.observed_generation == snap.meta.get("generation")
     )
     same_override = snap.old.memory_override_rejected == r.rejected
-    present = any(all(n.labels.get(k) == v for k, v in old_plan.node_selector.items()) for n in snap.nodes)
-    # a new spec, an OOM kill, pods that cannot run, or their node class is gone
+    present = any(
+        all(n.labels.get(k) == v for k, v in old_plan.node_selector.items()) and ineligible_reason(snap.spec, n) is None
+        for n in snap.nodes
+    )
+    # a new spec, an OOM kill, pods that cannot run, or their node class is gone (or cordoned, not Ready)
     return (
         same_spec
         and same_override

@@ -203,6 +203,41 @@ def format_cpu(millis: int) -> str:
 
 # ---- Kubernetes Node objects -----------------------------------------------------------------
 
+# The taints Kubernetes' node lifecycle controller puts on a cordoned, NotReady or unreachable node: the scheduler
+# keeps pods off such a node unless they tolerate the taint (DaemonSets do), so a node carries them here too.
+CORDONED_TAINT = "node.kubernetes.io/unschedulable"
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+UNREACHABLE_TAINT = "node.kubernetes.io/unreachable"
+
+
+def tolerates(tolerations: list[dict[str, Any]], taint: dict[str, str]) -> bool:
+    """Whether a pod with these tolerations may be scheduled despite the taint (the scheduler's matching)."""
+    if taint.get("effect") == "PreferNoSchedule":
+        return True
+    for t in tolerations:
+        if t.get("effect") and t.get("effect") != taint.get("effect"):
+            continue
+        op = t.get("operator", "Equal")
+        if op == "Exists" and (not t.get("key") or t.get("key") == taint.get("key")):
+            return True
+        if op == "Equal" and t.get("key") == taint.get("key") and (t.get("value") or "") == (taint.get("value") or ""):
+            return True
+    return False
+
+
+def _state_taints(node: dict[str, Any], taints: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The NoSchedule taint of a cordon (spec.unschedulable) or of a Ready condition that is not True, where the
+    node lifecycle controller has not put it yet (a node without a Ready condition yet counts as ready)."""
+    keys = []
+    if (node.get("spec") or {}).get("unschedulable"):
+        keys.append(CORDONED_TAINT)
+    ready = [c.get("status") for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"]
+    if ready and ready[0] != "True":
+        keys.append(NOT_READY_TAINT if ready[0] == "False" else UNREACHABLE_TAINT)
+    have = {(t.get("key"), t.get("effect")) for t in taints}
+    return [{"key": k, "effect": "NoSchedule"} for k in keys if (k, "NoSchedule") not in have]
+
+
 NFD_FEATURES = {
     "feature.node.kubernetes.io/cpu-cpuid.AVX2": "avx2",
     "feature.node.kubernetes.io/cpu-cpuid.AVX512F": "avx512f",
@@ -228,7 +263,8 @@ def _gpus(alloc: dict[str, Any], labels: dict[str, str]) -> tuple[GpuVendor, int
 def node_facts_from_k8s(node: dict[str, Any], used: Requests | None = None) -> NodeFacts:
     """Facts of a Node object, less what pods already request on it (``used``: CPU, memory and GPUs).
 
-    GPUs come from the first vendor of GPU_VENDORS the node advertises, their memory from that vendor's
+    A cordoned or not Ready node carries the taint the node lifecycle controller gives it (``_state_taints``), so
+    placement leaves it out as the scheduler does and says why. GPUs come from the first vendor of GPU_VENDORS the node advertises, their memory from that vendor's
     feature-discovery label, CPU features from node-feature-discovery labels; without NFD labels an amd64
     node is assumed to have AVX2 (every x86-64 server CPU since 2013).
     """
@@ -245,6 +281,7 @@ def node_facts_from_k8s(node: dict[str, Any], used: Requests | None = None) -> N
     if not features and arch == "amd64":
         features = ["avx2"]
     taints = [{k: str(v) for k, v in t.items()} for t in (node.get("spec") or {}).get("taints") or []]
+    taints += _state_taints(node, taints)
     return NodeFacts(
         name=str(meta.get("name", "node")),
         cpu_millis=max(cpu, 0),

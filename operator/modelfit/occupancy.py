@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .nodes import GPU_RESOURCES, NodeFacts, Requests, node_facts_from_k8s, parse_quantity
+from .nodes import GPU_RESOURCES, NodeFacts, Requests, node_facts_from_k8s, parse_quantity, tolerates
 
 PerNode = dict[str, Requests]
 """Node name -> what its pods request."""
@@ -53,13 +53,10 @@ def pod_requests(pod: Mapping[str, Any]) -> Requests:
 
 
 def node_usable(node: Mapping[str, Any]) -> bool:
-    """Schedulable and not NotReady (a node without a Ready condition yet counts as usable)."""
-    if (node.get("spec") or {}).get("unschedulable"):
-        return False
-    for c in (node.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Ready":
-            return bool(c.get("status") == "True")
-    return True
+    """Whether placement weighs the node: every node but one being deleted. A cordoned or not Ready node is
+    weighed too, with the taint the scheduler reads (``nodes.node_facts_from_k8s``): a pod that tolerates it may
+    run there, and a condition names it and why no other pod does ("cordoned", "not Ready")."""
+    return not (node.get("metadata") or {}).get("deletionTimestamp")
 
 
 def _holds(pod: Mapping[str, Any]) -> str | None:
@@ -124,37 +121,44 @@ def node_facts(
 @dataclass(frozen=True)
 class Reservation:
     """What the pods of one of our Deployments will request, and where they may go (the pod template's
-    nodeSelector): counted on the nodes until the pods show up scheduled in a node list."""
+    nodeSelector and tolerations): counted on the nodes until the pods show up scheduled in a node list."""
 
     selector: tuple[tuple[str, str], ...]
     requests: Requests
     replicas: int
+    tolerations: tuple[tuple[tuple[str, str], ...], ...] = ()
 
     @classmethod
     def of(cls, deploy: Mapping[str, Any]) -> Reservation:
         spec = deploy.get("spec") or {}
         pod_spec = (spec.get("template") or {}).get("spec") or {}
         selector = tuple(sorted((pod_spec.get("nodeSelector") or {}).items()))
-        return cls(selector, pod_requests({"spec": pod_spec}), int(spec.get("replicas", 1) or 0))
+        tolerations = tuple(
+            tuple(sorted((str(k), str(v)) for k, v in t.items())) for t in pod_spec.get("tolerations") or []
+        )
+        return cls(selector, pod_requests({"spec": pod_spec}), int(spec.get("replicas", 1) or 0), tolerations)
+
+    def may_run_on(self, node: NodeFacts) -> bool:
+        """The node carries the labels the pods select and no taint they do not tolerate (a cordon, say)."""
+        tolerations = [dict(t) for t in self.tolerations]
+        return all(node.labels.get(k) == v for k, v in self.selector) and all(
+            tolerates(tolerations, t) for t in node.taints
+        )
 
 
 def place_reserved(
     base: Sequence[NodeFacts], used: PerNode, by_owner: PerOwner, reservations: Mapping[tuple[str, str], Reservation]
 ) -> tuple[PerNode, PerOwner]:
-    """Reserved pods a node list does not show yet, each put on the matching node with the most room left (the
-    scheduler's default spread); per node, and per owner. A pod no node has room for takes nothing: the scheduler
-    will refuse it too."""
+    """Reserved pods a node list does not show yet, each put on the matching node (``Reservation.may_run_on``)
+    with the most room left (the scheduler's default spread); per node, and per owner. A pod no node has room for
+    takes nothing: the scheduler will refuse it too."""
     room = {n.name: Requests(n.cpu_millis, n.memory_bytes or 0, n.gpus) - used.get(n.name, Requests()) for n in base}
-    labels = {n.name: n.labels for n in base}
+    nodes = {n.name: n for n in base}
     pending: PerNode = {}
     placed: PerOwner = {}
     for owner, r in sorted(reservations.items()):
         for _ in range(max(0, r.replicas - len(by_owner.get(owner, [])))):
-            fits = [
-                n
-                for n, left in room.items()
-                if left.covers(r.requests) and all(labels[n].get(k) == v for k, v in r.selector)
-            ]
+            fits = [n for n, left in room.items() if left.covers(r.requests) and r.may_run_on(nodes[n])]
             if not fits:
                 break
             n = max(fits, key=lambda x: (room[x].cpu_millis, room[x].memory_bytes, x))

@@ -2,7 +2,9 @@
 
 Nodes are filtered by the spec's nodeSelector, required node affinity and
 tolerations (a GPU taint is tolerated for GPU-capable specs, since the pod
-then tolerates it). Each node class (instance type, else the host) is planned
+then tolerates it; a cordoned or not Ready node carries its taint, ``nodes``);
+a plan that finds no node says why of every node, grouped by reason
+(``why_not_used``). Each node class (instance type, else the host) is planned
 for its roomiest member (one with a whole CPU free first). A node fits only when
 its free memory and its free CPU (allocatable less what every pod on it
 requests, ``occupancy``) cover the pod's requests, as the scheduler
@@ -26,7 +28,17 @@ from typing import Any
 
 from .api import ModelDeploymentSpec
 from .facts import ModelFacts
-from .nodes import GPU_RESOURCES, NodeFacts, NodeShape, format_cpu, format_memory
+from .nodes import (
+    CORDONED_TAINT,
+    GPU_RESOURCES,
+    NOT_READY_TAINT,
+    UNREACHABLE_TAINT,
+    NodeFacts,
+    NodeShape,
+    format_cpu,
+    format_memory,
+    tolerates,
+)
 from .occupancy import cpu_millis
 from .policy import min_context, policy_for
 from .sizing import PlanResult, plan
@@ -47,20 +59,6 @@ class Placement:
     result: PlanResult | None = None
     selector: dict[str, str] = field(default_factory=dict)
     adapted: bool = False
-
-
-def tolerates(tolerations: list[dict[str, Any]], taint: dict[str, str]) -> bool:
-    if taint.get("effect") == "PreferNoSchedule":
-        return True
-    for t in tolerations:
-        if t.get("effect") and t.get("effect") != taint.get("effect"):
-            continue
-        op = t.get("operator", "Equal")
-        if op == "Exists" and (not t.get("key") or t.get("key") == taint.get("key")):
-            return True
-        if op == "Equal" and t.get("key") == taint.get("key") and (t.get("value") or "") == (taint.get("value") or ""):
-            return True
-    return False
 
 
 def _expr_matches(labels: dict[str, str], expr: dict[str, Any]) -> bool:
@@ -113,8 +111,53 @@ def ineligible_reason(spec: ModelDeploymentSpec, node: NodeFacts) -> str | None:
         tolerations += [{"key": k, "operator": "Exists"} for k in GPU_TAINT_KEYS]
     for taint in node.taints:
         if not tolerates(tolerations, taint):
-            return f"taint {taint.get('key')}={taint.get('value', '')}:{taint.get('effect')} is not tolerated"
+            return STATE_TAINTS.get(str(taint.get("key"))) or (
+                f"taint {taint.get('key')}={taint.get('value', '')}:{taint.get('effect')} is not tolerated"
+            )
     return None
+
+
+# The taints of a node's state (``nodes._state_taints``), in the words of kubectl.
+STATE_TAINTS = {
+    CORDONED_TAINT: "cordoned (spec.unschedulable)",
+    NOT_READY_TAINT: "not Ready",
+    UNREACHABLE_TAINT: "unreachable (Ready Unknown)",
+}
+NAMES_PER_REASON = 3
+
+
+def why_not_used(nodes: list[tuple[str, int, str]], budget: int = 900) -> str:
+    """Why each node was not used, one clause per reason: ``(name, nodes it stands for, reason)`` becomes
+    "h0: short by 1 CPU" or "12 nodes (a, b, c, ...): cordoned (spec.unschedulable)", the most nodes first.
+
+    Within ``budget`` characters whatever the node count: a few names per reason, and the reasons that do not
+    fit are counted at the end.
+    """
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for name, count, reason in nodes:
+        groups.setdefault(reason, []).append((name, count))
+    clauses = []
+    for reason, members in sorted(groups.items(), key=lambda g: (-sum(c for _, c in g[1]), g[0])):
+        total = sum(c for _, c in members)
+        if total == 1:
+            clauses.append((1, f"{members[0][0]}: {reason}"))
+            continue
+        names = [n if c == 1 else f"class of {n}" for n, c in members[:NAMES_PER_REASON]]
+        etc = ", ..." if len(members) > NAMES_PER_REASON else ""
+        clauses.append((total, f"{total} nodes ({', '.join(names)}{etc}): {reason}"))
+
+    def more(rest: list[tuple[int, str]]) -> str:
+        count = sum(c for c, _ in rest)
+        nodes, reasons = ("node", "reason") if count == 1 else ("nodes", "reason" if len(rest) == 1 else "reasons")
+        return f"; and {count} more {nodes} for {len(rest)} other {reasons}"
+
+    out = ""
+    for i, (_, clause) in enumerate(clauses):
+        tail = more(clauses[i + 1 :]) if i + 1 < len(clauses) else ""
+        if out and len(out) + 2 + len(clause) + len(tail) > budget:
+            return out + more(clauses[i:])
+        out = f"{out}; {clause}" if out else clause[:budget]
+    return out
 
 
 def class_selector(node: NodeFacts) -> dict[str, str]:
@@ -185,13 +228,13 @@ def place(
         if why is None:
             eligible.append(n)
         else:
-            excluded.append(f"{n.name}: {why}")
+            excluded.append((n.name, n.count, why))
     if not eligible:
-        return Placement(False, "NoEligibleNodes", "no node is eligible: " + "; ".join(excluded[:10]))
+        return Placement(False, "NoEligibleNodes", "no node is eligible: " + why_not_used(excluded))
 
     classes = node_classes(eligible)
     tiers = [False, True] if spec.adapt else [False]
-    misses: dict[str, str] = {}
+    misses: dict[str, tuple[int, str]] = {}  # class representative -> (its class size, why it does not fit)
     closest: tuple[tuple[int, int], NodeFacts, dict[str, str], PlanResult] | None = None
     for relaxed in tiers:
         policy = policy_for(spec, headroom_boost, relaxed, knobs)
@@ -209,7 +252,7 @@ def place(
             if why is None and cpu_short:
                 why = f"short by {format_cpu(cpu_short)} CPU" + (f", {format_memory(short)}" if short else "")
                 res = _cpu_refused(res, node, cpu_short)
-            misses[node.name] = why or f"short by {format_memory(res.shortfall_bytes)}"
+            misses[node.name] = (node.count, why or f"short by {format_memory(res.shortfall_bytes)}")
             if closest is None or (short, cpu_short) < closest[0]:
                 closest = ((short, cpu_short), node, selector, res)
         if best is not None:
@@ -221,11 +264,11 @@ def place(
                 f"KV {res.plan.kv_cache_type}, memory {res.resources.requests['memory']}"
             )
             return Placement(True, "Adapted" if adapted else "Planned", msg, node, res, selector, adapted)
-    detail = "; ".join(f"{k}: {v}" for k, v in sorted(misses.items())[:10])
+    detail = why_not_used([(k, c, v) for k, (c, v) in sorted(misses.items())], budget=500)
     wanted = "the requested context" if not spec.adapt else f"context {min_context(spec, relaxed=True)}"
     msg = f"no node fits the model at {wanted}: {detail}"
     if excluded:
-        msg += f" (not eligible: {'; '.join(excluded[:5])})"
+        msg += f" (not eligible: {why_not_used(excluded, budget=400)})"
     if closest is not None:
         _, node, selector, res = closest
         return Placement(False, "NoNodeFits", msg, node, res, selector)
