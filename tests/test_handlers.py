@@ -1172,3 +1172,16 @@ def test_a_burst_larger_than_the_cluster_leaves_every_model_a_pending_pod_whatev
         assert applies[-1] == 0, (seed, applies)
         outcomes.add(tuple(sorted((v[2][0], v[0]["Unschedulable"]["reason"]) for v in out.values())))
     assert outcomes == {(("Pending", "WaitingForNode"),) * 8 + (("Running", "Scheduled"),) * 4}
+
+
+def test_a_drained_node_is_named_in_the_condition():
+    """kubectl drain cordons the node: the condition names the cordon, beside the taint that keeps the pods off
+    the other node (before, the cordoned node was left out of the node facts and so out of the message)."""
+    drained = {**CPU_LARGE, "spec": {**CPU_LARGE["spec"], "unschedulable": True}}
+    k, st = FakeKube([drained, REAL_NODE]), OperatorState()
+    planned = {c["type"]: c for c in go(md(SMALL_SPEC), k, st)["conditions"]}["Planned"]
+    assert (planned["status"], planned["reason"]) == ("False", "NoEligibleNodes") and k.applies == 0
+    assert planned["message"] == (
+        "no node is eligible: cpu-large: cordoned (spec.unschedulable); real-0: taint "
+        "modelfit.io/real-node=true:NoSchedule is not tolerated"
+    )
