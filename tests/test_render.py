@@ -109,6 +109,14 @@ def test_init_download_with_resume_and_checksum():
     assert ann["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "true"
 
 
+def test_replicas_are_evicted_one_at_a_time_and_a_loading_pod_never_blocks_a_drain():
+    _, _, r = build(replicas=2)
+    budget = r.by_kind("PodDisruptionBudget")["spec"]
+    assert budget["maxUnavailable"] == 1 and budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    _, _, r = build(autoscaling={"minReplicas": 1, "maxReplicas": 3})  # the HPA may add replicas
+    assert r.by_kind("PodDisruptionBudget") is not None
+
+
 def test_pvc_cache_pdb_and_service():
     _, _, r = build(
         replicas=3,

@@ -384,6 +384,9 @@ def deployment(
         else {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
     )
     if volumes[-1].get("emptyDir") is not None and volumes[-1]["name"] == "model-cache":
+        # The cluster autoscaler keeps a node with an emptyDir pod unless it is marked safe to evict. Any replica
+        # count: the annotation must not change when the model scales (that would roll its pods); with more than
+        # one replica the disruption budget keeps the others serving, a single replica moves with a cold start.
         pod_annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] = "true"
     if spec.api_key_secret_ref is not None and api_key_version:
         pod_annotations[API_KEY_ANNOTATION] = api_key_version
@@ -516,6 +519,8 @@ def hpa(md_meta: dict[str, Any], spec: ModelDeploymentSpec, parallel: int, metri
 
 
 def pdb(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any] | None:
+    """One pod at a time may be evicted, when there can be more than one (a single replica has no budget that
+    would not block every drain)."""
     most = max(spec.replicas, spec.autoscaling.max_replicas if spec.autoscaling else 0)
     if most <= 1:
         return None
@@ -523,7 +528,12 @@ def pdb(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any] | 
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": _meta(md_meta, md_meta["name"]),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(md_meta["name"])}},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(md_meta["name"])},
+            # A pod that is not Ready (still loading, or failing) never blocks a drain.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
     }
 
 
