@@ -13,7 +13,7 @@ from modelfit.gguf_reader import GGUFError, GGUFHeader
 from modelfit.render import HASH_ANNOTATION, MD_LABEL
 
 
-def _offline(url: str, headers: dict[str, str] | None, timeout: float) -> GGUFHeader:
+def _offline(url: str, headers: dict[str, str] | None, timeout: float, settings: object = None) -> GGUFHeader:
     raise GGUFError(f"{url}: not read in unit tests")
 
 

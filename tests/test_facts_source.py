@@ -1,6 +1,10 @@
 """Where the operator's model facts come from: a catalog file's real header (or the catalog's facts when it
 cannot be read, remembered so no reconcile waits twice), a Hugging Face token from a Secret for the header
-read and the download, and the chart-free plumbing around them (status.plan.factsSource, conditions)."""
+read and the download, and the chart-free plumbing around them (status.plan.factsSource, conditions).
+
+The test server is on loopback and answers http and https on one port: the operator's reads are made with
+127.0.0.0/8 allowed (refused by default, tests/test_egress.py), a token goes over https only.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +21,26 @@ from pathlib import Path
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from modelfit import catalog, sources
+from local_tls import DualProtocol, client_context, make_cert, server_context
+from modelfit import catalog, gguf_reader, sources
 from modelfit.api import ModelDeploymentSpec
 from modelfit.gguf_reader import GGUFError, read_gguf
 from modelfit.kube import path_for
 from modelfit.reconciler import OperatorState, reconcile
+from modelfit.settings import Settings
 from modelfit.sources import HeaderReads, Sources, load_facts
 from modelfit_dev import synth
 from test_handlers import CPU_LARGE, LOG, FakeKube, deploy_path, md
 
 TOKEN = "hf_s3cretTOKEN"
+LOCAL = Settings(allow_networks=("127.0.0.0/8",))
+
+
+def local_state(src: Sources | None = None) -> OperatorState:
+    """An operator state whose settings let header reads reach the test server (as the e2e operator's)."""
+    st = OperatorState(src)
+    st.settings = LOCAL
+    return st
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -78,13 +92,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer(head=True)
 
 
+class _Server(DualProtocol, http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_cert(tmp_path_factory.mktemp("tls"))
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[str, type[_Handler]]]:
+def server(tmp_path: Path, pem: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, type[_Handler]]]:
+    """The http URL of a server on 127.0.0.1 (its https URL: the same with https), the reads trusting its
+    certificate."""
     handler = type("H", (_Handler,), {"root": tmp_path, "token": None, "seen": []})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv = _Server(("127.0.0.1", 0), handler)
+    srv.tls = server_context(pem)
+    monkeypatch.setattr(gguf_reader, "TLS_CONTEXT", client_context(pem))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", handler
     srv.shutdown()
+    srv.server_close()
+
+
+def https(url: str) -> str:
+    return url.replace("http://", "https://", 1)
 
 
 def write_catalog_like(path: Path, name: str, quant: str) -> None:
@@ -139,7 +171,7 @@ def test_catalog_model_is_planned_from_its_header_when_the_url_answers(server, t
     url, _ = server
     write_catalog_like(tmp_path / "l.gguf", "llama-3.2-1b", "Q4_0")
     monkeypatch.setattr(catalog, "catalog_url", lambda name, quant: f"{url}/l.gguf")
-    st = OperatorState(Sources(HeaderReads()))
+    st = local_state(Sources(HeaderReads()))
     p = plan({"model": {"catalog": "llama-3.2-1b", "quant": "Q4_0"}, "context": 8192}, FakeKube([CPU_LARGE]), st)
     assert p["plan"]["factsSource"] == f"header: {url}/l.gguf"
     assert p["plan"]["modelBytes"] == (tmp_path / "l.gguf").stat().st_size  # the file's, not the estimate
@@ -154,7 +186,7 @@ def test_a_header_that_differs_from_the_catalog_is_a_warning_and_wins(server, mo
     tiny = synth.ensure_model("llama-tiny", "F16")
     (h.root / "tiny.gguf").symlink_to(tiny)
     monkeypatch.setattr(catalog, "catalog_url", lambda name, quant: f"{url}/tiny.gguf")
-    st = OperatorState(Sources(HeaderReads()))
+    st = local_state(Sources(HeaderReads()))
     p = plan({"model": {"catalog": "llama-3.2-1b", "quant": "F16"}, "context": 4096}, FakeKube([CPU_LARGE]), st)
     assert p["plan"]["factsSource"] == f"header: {url}/tiny.gguf"
     assert p["plan"]["totalLayers"] == 3  # llama-tiny's 2 blocks plus output, not the catalog's 16
@@ -167,7 +199,7 @@ def test_a_header_that_differs_from_the_catalog_is_a_warning_and_wins(server, mo
 
 def test_unreachable_catalog_url_falls_back_fast_and_is_not_tried_twice(monkeypatch):
     monkeypatch.setattr(catalog, "catalog_url", lambda name, quant: "http://127.0.0.1:9/none.gguf")
-    st = OperatorState(Sources(HeaderReads()))
+    st = local_state(Sources(HeaderReads()))
     k = FakeKube([CPU_LARGE])
     started = time.monotonic()
     spec = {"model": {"catalog": "qwen3.5-0.8b", "quant": "Q4_0"}, "context": 4096}
@@ -190,16 +222,16 @@ def test_a_hub_that_never_answers_costs_one_bounded_wait(monkeypatch):
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/m.gguf"
 
         async def twice() -> list[tuple[object, str]]:
-            return list(await asyncio.gather(reads.read(url), reads.read(url), reads.read(url)))
+            return list(await asyncio.gather(*(reads.read(url, None, LOCAL) for _ in range(3))))
 
         started = time.monotonic()
         out = asyncio.run(twice())
         assert time.monotonic() - started < 2 and reads.reads == 1  # concurrent reconciles share the one read
         assert all(h is None and "no answer within 0.3 s" in e for h, e in out)
         started = time.monotonic()
-        assert asyncio.run(reads.read(url))[0] is None and time.monotonic() - started < 0.1  # remembered
+        assert asyncio.run(reads.read(url, None, LOCAL))[0] is None and time.monotonic() - started < 0.1  # remembered
         reads.retry = 0.0  # after HEADER_RETRY: tried again (the first read is still waiting: it is joined)
-        asyncio.run(reads.read(url))
+        asyncio.run(reads.read(url, None, LOCAL))
         assert reads.reads == 1
     finally:
         listener.close()
@@ -208,7 +240,7 @@ def test_a_hub_that_never_answers_costs_one_bounded_wait(monkeypatch):
 def test_a_failure_is_retried_after_a_while_and_at_once_with_a_new_token():
     calls: list[dict | None] = []
 
-    def reader(url, headers, timeout):
+    def reader(url, headers, timeout, settings):
         calls.append(headers)
         raise GGUFError(f"{url}: HTTP 401 Unauthorized")
 
@@ -251,9 +283,9 @@ def test_header_read_sends_the_token_and_401_without(server, tmp_path):
     h.token = TOKEN
     write_catalog_like(tmp_path / "q.gguf", "qwen3-0.6b", "Q4_0")
     with pytest.raises(GGUFError, match="HTTP 401") as exc:
-        read_gguf(f"{url}/q.gguf")
+        read_gguf(f"{https(url)}/q.gguf")
     assert TOKEN not in str(exc.value)
-    header = read_gguf(f"{url}/q.gguf", headers={"Authorization": f"Bearer {TOKEN}"})
+    header = read_gguf(f"{https(url)}/q.gguf", headers={"Authorization": f"Bearer {TOKEN}"})
     assert header.architecture == "qwen3" and header.file_bytes == (tmp_path / "q.gguf").stat().st_size
     assert all(auth == f"Bearer {TOKEN}" for _, auth in h.seen[1:])
 
@@ -263,10 +295,10 @@ def test_the_token_follows_a_redirect_on_the_same_host_only(server, tmp_path):
     write_catalog_like(tmp_path / "q.gguf", "qwen3-0.6b", "Q4_0")
     port = url.rsplit(":", 1)[1]
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    read_gguf(f"{url}/redirect/http:@@localhost:{port}/q.gguf", headers=auth)  # another host: no token
+    read_gguf(f"{https(url)}/redirect/https:@@localhost:{port}/q.gguf", headers=auth)  # another host: no token
     assert h.seen[0][1] == f"Bearer {TOKEN}" and h.seen[1] == ("/q.gguf", None)
     h.seen.clear()
-    read_gguf(f"{url}/redirect/@q.gguf", headers=auth)
+    read_gguf(f"{https(url)}/redirect/@q.gguf", headers=auth)
     assert h.seen[1] == ("/q.gguf", f"Bearer {TOKEN}")
 
 
@@ -286,7 +318,8 @@ def test_handler_reads_the_secret_and_sends_its_token(server, tmp_path):
     h.token = TOKEN
     write_catalog_like(tmp_path / "q.gguf", "qwen3-0.6b", "Q4_0")
     secret = path_for("v1", "Secret", "default", "hf")
-    k, st = FakeKube([CPU_LARGE]), OperatorState()
+    k, st = FakeKube([CPU_LARGE]), local_state()
+    url = https(url)
     spec = {"model": {"url": f"{url}/q.gguf", "tokenSecretRef": {"name": "hf", "key": "HF_TOKEN"}}, "context": 4096}
 
     # no Secret: read without a token (401), and both conditions say why
@@ -323,7 +356,7 @@ def test_a_401_without_a_token_hints_at_token_secret_ref(server, tmp_path):
     url, h = server
     h.token = TOKEN
     write_catalog_like(tmp_path / "q.gguf", "qwen3-0.6b", "Q4_0")
-    c = conds(plan({"model": {"url": f"{url}/q.gguf"}, "context": 4096}, FakeKube([CPU_LARGE]), OperatorState()))
+    c = conds(plan({"model": {"url": f"{url}/q.gguf"}, "context": 4096}, FakeKube([CPU_LARGE]), local_state()))
     assert c["Planned"]["reason"] == "ModelUnreadable" and "needs spec.model.tokenSecretRef" in c["Planned"]["message"]
 
 

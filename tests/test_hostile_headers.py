@@ -27,8 +27,19 @@ from modelfit.facts import facts_from_header
 from modelfit.gguf_header import ByteSource, GGUFError, header_from
 from modelfit.gguf_reader import read_gguf
 from modelfit.reconciler import OperatorState, reconcile
+from modelfit.settings import Settings
 from modelfit.sources import Sources, load_facts
 from test_handlers import CPU_LARGE, LOG, FakeKube, md
+
+LOCAL = Settings(allow_networks=("127.0.0.0/8",))  # the test servers are on loopback, refused by default
+
+
+def local_state() -> OperatorState:
+    """An operator state whose settings let header reads reach the test servers (as the e2e operator's)."""
+    st = OperatorState()
+    st.settings = LOCAL
+    return st
+
 
 MEMORY_BUDGET = 64 << 20  # tracemalloc peak of one hostile header's parse (the operator's limit is 384Mi)
 
@@ -347,7 +358,7 @@ def test_load_facts_parses_off_the_event_loop(files: tuple[str, dict[str, bytes]
 
     monkeypatch.setattr(sources, "facts_from_header", slow)
     spec = ModelDeploymentSpec.model_validate({"model": {"url": f"{url}/m.gguf"}})
-    out, ticks = _ticking(lambda: load_facts(spec, Sources()))
+    out, ticks = _ticking(lambda: load_facts(spec, Sources(), settings=LOCAL))
     assert getattr(out, "source", None) == f"header: {url}/m.gguf"
     assert ticks >= 10  # the loop went on during the second of parsing
 
@@ -356,7 +367,7 @@ def test_load_facts_parses_off_the_event_loop(files: tuple[str, dict[str, bytes]
 def test_a_dripping_model_url_fails_at_the_deadline_without_holding_the_loop(drip: str, monkeypatch) -> None:
     monkeypatch.setattr(sources, "READ_DEADLINE", 1.5)
     spec = ModelDeploymentSpec.model_validate({"model": {"url": drip}})
-    out, ticks = _ticking(lambda: load_facts(spec, Sources()))
+    out, ticks = _ticking(lambda: load_facts(spec, Sources(), settings=LOCAL))
     assert isinstance(out, GGUFError) and "deadline" in str(out)
     assert ticks >= 10
 
@@ -365,7 +376,7 @@ def test_a_dripping_model_url_fails_at_the_deadline_without_holding_the_loop(dri
 def test_every_hostile_header_is_a_planned_false_condition(files: tuple[str, dict[str, bytes]]) -> None:
     url, served = files
     served.update({f"{name}.gguf": data for name, (data, _) in CORPUS.items()})
-    k, state = FakeKube([CPU_LARGE]), OperatorState()
+    k, state = FakeKube([CPU_LARGE]), local_state()
     for name, (_, says) in CORPUS.items():
         patch = asyncio.run(reconcile(md({"model": {"url": f"{url}/{name}.gguf"}}, name=name), LOG, k, state))
         planned = {c["type"]: c for c in patch["conditions"]}["Planned"]
@@ -381,7 +392,7 @@ def test_an_unexpected_parser_failure_is_still_a_condition(files: tuple[str, dic
         raise RecursionError("maximum recursion depth exceeded")
 
     monkeypatch.setattr(sources, "facts_from_header", broken)
-    patch = asyncio.run(reconcile(md({"model": {"url": f"{url}/m.gguf"}}), LOG, FakeKube([CPU_LARGE]), OperatorState()))
+    patch = asyncio.run(reconcile(md({"model": {"url": f"{url}/m.gguf"}}), LOG, FakeKube([CPU_LARGE]), local_state()))
     planned = {c["type"]: c for c in patch["conditions"]}["Planned"]
     assert planned["reason"] == "ModelUnreadable" and "RecursionError" in planned["message"]
 

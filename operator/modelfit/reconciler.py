@@ -415,7 +415,7 @@ async def _reconcile(
     if refused is not None:
         return _finish(logger, old, failure(meta, read, "HostPathNotAllowed", refused, "invalid"))
     try:
-        loaded = await load_facts(spec, state.sources, kube, ns)
+        loaded = await load_facts(spec, state.sources, kube, ns, settings=state.settings)
     except (GGUFError, KeyError, ValueError, OSError, http.client.HTTPException) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc) or type(exc).__name__
         if isinstance(exc, http.client.HTTPException):

@@ -4,6 +4,11 @@ Shell-level I/O (HTTP header reads in threads, the token Secret through ``kube``
 reconciler so the command line can read a model the way the operator does: ``load_facts`` runs without a
 cluster (``kube=None``; pass ``token=`` for a gated file), ``catalog_facts`` is the cached catalog table.
 A ``Sources`` holds what one process remembers of its reads (the operator's lives in its ``OperatorState``).
+
+Egress (the admin's ``Settings``): a header read is the operator pod connecting where a tenant's spec says, so
+it refuses loopback, link-local and the admin's denied networks (``settings.refused_address``, checked on the
+addresses it connects to, every redirect hop); a token goes over https only, to the host its source implies
+(huggingface.co for catalog and huggingFace models, the URL's own host for a url), never across a redirect.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import http.client
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +32,11 @@ from . import api, catalog
 from .api import ModelDeploymentSpec
 from .decide import LoadedFacts
 from .facts import ModelFacts, facts_from_header
-from .gguf_reader import READ_DEADLINE, GGUFError, GGUFHeader, read_gguf
+from .gguf_reader import READ_DEADLINE, Address, EgressRefused, GGUFError, GGUFHeader, Refuse, read_gguf
 from .kube import Kube, KubeError, path_for
 from .render import model_file
+from .settings import DEFAULT as DEFAULT_SETTINGS
+from .settings import Settings, refused_address
 from .status import condition
 
 DEFAULT_QUANT = "Q4_K_M"  # a catalog model named without a quant (the command line): the usual size/quality balance
@@ -38,6 +46,7 @@ HEADER_RETRY = 600.0  # a failed read is tried again after this long (at once wh
 READ_WORKERS = 8  # url/huggingFace header reads at once: a read holds ~2 chunks (MAX_CHUNK), so ~50 MiB in all
 READ_GRACE = 5.0  # a reconcile waits READ_DEADLINE plus this for a read (a DNS lookup is not bounded by it)
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what an HTTP header value and curl's config accept
+HF_HOSTS = ("huggingface.co",)  # where a catalog or huggingFace model's token goes (its CDN redirects get none)
 
 
 @dataclass
@@ -47,19 +56,47 @@ class _Outcome:
     error: str
 
 
-Reader = Callable[[str, dict[str, str] | None, float], GGUFHeader]
+def egress_rule(settings: Settings | None) -> Refuse | None:
+    """``settings.refused_address`` as gguf_reader's rule, its answer naming the admin's way out (None: no rule,
+    the command line's own reads)."""
+    if settings is None:
+        return None
+
+    def refuse(ip: Address) -> str | None:
+        why = refused_address(ip, settings)
+        return None if why is None else f"{why}; an admin can allow it with --allow-network"
+
+    return refuse
 
 
-def _read_header(url: str, headers: dict[str, str] | None, timeout: float) -> GGUFHeader:
-    return read_gguf(url, headers, timeout, READ_DEADLINE)
+def token_refused(spec: ModelDeploymentSpec, url: str) -> str | None:
+    """Why spec.model.tokenSecretRef's token may not go to ``url``, or None: over https only (never in clear
+    text), and for a catalog or huggingFace model to Hugging Face only (a url's host is the spec's own choice)."""
+    parts = urllib.parse.urlsplit(url)
+    where = "spec.model.tokenSecretRef"
+    if parts.scheme.lower() != "https":
+        return f"{url}: refused: the token of {where} goes over https only, never in clear text over {parts.scheme}"
+    if spec.model.url is None and (parts.hostname or "").lower() not in HF_HOSTS:
+        return f"{url}: refused: the Hugging Face token of {where} goes to {', '.join(HF_HOSTS)} only"
+    return None
+
+
+Reader = Callable[[str, dict[str, str] | None, float, Settings | None], GGUFHeader]
+
+
+def _read_header(url: str, headers: dict[str, str] | None, timeout: float, settings: Settings | None) -> GGUFHeader:
+    return read_gguf(url, headers, timeout, READ_DEADLINE, egress_rule(settings))
+
+
+_Key = tuple[str, str, Settings | None]  # (URL, the token's sha256 or "", settings)
 
 
 class HeaderReads:
     """Header reads of catalog files, shared by every reconcile of the process.
 
-    One read per (URL, token) runs at a time, in a thread; a reconcile waits for it at most ``wait`` seconds
-    (a slower read finishes in the background and is used from then on). A header read is kept; a failure
-    is remembered for ``retry`` seconds, so an unreachable hub costs one wait, not one per reconcile.
+    One read per (URL, token, settings) runs at a time, in a thread; a reconcile waits for it at most ``wait``
+    seconds (a slower read finishes in the background and is used from then on). A header read is kept; a
+    failure is remembered for ``retry`` seconds, so an unreachable hub costs one wait, not one per reconcile.
     """
 
     def __init__(
@@ -70,14 +107,16 @@ class HeaderReads:
         reader: Reader = _read_header,
     ) -> None:
         self.timeout, self.wait, self.retry, self.reader = timeout, wait, retry, reader
-        self.outcomes: dict[tuple[str, str], _Outcome] = {}
-        self.running: dict[tuple[str, str], concurrent.futures.Future[GGUFHeader]] = {}
+        self.outcomes: dict[_Key, _Outcome] = {}
+        self.running: dict[_Key, concurrent.futures.Future[GGUFHeader]] = {}
         self.reads = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="modelfit-header")
 
-    async def read(self, url: str, token: str | None = None) -> tuple[GGUFHeader | None, str]:
-        """The header of ``url`` or None and why not."""
-        key = (url, hashlib.sha256(token.encode()).hexdigest() if token else "")
+    async def read(
+        self, url: str, token: str | None = None, settings: Settings | None = DEFAULT_SETTINGS
+    ) -> tuple[GGUFHeader | None, str]:
+        """The header of ``url`` or None and why not (``settings``: the admin's egress rules, see ``load_facts``)."""
+        key = (url, hashlib.sha256(token.encode()).hexdigest() if token else "", settings)
         known = self.outcomes.get(key)
         if known is not None and (known.header is not None or time.monotonic() - known.at < self.retry):
             return known.header, known.error
@@ -85,7 +124,7 @@ class HeaderReads:
         if fut is None:
             headers = {"Authorization": f"Bearer {token}"} if token else None
             self.reads += 1
-            fut = self._pool.submit(self.reader, url, headers, self.timeout)
+            fut = self._pool.submit(self.reader, url, headers, self.timeout, settings)
             self.running[key] = fut
             fut.add_done_callback(functools.partial(self._finished, key))
         loop, ready = asyncio.get_running_loop(), asyncio.Event()
@@ -104,7 +143,7 @@ class HeaderReads:
         done = self.outcomes.get(key)
         return (done.header, done.error) if done is not None else (None, f"{url}: read cancelled")
 
-    def _finished(self, key: tuple[str, str], fut: concurrent.futures.Future[GGUFHeader]) -> None:
+    def _finished(self, key: _Key, fut: concurrent.futures.Future[GGUFHeader]) -> None:
         self.running.pop(key, None)
         if fut.cancelled():
             return
@@ -215,6 +254,7 @@ async def load_facts(
     *,
     token: str | None = None,
     catalog_header: bool = True,
+    settings: Settings | None = DEFAULT_SETTINGS,
 ) -> LoadedFacts:
     """Model facts, file size and where they came from.
 
@@ -225,7 +265,10 @@ async def load_facts(
     With spec.model.tokenSecretRef every read sends ``Authorization: Bearer`` with the Secret's token
     (read through ``kube``), or with ``token`` when given (a caller without a cluster: the command line).
     ``catalog_header=False`` plans a catalog model from the catalog's facts without the network (the command
-    line: the two agree for catalog files, and a plan should not wait on a hub).
+    line: the two agree for catalog files, and a plan should not wait on a hub). ``settings``: the admin's
+    egress rules (the operator's ``--allow-network``, ``--deny-network``); None reaches any address (a command
+    line's own reads). A token that may not go where the model is read from (``token_refused``) is an
+    EgressRefused, as is a refused address.
     """
     m = spec.model
     token_note = ""
@@ -236,23 +279,31 @@ async def load_facts(
         if not catalog_header:
             return LoadedFacts(built_in, built_in.file_bytes, "catalog")
         url = catalog.catalog_url(m.catalog, m.quant or DEFAULT_QUANT)
-        return await _catalog_header(sources, url, built_in, token, token_note)
+        _check_token(spec, url, token)
+        return await _catalog_header(sources, url, built_in, token, token_note, settings)
     mf = model_file(spec)
     if mf.url is None:
         return _on_pvc(mf.file_name, mf.pvc_claim)
+    _check_token(spec, mf.url, token)
     key = (mf.url, m.sha256)
     if key not in sources.facts:
-        facts = await _url_header(mf.url, token, token_note)
+        facts = await _url_header(mf.url, token, token_note, settings)
         sources.facts[key] = (facts, facts.file_bytes)
     facts, size = sources.facts[key]
     return LoadedFacts(facts, size, f"header: {mf.url}")
 
 
+def _check_token(spec: ModelDeploymentSpec, url: str, token: str | None) -> None:
+    refused = token_refused(spec, url) if token is not None else None
+    if refused is not None:
+        raise EgressRefused(refused)
+
+
 async def _catalog_header(
-    sources: Sources, url: str, built_in: ModelFacts, token: str | None, token_note: str
+    sources: Sources, url: str, built_in: ModelFacts, token: str | None, token_note: str, settings: Settings | None
 ) -> LoadedFacts:
     """A catalog model's facts from its file's header (the catalog's when it does not answer), mismatches named."""
-    header, error = await (sources.headers or HEADERS).read(url, token)
+    header, error = await (sources.headers or HEADERS).read(url, token, settings)
     facts: ModelFacts | None = None
     if header is not None:
         cached = sources.header_facts.get(url)
@@ -288,20 +339,21 @@ def _on_pvc(file_name: str, claim: str | None) -> LoadedFacts:
     return LoadedFacts(built_in, built_in.file_bytes, source)
 
 
-async def _url_header(url: str, token: str | None, token_note: str) -> ModelFacts:
+async def _url_header(url: str, token: str | None, token_note: str, settings: Settings | None) -> ModelFacts:
     """A url or huggingFace file's facts from its header, read off the loop within one deadline."""
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    refuse = egress_rule(settings)
     try:
         # one deadline for the whole read (each socket operation waits at most what is left of it)
         return await _off_the_loop(
-            url, lambda: facts_from_header(read_gguf(url, headers, READ_DEADLINE, READ_DEADLINE))
+            url, lambda: facts_from_header(read_gguf(url, headers, READ_DEADLINE, READ_DEADLINE, refuse))
         )
     except GGUFError as exc:
         note = token_note
         if not note and token is None and re.search(r": HTTP 40[13]\b", str(exc)):
             note = "a gated or private file needs spec.model.tokenSecretRef (a Secret with a Hugging Face token)"
         if note:
-            raise GGUFError(f"{exc}; {note}") from exc
+            raise type(exc)(f"{exc}; {note}") from exc
         raise
 
 
