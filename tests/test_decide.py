@@ -113,7 +113,12 @@ def deployment(decision: Decision, ready: int = 0, generation: int = 1) -> Obj:
     d = copy.deepcopy(child(decision, "Deployment"))
     d["metadata"]["generation"] = generation
     replicas = int(d["spec"]["replicas"])
-    d["status"] = {"replicas": replicas, "readyReplicas": ready, "updatedReplicas": replicas}
+    d["status"] = {
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "updatedReplicas": replicas,
+        "observedGeneration": generation,
+    }
     return d
 
 
@@ -515,6 +520,45 @@ def test_scaling_is_not_a_new_plan(make_node: Builder, make_pod: Builder) -> Non
     d = decide(snapshot({**spec, "replicas": 2}, nodes, generation=2, **after(running, make_pod)))  # the HPA wrote it
     assert child(d, "Deployment")["spec"]["replicas"] == 2 and d.events == []  # no PlanChanged
     assert d.status.plan.hash == running.status.plan.hash
+
+
+# ---- Progressing: a spec change rolls out -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "rolling"),
+    [({"context": 16384}, True), ({"rebalance": {"policy": "Never"}}, False)],
+    ids=["new-pod-template", "nothing-to-roll"],
+)
+def test_a_spec_change_is_rolling_out_until_the_new_pods_are_there(
+    make_node: Builder, make_pod: Builder, change: Obj, rolling: bool
+) -> None:
+    """Right after a spec change the live Deployment still runs the old pod template, complete and ready: the
+    new generation reads Progressing=True RollingOut (0 of the new pods yet), not RolloutComplete, until the
+    Deployment runs the new template; a change with nothing to roll (a rebalance policy) is complete at once."""
+    nodes = [make_node("cpu-large")]
+    running = decide(snapshot(SMALL, nodes))
+    settled = decide(snapshot(SMALL, nodes, **after(running, make_pod)))
+    assert conds(settled)["Progressing"][:2] == ("False", "RolloutComplete") and not settled.apply
+    d = decide(snapshot({**SMALL, **change}, nodes, generation=2, **after(running, make_pod)))
+    progressing = next(c for c in d.status.conditions if c.type == "Progressing")
+    assert progressing.observed_generation == 2 and bool(d.apply) is rolling
+    if rolling:
+        assert (progressing.status, progressing.reason, progressing.message) == (
+            "True",
+            "RollingOut",
+            "0/1 updated, 1 ready",
+        )
+        assert conds(d)["Ready"][:2] == ("True", "ReplicasReady")  # the old pod serves meanwhile
+        # applied: the Deployment controller has not seen the new generation yet, then its new pod is not ready
+        new = deployment(d, ready=1, generation=2)
+        new["status"]["observedGeneration"] = 1
+        lagging = decide(snapshot({**SMALL, **change}, nodes, generation=2, old=d.status, deploy=new, pods=[]))
+        assert conds(lagging)["Progressing"][:2] == ("True", "RollingOut")
+        done = decide(snapshot({**SMALL, **change}, nodes, generation=2, **after(d, make_pod)))
+        assert conds(done)["Progressing"][:2] == ("False", "RolloutComplete")
+    else:
+        assert (progressing.status, progressing.reason) == ("False", "RolloutComplete")
 
 
 # ---- rollout: Surge or Replace ------------------------------------------------------------------------

@@ -82,6 +82,11 @@ def deploy(replicas: int = 1, ready: int = 1, updated: int = 1, gen: int = 1, ob
     }
 
 
+def on_template(d: Obj, template_hash: str) -> Obj:
+    """The Deployment running pod template ``template_hash``."""
+    return {**d, "spec": {"template": {"metadata": {"annotations": {HASH_ANNOTATION: template_hash}}}}}
+
+
 PENDING = {
     "metadata": {"name": "p1"},
     "status": {
@@ -237,8 +242,14 @@ def test_set_ready(w: Workload, expect: Cond) -> None:
         (given(deploy(gen=2, observed=1)), ("True", "RollingOut", "1/1 updated, 1 ready")),
         (given(deploy(replicas=2)), ("True", "RollingOut", "1/1 updated, 1 ready")),  # an old pod still runs
         (given(deploy(ready=0, conditions=[DEADLINE])), ("False", "ProgressDeadlineExceeded", "m")),
+        # a spec change not applied yet: the live Deployment, complete, runs the old pod template
+        (given(on_template(deploy(), "old"), template="h1"), ("True", "RollingOut", "0/1 updated, 1 ready")),
+        (
+            given(on_template(deploy(), "h1"), template="h1"),
+            ("False", "RolloutComplete", "1 replicas on the current plan"),
+        ),
     ],
-    ids=["complete", "rolling-out", "generation-not-seen", "surplus-pod", "deadline"],
+    ids=["complete", "rolling-out", "generation-not-seen", "surplus-pod", "deadline", "new-template", "same-template"],
 )
 def test_set_progressing(w: Workload, expect: Cond) -> None:
     c = set_progressing(w)

@@ -198,7 +198,7 @@ class Workload:
 
     desired: int  # replicas the spec asks for
     ready: int
-    updated: int
+    updated: int  # pods of the plan's pod template (none while the live Deployment has another template)
     total: int
     lagging: bool  # the Deployment controller has not seen the Deployment's generation yet
     refused: str | None  # the ReplicaSet cannot create pods (ReplicaFailure): why
@@ -222,7 +222,11 @@ def _deploy_condition(st: dict[str, Any], type_: str, status: str | None, reason
 def workload(
     deploy: dict[str, Any] | None, pods: list[dict[str, Any]], desired: int, template_hash: str | None = None
 ) -> Workload:
-    """The Deployment's counts and conditions and the pods' signals (see ``pod_signals``)."""
+    """The Deployment's counts and conditions and the pods' signals (see ``pod_signals``).
+
+    ``template_hash`` is the pod template of the plan: a live Deployment with another one (a spec change about
+    to be applied, the rollout not started) has none of its pods updated, whatever its own status says.
+    """
     st = (deploy or {}).get("status") or {}
     sig = pod_signals(pods, template_hash)
     # The ReplicaSet could not create a pod (the API server refused it: an image with spaces, a quota, an
@@ -230,12 +234,18 @@ def workload(
     failure = _deploy_condition(st, "ReplicaFailure", "True", None)
     deadline = _deploy_condition(st, "Progressing", None, "ProgressDeadlineExceeded")
     generation = ((deploy or {}).get("metadata") or {}).get("generation")
+    live = (((deploy or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}
+    stale = (
+        deploy is not None
+        and template_hash is not None
+        and (live.get("annotations") or {}).get(HASH_ANNOTATION) != template_hash
+    )
     return Workload(
         desired=desired,
         # Ready pods of the current plan count at once: the Deployment's readyReplicas follows them only when the
         # controller-manager gets to it (tens of seconds behind when it has hundreds of Deployments to update).
         ready=max(int(st.get("readyReplicas") or 0), sig.ready if template_hash is not None else 0),
-        updated=int(st.get("updatedReplicas") or 0),
+        updated=0 if stale else int(st.get("updatedReplicas") or 0),
         total=int(st.get("replicas") or 0),
         lagging=generation is not None and st.get("observedGeneration") != generation,
         refused=(
