@@ -2,6 +2,8 @@
 
 Each script test runs twice: under /bin/sh with the host's tools, and under busybox sh
 with a PATH holding only busybox applets and curl, as in the real downloader image.
+The server answers http and https on one port (tests/local_tls.py; curl trusts its
+certificate through $CURL_CA_BUNDLE): a token goes over https only.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ from typing import cast
 
 import pytest
 
+from local_tls import DualProtocol, make_cert, server_context
 from modelfit.download import DOWNLOAD_SCRIPT, download_env, shard_names, shard_urls
 
 DATA = os.urandom(3 * 1024 * 1024 + 123)
@@ -37,11 +41,13 @@ class State:
     cut_first: int = 0  # cut this many requests after half the remaining body
     wrong: bool = False  # serve different bytes of the same length
     status: int = 0  # answer every request with this status
-    requests: list[tuple[str, str | None, str | None]] = field(default_factory=list)  # path, Range, Authorization
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location (302)
+    # path, Range, Authorization, scheme
+    requests: list[tuple[str, str | None, str | None, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(DualProtocol, ThreadingHTTPServer):
     daemon_threads = True
     state: State
 
@@ -53,10 +59,17 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         st = cast(_Server, self.server).state
         rng = self.headers.get("Range")
+        scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
         with st.lock:
-            st.requests.append((self.path, rng, self.headers.get("Authorization")))
+            st.requests.append((self.path, rng, self.headers.get("Authorization"), scheme))
             cut = st.cut_first > 0
             st.cut_first -= 1 if cut else 0
+        if self.path in st.redirects:
+            self.send_response(302)
+            self.send_header("Location", st.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = st.files.get(self.path)
         if st.status or body is None:
             self.send_error(st.status or 404)
@@ -92,21 +105,43 @@ class Handler(BaseHTTPRequestHandler):
 @dataclass
 class Env:
     state: State
-    base: str
+    base: str  # http://127.0.0.1:PORT (the same port answers https)
     tmp: Path
+    ca: Path | None = None  # the server's certificate, for curl ($CURL_CA_BUNDLE)
+
+    def https(self, host: str = "127.0.0.1") -> Env:
+        """The same server over https (under ``host``)."""
+        port = self.base.rsplit(":", 1)[1]
+        return Env(self.state, f"https://{host}:{port}", self.tmp, self.ca)
 
 
-@pytest.fixture
-def srv(tmp_path: Path) -> Iterator[Env]:
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_cert(tmp_path_factory.mktemp("tls"))
+
+
+def _serve(tmp_path: Path, pem: Path) -> Iterator[Env]:
     server = _Server(("127.0.0.1", 0), Handler)
     server.state = State(files={"/m/model.gguf": DATA})
+    server.tls = server_context(pem)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield Env(server.state, f"http://127.0.0.1:{server.server_address[1]}", tmp_path)
+        yield Env(server.state, f"http://127.0.0.1:{server.server_address[1]}", tmp_path, pem)
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def srv(tmp_path: Path, pem: Path) -> Iterator[Env]:
+    yield from _serve(tmp_path, pem)
+
+
+@pytest.fixture
+def other(tmp_path: Path, pem: Path) -> Iterator[Env]:
+    """A second server: another port of the same host."""
+    yield from _serve(tmp_path, pem)
 
 
 @pytest.fixture(params=["sh", "busybox"])
@@ -145,6 +180,8 @@ def run(
     termlog.unlink(missing_ok=True)
     env = {e["name"]: e["value"] for e in download_env(srv.base + path, str(file), size, sha)}
     env |= {"PATH": shell[1], "HOME": str(srv.tmp), "TERMINATION_LOG": str(termlog), "CURL_RETRY_DELAY": "0"}
+    if srv.ca is not None:
+        env["CURL_CA_BUNDLE"] = str(srv.ca)
     env |= extra
     p = subprocess.run(
         [*shell[0], DOWNLOAD_SCRIPT], env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
@@ -314,12 +351,63 @@ def test_split_gguf_missing_shard_fails(srv: Env, shell: Shell) -> None:
     assert (srv.tmp / "models" / "big-00001-of-00002.gguf").read_bytes() == DATA
 
 
+TOKEN = "hf_SeCrEtToKeN1234567890"
+
+
 def test_hf_token_sent_and_not_printed(srv: Env, shell: Shell) -> None:
-    token = "hf_SeCrEtToKeN1234567890"
-    r = run(srv, shell, HF_TOKEN=token)
+    r = run(srv.https(), shell, HF_TOKEN=TOKEN)
     assert r.rc == 0, r.out
-    assert [q[2] for q in srv.state.requests] == [f"Bearer {token}"]
-    assert token not in r.out
+    assert [(q[2], q[3]) for q in srv.state.requests] == [(f"Bearer {TOKEN}", "https")]
+    assert TOKEN not in r.out
+
+
+def test_a_token_never_goes_over_http(srv: Env, shell: Shell) -> None:
+    r = run(srv, shell, HF_TOKEN=TOKEN)
+    assert r.rc != 0
+    assert (
+        r.message
+        == f"InvalidSpec: a token (HF_TOKEN) goes over https only, never in clear text: {srv.base}/m/model.gguf"
+    )
+    assert srv.state.requests == [] and TOKEN not in r.out
+
+
+def test_without_a_token_http_is_fine(srv: Env, shell: Shell) -> None:
+    r = run(srv, shell)
+    assert r.rc == 0, r.out
+    assert [(q[2], q[3]) for q in srv.state.requests] == [(None, "http")]
+
+
+@pytest.mark.parametrize(
+    ("where", "sent"),
+    [("same origin", True), ("another host", False), ("another port", False)],
+)
+def test_the_token_does_not_follow_a_redirect_to_another_origin(
+    srv: Env, other: Env, shell: Shell, where: str, sent: bool
+) -> None:
+    """curl drops the token (a custom header) when a redirect changes host or port: a CDN's signed URL needs none."""
+    target = {"same origin": srv.https(), "another host": srv.https("localhost"), "another port": other.https()}[where]
+    srv.state.redirects["/m/moved.gguf"] = f"{target.base}/m/model.gguf"
+    r = run(srv.https(), shell, path="/m/moved.gguf", HF_TOKEN=TOKEN)
+    assert r.rc == 0, r.out
+    first, *rest = srv.state.requests + (other.state.requests if other.state is not srv.state else [])
+    assert first[0] == "/m/moved.gguf" and first[2] == f"Bearer {TOKEN}"
+    assert [(q[0], q[2]) for q in rest] == [("/m/model.gguf", f"Bearer {TOKEN}" if sent else None)]
+    assert (srv.tmp / "models" / "model.gguf").read_bytes() == DATA
+
+
+def test_with_a_token_a_redirect_to_http_is_refused(srv: Env, shell: Shell) -> None:
+    srv.state.redirects["/m/moved.gguf"] = f"{srv.base}/m/model.gguf"  # same host and port, clear text
+    r = run(srv.https(), shell, path="/m/moved.gguf", HF_TOKEN=TOKEN)
+    assert r.rc != 0
+    assert r.message == (
+        f"DownloadFailed: curl exit 1 (a protocol refused: with a token every hop is https) for "
+        f"{srv.https().base}/m/moved.gguf"
+    )
+    assert [q[3] for q in srv.state.requests] == ["https"]  # nothing in clear text, and not retried
+    srv.state.requests.clear()
+    r = run(srv.https(), shell, path="/m/moved.gguf")  # no token: http is fine
+    assert r.rc == 0, r.out
+    assert [q[3] for q in srv.state.requests] == ["https", "http"]
 
 
 def test_no_token_no_header(srv: Env, shell: Shell) -> None:

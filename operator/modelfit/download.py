@@ -8,7 +8,8 @@ shard of a split GGUF and renames ``.part`` to the final name only after verific
 On failure it writes one line, ``Reason: detail``, to the termination log.
 
 Env contract: MODEL_URL, MODEL_FILE (required); MODEL_SIZE, MODEL_SHA256 (optional, the
-first or only shard); HF_TOKEN (optional, sent as a Bearer header, never printed);
+first or only shard); HF_TOKEN (optional, sent as a Bearer header over https only, never printed, never
+across a redirect to another host, port or scheme);
 TERMINATION_LOG (default /dev/termination-log); CURL_RETRY_DELAY (seconds, default 1);
 DOWNLOAD_ATTEMPTS (attempts without progress before giving up, default 8);
 CURL_CONNECT_TIMEOUT (seconds, default 10).
@@ -35,6 +36,12 @@ fail() {
 isnum() { case "$1" in ''|*[!0-9]*) return 1;; esac; return 0; }
 [ -n "${MODEL_URL:-}" ] || fail "InvalidSpec: MODEL_URL is empty"
 [ -n "${MODEL_FILE:-}" ] || fail "InvalidSpec: MODEL_FILE is empty"
+if [ -n "${HF_TOKEN:-}" ]; then
+  case "$MODEL_URL" in
+    https://*) ;;
+    *) fail "InvalidSpec: a token (HF_TOKEN) goes over https only, never in clear text: $MODEL_URL" ;;
+  esac
+fi
 want_size=${MODEL_SIZE:-}
 want_sha=${MODEL_SHA256:-}
 if [ -n "$want_size" ] && ! isnum "$want_size"; then fail "InvalidSpec: MODEL_SIZE is not a number: $want_size"; fi
@@ -60,9 +67,13 @@ fsize() {
   if [ -e "$1" ]; then stat -c %s "$1" 2>/dev/null || wc -c < "$1"; else echo 0; fi
 }
 
-# The token goes to curl on stdin as a config line: never in argv, never in the log.
+# The token goes to curl on stdin as a config line: never in argv, never in the log. A custom header: curl
+# (>= 7.83) drops it on a redirect to another host, port or scheme (a Hugging Face CDN's signed URL needs
+# none), and with a token every hop is https (a redirect to http is refused: curl exit 1).
 auth_config() {
-  if [ -n "${HF_TOKEN:-}" ]; then printf 'header = "Authorization: Bearer %s"\n' "$HF_TOKEN"; fi
+  if [ -n "${HF_TOKEN:-}" ]; then
+    printf 'header = "Authorization: Bearer %s"\nproto = "=https"\nproto-redir = "=https"\n' "$HF_TOKEN"
+  fi
 }
 
 # verify PATH: checks size ($gs) and sha256 ($gh) when given; sets vkind (short|size|sha) and vmsg.
@@ -140,6 +151,8 @@ get_file() {
         408|429|5??) err="HTTPError: HTTP $code for $gu" ;;
         *) fail "HTTPError: HTTP $code for $gu" ;;
       esac
+    elif [ "$rc" -eq 1 ]; then
+      fail "DownloadFailed: curl exit 1 (a protocol refused${HF_TOKEN:+: with a token every hop is https}) for $gu"
     elif [ "$rc" -eq 23 ]; then
       fail "WriteFailed: cannot write $gp (curl exit 23: disk full or not writable) for $gu"
     else
