@@ -115,7 +115,7 @@ class Snapshot:
     now: float  # monotonic seconds, for the avoid list
     pod_monitors: bool = False  # the cluster serves monitoring.coreos.com/v1 PodMonitors
     shapes: list[NodeShape] = field(default_factory=list)  # node shapes a cluster autoscaler can add
-    empty: list[NodeFacts] = field(default_factory=list)  # the usable nodes as if no pod ran on them
+    empty: list[NodeFacts] = field(default_factory=list)  # the nodes as if no pod ran on them (cordoned: tainted)
     avoid: dict[AvoidKey, float] = field(default_factory=dict)  # node classes avoided until (monotonic)
     seen_generation: int | None = None  # the Deployment's generation as last applied or seen (None: first look)
     missing: Condition | None = None  # Degraded: a Secret, key or PVC the pods need and that does not exist

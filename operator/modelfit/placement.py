@@ -221,7 +221,7 @@ def place(
 ) -> Placement:
     """The best node class and its plan for a spec, or why nothing fits (``knobs``: see ``policy_for``)."""
     if not nodes:
-        return Placement(False, "NoNodes", "the cluster has no schedulable nodes")
+        return Placement(False, "NoNodes", "the cluster has no nodes")
     eligible, excluded = [], []
     for n in nodes:
         why = ineligible_reason(spec, n)
