@@ -99,8 +99,8 @@ def test_helm_install_and_least_privilege(cluster, crd, operator_paused, pool, n
         ns = ["-n", SYSTEM_NS]
         assert cluster.get_json("crd", "modeldeployments.modelfit.io")
         deploy = cluster.get_json(*ns, "deployment", RELEASE)
-        assert deploy["status"].get("availableReplicas") == 1
-        assert deploy["spec"]["strategy"]["type"] == "Recreate"
+        assert deploy["status"].get("availableReplicas") == 2  # one leads, one waits (leader election)
+        assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"
         sa = deploy["spec"]["template"]["spec"]["serviceAccountName"]
         assert cluster.get_json(*ns, "serviceaccount", sa)
         role = cluster.get_json("clusterrole", RELEASE)
@@ -110,7 +110,8 @@ def test_helm_install_and_least_privilege(cluster, crd, operator_paused, pool, n
         binding = cluster.get_json("clusterrolebinding", RELEASE)
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": SYSTEM_NS}]
         pods = cluster.get_json(*ns, "pods", "-l", "app.kubernetes.io/instance=modelfit")["items"]
-        assert [p["status"]["phase"] for p in pods] == ["Running"]
+        assert [p["status"]["phase"] for p in pods] == ["Running", "Running"]
+        assert cluster.get_json(*ns, "pdb", RELEASE)["spec"]["maxUnavailable"] == 1
 
         who = f"--as=system:serviceaccount:{SYSTEM_NS}:{sa}"
         for allowed, table in (("yes", MUST), ("no", MUST_NOT)):
@@ -124,7 +125,16 @@ def test_helm_install_and_least_privilege(cluster, crd, operator_paused, pool, n
 
         # the operator, run with nothing but the chart's ServiceAccount token
         kubeconfig = _sa_kubeconfig(cluster, sa, tmp_path / "sa.kubeconfig")
-        op = Operator(kubeconfig, tmp_path / "sa-operator.log").start()
+        # The leader Lease: only its own, by name, in the operator's namespace.
+        for verb, res, where, want in (
+            ("update", f"leases/{RELEASE}", SYSTEM_NS, "yes"),
+            ("update", "leases/other", SYSTEM_NS, "no"),
+            ("get", f"leases/{RELEASE}", namespace, "no"),
+        ):
+            got = cluster.kubectl("auth", "can-i", verb, res, who, "-n", where, check=False).stdout.strip()
+            assert got == want, f"can-i {verb} {res} -n {where}: {got}"
+        elect = ["-A", "--leader-elect", "--leader-elect-namespace", SYSTEM_NS, "--leader-elect-id", RELEASE]
+        op = Operator(kubeconfig, tmp_path / "sa-operator.log", elect).start()
         try:
             cluster.apply(md("as-sa", namespace, context=4096, nodeSelector=pool.selector))
             wait_condition(cluster, namespace, "as-sa", "Ready", timeout=60, operator=op)

@@ -391,6 +391,7 @@ def test_operator_in_cluster_with_its_chart(
     values = {
         "image": {"repository": "localhost/modelfit/operator", "tag": "dev"},  # IfNotPresent: never pulled
         "hostNetwork": True,  # the API server listens on 127.0.0.1 only, and there is no kube-proxy
+        "replicaCount": 1,  # one node and the host's ports: one replica (it still takes the leader Lease)
         "extraEnv": [
             {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
             {"name": "KUBERNETES_SERVICE_PORT", "value": api_port},
@@ -421,6 +422,8 @@ def test_operator_in_cluster_with_its_chart(
         assert "forbidden" not in logs.lower() and "Traceback" not in logs, logs[-3000:]
         sa = cluster.get_json("-n", "modelfit-system", "pods", "-l", "app.kubernetes.io/name=modelfit")["items"][0]
         assert sa["spec"]["serviceAccountName"] == "modelfit"
+        lease = cluster.get_json("-n", "modelfit-system", "lease", "modelfit")
+        assert lease["spec"]["holderIdentity"].startswith(sa["metadata"]["name"]), lease["spec"]
         print(f"\n[realnode] operator via helm: install --wait {up_s:.1f}s; ModelDeployment Ready through it")
     finally:
         subprocess.run(

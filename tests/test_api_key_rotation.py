@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from test_handlers import CPU_LARGE, SEED, FakeKube, _merge, deploy_path, go, md
-
 from modelfit.kube import KubeError, path_for
 from modelfit.reconciler import OperatorState, check_api_keys
 from modelfit.render import API_KEY_ANNOTATION, HASH_ANNOTATION
+from test_handlers import CPU_LARGE, SEED, FakeKube, _merge, deploy_path, go, md
 
 SPEC = {**SEED, "apiKeySecretRef": {"name": "qwen-key", "key": "key"}}
 SECRET = path_for("v1", "Secret", "default", "qwen-key")

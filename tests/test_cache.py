@@ -106,6 +106,8 @@ def test_operator_refuses_a_host_path_outside_its_roots_with_a_condition():
     p = go(body, k, st)
     planned = next(c for c in p["conditions"] if c["type"] == "Planned")
     assert (planned["status"], planned["reason"]) == ("False", "HostPathNotAllowed")
+    conds = {c["type"]: (c["status"], c["reason"]) for c in p["conditions"]}
+    assert conds["Degraded"] == ("True", "HostPathNotAllowed") and "Unschedulable" not in conds  # bad input, not room
     assert deploy_path() not in k.objects and k.applies == 0
     st.settings = Settings(host_path_roots=(ROOT,))
     p = go(md({**SEED, "modelCache": {"hostPath": {"path": ROOT}}}), k, st)

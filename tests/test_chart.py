@@ -360,7 +360,8 @@ def _cluster_roles(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str
 
 def test_rbac_is_exactly_least_privilege_cluster_wide(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
     docs = render(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path)
-    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    assert [r["metadata"]["name"] for r in by_kind(docs, "Role")] == ["mf-modelfit-leader"]
+    assert [r["metadata"]["name"] for r in by_kind(docs, "RoleBinding")] == ["mf-modelfit-leader"]
     cr, reader = _cluster_roles(docs)
     assert _grants(cr["rules"]) == EXPECTED_CLUSTER | EXPECTED_NAMESPACED  # no Secret anywhere
     assert _grants(reader["rules"]) == SECRETS
@@ -383,6 +384,8 @@ DEFAULT_TAIL = [
     "--metrics-port=9090",
     "--log-format=json",
     "--hpa-metric=llamacpp_requests_inflight",
+    "--leader-elect",
+    "--leader-elect-id=mf-modelfit",
 ]
 
 
@@ -394,11 +397,11 @@ def test_watch_namespaces_args_and_namespaced_rbac(helm: str, helm_env: dict[str
     assert c["args"] == ["--standalone", "--namespace=models", "--namespace=team-a", *DEFAULT_TAIL]
     cr, _ = _cluster_roles(docs)
     assert _grants(cr["rules"]) == EXPECTED_CLUSTER  # nothing namespaced cluster-wide
-    roles = by_kind(docs, "Role")
+    roles = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == "mf-modelfit"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["models", "team-a"]
     for role in roles:
         assert _grants(role["rules"]) == EXPECTED_NAMESPACED | SECRETS  # Secrets where it watches
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"] == "mf-modelfit"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["models", "team-a"]
     for b in bindings:
         assert b["roleRef"]["kind"] == "Role"
@@ -408,9 +411,9 @@ def test_watch_namespaces_args_and_namespaced_rbac(helm: str, helm_env: dict[str
 def test_secret_access_only_in_the_namespaces_named(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
     values = {"secretAccess": {"namespaces": ["team-a", "team-b"]}}
     docs = render(helm, helm_env, OPERATOR_CHART, values, tmp_path=tmp_path)
-    cr, reader = _cluster_roles(docs)
+    cr, _ = _cluster_roles(docs)
     assert not _grants(cr["rules"]) & SECRETS
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"].endswith("secret-reader")]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for b in bindings:
         assert b["roleRef"] == {
@@ -424,11 +427,45 @@ def test_secret_access_only_in_the_namespaces_named(helm: str, helm_env: dict[st
     assert "team-a, team-b" in notes and "--clusterrole=mf-modelfit-secret-reader" in notes
 
 
+def test_leader_election_lease_rbac_budget_and_spread(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    docs = render(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path)
+    roles = {r["metadata"]["name"]: r for r in by_kind(docs, "Role")}
+    lease = roles["mf-modelfit-leader"]
+    assert lease["metadata"]["namespace"] == "modelfit-system"
+    named = [r for r in lease["rules"] if r.get("resourceNames")]
+    assert named == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["mf-modelfit"],
+            "verbs": ["get", "update"],
+        }
+    ]
+    (budget,) = by_kind(docs, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    (dep,) = by_kind(docs, "Deployment")
+    anti = dep["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert (
+        anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"]
+        == "kubernetes.io/hostname"
+    )
+    # Without election: one replica, Recreate, no Lease permissions; more than one is refused.
+    docs = render(
+        helm, helm_env, OPERATOR_CHART, {"leaderElection": {"enabled": False}, "replicaCount": 1}, tmp_path=tmp_path
+    )
+    (dep,) = by_kind(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--leader-elect" not in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not by_kind(docs, "PodDisruptionBudget") and not by_kind(docs, "Role")
+    proc = _template(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path, sets=["leaderElection.enabled=false"])
+    assert proc.returncode != 0 and "needs leaderElection.enabled" in proc.stderr
+
+
 def test_all_namespaces_by_default(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
     docs = render(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path)
     (dep,) = by_kind(docs, "Deployment")
-    assert dep["spec"]["replicas"] == 1
-    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert dep["spec"]["replicas"] == 2  # one leads, one waits to take over
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["args"] == ["--standalone", "--all-namespaces", *DEFAULT_TAIL]
     assert c["image"] == "ghcr.io/modelfit/modelfit-operator:0.1.0"  # appVersion
@@ -473,10 +510,11 @@ def test_image_override(helm: str, helm_env: dict[str, str], tmp_path: Path) -> 
     assert c["imagePullPolicy"] == "Always"
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     assert spec["serviceAccountName"] == "mf-op"
-    assert c["args"][-10:] == [
+    assert c["args"][-12:] == [
         "--metrics-port=9191", "--log-format=plain", "--verbose", "--hpa-metric=llamacpp_requests_inflight",
         "--host-path-root=/var/lib/modelfit/models", "--host-path-root=/mnt/fast/models",
-        "--allow-network=10.20.0.0/16", "--deny-network=10.96.0.0/12", "--deny-network=fd00::/8", "--no-standalone",
+        "--allow-network=10.20.0.0/16", "--deny-network=10.96.0.0/12", "--deny-network=fd00::/8",
+        "--leader-elect", "--leader-elect-id=mf-modelfit", "--no-standalone",
     ]  # fmt: skip
     assert "--liveness=http://0.0.0.0:8181/healthz" in c["args"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"health": 8181, "metrics": 9191}

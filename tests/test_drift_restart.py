@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 
-from test_handlers import CPU_LARGE, SEED, FakeKube, _merge, deploy_path, go, md
-
 from modelfit.decide import first_difference
 from modelfit.kube import path_for
 from modelfit.reconciler import OperatorState
+from test_handlers import CPU_LARGE, SEED, FakeKube, _merge, deploy_path, go, md
 
 SERVICE = path_for("v1", "Service", "default", "qwen")
 

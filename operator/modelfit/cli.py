@@ -417,7 +417,8 @@ def spec_facts(spec: api.ModelDeploymentSpec) -> ModelFacts:
     model from the catalog's facts (no network), a url or huggingFace file from its header ($HF_TOKEN when
     spec.model.tokenSecretRef asks for a token), a PVC file by its catalog file name."""
     token = os.environ.get("HF_TOKEN") if spec.model.token_secret_ref is not None else None
-    return asyncio.run(load_facts(spec, token=token, catalog_header=False)).facts
+    # The user's own machine and network: the operator's address rules (settings) do not apply here.
+    return asyncio.run(load_facts(spec, token=token, catalog_header=False, settings=None)).facts
 
 
 def cmd_plan_file(args: argparse.Namespace) -> int:

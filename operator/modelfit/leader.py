@@ -31,8 +31,9 @@ log = logging.getLogger("modelfit.leader")
 
 
 def identity() -> str:
-    """This process among the candidates: the pod's name and a random suffix (a restarted container differs)."""
-    return f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    """This process among the candidates: the pod's name ($POD_NAME; the host name is the node's under
+    hostNetwork) and a random suffix (a restarted container differs)."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
 
 
 def _load_config() -> None:
@@ -47,14 +48,14 @@ def _load_config() -> None:
 class _Healthz(http.server.BaseHTTPRequestHandler):
     path_ok = "/healthz"
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         ok = urllib.parse.urlsplit(self.path).path == self.path_ok
         self.send_response(200 if ok else 404)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
         self.wfile.write(b'{"leader": false}' if ok else b"")
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: probes every 20 s
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
