@@ -70,6 +70,7 @@ MUST = [
     ("patch", "deployments.apps", True),
     ("delete", "deployments.apps", True),
     ("create", "services", True),
+    ("patch", "configmaps", True),  # the digest the first verified download recorded
     ("patch", "services", True),
     ("create", "persistentvolumeclaims", True),
     ("create", "poddisruptionbudgets.policy", True),

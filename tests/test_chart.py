@@ -339,7 +339,7 @@ EXPECTED_CLUSTER = (
 EXPECTED_NAMESPACED = (
     {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
     | {("apps", "deployments", v) for v in MANAGE}
-    | {("", r, v) for r in ("services", "persistentvolumeclaims") for v in MANAGE}
+    | {("", r, v) for r in ("services", "persistentvolumeclaims", "configmaps") for v in MANAGE}
     | {("policy", "poddisruptionbudgets", v) for v in MANAGE}
     | {("monitoring.coreos.com", "podmonitors", v) for v in ("get", "create", "patch", "delete")}
     | {("autoscaling", "horizontalpodautoscalers", v) for v in ("get", "create", "patch", "delete")}

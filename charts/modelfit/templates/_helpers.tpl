@@ -110,7 +110,7 @@ manage the children, read/patch the ModelDeployments themselves.
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["services", "persistentvolumeclaims"]
+  resources: ["services", "persistentvolumeclaims", "configmaps"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
