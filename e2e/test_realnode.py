@@ -305,6 +305,36 @@ def test_api_key_rotation_rolls_the_pods(
     )
 
 
+def test_first_verified_download_is_recorded_and_holds_later_pods(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, tiny: Path, tmp_path: Path
+) -> None:
+    """No sha256 in the spec: the first pod's verified download reports its digest, the operator records it in
+    status.modelDigest (no roll), and a later pod whose download differs (the file changed under the same URL)
+    is refused with ChecksumMismatch."""
+    url = model_server.serve(f"/{ns}/tofu.gguf", tiny)
+    cluster.apply(md("tofu", ns, **pinned(model={"url": url}, context=512, threads=1)))
+    wait_condition(cluster, ns, "tofu", "Ready", timeout=240, operator=operator)
+    first = real_node.ready_pod(ns, "tofu")
+
+    def recorded() -> dict[str, Any] | None:
+        return status(cluster, ns, "tofu").get("modelDigest")
+
+    rec = cluster.wait_for(recorded, timeout=60, interval=1, what="status.modelDigest")
+    assert rec["sha256"] == [sha256_of(tiny)] and rec["url"] == url and rec["pod"] == first["metadata"]["name"]
+    assert [p["metadata"]["name"] for p in real_node.pods(ns, "tofu")] == [first["metadata"]["name"]]  # no roll
+    changed = tmp_path / "changed.gguf"
+    data = bytearray(tiny.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    model_server.serve(f"/{ns}/tofu.gguf", changed)
+    cluster.kubectl("-n", ns, "delete", "pod", first["metadata"]["name"], "--wait=false")
+    obj = wait_condition(cluster, ns, "tofu", "Degraded", reason="ModelDownloadFailed", timeout=180, operator=operator)
+    assert "ChecksumMismatch" in condition(obj, "Degraded")["message"], condition(obj, "Degraded")
+    print(
+        f"\n[realnode] trust on first use: recorded {rec['sha256'][0][:12]} from {rec['pod']}; a changed file refused"
+    )
+
+
 def _ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
 

@@ -224,7 +224,8 @@ def test_a_63_character_name_is_planned(make_node: Builder) -> None:
 
 def test_a_first_plan_applies_its_children_deployment_last(make_node: Builder) -> None:
     d = decide(snapshot(SEED, [make_node("cpu-small"), make_node("cpu-large")]))
-    assert [o["kind"] for o in d.apply] == ["Service", "Deployment"]  # the Deployment carries the applied hash
+    # the Deployment carries the applied hash
+    assert [o["kind"] for o in d.apply] == ["ConfigMap", "Service", "Deployment"]
     assert {kind for _, kind, _ in d.delete} == {"PodDisruptionBudget", "HorizontalPodAutoscaler"}
     plan = d.status.plan
     assert (plan.backend, plan.context, plan.node_class, plan.rollout) == (
@@ -852,3 +853,57 @@ def test_a_verdict_is_logged_once_not_on_every_resync(make_node: Builder, spec: 
     nodes.append(make_node("cpu-tiny", "1", "1Gi"))  # the message names every node: a new verdict
     new = decide(snapshot(spec, nodes, old=d.status))
     assert any(level == logging.WARNING and reason in line for level, line in new.logs)
+
+
+# ---- the model digest: trust on first use --------------------------------------------------------
+
+
+def _fetched(name: str, url: str, message: str, exit_code: int = 0, created: str = "2026-12-03T10:00:00Z") -> Obj:
+    return {
+        "metadata": {"name": name, "creationTimestamp": created},
+        "spec": {"initContainers": [{"name": "fetch-model", "env": [{"name": "MODEL_URL", "value": url}]}]},
+        "status": {
+            "initContainerStatuses": [
+                {"name": "fetch-model", "state": {"terminated": {"exitCode": exit_code, "message": message}}}
+            ]
+        },
+    }
+
+
+def _digest_cm(d: Any) -> str:
+    return next(o for o in d.apply if o["kind"] == "ConfigMap")["data"]["sha256"]
+
+
+def test_the_first_verified_download_records_the_digest_every_later_pod_is_held_to(make_node: Builder) -> None:
+    from modelfit.render import model_file
+
+    spec = SEED
+    url = model_file(check_spec(meta_of("qwen", 1), spec)).url  # type: ignore[union-attr]
+    a, b = "a" * 64, "b" * 64
+    nodes = [make_node("cpu-large")]
+    d = decide(snapshot(spec, nodes))
+    assert d.status.model_digest is None and _digest_cm(d) == ""
+    # A failed download and a pod of another URL report nothing usable; the oldest verified pod wins.
+    pods = [
+        _fetched("p-failed", url, "ChecksumMismatch: x", exit_code=1, created="2026-12-03T09:00:00Z"),
+        _fetched("p-other-url", "https://elsewhere/m.gguf", f"Verified: sha256 {b}", created="2026-12-03T09:30:00Z"),
+        _fetched("p-second", url, f"Verified: sha256 {b}", created="2026-12-03T10:05:00Z"),
+        _fetched("p-first", url, f"Verified: sha256 {a}", created="2026-12-03T10:00:00Z"),
+    ]
+    d = decide(snapshot(spec, nodes, pods=pods))
+    rec = d.status.model_digest
+    assert rec is not None and (rec.url, rec.sha256, rec.pod) == (url, [a], "p-first")
+    assert _digest_cm(d) == a + "\n"
+    # Kept: a later pod that reports something else does not replace it; no failure forgets it.
+    d2 = decide(snapshot(spec, nodes, pods=[_fetched("p-late", url, f"Verified: sha256 {b}")], old=d.status))
+    assert d2.status.model_digest == rec
+    assert failure(meta_of("qwen", 1), d.status, "InvalidSpec", "x", "invalid").status.model_digest == rec
+    # Recording changes no pod template: no roll.
+    tpl = next(o for o in d.apply if o["kind"] == "Deployment")["spec"]["template"]
+    first = decide(snapshot(spec, nodes))
+    assert tpl == next(o for o in first.apply if o["kind"] == "Deployment")["spec"]["template"]
+    # A new URL starts over; a spec sha256 that disagrees with the record wins.
+    d3 = decide(snapshot({**spec, "model": {"catalog": "qwen3.5-0.8b", "quant": "Q8_0"}}, nodes, old=d.status))
+    assert d3.status.model_digest is None
+    d4 = decide(snapshot({**spec, "model": {**spec["model"], "sha256": b}}, nodes, pods=pods[3:], old=d.status))
+    assert d4.status.model_digest is None

@@ -24,7 +24,7 @@ from typing import cast
 import pytest
 
 from local_tls import DualProtocol, make_cert, server_context
-from modelfit.download import DOWNLOAD_SCRIPT, download_env, shard_names, shard_urls
+from modelfit.download import DOWNLOAD_SCRIPT, download_env, shard_names, shard_urls, verified_digests
 
 DATA = os.urandom(3 * 1024 * 1024 + 123)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -212,7 +212,8 @@ def test_fresh_download(srv: Env, shell: Shell) -> None:
     assert model(srv).read_bytes() == DATA
     assert not part(srv).exists()
     assert [q[1] for q in srv.state.requests] == [None]
-    assert r.message == ""
+    assert r.message == f"Verified: sha256 {SHA}"  # what the operator records
+    assert verified_digests(r.message) == [SHA]
     assert not list(model(srv).parent.glob(".modelfit-write-test*"))
 
 
@@ -220,6 +221,34 @@ def test_fresh_download_without_size_or_sha(srv: Env, shell: Shell) -> None:
     r = run(srv, shell, size=0, sha=None)
     assert r.rc == 0, r.out
     assert model(srv).read_bytes() == DATA
+
+
+def test_without_a_digest_the_first_download_reports_the_one_it_got(srv: Env, shell: Shell) -> None:
+    r = run(srv, shell, size=0, sha=None)
+    assert r.rc == 0 and r.message == f"Verified: sha256 {SHA}", r.out
+
+
+def test_a_recorded_digest_holds_a_later_pod(srv: Env, shell: Shell) -> None:
+    """Trust on first use: what an earlier pod verified (the operator's ConfigMap) is required of every later one."""
+    digests = srv.tmp / "digest"
+    digests.write_text(SHA + "\n")
+    r = run(srv, shell, size=0, sha=None, DIGEST_FILE=str(digests))
+    assert r.rc == 0 and "sha256 ok" in r.out, r.out
+    model(srv).unlink()
+    srv.state.wrong = True  # the source changed under the same URL
+    r = run(srv, shell, size=0, sha=None, DIGEST_FILE=str(digests))
+    assert r.rc != 0 and r.message.startswith(f"ChecksumMismatch: expected {SHA}, got "), r.out
+    assert not model(srv).exists()
+    digests.write_text("not a digest\n")  # ignored, not trusted
+    r = run(srv, shell, size=0, sha=None, DIGEST_FILE=str(digests))
+    assert r.rc == 0, r.out
+
+
+def test_the_spec_digest_wins_over_a_recorded_one(srv: Env, shell: Shell) -> None:
+    digests = srv.tmp / "digest"
+    digests.write_text("0" * 64 + "\n")
+    r = run(srv, shell, DIGEST_FILE=str(digests))
+    assert r.rc == 0, r.out
 
 
 def test_checksum_mismatch(srv: Env, shell: Shell) -> None:
@@ -341,6 +370,14 @@ def test_split_gguf(srv: Env, shell: Shell) -> None:
     for name, data in zip(names, shards, strict=True):
         assert (srv.tmp / "models" / name).read_bytes() == data
     assert sorted(q[0] for q in srv.state.requests) == [f"/m/{names[0]}", f"/m/{names[2]}"]
+    assert verified_digests(r.message) == [hashlib.sha256(d).hexdigest() for d in shards]
+    # Held to what was recorded: a later shard that changed is caught, not only the first.
+    digests = srv.tmp / "digest"
+    digests.write_text("".join(f"{d}\n" for d in verified_digests(r.message) or []))
+    put(srv.tmp / "models" / names[2], b"x" * len(shards[2]))
+    srv.state.files[f"/m/{names[2]}"] = b"y" * len(shards[2])
+    r = run(srv, shell, path=f"/m/{names[0]}", size=len(shards[0]), sha=None, file=first, DIGEST_FILE=str(digests))
+    assert r.rc != 0 and r.message.startswith("ChecksumMismatch"), r.out
 
 
 def test_split_gguf_missing_shard_fails(srv: Env, shell: Shell) -> None:

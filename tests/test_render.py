@@ -41,7 +41,7 @@ def pod(r):
 def test_children_and_owner_refs():
     _, _, r = build()
     kinds = [o["kind"] for o in r.objects]
-    assert kinds == ["Deployment", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "Service"]  # the ConfigMap: the model digests downloads are held to
     assert r.absent == [
         ("policy/v1", "PodDisruptionBudget", "qwen"),
         ("autoscaling/v2", "HorizontalPodAutoscaler", "qwen"),
@@ -123,7 +123,9 @@ def test_pvc_cache_pdb_and_service():
         modelCache={"pvc": {"storageClass": "fast", "size": "5Gi"}},
         service={"type": "NodePort", "port": 80},
     )
-    assert [o["kind"] for o in r.objects] == ["PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget"]
+    assert [o["kind"] for o in r.objects] == [
+        "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget"
+    ]  # fmt: skip
     claim = r.by_kind("PersistentVolumeClaim")
     assert claim["spec"]["storageClassName"] == "fast" and claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
     vol = next(v for v in pod(r)["volumes"] if v["name"] == "model-cache")

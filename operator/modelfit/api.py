@@ -637,6 +637,14 @@ class PlanStatus(_Status):
 
 
 # A field left None is not written (dump): a planning failure, say, writes no endpoint and leaves the last one.
+class ModelDigestStatus(_Status):
+    """The sha256 of each file of the model, as the first verified download got it (trust on first use)."""
+
+    url: str = Field(description="The URL the digests are for (a new URL starts over).")
+    sha256: list[str] = Field(description="One digest per file (the shards of a split model in order).")
+    pod: str = Field(default="", description="The pod whose download reported them.")
+
+
 class ModelDeploymentStatus(_Status):
     """What the operator planned and observed."""
 
@@ -653,6 +661,11 @@ class ModelDeploymentStatus(_Status):
     memory_override_rejected: int | None = Field(
         default=None,
         description="A spec.resources memory (bytes) that was OOM-killed; the plan's memory is used while it is set.",
+    )
+    model_digest: ModelDigestStatus | None = Field(
+        default=None,
+        description="The digests every later download is held to: spec.model.sha256, else what the first verified "
+        "download reported.",
     )
 
     def dump(self) -> dict[str, Any]:

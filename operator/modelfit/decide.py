@@ -70,6 +70,7 @@ from .status import (
     set_progressing,
     set_ready,
     set_unschedulable,
+    verified_download,
     workload,
 )
 
@@ -162,10 +163,34 @@ def retry_after(result: str, failures: int) -> float | None:
 # ---- the first steps: a spec that can be planned ----------------------------------------------------
 
 
-def base_status(meta: dict[str, Any]) -> ModelDeploymentStatus:
+def base_status(meta: dict[str, Any], old: ModelDeploymentStatus) -> ModelDeploymentStatus:
+    """A new status: what every status says, and the recorded model digest, which no failure forgets."""
     return ModelDeploymentStatus(
-        observed_generation=meta.get("generation"), selector=selector_string(str(meta.get("name")))
+        observed_generation=meta.get("generation"),
+        selector=selector_string(str(meta.get("name"))),
+        model_digest=old.model_digest,
     )
+
+
+def model_digest(snap: Snapshot) -> api.ModelDigestStatus | None:
+    """The digests later downloads are held to (trust on first use): kept while the URL stays, else what the
+    oldest pod that verified this URL's download reported. spec.model.sha256 always wins for the first file: a
+    report that disagrees with it is not recorded."""
+    url = model_file(snap.spec).url
+    if url is None:
+        return None
+    old = snap.old.model_digest
+    if old is not None and old.url == url and _agrees(snap.spec, old.sha256):
+        return old
+    got = verified_download(snap.pods, url)
+    if got is None or not _agrees(snap.spec, got[1]):
+        return None
+    return api.ModelDigestStatus(url=url, sha256=got[1], pod=got[0])
+
+
+def _agrees(spec: ModelDeploymentSpec, digests: list[str]) -> bool:
+    want = (spec.model.sha256 or "").strip().lower()
+    return not want or (bool(digests) and digests[0] == want)
 
 
 def reported(old: ModelDeploymentStatus, reason: str, message: str) -> bool:
@@ -179,7 +204,7 @@ def failure(
     meta: dict[str, Any], old: ModelDeploymentStatus, reason: str, message: str, result: str, failures: int = 0
 ) -> Decision:
     """No plan to run: the Planned=False conditions and nothing to apply (``failures``: see ``Decision``)."""
-    new = base_status(meta)
+    new = base_status(meta, old)
     new.conditions = merge_conditions(
         old.conditions, planning_failure_conditions(reason, message), meta.get("generation")
     )
@@ -196,7 +221,7 @@ def api_failure(
 ) -> ModelDeploymentStatus:
     """The status when the API server refused (or could not take) a read or a write: what the decision (if any)
     planned and counted, its Planned condition, and the failure in the others."""
-    out = base_status(meta)
+    out = base_status(meta, old)
     values = api_failure_conditions(reason, message)
     if decided is not None:
         st = decided.status
@@ -624,6 +649,7 @@ def decide(snap: Snapshot) -> Decision:
     old_rollout = snap.old.plan.rollout if snap.old.plan is not None else None
     surge = old_rollout == "Surge" if keep else surge_fits(snap, placement)
     verdict = memory_override_verdict(placement, spec, r.override_failed)
+    digest_record = model_digest(snap)
     rendered = render(
         meta,
         spec,
@@ -634,8 +660,13 @@ def decide(snap: Snapshot) -> Decision:
         surge=surge,
         hpa_metric=snap.hpa_metric,
         api_key_version=snap.api_key_version,
+        model_digests=digest_record.sha256 if digest_record is not None else None,
     )
-    new = base_status(meta)
+    new = base_status(meta, snap.old)
+    if digest_record != snap.old.model_digest:
+        new.model_digest = digest_record
+        if digest_record is not None:
+            logs.append((logging.INFO, f"model digest recorded from {digest_record.pod}: {digest_record.sha256[0]}"))
     new.oom_kills, new.memory_override_rejected = r.oom_kills, r.rejected
     new.plan = _plan_record(snap, r, placement, rendered.hash, keep, surge)
     planned = set_planned(placement, why, verdict)

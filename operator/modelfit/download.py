@@ -5,10 +5,13 @@ curl + busybox image as uid 1000 on a read-only root filesystem, and tests/test_
 runs it against a local HTTP server. It verifies a cached file before reusing it,
 resumes after any interruption, copes with servers that ignore Range, fetches every
 shard of a split GGUF and renames ``.part`` to the final name only after verification.
-On failure it writes one line, ``Reason: detail``, to the termination log.
+On failure it writes one line, ``Reason: detail``, to the termination log; on success
+``Verified: sha256 <digest> [<digest> ...]``, one per shard, which the operator records
+(trust on first use) and holds every later pod to.
 
 Env contract: MODEL_URL, MODEL_FILE (required); MODEL_SIZE, MODEL_SHA256 (optional, the
-first or only shard); HF_TOKEN (optional, sent as a Bearer header over https only, never printed, never
+first or only shard); DIGEST_FILE (default /etc/modelfit/digest/sha256: the digests an earlier
+pod's verified download recorded, one line per shard; MODEL_SHA256 wins for the first); HF_TOKEN (optional, sent as a Bearer header over https only, never printed, never
 across a redirect to another host, port or scheme);
 TERMINATION_LOG (default /dev/termination-log); CURL_RETRY_DELAY (seconds, default 1);
 DOWNLOAD_ATTEMPTS (attempts without progress before giving up, default 8);
@@ -21,6 +24,7 @@ import re
 
 # llama.cpp names split models "<prefix>-%05d-of-%05d.gguf" (see gguf_header._SPLIT_RE).
 _FIRST_SHARD_NAME = re.compile(r"^(?P<prefix>.*)-00001-of-(?P<count>\d{5})\.gguf$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIRST_SHARD_URL = re.compile(r"^(?P<prefix>.*?)-00001-of-(?P<count>\d{5})\.gguf(?P<rest>[?#].*)?$")
 
 DOWNLOAD_SCRIPT = r"""set -eu
@@ -43,7 +47,14 @@ if [ -n "${HF_TOKEN:-}" ]; then
   esac
 fi
 want_size=${MODEL_SIZE:-}
-want_sha=${MODEL_SHA256:-}
+digest_file=${DIGEST_FILE:-/etc/modelfit/digest/sha256}
+# The digests recorded from an earlier verified download: one per shard, in order.
+known=
+if [ -r "$digest_file" ]; then
+  known=$(grep -E '^[0-9a-f]{64}$' "$digest_file" 2>/dev/null | tr '\n' ' ') || known=
+fi
+known_sha() { echo $known | cut -d' ' -f"$1"; }
+want_sha=${MODEL_SHA256:-$(known_sha 1)}
 if [ -n "$want_size" ] && ! isnum "$want_size"; then fail "InvalidSpec: MODEL_SIZE is not a number: $want_size"; fi
 for v in "$delay" "$attempts" "$ctimeout"; do
   isnum "$v" || fail "InvalidSpec: CURL_RETRY_DELAY, DOWNLOAD_ATTEMPTS and CURL_CONNECT_TIMEOUT must be numbers"
@@ -87,6 +98,7 @@ verify() {
   fi
   if [ "$vsz" -eq 0 ]; then vkind=size; vmsg="expected a non-empty file, got 0 bytes"; return 1; fi
   vmsg="$vsz bytes"
+  vgot=
   if [ -n "$gh" ]; then
     echo "computing sha256 of $1"
     vgot=$(sha256sum "$1" | cut -d' ' -f1)
@@ -96,11 +108,18 @@ verify() {
   return 0
 }
 
+# record FILE: its sha256 (computed by verify, else now) joins the digests this pod reports on success.
+digests=
+record() {
+  if [ -z "$vgot" ]; then vgot=$(sha256sum "$1" | cut -d' ' -f1); fi
+  digests="$digests $vgot"
+}
+
 # get_file FILE URL SIZE SHA256: reuse a verified FILE, else download URL to FILE.part and rename.
 get_file() {
   gf=$1; gu=$2; gs=$3; gh=$4; gp="$1.part"
   if [ -e "$gf" ]; then
-    if verify "$gf"; then echo "reusing cached $gf ($vmsg)"; return 0; fi
+    if verify "$gf"; then echo "reusing cached $gf ($vmsg)"; record "$gf"; return 0; fi
     if [ "$vkind" = short ]; then
       echo "cached $gf is truncated ($vmsg): resuming it"
       mv -f "$gf" "$gp"
@@ -162,6 +181,7 @@ get_file() {
       if verify "$gp"; then
         mv -f "$gp" "$gf"
         echo "verified $gf ($vmsg)"
+        record "$gf"
         return 0
       fi
       rm -f "$gp"
@@ -210,13 +230,31 @@ while [ "$i" -le "$n" ]; do
     if [ "$i" -eq 1 ]; then
       get_file "$fprefix-$s-of-$nstr.gguf" "$su" "$want_size" "$want_sha"
     else
-      get_file "$fprefix-$s-of-$nstr.gguf" "$su" "" ""
+      get_file "$fprefix-$s-of-$nstr.gguf" "$su" "" "$(known_sha "$i")"
     fi
   fi
   i=$((i + 1))
 done
 echo "model ready: $f"
+# The digests, for the operator to record (the kubelet keeps at most 4096 bytes of it).
+report="Verified: sha256$digests"
+if [ "${#report}" -le 4000 ]; then { printf '%s\n' "$report" > "$log"; } 2>/dev/null || true; fi
 """
+
+
+DIGEST_DIR = "/etc/modelfit/digest"  # the recorded digests' ConfigMap, mounted into the init container
+VERIFIED_PREFIX = "Verified: sha256"
+
+
+def verified_digests(message: str | None) -> list[str] | None:
+    """The digests a successful fetch-model reported in its termination message, or None."""
+    text = (message or "").strip()
+    if not text.startswith(VERIFIED_PREFIX):
+        return None
+    digests = text[len(VERIFIED_PREFIX) :].split()
+    if not digests or not all(_SHA256.fullmatch(d) for d in digests):
+        return None
+    return digests
 
 
 def download_env(url: str, file_path: str, size_bytes: int = 0, sha256: str | None = None) -> list[dict[str, str]]:

@@ -17,7 +17,7 @@ from typing import Any
 from . import api, catalog
 from .api import ModelDeploymentSpec
 from .cache import host_cache_dir
-from .download import DOWNLOAD_SCRIPT, download_env, shard_names
+from .download import DIGEST_DIR, DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
 from .nodes import GPU_RESOURCES, GiB, MiB, format_memory, parse_quantity
 from .placement import Placement
@@ -278,13 +278,19 @@ def _model_volumes(
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
     if volumes[-1].get("hostPath") is not None:
         init.append(_prepare_host_path())
+    digest_cm = {"name": f"{md_meta['name']}-model-digest", "optional": True}
+    volumes.append({"name": "model-digest", "configMap": digest_cm})
     init.append(
         {
             "name": "fetch-model",
             "image": DOWNLOADER_IMAGE,
             "command": ["/bin/sh", "-c", DOWNLOAD_SCRIPT],
             "env": env,
-            "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+            "volumeMounts": [
+                {"name": "model-cache", "mountPath": CACHE_DIR},
+                {"name": "tmp", "mountPath": "/tmp"},
+                {"name": "model-digest", "mountPath": DIGEST_DIR, "readOnly": True},
+            ],
             "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
             "securityContext": _container_security(),
             "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -383,7 +389,8 @@ def deployment(
         if spec.api_key_secret_ref is not None
         else {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
     )
-    if volumes[-1].get("emptyDir") is not None and volumes[-1]["name"] == "model-cache":
+    cache_volume = next((v for v in volumes if v["name"] == "model-cache"), {})
+    if cache_volume.get("emptyDir") is not None:
         # The cluster autoscaler keeps a node with an emptyDir pod unless it is marked safe to evict. Any replica
         # count: the annotation must not change when the model scales (that would roll its pods); with more than
         # one replica the disruption budget keeps the others serving, a single replica moves with a cold start.
@@ -548,6 +555,17 @@ class Rendered:
         return next((o for o in self.objects if o["kind"] == kind), None)
 
 
+def digest_config_map(md_meta: dict[str, Any], digests: list[str] | None) -> dict[str, Any]:
+    """The digests every download of the model is held to (``status.modelDigest``), as the fetch-model container
+    reads them: a ConfigMap, so that recording them after the first pod changes no pod template (no roll)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(md_meta, f"{md_meta['name']}-model-digest"),
+        "data": {"sha256": "".join(f"{d}\n" for d in digests or [])},
+    }
+
+
 def _without_key_version(obj: dict[str, Any]) -> dict[str, Any]:
     """The object as the plan hash sees it: a rotated API key rolls the pods but is not a new plan."""
     if obj["kind"] != "Deployment":
@@ -572,6 +590,7 @@ def render(
     surge: bool = False,
     hpa_metric: str = HPA_METRIC,
     api_key_version: str | None = None,
+    model_digests: list[str] | None = None,
 ) -> Rendered:
     """Every child of a ModelDeployment for a fitting placement.
 
@@ -600,7 +619,12 @@ def render(
     else:
         absent.append(("autoscaling/v2", "HorizontalPodAutoscaler", name))
     replicas = deploy["spec"].pop("replicas")
-    plan_hash = digest([_without_key_version(o) for o in objs if o["kind"] != "PodDisruptionBudget"])
+    if model.url is not None:
+        objs.insert(0, digest_config_map(md_meta, model_digests))
+    else:
+        absent.append(("v1", "ConfigMap", f"{name}-model-digest"))
+    # Neither the budget nor the recorded digests are a new plan (the digests reach new pods without a roll).
+    plan_hash = digest([_without_key_version(o) for o in objs if o["kind"] not in ("PodDisruptionBudget", "ConfigMap")])
     deploy["spec"]["replicas"] = replicas
     applied = digest(objs)
     deploy["metadata"]["annotations"] = {APPLIED_ANNOTATION: applied, APPLIED_PLAN_ANNOTATION: plan_hash}

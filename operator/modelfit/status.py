@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_args
 
 from .api import Condition, ConditionStatus, ConditionType, PlanStatus
+from .download import verified_digests
 from .facts import ModelFacts
 from .placement import WAITING_FOR_NODE, Placement
 from .render import HASH_ANNOTATION
@@ -118,6 +119,28 @@ def _unschedulable(st: dict[str, Any]) -> str | None:
         for c in st.get("conditions") or []
         if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
     )
+
+
+def verified_download(pods: list[dict[str, Any]], url: str) -> tuple[str, list[str]] | None:
+    """(pod, digests) that a fetch-model of ``url`` reported when it verified the model and exited 0, the oldest
+    pod first: the first use, which every later download is held to."""
+
+    def created(p: dict[str, Any]) -> str:
+        return str((p.get("metadata") or {}).get("creationTimestamp") or "")
+
+    for pod in sorted(pods, key=created):
+        init = [c for c in (pod.get("spec") or {}).get("initContainers") or [] if c.get("name") == DOWNLOADER]
+        env = {e.get("name"): e.get("value") for c in init for e in c.get("env") or []}
+        if env.get("MODEL_URL") != url:
+            continue
+        for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            if cs.get("name") != DOWNLOADER:
+                continue
+            for t in _terminated(cs):
+                digests = verified_digests(t.get("message")) if t.get("exitCode") == 0 else None
+                if digests:
+                    return str((pod.get("metadata") or {}).get("name") or ""), digests
+    return None
 
 
 def _download_failed(st: dict[str, Any]) -> str | None:
