@@ -75,6 +75,8 @@ MUST = [
     ("create", "persistentvolumeclaims", True),
     ("create", "poddisruptionbudgets.policy", True),
     ("delete", "poddisruptionbudgets.policy", True),
+    ("create", "networkpolicies.networking.k8s.io", True),  # --network-policy: one per model
+    ("delete", "networkpolicies.networking.k8s.io", True),  # and gone when the admin turns it off
     ("create", "events", True),
     ("get", "secrets", True),  # where secretAccess allows: a Hugging Face token, the API key (rotation)
 ]
@@ -84,7 +86,8 @@ MUST_NOT = [
     ("delete", "namespaces", False), ("create", "clusterroles.rbac.authorization.k8s.io", False),
     ("create", "rolebindings.rbac.authorization.k8s.io", True), ("create", "serviceaccounts/token", True),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", False),
-    ("create", "modeldeployments.modelfit.io", True), ("*", "*", False),
+    ("create", "modeldeployments.modelfit.io", True), ("list", "networkpolicies.networking.k8s.io", True),
+    ("*", "*", False),
 ]  # fmt: skip
 
 

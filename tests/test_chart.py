@@ -243,6 +243,7 @@ def test_helm_lint(helm: str, helm_env: dict[str, str], chart: Path) -> None:
 
 # ---- operator chart -----------------------------------------------------------------------------
 
+DIGEST = "sha256:" + "a" * 64
 OPERATOR_CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "namespaced": {"watchNamespaces": ["models", "team-a"]},
@@ -282,6 +283,18 @@ OPERATOR_CASES: dict[str, dict[str, Any]] = {
         "priorityClassName": "system-cluster-critical",
         "hostPathCache": {"roots": ["/var/lib/modelfit/models", "/mnt/fast/models"]},
         "egress": {"allowNetworks": ["10.20.0.0/16"], "denyNetworks": ["10.96.0.0/12", "fd00::/8"]},
+    },
+    "images-and-network-policy": {
+        "images": {
+            "downloader": f"registry.example.com:5000/mirror/curl:8.11.1@{DIGEST}",
+            "server": {"cpu": f"registry.example.com/mirror/llama.cpp@{DIGEST}", "vulkan": ""},
+            "requireDigest": True,
+            "allowedRegistries": ["registry.example.com", "ghcr.io/ggml-org"],
+        },
+        "networkPolicy": {
+            "enabled": True,
+            "ingressNamespaceLabels": ["kubernetes.io/metadata.name=monitoring", "example.com/gateway="],
+        },
     },
 }
 
@@ -343,6 +356,7 @@ EXPECTED_NAMESPACED = (
     | {("policy", "poddisruptionbudgets", v) for v in MANAGE}
     | {("monitoring.coreos.com", "podmonitors", v) for v in ("get", "create", "patch", "delete")}
     | {("autoscaling", "horizontalpodautoscalers", v) for v in ("get", "create", "patch", "delete")}
+    | {("networking.k8s.io", "networkpolicies", v) for v in ("get", "create", "patch", "delete")}
     | {("modelfit.io", "modeldeployments", v) for v in ("get", "list", "watch", "patch", "update")}
     | {("modelfit.io", f"modeldeployments/{s}", v) for s in ("status", "scale") for v in ("get", "patch", "update")}
 )
@@ -475,7 +489,7 @@ def test_all_namespaces_by_default(helm: str, helm_env: dict[str, str], tmp_path
     assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
 
 
-@pytest.mark.parametrize("case", ["defaults", "namespaced", "custom", "node-shapes"])
+@pytest.mark.parametrize("case", ["defaults", "namespaced", "custom", "node-shapes", "images-and-network-policy"])
 def test_operator_args_parse_with_modelfit_run(helm: str, helm_env: dict[str, str], tmp_path: Path, case: str) -> None:
     """The container's command line is accepted by the real `modelfit run` parser."""
     pytest.importorskip("modelfit.runner")
@@ -499,6 +513,14 @@ def test_operator_args_parse_with_modelfit_run(helm: str, helm_env: dict[str, st
     assert list(got.host_path_roots) == values.get("hostPathCache", {}).get("roots", [])
     assert list(got.allow_networks) == values.get("egress", {}).get("allowNetworks", [])
     assert list(got.deny_networks) == values.get("egress", {}).get("denyNetworks", [])
+    # ... and so do its images and the NetworkPolicy switch.
+    images, fence = values.get("images", {}), values.get("networkPolicy", {})
+    assert got.downloader_image == (images.get("downloader") or None)
+    assert dict(got.server_images) == {b: ref for b, ref in images.get("server", {}).items() if ref}
+    assert got.require_image_digest == images.get("requireDigest", False)
+    assert list(got.allowed_image_registries) == images.get("allowedRegistries", [])
+    assert got.network_policy == fence.get("enabled", False)
+    assert list(got.network_policy_ingress_namespaces) == fence.get("ingressNamespaceLabels", [])
 
 
 def test_image_override(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
@@ -520,6 +542,64 @@ def test_image_override(helm: str, helm_env: dict[str, str], tmp_path: Path) -> 
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"health": 8181, "metrics": 9191}
     assert {"name": "FOO", "value": "bar"} in c["env"]
     assert dep["metadata"]["labels"]["app.kubernetes.io/version"] == "1.2.3"
+
+
+@pytest.mark.parametrize(
+    ("good", "bad"),
+    [
+        ([f"images.downloader=mirror.io/curl@{DIGEST}"], ["images.downloader=mirror.io/curl"]),  # no tag
+        (["images.server.cuda=mirror.io/llama:cuda"], ["images.server.cuda=Mirror/llama:cuda"]),
+        (["images.server.rocm=localhost:5000/llama:rocm"], ["images.server.tpu=mirror.io/llama:1"]),
+        (["images.allowedRegistries[0]=registry.example.com:5000/team"], ["images.allowedRegistries[0]=team"]),
+        (["networkPolicy.ingressNamespaceLabels[0]=team=a"], ["networkPolicy.ingressNamespaceLabels[0]=team"]),
+        (
+            ["images.requireDigest=true", f"images.downloader=mirror.io/curl@{DIGEST}"],
+            ["images.requireDigest=true"],  # the downloader must be given, pinned
+        ),
+        (
+            ["images.requireDigest=true", f"images.downloader=m.io/c@{DIGEST}", f"images.server.cpu=m.io/l@{DIGEST}"],
+            ["images.requireDigest=true", f"images.downloader=m.io/c@{DIGEST}", "images.server.cpu=m.io/l:cpu"],
+        ),
+    ],
+    ids=[
+        "downloader-without-tag",
+        "server-uppercase",
+        "server-unknown-backend",
+        "registry-not-a-host",
+        "label-without-value",
+        "digest-needs-the-downloader",
+        "digest-refuses-a-server-tag",
+    ],
+)
+def test_image_and_network_policy_values(
+    helm: str, helm_env: dict[str, str], tmp_path: Path, good: list[str], bad: list[str]
+) -> None:
+    """The schema takes image references with a tag or a digest (both: the default is a tag), and refuses
+    others before the operator would."""
+    docs = render(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path, sets=good)
+    (dep,) = by_kind(docs, "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    given = [s.split("=", 1)[1] for s in good if not s.startswith("images.requireDigest")]
+    assert all(any(a.endswith(f"={v}") for a in args) for v in given), args
+    proc = _template(helm, helm_env, OPERATOR_CHART, tmp_path=tmp_path, sets=bad)
+    assert proc.returncode != 0, f"accepted {bad}"
+    assert "schema" in proc.stderr.lower() or "values don't meet" in proc.stderr.lower(), proc.stderr
+
+
+def test_images_and_network_policy_args(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    docs = render(helm, helm_env, OPERATOR_CHART, OPERATOR_CASES["images-and-network-policy"], tmp_path=tmp_path)
+    (dep,) = by_kind(docs, "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--hpa-metric=llamacpp_requests_inflight") + 1 : args.index("--leader-elect")] == [
+        f"--downloader-image=registry.example.com:5000/mirror/curl:8.11.1@{DIGEST}",
+        f"--server-image=cpu=registry.example.com/mirror/llama.cpp@{DIGEST}",  # the empty vulkan one: no flag
+        "--require-image-digest",
+        "--allowed-image-registry=registry.example.com",
+        "--allowed-image-registry=ghcr.io/ggml-org",
+        "--network-policy",
+        "--network-policy-ingress-namespace-label=kubernetes.io/metadata.name=monitoring",
+        "--network-policy-ingress-namespace-label=example.com/gateway=",
+    ]
 
 
 def test_service_monitor_toggle(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:

@@ -226,7 +226,7 @@ def test_a_first_plan_applies_its_children_deployment_last(make_node: Builder) -
     d = decide(snapshot(SEED, [make_node("cpu-small"), make_node("cpu-large")]))
     # the Deployment carries the applied hash
     assert [o["kind"] for o in d.apply] == ["ConfigMap", "Service", "Deployment"]
-    assert {kind for _, kind, _ in d.delete} == {"PodDisruptionBudget", "HorizontalPodAutoscaler"}
+    assert {kind for _, kind, _ in d.delete} == {"PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"}
     plan = d.status.plan
     assert (plan.backend, plan.context, plan.node_class, plan.rollout) == (
         "cpu",

@@ -45,6 +45,7 @@ def test_children_and_owner_refs():
     assert r.absent == [
         ("policy/v1", "PodDisruptionBudget", "qwen"),
         ("autoscaling/v2", "HorizontalPodAutoscaler", "qwen"),
+        ("networking.k8s.io/v1", "NetworkPolicy", "qwen"),  # rendered with the admin's --network-policy only
     ]
     for o in r.objects:
         ref = o["metadata"]["ownerReferences"][0]
@@ -135,7 +136,8 @@ def test_pvc_cache_pdb_and_service():
         not in r.by_kind("Deployment")["spec"]["template"]["metadata"]["annotations"]
     )
     assert r.by_kind("Deployment")["spec"]["replicas"] == 3 and r.absent == [
-        ("autoscaling/v2", "HorizontalPodAutoscaler", "qwen")
+        ("autoscaling/v2", "HorizontalPodAutoscaler", "qwen"),
+        ("networking.k8s.io/v1", "NetworkPolicy", "qwen"),
     ]
     svc = r.by_kind("Service")["spec"]
     assert svc["type"] == "NodePort" and svc["ports"][0]["port"] == 80 and svc["ports"][0]["targetPort"] == "http"

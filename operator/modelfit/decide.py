@@ -49,12 +49,15 @@ from .render import (
     desired_replicas,
     digest,
     hpa_target_milli,
+    image_problem,
     memory_override_bytes,
     memory_override_verdict,
     model_file,
     render,
     selector_string,
 )
+from .settings import DEFAULT as DEFAULT_SETTINGS
+from .settings import Settings
 from .status import (
     Room,
     api_failure_conditions,
@@ -125,6 +128,7 @@ class Snapshot:
     absent_children: list[str] = field(default_factory=list)  # children the shell found missing when verifying
     hpa_metric: str = HPA_METRIC
     failures: int = 0  # reconciles in a row that asked to come back (the shell's count, for the backoff)
+    settings: Settings = DEFAULT_SETTINGS  # the admin's: images, registries, the NetworkPolicy switch
 
 
 @dataclass
@@ -640,12 +644,18 @@ def _observed(snap: Snapshot, decision: Decision) -> None:
 def decide(snap: Snapshot) -> Decision:
     """Plan, choose between keeping and moving, render the children and compute the status."""
     meta, spec = snap.meta, snap.spec
+    refused = image_problem(spec, snap.settings)  # the spec's own images: refused before any plan
+    if refused is not None:
+        return failure(meta, snap.old, *refused, "invalid")
     r = react(snap)
     logs = [*r.logs, *_facts_logs(snap, r)]
     if not r.placement.fits or r.placement.result is None:
         return _unplaced(snap, r, logs)
 
     placement, keep, why = _keep_or_move(snap, r)
+    refused = image_problem(spec, snap.settings, placement.result.plan.backend if placement.result else None)
+    if refused is not None:  # the plan's backend runs an image that is not pinned
+        return failure(meta, snap.old, *refused, "invalid")
     old_rollout = snap.old.plan.rollout if snap.old.plan is not None else None
     surge = old_rollout == "Surge" if keep else surge_fits(snap, placement)
     verdict = memory_override_verdict(placement, spec, r.override_failed)
@@ -661,6 +671,7 @@ def decide(snap: Snapshot) -> Decision:
         hpa_metric=snap.hpa_metric,
         api_key_version=snap.api_key_version,
         model_digests=digest_record.sha256 if digest_record is not None else None,
+        settings=snap.settings,
     )
     new = base_status(meta, snap.old)
     if digest_record != snap.old.model_digest:

@@ -33,6 +33,7 @@ _PLURALS = {
     "Event": "events",
     "PodMonitor": "podmonitors",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "NetworkPolicy": "networkpolicies",
     "ConfigMap": "configmaps",
     "ModelDeployment": "modeldeployments",
 }

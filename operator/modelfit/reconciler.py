@@ -373,6 +373,7 @@ async def _gather(
         absent_children=absent,
         hpa_metric=state.hpa_metric,
         failures=seen.failures,
+        settings=state.settings,
     )
 
 

@@ -1,13 +1,15 @@
 """A plan -> the Kubernetes objects that run it. Pure: no I/O.
 
 Children: PersistentVolumeClaim (modelCache.pvc), Deployment, Service and,
-with more than one replica, a PodDisruptionBudget. Every child carries the
-owner reference and the standard ``app.kubernetes.io/*`` labels.
+with more than one replica, a PodDisruptionBudget; with the admin's
+``--network-policy``, a NetworkPolicy. Every child carries the owner reference
+and the standard ``app.kubernetes.io/*`` labels.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import re
@@ -21,8 +23,12 @@ from .download import DIGEST_DIR, DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
 from .nodes import GPU_RESOURCES, GiB, MiB, format_memory, parse_quantity
 from .placement import Placement
+from .settings import DEFAULT as DEFAULT_SETTINGS
+from .settings import REF_FORMS, REFUSED_NETWORKS, Settings, image_name, pinned
 
 # The only place image tags live. Official llama.cpp server images, pinned to the build the memory model matches.
+# Tags, not digests (a digest cannot be looked up offline): an admin pins them, or points them at a private
+# mirror, with ``modelfit run --server-image BACKEND=REPO@sha256:...`` and ``--downloader-image``.
 IMAGES: dict[str, str] = {
     "cpu": f"ghcr.io/ggml-org/llama.cpp:server-{LLAMA_CPP_BUILD}",
     "cuda": f"ghcr.io/ggml-org/llama.cpp:server-cuda-{LLAMA_CPP_BUILD}",
@@ -141,6 +147,55 @@ def startup_failure_threshold(size_bytes: int, period: int = 10) -> int:
 
 def cache_size(size_bytes: int) -> str:
     return format_memory(int(size_bytes * 1.1) + GiB if size_bytes else 64 * GiB)
+
+
+def downloader_image(settings: Settings = DEFAULT_SETTINGS) -> str:
+    """The init containers' image: the admin's (``--downloader-image``), never a spec's -- ``prepare-cache``
+    runs it as root with CAP_CHOWN on a node directory."""
+    return settings.downloader_image or DOWNLOADER_IMAGE
+
+
+def server_image(spec: ModelDeploymentSpec, backend: str, settings: Settings = DEFAULT_SETTINGS) -> str:
+    """llama-server's image for ``backend``: the spec's, else the admin's (``--server-image``), else ours."""
+    own = getattr(spec.image, backend, None) if spec.image else None
+    return own or settings.server_image(backend) or IMAGES[backend]
+
+
+def image_problem(
+    spec: ModelDeploymentSpec, settings: Settings = DEFAULT_SETTINGS, backend: str | None = None
+) -> tuple[str, str] | None:
+    """Why the spec's pods may not run their images, as (reason, message), or None.
+
+    Every ``spec.image`` entry is checked, whatever the plan's backend (a re-plan may move to another): an image
+    reference, from an allowed registry (``--allowed-image-registry``), pinned by digest under
+    ``--require-image-digest``. With ``backend`` (the plan's), the server image rendered for it must be pinned
+    too, the admin's or the default one. The downloader's is checked once, when the settings are made.
+    """
+    for name in IMAGES:
+        ref = getattr(spec.image, name, None) if spec.image else None
+        if not ref:
+            continue
+        repo = image_name(ref)
+        if repo is None:
+            return "InvalidSpec", f"spec.image.{name} {ref!r} is not an image reference ({REF_FORMS})"
+        if not settings.registry_allowed(ref):
+            allowed = ", ".join(settings.allowed_image_registries)
+            return "ImageNotAllowed", f"spec.image.{name} {ref} is not from an allowed registry; allowed: {allowed}"
+        if settings.require_image_digest and not pinned(ref):
+            return "ImageNotAllowed", (
+                f"spec.image.{name} {ref} is not pinned by digest, and this operator runs images by digest only: "
+                f"use {repo}@sha256:<64 hex>"
+            )
+    if backend is None or not settings.require_image_digest:
+        return None
+    ref = server_image(spec, backend, settings)
+    if pinned(ref):
+        return None
+    return "ImageNotAllowed", (
+        f"the {backend} server image {ref} is not pinned by digest, and this operator runs images by digest only: "
+        f"set spec.image.{backend} to REPO@sha256:<64 hex>, or an admin pins it for every model with "
+        f"`modelfit run --server-image {backend}=REPO@sha256:<64 hex>` (chart value images.server.{backend})"
+    )
 
 
 def _container_security() -> dict[str, Any]:
@@ -305,11 +360,11 @@ def _server_container(
     model: ModelFile,
     mounts: list[dict[str, Any]],
     honour_memory_override: bool,
+    settings: Settings = DEFAULT_SETTINGS,
 ) -> dict[str, Any]:
     """The llama-server container: the plan's args, resources and health probes."""
     assert placement.result is not None
     p = placement.result.plan
-    image = getattr(spec.image, p.backend, None) if spec.image else None
     env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}]
     if spec.api_key_secret_ref is not None:
         ref = spec.api_key_secret_ref
@@ -320,7 +375,7 @@ def _server_container(
 
     return {
         "name": "llama-server",
-        "image": image or IMAGES[p.backend],
+        "image": server_image(spec, p.backend, settings),
         "args": [*p.args, *(spec.server_args or [])],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": env,
@@ -346,6 +401,7 @@ def deployment(
     honour_memory_override: bool = True,
     surge: bool = False,
     api_key_version: str | None = None,
+    settings: Settings = DEFAULT_SETTINGS,
 ) -> dict[str, Any]:
     """The llama-server Deployment of a plan: pinned to the plan's node class, restricted security context.
 
@@ -355,7 +411,10 @@ def deployment(
     assert placement.result is not None
     name = md_meta["name"]
     mounts, volumes, init = _model_volumes(md_meta, spec, model)
-    container = _server_container(spec, placement, model, mounts, honour_memory_override)
+    for step in init:  # the downloader's steps run the admin's image (a private mirror's, pinned)
+        if step["image"] == DOWNLOADER_IMAGE:
+            step["image"] = downloader_image(settings)
+    container = _server_container(spec, placement, model, mounts, honour_memory_override, settings)
     tolerations = list(spec.tolerations or [])
     for gpu_key in GPU_RESOURCES:  # a pod that asks for a vendor's GPUs tolerates that vendor's GPU taint
         if gpu_key in placement.result.resources.requests:
@@ -544,6 +603,63 @@ def pdb(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any] | 
     }
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+def _ip_block(cidr: Network, refused: list[Network]) -> dict[str, Any] | None:
+    """An ipBlock of ``cidr`` without the ``refused`` networks inside it (None: all of it is refused)."""
+    inside = [n for n in refused if n.version == cidr.version and n.subnet_of(cidr)]  # type: ignore[arg-type]
+    if cidr in inside:
+        return None
+    block: dict[str, Any] = {"cidr": str(cidr)}
+    if inside:
+        block["except"] = sorted({str(n) for n in inside})
+    return block
+
+
+def egress_blocks(settings: Settings = DEFAULT_SETTINGS) -> list[dict[str, Any]]:
+    """Where a model's pods may connect: what the operator's own header reads may reach (``refused_address``).
+
+    Everywhere but loopback, link-local and unspecified (``REFUSED_NETWORKS``) and the admin's denied
+    networks (the cluster's pod and service ranges), plus each allowed network without the denied networks
+    more specific than it (a tie is refused, as ``refused_address`` refuses it).
+    """
+    deny = [ipaddress.ip_network(n, strict=False) for n in settings.deny_networks]
+    blocks = [_ip_block(cidr, [*(n for n, _ in REFUSED_NETWORKS), *deny]) for cidr in _ANYWHERE]
+    for text in settings.allow_networks:
+        allowed = ipaddress.ip_network(text, strict=False)
+        blocks.append(_ip_block(allowed, [n for n in deny if n.prefixlen >= allowed.prefixlen]))
+    return [{"ipBlock": b} for b in blocks if b is not None]
+
+
+def network_policy(md_meta: dict[str, Any], model: ModelFile, settings: Settings = DEFAULT_SETTINGS) -> dict[str, Any]:
+    """The model's pods, fenced in: ingress to llama-server's port from the pods of its own namespace and of the
+    admin's namespaces (``--network-policy-ingress-namespace-label``: a gateway, Prometheus); egress to DNS,
+    and for a downloaded model TCP on any port (a mirror may serve on any) to ``egress_blocks``. A model on a
+    PVC downloads nothing and gets no egress at all: llama-server itself connects nowhere.
+    """
+    peers: list[dict[str, Any]] = [{"podSelector": {}}]
+    for label in settings.network_policy_ingress_namespaces:
+        key, _, value = label.partition("=")
+        peers.append({"namespaceSelector": {"matchLabels": {key: value}}})
+    egress: list[dict[str, Any]] = []
+    if not model.pvc_claim:
+        dns = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+        egress = [{"ports": dns}, {"to": egress_blocks(settings), "ports": [{"protocol": "TCP"}]}]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(md_meta, md_meta["name"]),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(md_meta["name"])},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": PORT}]}],
+            "egress": egress,
+        },
+    }
+
+
 @dataclass
 class Rendered:
     objects: list[dict[str, Any]]  # in apply order
@@ -591,11 +707,13 @@ def render(
     hpa_metric: str = HPA_METRIC,
     api_key_version: str | None = None,
     model_digests: list[str] | None = None,
+    settings: Settings = DEFAULT_SETTINGS,
 ) -> Rendered:
     """Every child of a ModelDeployment for a fitting placement.
 
     ``with_pod_monitor``: the cluster serves monitoring.coreos.com/v1 PodMonitors (the shell checks).
     ``surge``: roll out new pods before old ones stop (see ``rolling_update``).
+    ``settings``: the admin's images and NetworkPolicy switch (``image_problem`` says what is refused).
     """
     name = md_meta["name"]
     objs: list[dict[str, Any]] = []
@@ -603,7 +721,9 @@ def render(
     claim = pvc(md_meta, spec, model)
     if claim is not None:
         objs.append(claim)
-    deploy = deployment(md_meta, spec, placement, model, honour_memory_override, surge, api_key_version)
+    deploy = deployment(
+        md_meta, spec, placement, model, honour_memory_override, surge, api_key_version, settings=settings
+    )
     objs.append(deploy)
     objs.append(service(md_meta, spec))
     if with_pod_monitor:
@@ -618,13 +738,19 @@ def render(
         objs.append(autoscaler)
     else:
         absent.append(("autoscaling/v2", "HorizontalPodAutoscaler", name))
+    if settings.network_policy:
+        objs.append(network_policy(md_meta, model, settings))
+    else:
+        absent.append(("networking.k8s.io/v1", "NetworkPolicy", name))
     replicas = deploy["spec"].pop("replicas")
     if model.url is not None:
         objs.insert(0, digest_config_map(md_meta, model_digests))
     else:
         absent.append(("v1", "ConfigMap", f"{name}-model-digest"))
     # Neither the budget nor the recorded digests are a new plan (the digests reach new pods without a roll).
-    plan_hash = digest([_without_key_version(o) for o in objs if o["kind"] not in ("PodDisruptionBudget", "ConfigMap")])
+    # Nor is the NetworkPolicy: turning it on or off applies it, it does not re-plan.
+    unplanned = ("PodDisruptionBudget", "ConfigMap", "NetworkPolicy")
+    plan_hash = digest([_without_key_version(o) for o in objs if o["kind"] not in unplanned])
     deploy["spec"]["replicas"] = replicas
     applied = digest(objs)
     deploy["metadata"]["annotations"] = {APPLIED_ANNOTATION: applied, APPLIED_PLAN_ANNOTATION: plan_hash}

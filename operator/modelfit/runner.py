@@ -71,7 +71,8 @@ def node_shapes(path: str | None) -> list[NodeShape]:
 
 
 def settings(args: argparse.Namespace) -> Settings:
-    """The admin's settings from the flags, else their $MODELFIT_* variables (comma-separated lists)."""
+    """The admin's settings from the flags, else their $MODELFIT_* variables (comma-separated lists; a switch
+    is on for true, 1 or yes)."""
     from .settings import Settings
 
     def listed(values: list[str] | None, env: str) -> tuple[str, ...]:
@@ -79,11 +80,36 @@ def settings(args: argparse.Namespace) -> Settings:
             return tuple(values)
         return tuple(v.strip() for v in os.environ.get(env, "").split(",") if v.strip())
 
+    def switch(value: bool | None, env: str) -> bool:
+        if value is not None:
+            return value
+        raw = os.environ.get(env, "").strip().lower()
+        if raw not in ("", "true", "1", "yes", "false", "0", "no"):
+            raise ValueError(f"${env}={raw!r} is not true or false")
+        return raw in ("true", "1", "yes")
+
+    def pairs(values: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
+        out = []
+        for value in values:
+            backend, eq, ref = value.partition("=")
+            if not eq:
+                raise ValueError(f"{flag} {value!r} is not BACKEND=IMAGE")
+            out.append((backend.strip(), ref.strip()))
+        return tuple(out)
+
     try:
         return Settings(
             host_path_roots=listed(args.host_path_root, "MODELFIT_HOST_PATH_ROOTS"),
             allow_networks=listed(args.allow_network, "MODELFIT_ALLOW_NETWORKS"),
             deny_networks=listed(args.deny_network, "MODELFIT_DENY_NETWORKS"),
+            downloader_image=args.downloader_image or os.environ.get("MODELFIT_DOWNLOADER_IMAGE") or None,
+            server_images=pairs(listed(args.server_image, "MODELFIT_SERVER_IMAGES"), "--server-image"),
+            require_image_digest=switch(args.require_image_digest, "MODELFIT_REQUIRE_IMAGE_DIGEST"),
+            allowed_image_registries=listed(args.allowed_image_registry, "MODELFIT_ALLOWED_IMAGE_REGISTRIES"),
+            network_policy=switch(args.network_policy, "MODELFIT_NETWORK_POLICY"),
+            network_policy_ingress_namespaces=listed(
+                args.network_policy_ingress_namespace_label, "MODELFIT_NETWORK_POLICY_INGRESS_NAMESPACE_LABELS"
+            ),
         )
     except ValueError as exc:
         raise ValueError(f"operator settings: {exc}") from exc
@@ -136,6 +162,55 @@ def register(sub: Any) -> None:
         metavar="CIDR",
         help="refuse model header reads to this network too, e.g. the cluster's pod and service ranges; "
         "repeatable ($MODELFIT_DENY_NETWORKS)",
+    )
+    sp.add_argument(
+        "--downloader-image",
+        metavar="REF",
+        help="image of the init containers that fetch the model (curl and a POSIX shell; the cache-preparing one "
+        "runs as root with CAP_CHOWN, so only this setting, never a spec, names it): REPO:TAG, REPO@sha256:<64 hex> "
+        "or REPO:TAG@sha256:<64 hex>, e.g. a private mirror's (default docker.io/curlimages/curl:8.11.1; "
+        "$MODELFIT_DOWNLOADER_IMAGE)",
+    )
+    sp.add_argument(
+        "--server-image",
+        action="append",
+        metavar="BACKEND=REF",
+        help="llama-server image for a backend (cpu, cuda, rocm, vulkan) where a spec sets none, e.g. a private "
+        "mirror's or one pinned by digest; repeatable (default the official ghcr.io/ggml-org/llama.cpp server "
+        "images; $MODELFIT_SERVER_IMAGES, comma-separated)",
+    )
+    sp.add_argument(
+        "--require-image-digest",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="every image a model's pods run is pinned by digest (REPO@sha256:...): a spec.image with a tag only "
+        "is refused (condition Planned=False, reason ImageNotAllowed), and so is a model whose backend's server "
+        "image is not pinned (pin the defaults with --server-image); the downloader image must be pinned for the "
+        "operator to start (default off; $MODELFIT_REQUIRE_IMAGE_DIGEST)",
+    )
+    sp.add_argument(
+        "--allowed-image-registry",
+        action="append",
+        metavar="PREFIX",
+        help="a registry (registry.example.com) or a path under one (registry.example.com/team, docker.io/library) "
+        "that spec.image may use; repeatable (default none: any; $MODELFIT_ALLOWED_IMAGE_REGISTRIES)",
+    )
+    sp.add_argument(
+        "--network-policy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render a NetworkPolicy for every model: ingress to its port from pods of its namespace (and the "
+        "namespaces of --network-policy-ingress-namespace-label) only; egress DNS, and TCP to the addresses the "
+        "operator's header reads may reach (--allow-network, --deny-network) for the model download "
+        "(default off; $MODELFIT_NETWORK_POLICY)",
+    )
+    sp.add_argument(
+        "--network-policy-ingress-namespace-label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --network-policy, pods of the namespaces with this label may reach the models too (a gateway, "
+        "Prometheus: kubernetes.io/metadata.name=monitoring); repeatable "
+        "($MODELFIT_NETWORK_POLICY_INGRESS_NAMESPACE_LABELS)",
     )
     sp.add_argument(
         "--leader-elect",

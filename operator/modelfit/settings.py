@@ -1,18 +1,72 @@
 """What the cluster admin decides for every tenant: flags of ``modelfit run`` and the chart's values. Pure.
 
 A ModelDeployment is a tenant's input; these settings are not, so they bound what a spec may ask for:
-the node directories a hostPath cache may use and the networks the operator's header reads may reach.
+the node directories a hostPath cache may use, the networks the operator's header reads (and, with
+``network_policy``, the model's pods) may reach, and the images its pods run.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import posixpath
+import re
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 # Never a cache root, whatever the admin says: the node's own system directories.
 FORBIDDEN_ROOTS = ("/", "/etc", "/proc", "/sys", "/dev", "/boot", "/bin", "/sbin", "/usr", "/lib", "/root", "/run")
+
+# The backends a server image is set for (render.IMAGES holds their defaults).
+BACKENDS = ("cpu", "cuda", "rocm", "vulkan")
+
+# An image reference as the container runtimes parse it (distribution's reference grammar): an optional
+# registry host[:port], lowercase path components, then a tag and/or a sha256 digest.
+_HOST_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+# a host is told from a path by a dot, a port or its name (``library/ubuntu`` is Docker Hub's path)
+_HOST = rf"(?:(?:{_HOST_PART}(?:\.{_HOST_PART})+|\[[0-9a-fA-F:]+\])(?::[0-9]+)?|{_HOST_PART}:[0-9]+|localhost)"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REF = re.compile(
+    rf"(?P<name>(?:{_HOST}/)?{_PATH_PART}(?:/{_PATH_PART})*)(?::(?P<tag>[\w][\w.-]{{0,127}}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
+)
+REF_FORMS = "REPO:TAG, REPO@sha256:<64 hex> or REPO:TAG@sha256:<64 hex>"
+_REGISTRY_PREFIX = re.compile(rf"{_HOST}(?:/{_PATH_PART})*")  # a registry host, optionally a path under it
+# label key (an optional DNS subdomain prefix, a name) = label value
+_LABEL_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"(?:[a-z0-9](?:[-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}")
+_LABEL_VALUE = re.compile(rf"(?:{_LABEL_NAME})?")
+
+
+def _is_host(part: str) -> bool:
+    """Whether an image name's first component is a registry host (else the name is Docker Hub's)."""
+    return "." in part or ":" in part or part == "localhost" or part.startswith("[")
+
+
+def image_name(ref: str) -> str | None:
+    """The repository of an image reference, registry included as the runtime resolves it (``ubuntu:24.04`` is
+    ``docker.io/library/ubuntu``), or None when ``ref`` is not a reference."""
+    m = IMAGE_REF.fullmatch(ref)
+    if m is None:
+        return None
+    name = m["name"]
+    first, _, rest = name.partition("/")
+    if not rest:
+        return f"docker.io/library/{name}"
+    return name if _is_host(first) else f"docker.io/{name}"
+
+
+def pinned(ref: str) -> bool:
+    """Whether the reference names its content by digest (a tag can be moved, a digest cannot)."""
+    m = IMAGE_REF.fullmatch(ref)
+    return m is not None and m["digest"] is not None
+
+
+def admin_ref(ref: str, what: str) -> str:
+    """``ref`` when it is a reference with a tag or a digest (an admin's image never means an implicit latest)."""
+    m = IMAGE_REF.fullmatch(ref)
+    if m is None or (m["tag"] is None and m["digest"] is None):
+        raise ValueError(f"{what} {ref!r} is not an image reference of the form {REF_FORMS}")
+    return ref
 
 
 def normal_dir(path: str) -> str | None:
@@ -34,6 +88,12 @@ class Settings(BaseModel):
     allow_networks: tuple[str, ...] = ()  # CIDRs header reads may reach although they are refused by default
     deny_networks: tuple[str, ...] = ()  # more CIDRs header reads refuse (the cluster's pod and service ranges)
     # (see ``refused_address``: a spec's URL is the tenant's choice, the operator pod's network is not theirs)
+    downloader_image: str | None = None  # the init containers' image (None: render.DOWNLOADER_IMAGE); never a tenant's
+    server_images: tuple[tuple[str, str], ...] = ()  # (backend, image): llama-server's, else render.IMAGES[backend]
+    require_image_digest: bool = False  # every image a model's pods run must be pinned by digest
+    allowed_image_registries: tuple[str, ...] = ()  # registries (or paths under one) of spec.image (none: any)
+    network_policy: bool = False  # a NetworkPolicy per model (see render.network_policy)
+    network_policy_ingress_namespaces: tuple[str, ...] = ()  # "key=value": namespaces whose pods may reach models
 
     @field_validator("host_path_roots")
     @classmethod
@@ -54,6 +114,68 @@ class Settings(BaseModel):
         for net in nets:
             ipaddress.ip_network(net, strict=False)  # ValueError names the bad one
         return nets
+
+    @field_validator("downloader_image")
+    @classmethod
+    def _downloader(cls, ref: str | None) -> str | None:
+        return None if ref is None else admin_ref(ref, "downloader image")
+
+    @field_validator("server_images")
+    @classmethod
+    def _servers(cls, pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        seen: set[str] = set()
+        for backend, ref in pairs:
+            if backend not in BACKENDS:
+                raise ValueError(f"server image {backend}={ref}: the backend is one of {', '.join(BACKENDS)}")
+            if backend in seen:
+                raise ValueError(f"server image for {backend} is given twice")
+            seen.add(backend)
+            admin_ref(ref, f"server image {backend}")
+        return pairs
+
+    @field_validator("allowed_image_registries")
+    @classmethod
+    def _registries(cls, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in prefixes:
+            if not _REGISTRY_PREFIX.fullmatch(prefix.rstrip("/")):
+                raise ValueError(
+                    f"allowed image registry {prefix!r} is not a registry host, optionally with a repository "
+                    "path (registry.example.com, registry.example.com:5000/team, docker.io/library)"
+                )
+        return tuple(p.rstrip("/") for p in prefixes)
+
+    @field_validator("network_policy_ingress_namespaces")
+    @classmethod
+    def _namespace_labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        for label in labels:
+            key, eq, value = label.partition("=")
+            if not eq or not _LABEL_KEY.fullmatch(key) or len(key.rpartition("/")[2]) > 63:
+                raise ValueError(f"network policy ingress namespace label {label!r} is not key=value")
+            if not _LABEL_VALUE.fullmatch(value):
+                raise ValueError(f"network policy ingress namespace label {label!r}: {value!r} is not a label value")
+        return labels
+
+    @model_validator(mode="after")
+    def _pinned_downloader(self) -> Settings:
+        if self.require_image_digest and not (self.downloader_image and pinned(self.downloader_image)):
+            raise ValueError(
+                "require image digest: the downloader image must be pinned too; give it as REPO@sha256:<64 hex> "
+                "(--downloader-image, chart value images.downloader): the default is a tag"
+            )
+        return self
+
+    def server_image(self, backend: str) -> str | None:
+        """The admin's llama-server image for ``backend``, or None (the default)."""
+        return next((ref for b, ref in self.server_images if b == backend), None)
+
+    def registry_allowed(self, ref: str) -> bool:
+        """Whether ``ref`` comes from an allowed registry (or repository path under one); any does when none is
+        set. Whole path components match: ``registry.example.com`` does not admit ``registry.example.com.evil``."""
+        name = image_name(ref)
+        if name is None:
+            return False
+        allowed = self.allowed_image_registries
+        return not allowed or any(name == p or name.startswith(f"{p}/") for p in allowed)
 
 
 DEFAULT = Settings()

@@ -379,7 +379,7 @@ def set_unschedulable(
 
 def planning_failure_conditions(reason: str, message: str) -> list[Condition]:
     """Conditions when there is no plan to run."""
-    bad_input = reason in ("InvalidSpec", "ModelUnreadable", "HostPathNotAllowed")
+    bad_input = reason in ("InvalidSpec", "ModelUnreadable", "HostPathNotAllowed", "ImageNotAllowed")
     return [
         condition("Planned", "False", reason, message),
         condition("Ready", "False", "NotPlanned", message),
