@@ -102,8 +102,10 @@ def test_cgroup_peak_matches_the_plan(
     model file's header and the tail the loader unmapped, under mmap: clean pages the kernel reclaims at
     the limit before anything else), it is never above the predicted peak and at most 3% under it (the
     peak counts a full context; this prompt fills about a quarter). Measured here: none -1.58% (raw peak
-    +17.4%: 145 MiB of the file read() charged), mmap -0.54% (raw +0.87%, 14.5 MiB unmapped); the same plan
-    in a cgroup of its own on the development host (modelfit_dev.probe): -1.92% and -0.97%.
+    +17.4%: 145 MiB of the file read() charged); under mmap the downloader's sha256 check reads the cached file
+    first, so its pages are charged to the init container: there VmHWM is held to it (-0.76%; the container's
+    charge -25%). Before the downloader verified cached files: mmap -0.54% (raw +0.87%, 14.5 MiB unmapped);
+    the same plan in a cgroup of its own on the development host (modelfit_dev.probe): -1.92% and -0.97%.
     """
     name = f"mem-{load_mode}"
     shutil.rmtree(host_path_dir(ns, name), ignore_errors=True)
@@ -138,9 +140,19 @@ def test_cgroup_peak_matches_the_plan(
         f"{peak / MiB:.1f} MiB ({err:+.2%}), VmHWM {used.vm_hwm / MiB:.1f} MiB ({used.vm_hwm / total - 1:+.2%}), "
         f"rss {used.rss / MiB:.0f} MiB, mapped file {used.mapped_file / MiB:.0f} MiB, limit {limit}, failcnt {used.failcnt}"
     )
-    assert -0.03 <= err <= 0.0, (
-        f"cgroup peak {used.cgroup_peak} less {unmapped_cache} vs predicted {total} ({err:+.2%})"
-    )
+    if load_mode == "mmap":
+        # The downloader verifies the cached file (its sha256, recorded from the first download) before
+        # llama-server starts, so the file's pages are charged to the init container's cgroup, not to this
+        # one: here the check is what llama-server maps and touches (VmHWM, file pages included), and the
+        # container's charge is never above the plan.
+        hwm = used.vm_hwm / total - 1
+        assert -0.03 <= hwm <= 0.0 and err <= 0.0, (
+            f"VmHWM {used.vm_hwm} vs predicted {total} ({hwm:+.2%}); cgroup peak less cache {err:+.2%}"
+        )
+    else:
+        assert -0.03 <= err <= 0.0, (
+            f"cgroup peak {used.cgroup_peak} less {unmapped_cache} vs predicted {total} ({err:+.2%})"
+        )
     if load_mode == "mmap":
         # The weights are clean file pages: hitting the limit would mean evicting them (thrashing).
         # Under none, hitting it only reclaims the page cache read() left behind, which is harmless.
