@@ -5,6 +5,7 @@
 #
 #   e2e/build.sh [component...]     components: k8s etcd kwok helm helmfile helm-diff
 #                                               prometheus prometheus-adapter
+#                                   optional (named only): epp bbr lwepp
 #
 # Idempotent: each component writes $CACHE/stamps/<component> holding its
 # version + build flags; a rerun skips components whose stamp matches and
@@ -27,6 +28,8 @@ HELM_DIFF_VERSION="${HELM_DIFF_VERSION:-v3.9.11}"
 PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v0.316.0}"   # Prometheus 3.16.0 (3.x is published as v0.3xx.y)
 PROMETHEUS_TAGS="${PROMETHEUS_TAGS:-remove_all_sd}"    # keeps static, file_sd and http_sd only
 PROMETHEUS_ADAPTER_VERSION="${PROMETHEUS_ADAPTER_VERSION:-v0.12.0}"
+GIE_VERSION="${GIE_VERSION:-v1.5.0}"                   # Gateway API Inference Extension: epp, bbr
+GIE_LWEPP_VERSION="${GIE_LWEPP_VERSION:-v1.6.0}"       # its round-robin picker appears in v1.6.0
 
 export CGO_ENABLED=0
 export GOFLAGS="${GOFLAGS:--mod=mod}"
@@ -167,7 +170,26 @@ build_prometheus_adapter() {
    "${GOBUILD[@]}" -ldflags "-s -w" -o "$BIN/prometheus-adapter" sigs.k8s.io/prometheus-adapter/cmd/adapter)
 }
 
+# ---------------------------------------------------------------- gateway-api-inference-extension
+# Wrapper modules (the proxy answers 403 for the module's version list): tools/gie pins the
+# endpoint picker and body-based router at GIE_VERSION, tools/gie-lwepp the round-robin picker
+# at GIE_LWEPP_VERSION (one module graph holds one version of the extension).
+# build_gie <wrapper-dir> <version> <cmd> <binary-name>
+build_gie() {
+  local mod="$E2E_DIR/tools/$1" ver="$2" m=sigs.k8s.io/gateway-api-inference-extension
+  local ld="-s -w -X $m/version.BuildRef=$ver"
+  (cd "$mod"
+   if [[ "$(go list -m -f '{{.Version}}' "$m")" != "$ver" ]]; then
+     go mod edit -require="$m@$ver" && go mod tidy
+   fi
+   "${GOBUILD[@]}" -ldflags "$ld" -o "$BIN/$4" "$m/cmd/$3")
+}
+build_epp() { build_gie gie "$GIE_VERSION" epp epp; }
+build_bbr() { build_gie gie "$GIE_VERSION" bbr bbr; }
+build_lwepp() { build_gie gie-lwepp "$GIE_LWEPP_VERSION" lwepp lwepp; }
+
 ALL=(k8s etcd kwok helm helmfile helm-diff prometheus prometheus-adapter)
+OPTIONAL=(epp bbr lwepp)   # not in the default list: each adds minutes to a cold CI run
 want=("$@"); [[ ${#want[@]} -eq 0 ]] && want=("${ALL[@]}")
 T0=$SECONDS
 for c in "${want[@]}"; do
@@ -182,7 +204,10 @@ for c in "${want[@]}"; do
     prometheus) run_component prometheus "$PROMETHEUS_VERSION tags=$PROMETHEUS_TAGS go=$(go env GOVERSION)" build_prometheus "$BIN/prometheus" ;;
     prometheus-adapter) run_component prometheus-adapter "$PROMETHEUS_ADAPTER_VERSION go=$(go env GOVERSION)" \
            build_prometheus_adapter "$BIN/prometheus-adapter" ;;
-    *) echo "unknown component: $c (known: ${ALL[*]})" >&2; exit 2 ;;
+    epp) run_component epp "$GIE_VERSION go=$(go env GOVERSION)" build_epp "$BIN/epp" ;;
+    bbr) run_component bbr "$GIE_VERSION go=$(go env GOVERSION)" build_bbr "$BIN/bbr" ;;
+    lwepp) run_component lwepp "$GIE_LWEPP_VERSION go=$(go env GOVERSION)" build_lwepp "$BIN/lwepp" ;;
+    *) echo "unknown component: $c (known: ${ALL[*]} ${OPTIONAL[*]})" >&2; exit 2 ;;
   esac
 done
 log "done in $((SECONDS - T0))s; binaries in $BIN"

@@ -1,0 +1,8 @@
+//go:build tools
+
+package tools
+
+import (
+	_ "sigs.k8s.io/gateway-api-inference-extension/cmd/bbr"
+	_ "sigs.k8s.io/gateway-api-inference-extension/cmd/epp"
+)
