@@ -230,7 +230,7 @@ CASES = [
          context=4096, resources={"limits": {"bogus": "1"}}),
     case("toleration-operator", Condition("Degraded", "True", "ApplyFailed", 'Unsupported value: "Sometimes"', own_node=True),
          context=4096, tolerations=[{"key": "a", "operator": "Sometimes"}]),
-    case("image-whitespace", Condition("Degraded", "True", "PodCreateFailed", "leading or trailing whitespace", own_node=True),
+    case("image-whitespace", Condition("Degraded", "True", "InvalidSpec", "is not an image reference"),
          context=4096, image={"cpu": " llama:server "}),
     case("anti-affinity-no-topology", Condition("Degraded", "True", "ApplyFailed", "topologyKey", own_node=True),
          context=4096, affinity={"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [

@@ -166,7 +166,7 @@ def test_helmfile_seed_flow(cluster, crd, operator, pool):
         releases = cluster.env and _run(cluster, "helm list -A -o yaml").stdout
         names = {(r["name"], r["namespace"]) for r in yaml.safe_load(releases)}
         assert {(RELEASE, SYSTEM_NS), ("qwen3-5-0-8b", "default")} <= names, names
-        assert cluster.get_json("-n", SYSTEM_NS, "deployment", RELEASE)["status"].get("availableReplicas") == 1
+        assert cluster.get_json("-n", SYSTEM_NS, "deployment", RELEASE)["status"].get("availableReplicas") == 2
         obj = wait_condition(cluster, "default", "qwen3-5-0-8b", "Ready", timeout=90, operator=operator)
         expected = yaml.safe_load(obj["metadata"]["annotations"]["modelfit.io/expected-plan"])
         plan = obj["status"]["plan"]
