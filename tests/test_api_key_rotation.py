@@ -86,3 +86,19 @@ def test_no_rbac_on_the_secret_is_not_a_rotation():
     k.fail_get[SECRET] = KubeError(403, "forbidden")
     assert asyncio.run(check_api_keys(st, k, recheck=0)) == 0
     assert asyncio.run(check_api_keys(st, k, recheck=0)) == 0
+
+
+def test_a_failed_read_of_the_key_secret_never_rolls_the_pods():
+    k, st = RecordingKube([CPU_LARGE]), OperatorState()
+    k.objects[SECRET] = secret("100")
+    body = md(SPEC)
+    first = go(body, k, st)
+    body = {**body, "status": _merge({}, first)}
+    pods = template(k)[HASH_ANNOTATION]
+    k.fail_get[SECRET] = KubeError(0, "cannot reach the API server")
+    go(body, k, st)
+    assert template(k)[API_KEY_ANNOTATION] == "100" and template(k)[HASH_ANNOTATION] == pods
+    del k.fail_get[SECRET]
+    del k.objects[SECRET]  # deleted: the pods keep what they run with (Degraded SecretNotFound says why)
+    go(body, k, st)
+    assert template(k)[HASH_ANNOTATION] == pods

@@ -277,8 +277,8 @@ async def _references(
             if ref is None:
                 continue
             secret = await kube.get(path_for("v1", "Secret", ns, ref.name))
-            if ref is spec.api_key_secret_ref:
-                version = str(((secret or {}).get("metadata") or {}).get("resourceVersion") or "") or None
+            if ref is spec.api_key_secret_ref and secret is not None:
+                version = str((secret.get("metadata") or {}).get("resourceVersion") or "") or None
                 state.key_versions[(ns, ref.name)] = (version, time.monotonic())
             problem = secret_problem(secret, ref, where, ns, "the pods cannot start until it does")
             if problem is not None and missing is None:
@@ -297,7 +297,11 @@ async def _references(
                 "the pods cannot be scheduled until it does",
             )
     except KubeError:
-        return missing, version
+        pass
+    ref = spec.api_key_secret_ref
+    if version is None and ref is not None:
+        # Not read (no answer, no RBAC) or gone: keep what the pods run with, so a failed read never rolls them.
+        version = state.key_versions.get((ns, ref.name), (None, 0.0))[0]
     return missing, version
 
 
