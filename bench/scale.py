@@ -141,16 +141,6 @@ def bench_cpu_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def control_plane_pids() -> dict[str, int]:
-    out = {}
-    for f in sorted((STATE / "pids").glob("*.pid")):
-        try:
-            out[f.stem] = int(f.read_text().strip())
-        except (OSError, ValueError):
-            continue
-    return out
-
-
 def mib(kib: int) -> str:
     return f"{kib / 1024:.0f} MiB"
 
@@ -444,7 +434,7 @@ def main() -> int:
             log(f"starting a control plane in {STATE} (apiserver port {os.environ['MODELFIT_APISERVER_PORT']})")
             started_cluster = True  # torn down below even when it fails half-way
             subprocess.run([str(ROOT / "e2e" / "cluster.sh"), "up"], check=True)
-    cp_pids = control_plane_pids() if not args.kubeconfig else {}
+    cp_pids = ol.control_plane_pids() if not args.kubeconfig else {}  # ol.STATE is ours: set above
     cluster: Cluster | None = None
     run = uuid.uuid4().hex[:6]
     pool = f"scale-{run}"

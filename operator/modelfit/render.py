@@ -278,7 +278,7 @@ def _cache_volume(md_meta: dict[str, Any], spec: ModelDeploymentSpec, model: Mod
     return {"name": "model-cache", "emptyDir": empty}
 
 
-def _prepare_host_path() -> dict[str, Any]:
+def _prepare_host_path(image: str) -> dict[str, Any]:
     """Hand the model's own hostPath cache directory (``cache.host_cache_dir``) to the unprivileged downloader.
 
     The kubelet creates a ``DirectoryOrCreate`` hostPath as root 0755 and fsGroup does not apply to
@@ -289,7 +289,7 @@ def _prepare_host_path() -> dict[str, Any]:
     script = f'[ "$(stat -c %u {CACHE_DIR})" = {UID} ] || chown {UID}:{UID} {CACHE_DIR}'
     return {
         "name": "prepare-cache",
-        "image": DOWNLOADER_IMAGE,
+        "image": image,
         "command": ["/bin/sh", "-c", script],
         "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_DIR}],
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
@@ -307,9 +307,10 @@ def _prepare_host_path() -> dict[str, Any]:
 
 
 def _model_volumes(
-    md_meta: dict[str, Any], spec: ModelDeploymentSpec, model: ModelFile
+    md_meta: dict[str, Any], spec: ModelDeploymentSpec, model: ModelFile, image: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(mounts, volumes, init containers) that put the model where llama-server reads it."""
+    """(mounts, volumes, init containers) that put the model where llama-server reads it; the init containers
+    run ``image``, the admin's downloader (``downloader_image``)."""
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
     init: list[dict[str, Any]] = []
@@ -332,13 +333,13 @@ def _model_volumes(
         # From the Secret at container start: never in the manifest, the args or the logs.
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
     if volumes[-1].get("hostPath") is not None:
-        init.append(_prepare_host_path())
+        init.append(_prepare_host_path(image))
     digest_cm = {"name": f"{md_meta['name']}-model-digest", "optional": True}
     volumes.append({"name": "model-digest", "configMap": digest_cm})
     init.append(
         {
             "name": "fetch-model",
-            "image": DOWNLOADER_IMAGE,
+            "image": image,
             "command": ["/bin/sh", "-c", DOWNLOAD_SCRIPT],
             "env": env,
             "volumeMounts": [
@@ -410,10 +411,7 @@ def deployment(
     key stops working when the last old pod is gone."""
     assert placement.result is not None
     name = md_meta["name"]
-    mounts, volumes, init = _model_volumes(md_meta, spec, model)
-    for step in init:  # the downloader's steps run the admin's image (a private mirror's, pinned)
-        if step["image"] == DOWNLOADER_IMAGE:
-            step["image"] = downloader_image(settings)
+    mounts, volumes, init = _model_volumes(md_meta, spec, model, downloader_image(settings))
     container = _server_container(spec, placement, model, mounts, honour_memory_override, settings)
     tolerations = list(spec.tolerations or [])
     for gpu_key in GPU_RESOURCES:  # a pod that asks for a vendor's GPUs tolerates that vendor's GPU taint
