@@ -78,13 +78,18 @@ MUST = [
     ("create", "networkpolicies.networking.k8s.io", True),  # --network-policy: one per model
     ("delete", "networkpolicies.networking.k8s.io", True),  # and gone when the admin turns it off
     ("create", "events", True),
+    ("create", "inferencepools.inference.networking.k8s.io", True),  # spec.routing: the pool, the picker's RBAC
+    ("create", "rolebindings.rbac.authorization.k8s.io", True),
     ("get", "secrets", True),  # where secretAccess allows: a Hugging Face token, the API key (rotation)
 ]
 MUST_NOT = [
     ("delete", "nodes", False), ("patch", "nodes", False), ("list", "secrets", False), ("watch", "secrets", True),
     ("create", "pods", True), ("delete", "pods", True), ("create", "pods/exec", True),
     ("delete", "namespaces", False), ("create", "clusterroles.rbac.authorization.k8s.io", False),
-    ("create", "rolebindings.rbac.authorization.k8s.io", True), ("create", "serviceaccounts/token", True),
+    ("create", "serviceaccounts/token", True),
+    # The picker's Role and RoleBinding (spec.routing) are created, but never beyond what the operator holds:
+    ("escalate", "roles.rbac.authorization.k8s.io", True), ("bind", "roles.rbac.authorization.k8s.io", True),
+    ("bind", "clusterroles.rbac.authorization.k8s.io", False),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", False),
     ("create", "modeldeployments.modelfit.io", True), ("list", "networkpolicies.networking.k8s.io", True),
     ("*", "*", False),

@@ -357,6 +357,18 @@ EXPECTED_NAMESPACED = (
     | {("monitoring.coreos.com", "podmonitors", v) for v in ("get", "create", "patch", "delete")}
     | {("autoscaling", "horizontalpodautoscalers", v) for v in ("get", "create", "patch", "delete")}
     | {("networking.k8s.io", "networkpolicies", v) for v in ("get", "create", "patch", "delete")}
+    | {("", "serviceaccounts", v) for v in ("get", "create", "patch", "delete")}
+    | {
+        ("rbac.authorization.k8s.io", r, v)
+        for r in ("roles", "rolebindings")
+        for v in ("get", "create", "patch", "delete")
+    }
+    | {("inference.networking.k8s.io", "inferencepools", v) for v in MANAGE - {"update"}}
+    | {
+        ("inference.networking.x-k8s.io", r, v)
+        for r in ("inferenceobjectives", "inferencemodelrewrites")
+        for v in ("get", "list", "watch")
+    }
     | {("modelfit.io", "modeldeployments", v) for v in ("get", "list", "watch", "patch", "update")}
     | {("modelfit.io", f"modeldeployments/{s}", v) for s in ("status", "scale") for v in ("get", "patch", "update")}
 )

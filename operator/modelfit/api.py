@@ -378,6 +378,42 @@ class Rebalance(_Model):
     )
 
 
+ROUTING_EXTERNAL_KEY = (
+    "routing.gateway External with apiKeySecretRef: behind a picker the pods run without a key (the picker must "
+    "scrape them), so the key is checked at the edge; an External Gateway checks its own. Remove apiKeySecretRef, "
+    "or use gateway Standalone (its Envoy checks the key)"
+)
+
+
+class Routing(_Model):
+    """How requests reach the pods: a plain Service, or the Gateway API Inference Extension's standard.
+
+    InferencePool: the operator renders an InferencePool v1 (inference.networking.k8s.io) for the pods and
+    its endpoint picker, configured with a llama.cpp profile whose parameters come from the plan (slots,
+    prompt-cache tokens, prompt speed, cold start). The picker sends each request to the pod with the
+    shortest queue and the most of its prompt cached: a conversation's next turn lands where its prefix is.
+    Needs the InferencePool CRD in the cluster; without it the Service keeps serving and Degraded says why.
+    """
+
+    mode: Literal["Service", "InferencePool"] = Field(
+        default="Service",
+        description="Service (default): the Service balances the pods. InferencePool: an endpoint picker with a "
+        "llama.cpp profile picks the pod for each request.",
+    )
+    gateway: Literal["Standalone", "External"] = Field(
+        default="Standalone",
+        description="Standalone (default): an Envoy beside the picker is the edge; the ModelDeployment's Service "
+        "(same name and port) leads to it and it checks apiKeySecretRef. External: a Gateway of your own "
+        "(Istio, kgateway, NGINX Gateway Fabric, agentgateway, GKE) routes an HTTPRoute to the InferencePool "
+        "and checks keys itself; apiKeySecretRef is refused then.",
+    )
+    failure_mode: Literal["FailClose", "FailOpen"] = Field(
+        default="FailClose",
+        description="When the picker cannot answer: FailClose (default) fails the request; FailOpen sends it "
+        "through the pods' own Service (kube-proxy's choice).",
+    )
+
+
 class ModelDeploymentSpec(_Model):
     """A GGUF model served by llama-server, sized by modelfit for the nodes of the cluster."""
 
@@ -388,7 +424,13 @@ class ModelDeploymentSpec(_Model):
                     "rule": "!has(self.minContext) || !has(self.context) || type(self.context) == string "
                     "|| self.minContext <= int(self.context)",
                     "message": "minContext must not exceed context",
-                }
+                },
+                {
+                    "rule": "!has(self.apiKeySecretRef) || !has(self.routing) || !has(self.routing.mode) || "
+                    "self.routing.mode != 'InferencePool' || !has(self.routing.gateway) || "
+                    "self.routing.gateway != 'External'",
+                    "message": ROUTING_EXTERNAL_KEY,
+                },
             ]
         }
     )
@@ -506,6 +548,7 @@ class ModelDeploymentSpec(_Model):
     )
     model_cache: ModelCache | None = Field(default=None, description="Where the downloaded model is kept.")
     service: ServiceSpec | None = Field(default=None, description="The Service in front of the pods.")
+    routing: Routing | None = Field(default=None, description="How requests reach the pods (Service or InferencePool).")
     adapt: bool = Field(
         default=False,
         description="May the operator shrink the context, quantize the KV cache or change backend to fit a node.",
@@ -518,6 +561,13 @@ class ModelDeploymentSpec(_Model):
         if why is not None:
             raise ValueError(why)
         return value
+
+    @model_validator(mode="after")
+    def _edge_checks_keys(self) -> ModelDeploymentSpec:
+        if self.routing is not None and self.routing.mode == "InferencePool" and self.routing.gateway == "External":
+            if self.api_key_secret_ref is not None:
+                raise ValueError(ROUTING_EXTERNAL_KEY)
+        return self
 
     def owned_flags_in_server_args(self) -> list[str]:
         """The flags in serverArgs the plan owns, as llama-server reads them (``flags.flag_of``)."""
@@ -645,6 +695,18 @@ class ModelDigestStatus(_Status):
     pod: str = Field(default="", description="The pod whose download reported them.")
 
 
+class RoutingStatus(_Status):
+    """Where the InferencePool and its endpoint picker are (spec.routing.mode InferencePool)."""
+
+    pool: str = Field(description="The InferencePool (inference.networking.k8s.io/v1) of the pods.")
+    picker: str = Field(description="The endpoint picker's Service and gRPC port (ext_proc).")
+    edge: str = Field(
+        default="",
+        description="Standalone: the in-cluster URL of the Envoy beside the picker (the endpoint). External: empty; "
+        "route an HTTPRoute of your Gateway to the InferencePool.",
+    )
+
+
 class ModelDeploymentStatus(_Status):
     """What the operator planned and observed."""
 
@@ -661,6 +723,9 @@ class ModelDeploymentStatus(_Status):
     memory_override_rejected: int | None = Field(
         default=None,
         description="A spec.resources memory (bytes) that was OOM-killed; the plan's memory is used while it is set.",
+    )
+    routing: RoutingStatus | None = Field(
+        default=None, description="The InferencePool and endpoint picker, when spec.routing.mode is InferencePool."
     )
     model_digest: ModelDigestStatus | None = Field(
         default=None,

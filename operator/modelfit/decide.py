@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
-from . import api
+from . import api, picker, routing
 from .api import Condition, ModelDeploymentSpec, ModelDeploymentStatus, PlanStatus, Rebalance
 from .facts import ModelFacts
 from .nodes import NodeFacts, NodeShape, parse_quantity
@@ -54,13 +54,15 @@ from .render import (
     memory_override_verdict,
     model_file,
     render,
+    routed,
     selector_string,
 )
 from .settings import DEFAULT as DEFAULT_SETTINGS
-from .settings import Settings
+from .settings import Settings, pinned
 from .status import (
     Room,
     api_failure_conditions,
+    condition,
     find_condition,
     merge_conditions,
     placement_from_status,
@@ -118,6 +120,7 @@ class Snapshot:
     deploy: dict[str, Any] | None  # the live Deployment
     now: float  # monotonic seconds, for the avoid list
     pod_monitors: bool = False  # the cluster serves monitoring.coreos.com/v1 PodMonitors
+    inference_pools: bool = False  # the cluster serves inference.networking.k8s.io/v1 InferencePools
     shapes: list[NodeShape] = field(default_factory=list)  # node shapes a cluster autoscaler can add
     empty: list[NodeFacts] = field(default_factory=list)  # the nodes as if no pod ran on them (cordoned: tainted)
     avoid: dict[AvoidKey, float] = field(default_factory=dict)  # node classes avoided until (monotonic)
@@ -555,7 +558,7 @@ def _changes(snap: Snapshot, placement: Placement, rendered: Rendered, decision:
     # The Deployment carries the applied hash, so it goes last: a crash half-way leaves a stale
     # hash and the next reconcile applies everything again (no missing Service after a restart).
     decision.delete = list(rendered.absent)
-    decision.apply = sorted(rendered.objects, key=lambda o: o["kind"] == "Deployment")
+    decision.apply = sorted(rendered.objects, key=lambda o: o is rendered.by_kind("Deployment"))
     live_key = _template_annotation(deploy, API_KEY_ANNOTATION)
     new_key = _template_annotation(rendered.by_kind("Deployment"), API_KEY_ANNOTATION)
     if live_key and new_key and live_key != new_key:
@@ -641,6 +644,56 @@ def _observed(snap: Snapshot, decision: Decision) -> None:
     decision.result = "ready" if ready is not None and ready.status == "True" else "progressing"
 
 
+@dataclass(frozen=True)
+class _Routes:
+    children: tuple[list[dict[str, Any]], list[tuple[str, str, str]]] | None = None  # picker.objects
+    gone: list[tuple[str, str, str]] = field(default_factory=list)  # routing children to delete
+    profile: routing.PickerProfile | None = None
+    status: api.RoutingStatus | None = None
+    missing: Condition | None = None  # Degraded: routing asked for, the InferencePool CRD not served
+    refused: tuple[str, str] | None = None  # (reason, message): the picker's images are not pinned, as required
+
+
+def _routing(snap: Snapshot, placement: Placement) -> _Routes:
+    """The picker's children and profile when ``spec.routing`` asks for an InferencePool and the cluster serves
+    them; else the Service serves (the pods keep their key) and Degraded says why; routing turned off deletes
+    what routing had made."""
+    meta, spec = snap.meta, snap.spec
+    name, ns = str(meta.get("name")), str(meta.get("namespace"))
+    if not routed(spec):
+        return _Routes(gone=picker.all_parts(name) if snap.old.routing is not None else [])
+    if not snap.inference_pools:
+        why = condition(
+            "Degraded",
+            "True",
+            "InferencePoolNotServed",
+            f"spec.routing.mode is InferencePool but the cluster does not serve {routing.POOL_API_VERSION} "
+            "InferencePools: install the Gateway API Inference Extension's CRD; the Service serves the pods meanwhile",
+        )
+        return _Routes(gone=picker.all_parts(name) if snap.old.routing is not None else [], missing=why)
+    images = [snap.settings.picker_image or routing.PICKER_IMAGE]
+    if picker.standalone(spec):
+        images.append(snap.settings.edge_image or routing.EDGE_IMAGE)
+    unpinned = [ref for ref in images if not pinned(ref)]
+    if snap.settings.require_image_digest and unpinned:
+        refusal = (
+            f"the routing images {', '.join(unpinned)} are not pinned by digest, and this operator runs images by "
+            "digest only: an admin pins them with `modelfit run --picker-image/--edge-image REPO@sha256:<64 hex>` "
+            "(chart values images.picker, images.edge)"
+        )
+        return _Routes(refused=("ImageNotAllowed", refusal))
+    assert placement.result is not None
+    prof = routing.profile(snap.loaded.facts, placement.result, snap.loaded.size, spec)
+    children = picker.objects(meta, spec, prof, snap.api_key_version, snap.settings)
+    port = spec.service.port if spec.service else api.ServiceSpec().port
+    status = api.RoutingStatus(
+        pool=name,
+        picker=f"{routing.picker_name(name)}.{ns}.svc:{routing.GRPC_PORT}",
+        edge=f"http://{name}.{ns}.svc:{port}" if picker.standalone(spec) else "",
+    )
+    return _Routes(children=children, profile=prof, status=status)
+
+
 def decide(snap: Snapshot) -> Decision:
     """Plan, choose between keeping and moving, render the children and compute the status."""
     meta, spec = snap.meta, snap.spec
@@ -660,6 +713,9 @@ def decide(snap: Snapshot) -> Decision:
     surge = old_rollout == "Surge" if keep else surge_fits(snap, placement)
     verdict = memory_override_verdict(placement, spec, r.override_failed)
     digest_record = model_digest(snap)
+    routes = _routing(snap, placement)
+    if routes.refused is not None:
+        return failure(meta, snap.old, *routes.refused, "invalid")
     rendered = render(
         meta,
         spec,
@@ -672,15 +728,22 @@ def decide(snap: Snapshot) -> Decision:
         api_key_version=snap.api_key_version,
         model_digests=digest_record.sha256 if digest_record is not None else None,
         settings=snap.settings,
+        picker_children=routes.children,
+        gone_picker=routes.gone,
     )
     new = base_status(meta, snap.old)
+    new.routing = routes.status
     if digest_record != snap.old.model_digest:
         new.model_digest = digest_record
         if digest_record is not None:
             logs.append((logging.INFO, f"model digest recorded from {digest_record.pod}: {digest_record.sha256[0]}"))
     new.oom_kills, new.memory_override_rejected = r.oom_kills, r.rejected
     new.plan = _plan_record(snap, r, placement, rendered.hash, keep, surge)
+    if routes.profile is not None:
+        new.plan.reasons = [*new.plan.reasons, *routes.profile.reasons]
     planned = set_planned(placement, why, verdict)
+    if routes.missing is not None and snap.missing is None:
+        snap = replace(snap, missing=routes.missing)
     decision = Decision(new, "progressing", logs=logs, avoid=r.avoid, replan_soon=r.unschedulable, planned=planned)
     _changes(snap, placement, rendered, decision)
     conditions = _conditions(snap, placement, rendered, planned, decision)

@@ -36,6 +36,10 @@ _PLURALS = {
     "NetworkPolicy": "networkpolicies",
     "ConfigMap": "configmaps",
     "ModelDeployment": "modeldeployments",
+    "InferencePool": "inferencepools",
+    "ServiceAccount": "serviceaccounts",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
 }
 
 

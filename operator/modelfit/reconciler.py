@@ -38,6 +38,7 @@ from .kube import ClusterSnapshot, Kube, KubeError, get_client, path_for
 from .nodes import NodeShape
 from .occupancy import Reservation
 from .render import HPA_METRIC, MD_LABEL, POD_MONITOR_API_VERSION, model_file, selector_string
+from .routing import POOL_API_VERSION
 from .settings import DEFAULT as DEFAULT_SETTINGS
 from .sources import Sources, load_facts, secret_problem
 from .status import condition
@@ -88,6 +89,7 @@ class OperatorState:
         self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
         self.task: asyncio.Task[None] | None = None
         self.pod_monitors: tuple[bool, float] = (False, 0.0)  # (served, checked at)
+        self.inference_pools: tuple[bool, float] = (False, 0.0)  # (served, checked at)
         self.node_shapes: list[NodeShape] = []  # nodes a cluster autoscaler can add (--node-shapes)
         self.hpa_metric = HPA_METRIC  # the per-pod metric of rendered HPAs (--hpa-metric)
         self.settings = DEFAULT_SETTINGS  # the admin's bounds on every spec (--host-path-root, --allow-network)
@@ -167,18 +169,29 @@ STATE = OperatorState()
 POD_MONITOR_RECHECK = 60.0
 
 
-async def pod_monitors_served(kube: Kube, state: OperatorState) -> bool:
-    """Does the cluster serve PodMonitors (Prometheus Operator)? Re-checked every minute."""
-    served, at = state.pod_monitors
+async def _served(kube: Kube, api_version: str, plural: str, last: tuple[bool, float]) -> tuple[bool, float]:
+    """Does the cluster serve ``plural`` of ``api_version``? (served, checked at), re-checked every minute."""
+    served, at = last
     if at and time.monotonic() - at < POD_MONITOR_RECHECK:
-        return served
+        return last
     try:
-        group = await kube.get(f"/apis/{POD_MONITOR_API_VERSION}")
-        served = any(r.get("name") == "podmonitors" for r in (group or {}).get("resources") or [])
+        group = await kube.get(f"/apis/{api_version}")
+        served = any(r.get("name") == plural for r in (group or {}).get("resources") or [])
     except KubeError:
         served = False
-    state.pod_monitors = (served, time.monotonic())
-    return served
+    return served, time.monotonic()
+
+
+async def pod_monitors_served(kube: Kube, state: OperatorState) -> bool:
+    """Does the cluster serve PodMonitors (Prometheus Operator)?"""
+    state.pod_monitors = await _served(kube, POD_MONITOR_API_VERSION, "podmonitors", state.pod_monitors)
+    return state.pod_monitors[0]
+
+
+async def inference_pools_served(kube: Kube, state: OperatorState) -> bool:
+    """Does the cluster serve InferencePools v1 (the Gateway API Inference Extension's CRD)?"""
+    state.inference_pools = await _served(kube, POOL_API_VERSION, "inferencepools", state.inference_pools)
+    return state.inference_pools[0]
 
 
 def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -347,6 +360,7 @@ async def _gather(
         except KubeError as exc:
             raise _ApiFailed(exc, f"reading Service {name}", write=False) from exc
     pod_monitors = await pod_monitors_served(kube, state)
+    pools = spec.routing is not None and await inference_pools_served(kube, state)
     missing, key_version = await _references(kube, ns, spec, state)
     gen = meta.get("generation")
     if (
@@ -367,6 +381,7 @@ async def _gather(
         deploy=deploy,
         now=time.monotonic(),
         pod_monitors=pod_monitors,
+        inference_pools=pools,
         shapes=state.node_shapes,
         empty=state.snapshot.empty_nodes(),
         avoid=dict(seen.avoid),

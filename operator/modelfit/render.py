@@ -23,6 +23,7 @@ from .download import DIGEST_DIR, DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
 from .nodes import GPU_RESOURCES, GiB, MiB, format_memory, parse_quantity
 from .placement import Placement
+from .routing import picker_labels
 from .settings import DEFAULT as DEFAULT_SETTINGS
 from .settings import REF_FORMS, REFUSED_NETWORKS, Settings, image_name, pinned
 
@@ -355,6 +356,16 @@ def _model_volumes(
     return mounts, volumes, init
 
 
+def routed(spec: ModelDeploymentSpec) -> bool:
+    """Does an endpoint picker front the pods (``spec.routing.mode`` InferencePool)?"""
+    return spec.routing is not None and spec.routing.mode == "InferencePool"
+
+
+def pod_key(spec: ModelDeploymentSpec) -> bool:
+    """Do the pods themselves check the API key? Only without a picker: behind one, the edge does."""
+    return spec.api_key_secret_ref is not None and not routed(spec)
+
+
 def _server_container(
     spec: ModelDeploymentSpec,
     placement: Placement,
@@ -363,12 +374,13 @@ def _server_container(
     honour_memory_override: bool,
     settings: Settings = DEFAULT_SETTINGS,
 ) -> dict[str, Any]:
-    """The llama-server container: the plan's args, resources and health probes."""
+    """The llama-server container: the plan's args, resources and health probes. Behind a picker it runs without
+    the API key (the picker scrapes /metrics without one): the edge checks it (``picker.py``)."""
     assert placement.result is not None
     p = placement.result.plan
     env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}]
-    if spec.api_key_secret_ref is not None:
-        ref = spec.api_key_secret_ref
+    ref = spec.api_key_secret_ref
+    if ref is not None and pod_key(spec):
         env.append({"name": "LLAMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
 
     def probe() -> dict[str, Any]:
@@ -443,7 +455,7 @@ def deployment(
     # pods are scraped through the PodMonitor (Bearer token from the same Secret) instead.
     pod_annotations = (
         {"prometheus.io/scrape": "false"}
-        if spec.api_key_secret_ref is not None
+        if pod_key(spec)
         else {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
     )
     cache_volume = next((v for v in volumes if v["name"] == "model-cache"), {})
@@ -452,7 +464,7 @@ def deployment(
         # count: the annotation must not change when the model scales (that would roll its pods); with more than
         # one replica the disruption budget keeps the others serving, a single replica moves with a cold start.
         pod_annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] = "true"
-    if spec.api_key_secret_ref is not None and api_key_version:
+    if pod_key(spec) and api_key_version:
         pod_annotations[API_KEY_ANNOTATION] = api_key_version
     template = {"metadata": {"labels": labels(name), "annotations": pod_annotations}, "spec": pod_spec}
     template["metadata"]["annotations"][HASH_ANNOTATION] = digest(template)
@@ -484,15 +496,18 @@ def rolling_update(surge: bool) -> dict[str, int]:
 
 
 def service(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any]:
+    """The model's Service: to the pods, or, when a standalone picker fronts them, to its Envoy (same name and
+    port: clients keep their URL, and no path to the keyless pods goes around the edge)."""
     svc = spec.service or api.ServiceSpec()
+    edge = routed(spec) and spec.routing is not None and spec.routing.gateway == "Standalone"
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _meta(md_meta, md_meta["name"]),
         "spec": {
             "type": svc.type,
-            "selector": selector_labels(md_meta["name"]),
-            "ports": [{"name": "http", "port": svc.port, "targetPort": "http", "protocol": "TCP"}],
+            "selector": picker_labels(md_meta["name"]) if edge else selector_labels(md_meta["name"]),
+            "ports": [{"name": "http", "port": svc.port, "targetPort": "edge" if edge else "http", "protocol": "TCP"}],
         },
     }
 
@@ -518,8 +533,8 @@ def pvc(md_meta: dict[str, Any], spec: ModelDeploymentSpec, model: ModelFile) ->
 def pod_monitor(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any]:
     """A Prometheus Operator PodMonitor for llama-server's /metrics, authenticated when an API key is set."""
     endpoint: dict[str, Any] = {"port": "http", "path": "/metrics", "interval": "15s"}  # HPA metrics: react fast
-    if spec.api_key_secret_ref is not None:
-        ref = spec.api_key_secret_ref
+    ref = spec.api_key_secret_ref
+    if ref is not None and pod_key(spec):
         endpoint["authorization"] = {"type": "Bearer", "credentials": {"name": ref.name, "key": ref.key}}
     return {
         "apiVersion": POD_MONITOR_API_VERSION,
@@ -631,13 +646,17 @@ def egress_blocks(settings: Settings = DEFAULT_SETTINGS) -> list[dict[str, Any]]
     return [{"ipBlock": b} for b in blocks if b is not None]
 
 
-def network_policy(md_meta: dict[str, Any], model: ModelFile, settings: Settings = DEFAULT_SETTINGS) -> dict[str, Any]:
+def network_policy(
+    md_meta: dict[str, Any], model: ModelFile, settings: Settings = DEFAULT_SETTINGS, behind_picker: bool = False
+) -> dict[str, Any]:
     """The model's pods, fenced in: ingress to llama-server's port from the pods of its own namespace and of the
     admin's namespaces (``--network-policy-ingress-namespace-label``: a gateway, Prometheus); egress to DNS,
     and for a downloaded model TCP on any port (a mirror may serve on any) to ``egress_blocks``. A model on a
-    PVC downloads nothing and gets no egress at all: llama-server itself connects nowhere.
+    PVC downloads nothing and gets no egress at all: llama-server itself connects nowhere. Behind a picker the
+    pods run without a key: only the picker's pod (the picker and its Envoy) and the admin's namespaces.
     """
-    peers: list[dict[str, Any]] = [{"podSelector": {}}]
+    own = {"podSelector": {"matchLabels": picker_labels(md_meta["name"])}} if behind_picker else {"podSelector": {}}
+    peers: list[dict[str, Any]] = [own]
     for label in settings.network_policy_ingress_namespaces:
         key, _, value = label.partition("=")
         peers.append({"namespaceSelector": {"matchLabels": {key: value}}})
@@ -666,7 +685,13 @@ class Rendered:
     applied: str = ""  # every child as applied, replicas included: what the Deployment's annotation records
 
     def by_kind(self, kind: str) -> dict[str, Any] | None:
-        return next((o for o in self.objects if o["kind"] == kind), None)
+        """The model's own child of this kind (the llama-server Deployment, not the endpoint picker's)."""
+        mine = (o for o in self.objects if o["kind"] == kind and not _is_picker_child(o))
+        return next(mine, None)
+
+
+def _is_picker_child(obj: dict[str, Any]) -> bool:
+    return bool((obj["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == "endpoint-picker")
 
 
 def digest_config_map(md_meta: dict[str, Any], digests: list[str] | None) -> dict[str, Any]:
@@ -706,14 +731,20 @@ def render(
     api_key_version: str | None = None,
     model_digests: list[str] | None = None,
     settings: Settings = DEFAULT_SETTINGS,
+    picker_children: tuple[list[dict[str, Any]], list[tuple[str, str, str]]] | None = None,
+    gone_picker: list[tuple[str, str, str]] | None = None,
 ) -> Rendered:
     """Every child of a ModelDeployment for a fitting placement.
 
     ``with_pod_monitor``: the cluster serves monitoring.coreos.com/v1 PodMonitors (the shell checks).
     ``surge``: roll out new pods before old ones stop (see ``rolling_update``).
     ``settings``: the admin's images and NetworkPolicy switch (``image_problem`` says what is refused).
+    ``picker_children``: the routing children and those that must not exist (``picker.objects``), when a picker
+    fronts the pods; else ``gone_picker``: the routing children to delete (routing was on).
     """
     name = md_meta["name"]
+    if picker_children is None and spec.routing is not None:
+        spec = spec.model_copy(update={"routing": None})  # no picker (yet): the pods keep the key, the Service
     objs: list[dict[str, Any]] = []
     absent: list[tuple[str, str, str]] = []
     claim = pvc(md_meta, spec, model)
@@ -736,8 +767,10 @@ def render(
         objs.append(autoscaler)
     else:
         absent.append(("autoscaling/v2", "HorizontalPodAutoscaler", name))
-    if settings.network_policy:
-        objs.append(network_policy(md_meta, model, settings))
+    behind_picker = picker_children is not None
+    if settings.network_policy or (behind_picker and spec.api_key_secret_ref is not None):
+        # Keyless pods behind a picker with a key at the edge: the policy is what keeps the key meaningful.
+        objs.append(network_policy(md_meta, model, settings, behind_picker))
     else:
         absent.append(("networking.k8s.io/v1", "NetworkPolicy", name))
     replicas = deploy["spec"].pop("replicas")
@@ -750,6 +783,12 @@ def render(
     unplanned = ("PodDisruptionBudget", "ConfigMap", "NetworkPolicy")
     plan_hash = digest([_without_key_version(o) for o in objs if o["kind"] not in unplanned])
     deploy["spec"]["replicas"] = replicas
+    # The picker's children are derived from the plan but are not a new plan of the pods (no PlanChanged).
+    if picker_children is not None:
+        objs += picker_children[0]
+        absent += picker_children[1]
+    else:
+        absent += gone_picker or []
     applied = digest(objs)
     deploy["metadata"]["annotations"] = {APPLIED_ANNOTATION: applied, APPLIED_PLAN_ANNOTATION: plan_hash}
     return Rendered(objs, absent, plan_hash, applied)

@@ -103,6 +103,8 @@ def settings(args: argparse.Namespace) -> Settings:
             allow_networks=listed(args.allow_network, "MODELFIT_ALLOW_NETWORKS"),
             deny_networks=listed(args.deny_network, "MODELFIT_DENY_NETWORKS"),
             downloader_image=args.downloader_image or os.environ.get("MODELFIT_DOWNLOADER_IMAGE") or None,
+            picker_image=args.picker_image or os.environ.get("MODELFIT_PICKER_IMAGE") or None,
+            edge_image=args.edge_image or os.environ.get("MODELFIT_EDGE_IMAGE") or None,
             server_images=pairs(listed(args.server_image, "MODELFIT_SERVER_IMAGES"), "--server-image"),
             require_image_digest=switch(args.require_image_digest, "MODELFIT_REQUIRE_IMAGE_DIGEST"),
             allowed_image_registries=listed(args.allowed_image_registry, "MODELFIT_ALLOWED_IMAGE_REGISTRIES"),
@@ -170,6 +172,17 @@ def register(sub: Any) -> None:
         "runs as root with CAP_CHOWN, so only this setting, never a spec, names it): REPO:TAG, REPO@sha256:<64 hex> "
         "or REPO:TAG@sha256:<64 hex>, e.g. a private mirror's (default docker.io/curlimages/curl:8.11.1; "
         "$MODELFIT_DOWNLOADER_IMAGE)",
+    )
+    sp.add_argument(
+        "--picker-image",
+        metavar="REF",
+        help="the endpoint picker's image for spec.routing InferencePool (default "
+        "registry.k8s.io/gateway-api-inference-extension/epp:v1.5.0; $MODELFIT_PICKER_IMAGE)",
+    )
+    sp.add_argument(
+        "--edge-image",
+        metavar="REF",
+        help="the Envoy beside the picker (default docker.io/envoyproxy/envoy:v1.40.0; $MODELFIT_EDGE_IMAGE)",
     )
     sp.add_argument(
         "--server-image",

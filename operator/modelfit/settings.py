@@ -11,7 +11,7 @@ import ipaddress
 import posixpath
 import re
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 # Never a cache root, whatever the admin says: the node's own system directories.
 FORBIDDEN_ROOTS = ("/", "/etc", "/proc", "/sys", "/dev", "/boot", "/bin", "/sbin", "/usr", "/lib", "/root", "/run")
@@ -93,6 +93,8 @@ class Settings(BaseModel):
     require_image_digest: bool = False  # every image a model's pods run must be pinned by digest
     allowed_image_registries: tuple[str, ...] = ()  # registries (or paths under one) of spec.image (none: any)
     network_policy: bool = False  # a NetworkPolicy per model (see render.network_policy)
+    picker_image: str | None = None  # the endpoint picker's image (None: routing.PICKER_IMAGE); never a tenant's
+    edge_image: str | None = None  # the standalone Envoy's image (None: routing.EDGE_IMAGE); never a tenant's
     network_policy_ingress_namespaces: tuple[str, ...] = ()  # "key=value": namespaces whose pods may reach models
 
     @field_validator("host_path_roots")
@@ -115,10 +117,11 @@ class Settings(BaseModel):
             ipaddress.ip_network(net, strict=False)  # ValueError names the bad one
         return nets
 
-    @field_validator("downloader_image")
+    @field_validator("downloader_image", "picker_image", "edge_image")
     @classmethod
-    def _downloader(cls, ref: str | None) -> str | None:
-        return None if ref is None else admin_ref(ref, "downloader image")
+    def _admin_images(cls, ref: str | None, info: ValidationInfo) -> str | None:
+        what = {"downloader_image": "downloader image", "picker_image": "picker image", "edge_image": "edge image"}
+        return None if ref is None else admin_ref(ref, what[str(info.field_name)])
 
     @field_validator("server_images")
     @classmethod
