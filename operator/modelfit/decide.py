@@ -739,8 +739,8 @@ def decide(snap: Snapshot) -> Decision:
             logs.append((logging.INFO, f"model digest recorded from {digest_record.pod}: {digest_record.sha256[0]}"))
     new.oom_kills, new.memory_override_rejected = r.oom_kills, r.rejected
     new.plan = _plan_record(snap, r, placement, rendered.hash, keep, surge)
-    if routes.profile is not None:
-        new.plan.reasons = [*new.plan.reasons, *routes.profile.reasons]
+    kept = [r for r in new.plan.reasons if not r.startswith("routing: ")]  # a kept plan carries the last ones
+    new.plan.reasons = [*kept, *(routes.profile.reasons if routes.profile is not None else ())]
     planned = set_planned(placement, why, verdict)
     if routes.missing is not None and snap.missing is None:
         snap = replace(snap, missing=routes.missing)
