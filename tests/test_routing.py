@@ -366,3 +366,15 @@ def test_picker_parts_cover_every_routing_child(make_node: Builder) -> None:
     routing_children = {m for m in made if m[2] != "qwen" or m[1] == "InferencePool"} - own
     routing_children = {m for m in routing_children if not m[2].endswith("-model-digest")}
     assert routing_children <= parts and ("v1", "Service", "qwen-pods") in made
+
+
+def test_plan_file_explains_the_pickers_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    """``modelfit plan -f`` shows the profile the operator would render, with the same reasons."""
+    from modelfit.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "qwen3.5-0.8b-routed.yaml"
+    assert main(["plan", "-f", str(example), "-o", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    reasons = (out[0] if isinstance(out, list) else out)["reasons"]
+    lines = [r for r in reasons if r.startswith("routing: ")]
+    assert len(lines) == 4 and "saturated at 2 requests" in lines[0]

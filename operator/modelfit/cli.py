@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import yaml
 from pydantic import ValidationError
 
-from . import api, catalog
+from . import api, catalog, routing
 from .cli_options import (
     CPUS_MAX,
     DEFAULT_QUANT_REASON,
@@ -54,7 +54,7 @@ from .host import host_facts
 from .nodes import PROFILES, GiB, MiB, NodeFacts, profile
 from .placement import Placement, place
 from .policy import policy_for
-from .render import model_file
+from .render import model_file, routed
 from .runner import register as register_run
 from .sizing import PlanResult, Policy
 from .sources import DEFAULT_QUANT, load_facts, load_model, model_source
@@ -436,6 +436,9 @@ def cmd_plan_file(args: argparse.Namespace) -> int:
         nodes = [node_from_args(args, n) for n in names]
         facts = spec_facts(spec)
         p = place(spec, facts, nodes, model_file(spec, facts.file_bytes).path, 0.0)
+        if p.result is not None and routed(spec):  # the picker's profile, as the operator explains it
+            why = routing.profile(facts, p.result, facts.file_bytes, spec).reasons
+            p = replace(p, result=p.result.model_copy(update={"reasons": [*p.result.reasons, *why]}))
         what = f"{api.KIND} {ns}/{name}"
         head = {"modelDeployment": {"namespace": ns, "name": name}}
         shown.append(Shown(facts, p, f"{what}: {p.reason}: {p.message}", head, what))
