@@ -66,12 +66,15 @@ def test_args_resources_image_and_probes():
     assert c["readinessProbe"]["httpGet"]["path"] == "/health" and c["livenessProbe"]
     size = catalog.catalog_facts("qwen3.5-0.8b", "Q4_0").file_bytes
     assert c["startupProbe"]["failureThreshold"] == startup_failure_threshold(size)
+    assert c["startupProbe"]["periodSeconds"] == 2  # the load's end is seen within 2 s
     assert pod(r)["nodeSelector"] == {"kubernetes.io/hostname": "cpu-large"}
 
 
 def test_startup_budget_grows_with_size():
-    assert startup_failure_threshold(40 * GiB) > startup_failure_threshold(1 * GiB) >= 6
-    assert startup_failure_threshold(10_000 * GiB) == 360
+    """A minute plus 30 s per GiB, capped at an hour, in probes of 2 s (coldstart.STARTUP_PERIOD_S)."""
+    assert startup_failure_threshold(40 * GiB) > startup_failure_threshold(1 * GiB) == 45
+    assert startup_failure_threshold(10_000 * GiB) == 1800
+    assert startup_failure_threshold(10_000 * GiB, period=10) == 360
 
 
 def test_restricted_security():

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from modelfit import crd, picker, routing
-from modelfit.api import ModelDeploymentStatus, RoutingStatus
+from modelfit.api import ModelDeploymentSpec, ModelDeploymentStatus, RoutingStatus
 from modelfit.decide import Decision, check_spec, decide
 from modelfit.render import selector_labels
 from modelfit.settings import Settings
@@ -155,9 +155,11 @@ def test_the_profile_comes_from_the_plan(make_node: Builder) -> None:
 
 def test_a_profile_scales_with_the_model_and_the_node() -> None:
     """Staleness follows the predicted prompt speed (more threads: fresher); a cached model starts sooner."""
-    assert routing.cold_start_s(10**9, node_cached=True) < routing.cold_start_s(10**9, node_cached=False)
+    cached = ModelDeploymentSpec.model_validate({**SMALL, "modelCache": {"hostPath": {"path": "/var/lib/m"}}})
+    downloaded = ModelDeploymentSpec.model_validate(SMALL)
+    assert routing.cold_start_s(10**9, cached) < routing.cold_start_s(10**9, downloaded)
     slow, fast = 5 * 10**9, 5 * 10**8
-    assert routing.cold_start_s(slow, True) > routing.cold_start_s(fast, True)
+    assert routing.cold_start_s(slow, cached) > routing.cold_start_s(fast, cached)
 
 
 def test_staleness_and_ttl_are_clamped(make_node: Builder) -> None:

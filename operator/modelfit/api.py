@@ -707,6 +707,36 @@ class RoutingStatus(_Status):
     )
 
 
+class ColdStartStages(_Status):
+    """Seconds of each stage of a new pod's start (see ``coldstart``)."""
+
+    scheduling: float = Field(default=0.0, description="Bound to a present node, sandbox and containers started.")
+    image: float = Field(default=0.0, description="Image pulls: 0, the images are taken to be on the node already.")
+    fetch: float = Field(default=0.0, description="The model's download: 0 when the node (hostPath, PVC) holds it.")
+    verify: float = Field(default=0.0, description="The downloader's sha256 of the file (every start).")
+    load: float = Field(default=0.0, description="llama-server reads the weights (and repacks them).")
+    warmup: float = Field(default=0.0, description="llama-server's context and warm-up run, until it listens.")
+    probe: float = Field(default=0.0, description="Until the startup probe next looks (its period).")
+
+
+class ColdStartStatus(_Status):
+    """How long a new pod takes from creation to Ready: predicted from the model's size and where its file is,
+    and measured on the newest Ready pod."""
+
+    predicted_seconds: float = Field(default=0.0, description="Predicted, the file read from disk (page cache cold).")
+    predicted_warm_seconds: float = Field(
+        default=0.0, description="Predicted with the file already in the node's page cache."
+    )
+    stages: ColdStartStages = Field(default_factory=ColdStartStages, description="The predicted stages (cold).")
+    reasons: list[str] = Field(default_factory=list, description="What the prediction takes as given.")
+    last_measured_seconds: float | None = Field(
+        default=None,
+        description="The newest Ready pod's creation to its Ready condition (whole seconds: the API's timestamps).",
+    )
+    last_measured_pod: str | None = Field(default=None, description="The pod that was measured.")
+    last_measured_at: str | None = Field(default=None, description="When that pod became Ready (RFC 3339).")
+
+
 class ModelDeploymentStatus(_Status):
     """What the operator planned and observed."""
 
@@ -731,6 +761,9 @@ class ModelDeploymentStatus(_Status):
         default=None,
         description="The digests every later download is held to: spec.model.sha256, else what the first verified "
         "download reported.",
+    )
+    cold_start: ColdStartStatus | None = Field(
+        default=None, description="A new pod's start, predicted by stage and last measured."
     )
 
     def dump(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
-from . import api, picker, routing
+from . import api, coldstart, picker, routing
 from .api import Condition, ModelDeploymentSpec, ModelDeploymentStatus, PlanStatus, Rebalance
 from .facts import ModelFacts
 from .nodes import NodeFacts, NodeShape, parse_quantity
@@ -694,6 +694,15 @@ def _routing(snap: Snapshot, placement: Placement) -> _Routes:
     return _Routes(children=children, profile=prof, status=status)
 
 
+def _cold_start(snap: Snapshot, placement: Placement) -> api.ColdStartStatus:
+    """status.coldStart: the plan's predicted cold start (as the picker's queue TTL takes it) and the newest Ready
+    pod's measured one, the last measured kept until a newer pod is Ready."""
+    assert placement.result is not None
+    res = placement.result
+    predicted = coldstart.predict(snap.loaded.size, snap.spec, res.plan.load_mode, res.memory.kv_cache_bytes)
+    return coldstart.status(predicted, snap.pods, snap.old.cold_start)
+
+
 def decide(snap: Snapshot) -> Decision:
     """Plan, choose between keeping and moving, render the children and compute the status."""
     meta, spec = snap.meta, snap.spec
@@ -741,6 +750,7 @@ def decide(snap: Snapshot) -> Decision:
     new.plan = _plan_record(snap, r, placement, rendered.hash, keep, surge)
     kept = [r for r in new.plan.reasons if not r.startswith("routing: ")]  # a kept plan carries the last ones
     new.plan.reasons = [*kept, *(routes.profile.reasons if routes.profile is not None else ())]
+    new.cold_start = _cold_start(snap, placement)
     planned = set_planned(placement, why, verdict)
     if routes.missing is not None and snap.missing is None:
         snap = replace(snap, missing=routes.missing)

@@ -19,6 +19,7 @@ from typing import Any
 from . import api, catalog
 from .api import ModelDeploymentSpec
 from .cache import host_cache_dir
+from .coldstart import STARTUP_PERIOD_S
 from .download import DIGEST_DIR, DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
 from .nodes import GPU_RESOURCES, GiB, MiB, format_memory, parse_quantity
@@ -140,10 +141,11 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def startup_failure_threshold(size_bytes: int, period: int = 10) -> int:
-    """Budget to map and load the weights: a minute plus 30 s per GiB (slow disks), capped at an hour."""
+def startup_failure_threshold(size_bytes: int, period: int = STARTUP_PERIOD_S) -> int:
+    """Budget to map and load the weights: a minute plus 30 s per GiB (slow disks), capped at an hour, in probes
+    of ``period`` seconds (a short period sees the load end sooner; the budget stays the same)."""
     budget = min(3600, 60 + 30 * math.ceil(size_bytes / GiB))
-    return max(6, math.ceil(budget / period))
+    return math.ceil(budget / period)
 
 
 def cache_size(size_bytes: int) -> str:
@@ -395,7 +397,7 @@ def _server_container(
         "resources": _resources(placement, spec, honour_memory_override),
         "startupProbe": {
             **probe(),
-            "periodSeconds": 10,
+            "periodSeconds": STARTUP_PERIOD_S,  # Ready within 2 s of the load (coldstart: the probe stage)
             "failureThreshold": startup_failure_threshold(model.size_bytes),
         },
         "readinessProbe": {**probe(), "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from . import coldstart
 from .api import ModelDeploymentSpec
 from .facts import ModelFacts
 from .memory import MiB
@@ -47,12 +48,6 @@ REFRESH_SECONDS = 0.25
 THREAD_PROMPT_FLOPS = 40 * 10**9
 GPU_PROMPT_TOKENS_PER_S = 2000.0  # a plan with every layer on a GPU: prefill is not what bounds staleness
 MIN_STALENESS_S, MAX_STALENESS_S = 2.0, 60.0
-# Cold start of a new pod (the flow-control queue's TTL): scheduling, the model read from the node's disk, the
-# startup probe's period (10 s: when the kubelet next looks), warm-up. A download is counted when the cache is
-# not the node's (emptyDir: every new pod downloads).
-SCHEDULE_S, PROBE_PERIOD_S, WARMUP_S = 1.0, 10.0, 2.0
-DISK_BYTES_PER_S = 200 * 10**6
-DOWNLOAD_BYTES_PER_S = 50 * 10**6
 MIN_QUEUE_TTL_S, MAX_QUEUE_TTL_S = 30, 900
 
 
@@ -98,10 +93,12 @@ def prompt_tokens_per_s(facts: ModelFacts, result: PlanResult) -> float:
     return max(p.threads, 1) * THREAD_PROMPT_FLOPS / (2.0 * weights)
 
 
-def cold_start_s(model_bytes: int, node_cached: bool) -> float:
-    """Predicted seconds from a new pod to its first answer (see SCHEDULE_S)."""
-    fetch = 0.0 if node_cached else model_bytes / DOWNLOAD_BYTES_PER_S
-    return SCHEDULE_S + fetch + model_bytes / DISK_BYTES_PER_S + PROBE_PERIOD_S + WARMUP_S
+def cold_start_s(model_bytes: int, spec: ModelDeploymentSpec, result: PlanResult | None = None) -> float:
+    """Predicted seconds from a new pod's creation to Ready, page cache cold: ``coldstart.predict``, the one
+    prediction ``status.coldStart`` shows too (the flow-control queue's TTL comes from it)."""
+    load_mode = result.plan.load_mode if result is not None else "none"
+    kv = result.memory.kv_cache_bytes if result is not None else 0
+    return coldstart.predict(model_bytes, spec, load_mode, kv).seconds
 
 
 def _prefix_tokens(result: PlanResult) -> tuple[int, int]:
@@ -123,7 +120,7 @@ def profile(facts: ModelFacts, result: PlanResult, model_bytes: int, spec: Model
     staleness = min(MAX_STALENESS_S, max(MIN_STALENESS_S, round(2 * p.ubatch / speed, 1)))
     cache = spec.model_cache
     node_cached = cache is not None and (cache.host_path is not None or cache.pvc is not None)
-    cold = cold_start_s(model_bytes, node_cached or spec.model.pvc is not None)
+    cold = cold_start_s(model_bytes, spec, result)
     ttl = int(min(MAX_QUEUE_TTL_S, max(MIN_QUEUE_TTL_S, math.ceil(cold * 1.5))))
     pods = spec.autoscaling.max_replicas if spec.autoscaling is not None else max(spec.replicas, 1)
     queued = max(64, 16 * p.parallel * pods)
