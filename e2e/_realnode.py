@@ -44,8 +44,14 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def http(url: str, body: dict[str, Any] | None = None, key: str | None = None, timeout: float = 120) -> tuple[int, str]:
-    headers = {"Content-Type": "application/json"}
+def http(
+    url: str,
+    body: dict[str, Any] | None = None,
+    key: str | None = None,
+    timeout: float = 120,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, str]:
+    headers = {"Content-Type": "application/json", **(headers or {})}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     data = json.dumps(body).encode() if body is not None else None

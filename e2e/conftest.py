@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -383,8 +384,15 @@ def real_node(cluster: Cluster) -> Iterable[Any]:
             pytest.fail(f"real node required but unavailable: {why}", pytrace=False)
         pytest.skip(why)
     t0 = time.monotonic()
+    # The routing scenarios' picker and Envoy too (the venv's bin on PATH: images.sh finds the envoy wheel there).
+    images = ["pause", "curl", "operator", "llama", "epp", "envoy"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.run(
-        [str(E2E_DIR / "images.sh"), str(IMAGES_DIR)], capture_output=True, text=True, timeout=BUILD_TIMEOUT
+        [str(E2E_DIR / "images.sh"), str(IMAGES_DIR), *images],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        env=env,
     )
     if proc.returncode != 0:
         pytest.fail(f"e2e/images.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", pytrace=False)

@@ -132,6 +132,8 @@ def test_the_profile_comes_from_the_plan(make_node: Builder) -> None:
     plugins = {p["type"]: p.get("parameters") for p in config["plugins"]}
     assert plugins["concurrency-detector"]["maxConcurrency"] == plan.parallel == 3
     assert config["saturationDetector"] == {"pluginRef": "concurrency-detector"}
+    assert config["schedulingProfiles"][0]["plugins"][0] == {"pluginRef": "concurrency-detector"}  # a filter
+    assert "inflight-load-producer" in plugins  # the detector's counts
     engine = plugins["core-metrics-extractor"]["engineConfigs"][0]
     assert engine["queuedRequestsSpec"] == "llamacpp:requests_deferred"
     # Prefix blocks: the pod's context plus its prompt cache at the KV's bytes per token, in 16-token blocks.
@@ -379,4 +381,4 @@ def test_plan_file_explains_the_pickers_profile(capsys: pytest.CaptureFixture[st
     out = json.loads(capsys.readouterr().out)
     reasons = (out[0] if isinstance(out, list) else out)["reasons"]
     lines = [r for r in reasons if r.startswith("routing: ")]
-    assert len(lines) == 4 and "saturated at 2 requests" in lines[0]
+    assert len(lines) == 4 and "at most 2 requests at once" in lines[0]

@@ -125,7 +125,8 @@ def profile(facts: ModelFacts, result: PlanResult, model_bytes: int, spec: Model
     pods = spec.autoscaling.max_replicas if spec.autoscaling is not None else max(spec.replicas, 1)
     queued = max(64, 16 * p.parallel * pods)
     reasons = (
-        f"routing: the picker counts a pod saturated at {p.parallel} requests in flight (its parallel slots)",
+        f"routing: the picker sends a pod at most {p.parallel} requests at once (its parallel slots, counted by the "
+        "picker itself: a scrape lags); more wait at the picker for the first free slot of any pod",
         f"routing: prefix-cache scorer keeps {blocks} blocks of {BLOCK_TOKENS} tokens per pod "
         f"({kv_tokens} KV tokens + {cached_tokens} prompt-cache tokens, --cache-ram {p.cache_ram_mib} MiB)",
         f"routing: metrics count as fresh for {staleness:g} s: two ubatches of {p.ubatch} tokens at the predicted "
@@ -188,6 +189,9 @@ def picker_config(prof: PickerProfile) -> dict[str, Any]:
                 },
             },
             {"type": "max-score-picker"},
+            # The picker's own count of requests (and estimated tokens) in flight per pod, as they start and end:
+            # what the concurrency detector reads (without it every pod counts as idle).
+            {"type": "inflight-load-producer"},
             {
                 "type": "concurrency-detector",
                 "parameters": {"maxConcurrency": prof.max_concurrency, "concurrencyMode": "requests"},
@@ -197,6 +201,9 @@ def picker_config(prof: PickerProfile) -> dict[str, Any]:
             {
                 "name": "default",
                 "plugins": [
+                    # A pod with every slot busy is no candidate: the request waits in flow control for the first
+                    # free slot anywhere, instead of in that pod's queue (scraped gauges lag a CPU pod's state).
+                    {"pluginRef": "concurrency-detector"},
                     {"pluginRef": "queue-scorer", "weight": 2},
                     {"pluginRef": "running-requests-size-scorer", "weight": 2},
                     {"pluginRef": "prefix-cache-scorer", "weight": 3},
@@ -324,6 +331,7 @@ def envoy_config(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "edge",
         "use_remote_address": True,
+        "preserve_external_request_id": True,  # a client's x-request-id names its request in both logs
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
@@ -378,7 +386,7 @@ def envoy_config(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str
                     "log_format": {
                         "text_format_source": {
                             "inline_string": "%START_TIME% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
-                            "%RESPONSE_FLAGS% upstream=%UPSTREAM_HOST% ms=%DURATION%\n"
+                            "%RESPONSE_FLAGS% upstream=%UPSTREAM_HOST% ms=%DURATION% id=%REQ(X-REQUEST-ID)%\n"
                         }
                     },
                 },
