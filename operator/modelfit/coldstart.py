@@ -17,8 +17,8 @@ what ``status.coldStart`` shows beside the last measured one. Its stages, from t
 - warmup: llama-server's context (the KV cache is cleared) and its warm-up run, until it listens;
 - probe: the kubelet sees it at the startup probe's next look, at most ``STARTUP_PERIOD_S`` later.
 
-The speeds were measured on this project's CI machine kind (2 vCPUs of an AMD EPYC with SHA-NI and AVX-512, virtio
-disk, llama.cpp b11434; see each constant); a node with a faster disk or more cores starts sooner.
+The speeds were measured on this project's CI machine kind (see the constants); a node with a faster disk or more
+cores starts sooner.
 """
 
 from __future__ import annotations
@@ -31,21 +31,35 @@ from .api import ColdStartStages, ColdStartStatus, ModelDeploymentSpec
 
 # The llama-server container's startup probe period (render.py): Ready at most this long after the load.
 STARTUP_PERIOD_S = 2
-# Created -> the llama-server container started, less the init containers' own work: scheduling, the sandbox and
-# three container starts; measured on the real node (e2e, containerd + kubelet v1.35 on this machine kind).
-SCHEDULING_S = 3.0
+# Measured on this project's CI machine kind (2 vCPUs of an AMD EPYC, virtio disk, 23 GiB; llama.cpp b11434, its
+# CPU build): bench runs of llama-server against synth models with the file evicted (POSIX_FADV_DONTNEED) or in the
+# page cache, and pods of the real-node e2e (containerd, kubelet v1.35.4). The e2e's downloader is Debian's busybox
+# 1.35; a busybox built with SHA-NI hashes several times faster.
+#
+# Created -> the llama-server container started, less the download's own work: scheduling, the sandbox, three
+# container starts. Real node: 0-2 s (whole seconds) with the machine otherwise idle, 3-4 s under load.
+SCHEDULING_S = 2.0
 IMAGE_S = 0.0
-# A Hugging Face download into one pod: not measured here (no internet); a typical CDN stream.
+# A Hugging Face download into one pod: not measured (no internet here); a typical CDN stream.
 DOWNLOAD_BYTES_PER_S = 50 * 10**6
-# sha256 of a file in the page cache by the downloader image's busybox sha256sum (coreutils' is faster).
-HASH_BYTES_PER_S = 200 * 10**6
-# Sequential read of a file not in the page cache (dd, bs=4M, after POSIX_FADV_DONTNEED / drop_caches).
+# busybox sha256sum, file in the page cache: 1.32 GB in 5.8-5.9 s (coreutils: 3.6-3.9 s).
+HASH_BYTES_PER_S = 220 * 10**6
+# The same from disk: 7.5-8.2 s (its small reads do not overlap the disk's; dd bs=4M reads it at 2.0-2.4 GB/s).
+HASH_COLD_BYTES_PER_S = 170 * 10**6
+# llama-server reading a file not in the page cache, beyond its load from the page cache: 1.6-2.0 GB/s with
+# --load-mode none, 0.6-2.2 GB/s through mmap's page faults.
 DISK_BYTES_PER_S = 1000 * 10**6
-# llama-server's weight load from the page cache, repack included (log: "loading model" -> "threadpool init").
-LOAD_BYTES_PER_S: dict[str, float] = {"none": 500 * 10**6, "mmap": 500 * 10**6, "mlock": 500 * 10**6}
-# llama-server's start beyond the weights: context, the KV cache cleared, the warm-up run.
-WARMUP_S = 0.3
-CLEAR_BYTES_PER_S = 4 * 10**9  # the KV cache is zeroed at context creation (memset)
+# llama-server's weights from the page cache, repack included (log "loading model" -> "threadpool init"): Q4_0 and
+# Q4_K_M (repacked for AVX-512) 0.53-0.54 GB/s with --load-mode none, 0.68-0.77 GB/s with mmap. Q8_0 and F16 load
+# faster (1.3-1.4 and 4.6-4.8 GB/s): predicted at the Q4 speed, the seed's and the catalog's default quants.
+LOAD_BYTES_PER_S: dict[str, float] = {"none": 500 * 10**6, "mmap": 700 * 10**6, "mlock": 700 * 10**6}
+# Context and warm-up run ("threadpool init" -> "model loaded"): 0.01 s for a 3 MB model, 0.09 s at 0.5 GB, 0.18 s
+# at 1.3 GB, 0.23-0.26 s at 2 GB: the warm-up reads every weight once.
+WARMUP_S = 0.05
+WARMUP_BYTES_PER_S = 10 * 10**9
+# The KV cache is cleared at context creation: its memory touched for the first time. The seed's 1.7 GB (q8_0,
+# 262144 tokens) added 1.0-1.5 s, a 3.2 GB f16 one 5-6 s (this VM's first touch of guest memory; 0.4 GB: 0.1 s).
+CLEAR_BYTES_PER_S = 1000 * 10**6
 
 Place = Literal["download", "node", "volume"]
 
@@ -90,13 +104,14 @@ def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none"
         raise ValueError(f"model_bytes and kv_bytes must be >= 0, got {model_bytes} and {kv_bytes}")
     where = place(spec)
     gb = model_bytes / 1e9
-    disk = model_bytes / DISK_BYTES_PER_S
     fetch = model_bytes / DOWNLOAD_BYTES_PER_S if where == "download" else 0.0
-    hashing = model_bytes / HASH_BYTES_PER_S if where != "volume" else 0.0
-    verify = hashing + (disk if where == "node" else 0.0)  # a downloaded file is in the page cache already
+    # A downloaded file is in the page cache already; a cached one is read from disk by the check.
+    hash_speed = HASH_COLD_BYTES_PER_S if where == "node" else HASH_BYTES_PER_S
+    verify = model_bytes / hash_speed if where != "volume" else 0.0
     speed = LOAD_BYTES_PER_S.get(load_mode, LOAD_BYTES_PER_S["none"])
-    load = model_bytes / speed + (disk if where == "volume" else 0.0)
-    warmup = WARMUP_S + kv_bytes / CLEAR_BYTES_PER_S
+    disk = model_bytes / DISK_BYTES_PER_S if where == "volume" else 0.0  # not checked: the load reads it first
+    load = model_bytes / speed + disk
+    warmup = WARMUP_S + model_bytes / WARMUP_BYTES_PER_S + kv_bytes / CLEAR_BYTES_PER_S
     stages = {
         "scheduling": SCHEDULING_S,
         "image": IMAGE_S,
@@ -115,18 +130,20 @@ def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none"
     checked = (
         "verify: none (a model on its own PVC is not checked)"
         if where == "volume"
-        else f"verify: sha256 at {HASH_BYTES_PER_S / 1e6:.0f} MB/s on every start"
-        + (f", the file read from disk at {DISK_BYTES_PER_S / 1e9:g} GB/s" if where == "node" else "")
+        else f"verify: sha256 at {hash_speed / 1e6:.0f} MB/s on every start"
+        + (f" from disk ({HASH_BYTES_PER_S / 1e6:.0f} MB/s from the page cache)" if where == "node" else "")
     )
     reasons = (
+        f"scheduling: {SCHEDULING_S:g} s on a node already present (a new node takes minutes more)",
         "image: 0 s, the images are taken to be on the node already (a node's first pull adds its download)",
         fetched,
         checked,
         f"load: {gb:.2f} GB at {speed / 1e9:g} GB/s (--load-mode {load_mode}, from the page cache"
         + (f"; read from disk at {DISK_BYTES_PER_S / 1e9:g} GB/s first)" if where == "volume" else ")"),
+        f"warmup: context ({kv_bytes / 1e9:.2f} GB of KV cache cleared) and llama-server's warm-up run",
         f"probe: the startup probe looks every {STARTUP_PERIOD_S} s",
     )
-    cold_read = disk if where in ("node", "volume") else 0.0
+    cold_read = disk + (verify - model_bytes / HASH_BYTES_PER_S if where == "node" else 0.0)
     return ColdStart(stages, sum(stages.values()) - cold_read, reasons)
 
 
