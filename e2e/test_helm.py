@@ -98,6 +98,10 @@ MUST_NOT = [
 
 def test_helm_install_and_least_privilege(cluster, crd, operator_paused, pool, namespace, tmp_path):
     pool.add("sys", cpu="4", memory="8Gi")
+    # `kubectl auth can-i` finds a resource by discovery: the InferencePool rows need its CRD served
+    # (the RBAC rules themselves do not), as on a cluster with the inference extension.
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "e2e" / "inferencepool-crd.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io")
     try:
         # Secrets only where the values say (issue 17: it could get every Secret in the cluster).
         access = f"--set 'secretAccess.namespaces[0]={namespace}'"
