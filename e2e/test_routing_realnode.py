@@ -180,28 +180,10 @@ def _picker_rss(real_node: RealNode, ns: str) -> int:
     return rss
 
 
-def test_requests_go_where_the_picker_says(
-    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, small: Path, tmp_path: Path
-) -> None:
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "e2e" / "inferencepool-crd.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io")
-    key = uuid.uuid4().hex
-    cluster.kubectl("-n", ns, "create", "secret", "generic", "chat-key", f"--from-literal=api-key={key}")
-    url = model_server.serve(f"/{ns}/{small.name}", small)
-    spec = pinned(
-        model={"url": url},
-        context=4096,
-        threads=1,
-        replicas=2,
-        resources={"requests": {"cpu": "600m"}},  # two pods and the picker's on a 2-CPU node
-        apiKeySecretRef={"name": "chat-key"},
-        routing={"mode": "InferencePool"},
-    )
-    t0 = time.monotonic()
-    cluster.apply(md(NAME, ns, **spec))
-    # What a cluster would give the picker: the API server's address (no kube-proxy here) and, for Envoy to be
-    # reached from this host, the host's network. Its own field manager: the operator's fields stay its own.
-    cluster.wait_for(lambda: cluster.get_json("-n", ns, "deploy", f"{NAME}-epp", check=False), timeout=120)
+def shim_picker(cluster: Any, ns: str, name: str = NAME) -> None:
+    """What a cluster would give the picker: the API server's address (no kube-proxy here) and, for Envoy to be
+    reached from this host, the host's network. Its own field manager: the operator's fields stay its own."""
+    cluster.wait_for(lambda: cluster.get_json("-n", ns, "deploy", f"{name}-epp", check=False), timeout=120)
     server = json.loads(cluster.kubectl("config", "view", "--minify", "-o", "json").stdout)["clusters"][0]["cluster"]
     api_port = server["server"].rsplit(":", 1)[1]
     shim = {
@@ -223,7 +205,29 @@ def test_requests_go_where_the_picker_says(
             }
         }
     }
-    cluster.kubectl("-n", ns, "patch", "deploy", f"{NAME}-epp", "--field-manager=e2e-node-shim", "-p", json.dumps(shim))
+    cluster.kubectl("-n", ns, "patch", "deploy", f"{name}-epp", "--field-manager=e2e-node-shim", "-p", json.dumps(shim))
+
+
+def test_requests_go_where_the_picker_says(
+    cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, small: Path, tmp_path: Path
+) -> None:
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "e2e" / "inferencepool-crd.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io")
+    key = uuid.uuid4().hex
+    cluster.kubectl("-n", ns, "create", "secret", "generic", "chat-key", f"--from-literal=api-key={key}")
+    url = model_server.serve(f"/{ns}/{small.name}", small)
+    spec = pinned(
+        model={"url": url},
+        context=4096,
+        threads=1,
+        replicas=2,
+        resources={"requests": {"cpu": "600m"}},  # two pods and the picker's on a 2-CPU node
+        apiKeySecretRef={"name": "chat-key"},
+        routing={"mode": "InferencePool"},
+    )
+    t0 = time.monotonic()
+    cluster.apply(md(NAME, ns, **spec))
+    shim_picker(cluster, ns)
     obj = wait_condition(cluster, ns, NAME, "Ready", timeout=300, operator=operator)
     assert obj["status"]["routing"]["pool"] == NAME
     reasons = [r for r in obj["status"]["plan"]["reasons"] if r.startswith("routing: ")]

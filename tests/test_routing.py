@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import http.server
 import json
+import math
 import os
 import shutil
 import socket
@@ -281,13 +282,18 @@ def recorder() -> Iterator[int]:
     server.shutdown()
 
 
-def _edge(tmp_path: Path, spec: Obj, make_node: Builder, keys: str, lua: bool = True) -> Iterator[int]:
-    """The rendered edge on a free loopback port (``lua=False``: without its Lua filter, to show what it stops)."""
+def _edge(
+    tmp_path: Path, spec: Obj, make_node: Builder, keys: str, lua: bool = True, answers: list[Obj] | None = None
+) -> Iterator[int]:
+    """The rendered edge on a free loopback port (``lua=False``: without its Lua filter, to show what it stops;
+    ``answers``: routes put first, answering in the picker's place)."""
     d = routed(spec, make_node)
     config = yaml.safe_load(named(d, "ConfigMap", "qwen-epp")["data"]["envoy.yaml"])
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     if not lua:
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.lua"]
+    vhost = hcm["route_config"]["virtual_hosts"][0]
+    vhost["routes"] = [*(answers or []), *vhost["routes"]]
     port = _free_port()
     config["static_resources"]["listeners"][0]["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
     config["admin"]["address"]["socket_address"]["port_value"] = _free_port()
@@ -354,6 +360,59 @@ def test_a_clients_own_destination_header_is_dropped(tmp_path: Path, make_node: 
     for port in _edge(tmp_path, spec, make_node, keys="", lua=False):  # what the filter stops
         assert _get(port, "/spoofed", {routing.DESTINATION_HEADER: f"127.0.0.1:{recorder}"}) == (200, "reached")
         assert _Recorder.hits == ["/spoofed"]
+
+
+def _answer(status: int, body: str, content_type: str = "text/plain") -> Obj:
+    """A route answering as the picker's flow control does (an ImmediateResponse: status and a text body)."""
+    return {
+        "match": {"prefix": "/", "headers": [{"name": "x-answer", "string_match": {"exact": str(status)}}]},
+        "direct_response": {"status": status, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": content_type}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ],
+        "typed_per_filter_config": {
+            "envoy.filters.http.ext_proc": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "disabled": True,
+            }
+        },
+    }
+
+
+@needs_envoy
+def test_the_pickers_refusals_reach_the_client_in_openais_shape_with_retry_after(
+    tmp_path: Path, make_node: Builder
+) -> None:
+    """Flow control's 503 (a request held past its TTL: a model at zero that did not start in time) and 429 (too
+    many held) come as text without Retry-After; the edge answers them as OpenAI does, with the predicted cold start
+    as Retry-After. llama-server's own JSON errors keep their body."""
+    answers = [
+        _answer(503, "inference error: ServiceUnavailable - request timed out in queue: request TTL expired"),
+        _answer(429, 'inference error: ResourceExhausted - "queue" at capacity'),
+        _answer(502, "upstream says no"),
+    ]
+    own = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+    answers.append({**_answer(503, json.dumps(own), "application/json"), "match": {"prefix": "/own"}})
+    cold = math.ceil(routed(ROUTED, make_node).status.cold_start.predicted_seconds)  # type: ignore[union-attr]
+    for port in _edge(tmp_path, ROUTED, make_node, keys="", answers=answers):
+        for status, kind, words in ((503, "unavailable_error", "TTL expired"), (429, "rate_limit_error", '"queue"')):
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions", headers={"x-answer": str(status)}
+            )
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=10)
+            body = json.loads(err.value.read())
+            assert body["error"]["code"] == status and body["error"]["type"] == kind, body
+            assert words in body["error"]["message"]
+            assert err.value.headers["retry-after"] == str(cold)
+            assert err.value.headers["content-type"].startswith("application/json")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/own", timeout=10)
+        assert json.loads(err.value.read()) == own and err.value.headers["retry-after"] == str(cold)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/x", headers={"x-answer": "502"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.read() == b"upstream says no" and "retry-after" not in err.value.headers
 
 
 def test_picker_parts_cover_every_routing_child(make_node: Builder) -> None:

@@ -337,7 +337,13 @@ class Autoscaling(_Model):
         }
     )
 
-    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest pods (at least 1).")
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Fewest pods. 0: an idle model goes to zero pods and frees its memory (needs routing.mode "
+        "InferencePool: the picker holds a request for a model at zero while one pod starts).",
+    )
     max_replicas: int = Field(ge=1, le=1000, description="Most pods.")
     target_utilization: int = Field(
         default=80,
@@ -352,6 +358,13 @@ class Autoscaling(_Model):
     )
     scale_down_stabilization_seconds: int = Field(
         default=300, ge=0, le=3600, description="How long load must stay low before a pod is removed."
+    )
+    idle_seconds: int = Field(
+        default=600,
+        ge=10,
+        le=86400,
+        description="With minReplicas 0: how long the model must see no request (none arriving, running or held) "
+        "before it goes to zero pods. A pod still pending, downloading or loading is never scaled down.",
     )
 
     @model_validator(mode="after")
@@ -378,6 +391,10 @@ class Rebalance(_Model):
     )
 
 
+ZERO_NEEDS_PICKER = (
+    "autoscaling.minReplicas 0 needs routing.mode InferencePool: a model at zero has no pod to answer, and only the "
+    "endpoint picker holds a request while one starts (a Service would refuse it)"
+)
 ROUTING_EXTERNAL_KEY = (
     "routing.gateway External with apiKeySecretRef: behind a picker the pods run without a key (the picker must "
     "scrape them), so the key is checked at the edge; an External Gateway checks its own. Remove apiKeySecretRef, "
@@ -424,6 +441,12 @@ class ModelDeploymentSpec(_Model):
                     "rule": "!has(self.minContext) || !has(self.context) || type(self.context) == string "
                     "|| self.minContext <= int(self.context)",
                     "message": "minContext must not exceed context",
+                },
+                {
+                    "rule": "!has(self.autoscaling) || !has(self.autoscaling.minReplicas) || "
+                    "self.autoscaling.minReplicas > 0 || (has(self.routing) && has(self.routing.mode) && "
+                    "self.routing.mode == 'InferencePool')",
+                    "message": ZERO_NEEDS_PICKER,
                 },
                 {
                     "rule": "!has(self.apiKeySecretRef) || !has(self.routing) || !has(self.routing.mode) || "
@@ -567,6 +590,13 @@ class ModelDeploymentSpec(_Model):
         if self.routing is not None and self.routing.mode == "InferencePool" and self.routing.gateway == "External":
             if self.api_key_secret_ref is not None:
                 raise ValueError(ROUTING_EXTERNAL_KEY)
+        return self
+
+    @model_validator(mode="after")
+    def _zero_needs_picker(self) -> ModelDeploymentSpec:
+        a = self.autoscaling
+        if a is not None and a.min_replicas == 0 and (self.routing is None or self.routing.mode != "InferencePool"):
+            raise ValueError(ZERO_NEEDS_PICKER)
         return self
 
     def owned_flags_in_server_args(self) -> list[str]:
@@ -737,6 +767,15 @@ class ColdStartStatus(_Status):
     last_measured_at: str | None = Field(default=None, description="When that pod became Ready (RFC 3339).")
 
 
+class ScaleToZeroStatus(_Status):
+    """Where a model that may go to zero (autoscaling.minReplicas 0) stands: serving, or at zero and why."""
+
+    state: Literal["Active", "Zero"] = Field(description="Active: it has pods. Zero: none; a request wakes it.")
+    since: str = Field(description="When it went to that state (RFC 3339).")
+    message: str = Field(default="", description="Why: the idle period that ended, or the held requests that woke it.")
+    wakes: int = Field(default=0, description="Times a held request woke it.")
+
+
 class ModelDeploymentStatus(_Status):
     """What the operator planned and observed."""
 
@@ -761,6 +800,9 @@ class ModelDeploymentStatus(_Status):
         default=None,
         description="The digests every later download is held to: spec.model.sha256, else what the first verified "
         "download reported.",
+    )
+    scale_to_zero: ScaleToZeroStatus | None = Field(
+        default=None, description="autoscaling.minReplicas 0: serving, or at zero since when and why."
     )
     cold_start: ColdStartStatus | None = Field(
         default=None, description="A new pod's start, predicted by stage and last measured."

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
-from . import api, coldstart, picker, routing
+from . import api, coldstart, picker, routing, scaletozero
 from .api import Condition, ModelDeploymentSpec, ModelDeploymentStatus, PlanStatus, Rebalance
 from .facts import ModelFacts
 from .nodes import NodeFacts, NodeShape, parse_quantity
@@ -132,6 +132,9 @@ class Snapshot:
     hpa_metric: str = HPA_METRIC
     failures: int = 0  # reconciles in a row that asked to come back (the shell's count, for the backoff)
     settings: Settings = DEFAULT_SETTINGS  # the admin's: images, registries, the NetworkPolicy switch
+    activity: scaletozero.Activity | None = None  # the picker's last read (autoscaling.minReplicas 0; None: unread)
+    last_busy: float = 0.0  # wall seconds: when the picker last showed a request (the shell's memory)
+    wall: float = 0.0  # wall seconds now (status times; pods' Ready times are wall clock)
 
 
 @dataclass
@@ -154,6 +157,7 @@ class Decision:
     planned: Condition | None = None  # the Planned condition to keep when applying fails
     seen_generation: int | None = None
     requeue_after: float | None = None
+    scale: int | None = None  # write the ModelDeployment's /scale to this first (scale to zero, or wake from it)
 
 
 def retry_delay(attempt: int) -> float:
@@ -521,6 +525,11 @@ def _plan_record(
             f"autoscaling {a.min_replicas}-{a.max_replicas} replicas: HPA on {snap.hpa_metric} (requests in flight "
             f"plus deferred per pod), target {target:g} = parallel {parallel} x {a.target_utilization}%"
         )
+        if scaletozero.applies(spec):
+            line += (
+                f"; to zero after {a.idle_seconds} s without a request (the picker holds a request at zero while a "
+                f"pod starts: predicted {routing.cold_start_s(snap.loaded.size, spec, placement.result):.0f} s)"
+            )
         plan.reasons = [*[x for x in plan.reasons if not x.startswith("autoscaling ")], line]
     return plan
 
@@ -709,6 +718,10 @@ def decide(snap: Snapshot) -> Decision:
     refused = image_problem(spec, snap.settings)  # the spec's own images: refused before any plan
     if refused is not None:
         return failure(meta, snap.old, *refused, "invalid")
+    zero = scaletozero.verdict(spec, snap.pods, snap.activity, snap.last_busy, snap.wall)
+    if zero.replicas is not None:  # the Deployment follows at once; the shell writes /scale first
+        spec = spec.model_copy(update={"replicas": zero.replicas})
+        snap = replace(snap, spec=spec)
     r = react(snap)
     logs = [*r.logs, *_facts_logs(snap, r)]
     if not r.placement.fits or r.placement.result is None:
@@ -751,10 +764,15 @@ def decide(snap: Snapshot) -> Decision:
     kept = [r for r in new.plan.reasons if not r.startswith("routing: ")]  # a kept plan carries the last ones
     new.plan.reasons = [*kept, *(routes.profile.reasons if routes.profile is not None else ())]
     new.cold_start = _cold_start(snap, placement)
+    new.scale_to_zero = scaletozero.status(spec, snap.old.scale_to_zero, zero, desired_replicas(spec), snap.wall)
     planned = set_planned(placement, why, verdict)
     if routes.missing is not None and snap.missing is None:
         snap = replace(snap, missing=routes.missing)
     decision = Decision(new, "progressing", logs=logs, avoid=r.avoid, replan_soon=r.unschedulable, planned=planned)
+    if zero.replicas is not None:
+        decision.scale = zero.replicas
+        decision.events.append(("ScaledToZero" if zero.replicas == 0 else "Woken", zero.message))
+        logs.append((logging.INFO, zero.message))
     _changes(snap, placement, rendered, decision)
     conditions = _conditions(snap, placement, rendered, planned, decision)
     new.conditions = merge_conditions(snap.old.conditions, conditions, meta.get("generation"))

@@ -3,6 +3,7 @@
 - ModelDeployment created/updated/resumed -> ``reconciler.reconcile`` (plan, apply children, write status).
 - ModelDeployment, Node, Pod, Deployment and Service events -> ``reconciler.STATE``'s indexes; the resync
   loop (started at startup) re-plans or refreshes what they marked (a deleted child is restored).
+- Scale to zero: ``zerowatch``'s loop (started at startup) reads the pickers and marks what to wake or put to sleep.
 - A transient API failure becomes kopf's TemporaryError: kopf retries it ``HANDLER_RETRIES`` times with
   backoff, the resync loop every few minutes after that.
 kopf keeps its progress in ``modelfit.io/`` annotations, never in the status: ``reconciler.write_status``
@@ -22,6 +23,7 @@ from .decide import retry_delay
 from .kube import get_client
 from .reconciler import STATE, ApiRetry, reconcile, resync_loop
 from .render import MD_LABEL
+from .zerowatch import zero_loop
 
 HANDLER_RETRIES = 8  # kopf's attempts at a transient API failure; the resync loop keeps trying after that
 
@@ -36,12 +38,14 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="modelfit.io")
     metrics.track_node_facts_age(STATE.snapshot.age)
     STATE.task = asyncio.create_task(resync_loop(STATE))
+    STATE.zero_task = asyncio.create_task(zero_loop(STATE))
 
 
 @kopf.on.cleanup(id="close-client")
 async def close_client(**_: Any) -> None:
-    if STATE.task is not None:
-        STATE.task.cancel()
+    for task in (STATE.task, STATE.zero_task):
+        if task is not None:
+            task.cancel()
     await get_client().close()
 
 

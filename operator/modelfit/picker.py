@@ -5,9 +5,10 @@ namespaced RBAC, and, failing open, the headless Service of the pods. Pure: no I
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from . import routing
+from . import routing, scaletozero
 from .api import ModelDeploymentSpec
 from .render import (
     API_KEY_ANNOTATION,
@@ -116,7 +117,7 @@ def _rbac(md_meta: dict[str, Any]) -> list[dict[str, Any]]:
 def config_map(md_meta: dict[str, Any], spec: ModelDeploymentSpec, prof: PickerProfile) -> dict[str, Any]:
     data = {"epp.yaml": routing.dump_yaml(routing.picker_config(prof))}
     if standalone(spec):
-        data["envoy.yaml"] = routing.dump_yaml(routing.envoy_config(md_meta, spec))
+        data["envoy.yaml"] = routing.dump_yaml(routing.envoy_config(md_meta, spec, math.ceil(prof.cold_start_s)))
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -282,7 +283,8 @@ def pods_service(md_meta: dict[str, Any]) -> dict[str, Any]:
 
 def picker_network_policy(md_meta: dict[str, Any], spec: ModelDeploymentSpec, settings: Settings) -> dict[str, Any]:
     """The picker's pod: the edge port from anywhere (it checks the key), the picker's gRPC from the admin's
-    namespaces (an External gateway), its metrics from the admin's namespaces; egress to the API server and the
+    namespaces (an External gateway), its metrics from the admin's namespaces and, for a model that may go to zero,
+    the operator's; egress to the API server and the
     pods is left open (the API server's address is the cluster's to know)."""
     admin = [
         {"namespaceSelector": {"matchLabels": {k: v}}}
@@ -296,6 +298,9 @@ def picker_network_policy(md_meta: dict[str, Any], spec: ModelDeploymentSpec, se
         if not standalone(spec):
             ports.append({"protocol": "TCP", "port": GRPC_PORT})
         ingress.append({"from": admin, "ports": ports})
+    if settings.operator_namespace and scaletozero.applies(spec):  # the operator reads who waits at zero
+        operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.operator_namespace}}}
+        ingress.append({"from": [operator], "ports": [{"protocol": "TCP", "port": PICKER_METRICS_PORT}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

@@ -39,6 +39,7 @@ from .nodes import NodeShape
 from .occupancy import Reservation
 from .render import HPA_METRIC, MD_LABEL, POD_MONITOR_API_VERSION, model_file, selector_string
 from .routing import POOL_API_VERSION
+from .scaletozero import Activity
 from .settings import DEFAULT as DEFAULT_SETTINGS
 from .sources import Sources, load_facts, secret_problem
 from .status import condition
@@ -74,6 +75,12 @@ class _Seen:
     # behind it (the resync loop works on the last watched body; our own status write may not be back yet).
     plan: api.PlanStatus | None = None
     plan_generation: Any = None
+    # Scale to zero (autoscaling.minReplicas 0): the picker's last read and when it last showed a request (wall
+    # seconds; a start counts as busy), and the spec.replicas this operator wrote with the generation it made (the
+    # body lags behind that write too).
+    activity: Activity | None = None
+    last_busy: float = 0.0
+    scaled: tuple[int, int] | None = None
 
 
 class OperatorState:
@@ -88,6 +95,7 @@ class OperatorState:
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
         self.task: asyncio.Task[None] | None = None
+        self.zero_task: asyncio.Task[None] | None = None  # scale to zero's watch of the pickers (zerowatch)
         self.pod_monitors: tuple[bool, float] = (False, 0.0)  # (served, checked at)
         self.inference_pools: tuple[bool, float] = (False, 0.0)  # (served, checked at)
         self.node_shapes: list[NodeShape] = []  # nodes a cluster autoscaler can add (--node-shapes)
@@ -393,6 +401,9 @@ async def _gather(
         hpa_metric=state.hpa_metric,
         failures=seen.failures,
         settings=state.settings,
+        activity=seen.activity,
+        last_busy=seen.last_busy,
+        wall=time.time(),
     )
 
 
@@ -430,7 +441,7 @@ async def _reconcile(
     checked = check_spec(meta, body.get("spec") or {})
     if isinstance(checked, tuple):
         return _finish(logger, old, failure(meta, read, *checked, "invalid"))
-    spec = checked
+    spec = _scaled(checked, meta, seen)
     refused = host_path_problem(spec, state.settings)
     if refused is not None:
         return _finish(logger, old, failure(meta, read, "HostPathNotAllowed", refused, "invalid"))
@@ -460,6 +471,8 @@ async def _reconcile(
             # (seen through a snapshot up to a TTL old) may have changed since this plan was made.
             seen.pods_dirty = True
             state.snapshot.invalidate()
+        if decision.scale is not None:
+            await _scale(kube, ns, str(meta.get("name")), decision.scale, seen)
         await _apply(kube, ns, decision, seen, snap.deploy is not None)
         seen.verified = True
     except _ApiFailed as failed:
@@ -483,6 +496,30 @@ async def _reconcile(
     if plan is not None:
         metrics.PLANNED_MEMORY.labels(namespace=ns, name=str(meta.get("name"))).set(plan.memory_request_bytes)
     return _status_patch(old, decision.status.dump()), decision.result, decision.requeue_after
+
+
+def _scaled(spec: ModelDeploymentSpec, meta: dict[str, Any], seen: _Seen) -> ModelDeploymentSpec:
+    """The spec with the replicas this operator last wrote (scale to zero), while the body is older than that
+    write: a lagging body must not bring back the pods just scaled away, nor drop the one just woken."""
+    if seen.scaled is None:
+        return spec
+    generation, replicas = seen.scaled
+    if int(meta.get("generation") or 0) >= generation:
+        seen.scaled = None
+        return spec
+    return spec.model_copy(update={"replicas": replicas})
+
+
+async def _scale(kube: Kube, ns: str, name: str, replicas: int, seen: _Seen) -> None:
+    """Write spec.replicas (what the HPA writes through /scale; the main resource answers with the generation)."""
+    try:
+        out = await kube.merge_patch(path_for(api.API_VERSION, api.KIND, ns, name), {"spec": {"replicas": replicas}})
+    except KubeError as exc:
+        raise _ApiFailed(exc, f"scaling {name} to {replicas}", write=True) from exc
+    generation = (out.get("metadata") or {}).get("generation")
+    seen.scaled = (int(generation), replicas) if isinstance(generation, int) else None
+    if replicas > 0:
+        seen.last_busy = time.time()  # woken: the idle period starts over
 
 
 def _read_status(

@@ -567,7 +567,9 @@ def hpa(md_meta: dict[str, Any], spec: ModelDeploymentSpec, parallel: int, metri
         "metadata": _meta(md_meta, md_meta["name"]),
         "spec": {
             "scaleTargetRef": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": md_meta["name"]},
-            "minReplicas": a.min_replicas,
+            # An HPA's floor is 1 (0 needs the alpha HPAScaleToZero); at zero (spec.replicas 0, written by the
+            # operator's scale to zero) the HPA stands aside until a pod is woken.
+            "minReplicas": max(1, a.min_replicas),
             "maxReplicas": a.max_replicas,
             "metrics": [
                 {

@@ -134,7 +134,8 @@ def profile(facts: ModelFacts, result: PlanResult, model_bytes: int, spec: Model
         f"{int(REFRESH_SECONDS * 1000)} ms",
         f"routing: requests wait at most {ttl} s for a slot (1.5 x the predicted cold start of {cold:.0f} s: "
         f"{'model on the node' if node_cached else 'download'} and load of {model_bytes / 1e9:.2f} GB, probe, "
-        f"warm-up), {queued} at most; then 503",
+        f"warm-up), {queued} at most; past the wait 503, past the count 429, each with Retry-After "
+        f"{math.ceil(cold)} s from the edge",
     )
     return PickerProfile(p.parallel, blocks, staleness, ttl, queued, speed, cold, reasons)
 
@@ -224,7 +225,7 @@ DENIED_HEADER = "x-modelfit-denied"
 # or X-Api-Key, any of the comma-separated keys; /health and /v1/health open). A refused request is marked, not
 # answered here: a reply from this filter would still pass the picker's filter on its way out (a 500 when the
 # picker is down); the marked request's route answers 401 with the picker's filter disabled.
-LUA_EDGE = """local keys = {}
+LUA_EDGE = r"""local keys = {}
 for k in string.gmatch(os.getenv("MODELFIT_API_KEY") or "", "[^,]+") do keys[k] = true end
 local open = {["/health"] = true, ["/v1/health"] = true}
 function envoy_on_request(h)
@@ -241,14 +242,37 @@ function envoy_on_request(h)
     h:clearRouteCache()
   end
 end
+
+-- The picker's own refusals (flow control: 503 when a request waited its TTL, 429 when too many wait; no pod)
+-- come as plain text without Retry-After: answered in OpenAI's error shape, with Retry-After the predicted
+-- cold start. A JSON answer (llama-server's own errors) is kept; only the header is added.
+local retry_after = "@RETRY@"
+local kinds = {["429"] = "rate_limit_error", ["503"] = "unavailable_error"}
+local function quote(s)
+  return '"' .. (s:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end)) .. '"'
+end
+function envoy_on_response(h)
+  local headers = h:headers()
+  local status = headers:get(":status")
+  local kind = kinds[status]
+  if kind == nil then return end
+  if headers:get("retry-after") == nil then headers:add("retry-after", retry_after) end
+  if (headers:get("content-type") or ""):find("json", 1, true) then return end
+  headers:replace("content-type", "application/json; charset=utf-8")
+  local body = h:body(true)
+  local text = body:getBytes(0, body:length())
+  if text == "" then text = "no model server could take the request" end
+  body:setBytes('{"error":{"code":' .. status .. ',"message":' .. quote(text) .. ',"type":"' .. kind .. '"}}')
+end
 """.replace("@DEST@", DESTINATION_HEADER).replace("@DENIED@", DENIED_HEADER)
 DENIED_BODY = {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}}
 
 
-def envoy_config(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any]:
+def envoy_config(md_meta: dict[str, Any], spec: ModelDeploymentSpec, retry_after_s: int = 5) -> dict[str, Any]:
     """Envoy's bootstrap beside the picker, after the GIE v1.5.0 standalone chart's sidecar: the edge filters
     (LUA_EDGE), ext_proc to the picker on loopback (full-duplex streamed bodies, as the picker expects), the
-    ORIGINAL_DST cluster that connects where the picker said; FailOpen adds a route for requests the picker did
+    ORIGINAL_DST cluster that connects where the picker said; the picker's 503 and 429 answered with Retry-After
+    ``retry_after_s`` (the predicted cold start) in OpenAI's error shape; FailOpen adds a route for requests the picker did
     not place, to the pods' headless Service."""
     routing = spec.routing
     fail_open = routing is not None and routing.failure_mode == "FailOpen"
@@ -347,7 +371,7 @@ def envoy_config(md_meta: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str
                 "name": "envoy.filters.http.lua",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": LUA_EDGE},
+                    "default_source_code": {"inline_string": LUA_EDGE.replace("@RETRY@", str(retry_after_s))},
                 },
             },
             {

@@ -112,6 +112,7 @@ def settings(args: argparse.Namespace) -> Settings:
             network_policy_ingress_namespaces=listed(
                 args.network_policy_ingress_namespace_label, "MODELFIT_NETWORK_POLICY_INGRESS_NAMESPACE_LABELS"
             ),
+            operator_namespace=os.environ.get("POD_NAMESPACE") or None,
         )
     except ValueError as exc:
         raise ValueError(f"operator settings: {exc}") from exc

@@ -96,6 +96,7 @@ class Settings(BaseModel):
     picker_image: str | None = None  # the endpoint picker's image (None: routing.PICKER_IMAGE); never a tenant's
     edge_image: str | None = None  # the standalone Envoy's image (None: routing.EDGE_IMAGE); never a tenant's
     network_policy_ingress_namespaces: tuple[str, ...] = ()  # "key=value": namespaces whose pods may reach models
+    operator_namespace: str | None = None  # where the operator runs (POD_NAMESPACE): it reads the pickers' metrics
 
     @field_validator("host_path_roots")
     @classmethod

@@ -1,0 +1,124 @@
+"""Scale to zero on the real node (issue 16, items 2 and 4): a routed ModelDeployment with autoscaling.minReplicas 0
+goes to zero pods after a shortened idle period, keeps its plan, picker and edge; 20 concurrent requests to it at
+zero are held by the picker (GIE v1.5.0 flow control), wake it with one scale-up, and are all answered. The
+harness gives the picker's pod the host's network and the API server's address, as in the routing scenario; the
+operator reads the picker's /metrics at that pod's address.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _realnode import RealNode, pinned
+from _support import REPO, md, wait_condition
+from test_routing_realnode import NAME, Edge, shim_picker, small  # noqa: F401 - small is a fixture
+
+pytestmark = pytest.mark.realnode
+IDLE_S = 20
+
+
+def _live_pods(real_node: RealNode, ns: str) -> list[dict[str, Any]]:
+    return [p for p in real_node.pods(ns, NAME) if not p["metadata"].get("deletionTimestamp")]
+
+
+def test_an_idle_model_goes_to_zero_and_a_held_burst_wakes_it_once(
+    cluster: Any,
+    operator: Any,
+    real_node: RealNode,
+    model_server: Any,
+    ns: str,
+    small: Path,  # noqa: F811
+) -> None:
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "e2e" / "inferencepool-crd.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io")
+    key = uuid.uuid4().hex
+    cluster.kubectl("-n", ns, "create", "secret", "generic", "chat-key", f"--from-literal=api-key={key}")
+    url = model_server.serve(f"/{ns}/{small.name}", small)
+    spec = pinned(
+        model={"url": url},
+        context=4096,
+        threads=1,
+        parallel=2,
+        replicas=1,
+        resources={"requests": {"cpu": "600m"}},
+        apiKeySecretRef={"name": "chat-key"},
+        routing={"mode": "InferencePool"},
+        autoscaling={"minReplicas": 0, "maxReplicas": 2, "idleSeconds": IDLE_S},
+    )
+    cluster.apply(md(NAME, ns, **spec))
+    shim_picker(cluster, ns)
+    obj = wait_condition(cluster, ns, NAME, "Ready", timeout=300, operator=operator)
+    assert obj["status"]["scaleToZero"]["state"] == "Active"
+    cluster.kubectl("-n", ns, "rollout", "status", f"deploy/{NAME}-epp", "--timeout=180s", timeout=200)
+    edge = Edge(cluster, ns, 8081, key)
+    cluster.wait_for(lambda: edge.chat("warm", "hi", "hi")[0] == 200, timeout=120, interval=1, what="the edge serves")
+    last_request = time.monotonic()
+
+    # 1. Idle for idleSeconds: zero pods, the plan kept, Ready (ScaledToZero), the HPA's floor still 1.
+    def at_zero() -> dict[str, Any] | None:
+        got = cluster.get_json("-n", ns, "modeldeployment", NAME)
+        st = got.get("status") or {}
+        done = (st.get("scaleToZero") or {}).get("state") == "Zero" and not _live_pods(real_node, ns)
+        return got if done else None
+
+    obj = cluster.wait_for(at_zero, timeout=IDLE_S + 90, interval=1, what=f"{NAME} at zero")
+    to_zero_s = time.monotonic() - last_request
+    assert obj["spec"]["replicas"] == 0 and obj["status"]["plan"]["fits"]
+    ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "ScaledToZero")
+    assert cluster.get_json("-n", ns, "hpa", NAME)["spec"]["minReplicas"] == 1
+    assert cluster.get_json("-n", ns, "deploy", f"{NAME}-epp")["spec"]["replicas"] == 1  # the picker holds
+    wakes_before = obj["status"]["scaleToZero"].get("wakes", 0)
+    print(f"\n[zero] last request -> zero pods: {to_zero_s:.0f} s (idleSeconds {IDLE_S})")
+
+    # 2. 20 concurrent requests at zero: held, one pod started, every one answered.
+    seen_pods: set[str] = set()
+    stop = threading.Event()
+
+    def watch_pods() -> None:
+        while not stop.is_set():
+            seen_pods.update(p["metadata"]["name"] for p in real_node.pods(ns, NAME))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch_pods, daemon=True)
+    watcher.start()
+    results: dict[int, tuple[int, float]] = {}
+
+    def one(i: int) -> None:
+        t = time.monotonic()
+        code, _ = edge.chat(f"wake-{i}", f"wake {i}", "q")
+        results[i] = (code, time.monotonic() - t)
+
+    t0 = time.monotonic()
+    burst = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for th in burst:
+        th.start()
+    for th in burst:
+        th.join(timeout=300)
+    stop.set()
+    watcher.join(timeout=5)
+    codes = sorted(code for code, _ in results.values())
+    took = sorted(s for _, s in results.values())
+    print(
+        f"[zero] 20 held requests at zero: {codes.count(200)}/20 answered; request -> answer p50 "
+        f"{statistics.median(took):.1f} s, max {took[-1]:.1f} s; pods started {sorted(seen_pods)}; "
+        f"burst wall {time.monotonic() - t0:.1f} s"
+    )
+    assert codes == [200] * 20, results
+    assert len(seen_pods) == 1, seen_pods  # one scale-up for the whole burst
+    obj = cluster.get_json("-n", ns, "modeldeployment", NAME)
+    st = obj["status"]["scaleToZero"]
+    assert st["state"] == "Active" and st["wakes"] == wakes_before + 1, st
+    assert obj["spec"]["replicas"] == 1
+    measured = obj["status"].get("coldStart", {})
+    print(
+        f"[zero] cold start predicted {measured.get('predictedSeconds')} s (warm page cache "
+        f"{measured.get('predictedWarmSeconds')} s), measured {measured.get('lastMeasuredSeconds')} s"
+    )

@@ -1,0 +1,153 @@
+"""The shell of scale to zero: read the endpoint picker of every model that may go to zero (``scaletozero``) every
+``POLL_S``, remember when it last showed a request, and mark the model for a reconcile when ``should_look`` says a
+held request waits for a pod or the idle period is over (``decide`` then asks ``scaletozero.verdict``).
+
+The picker's /metrics port admits the operator (the picker's NetworkPolicy); it is read at the picker pod's own
+address (Ready, its IP from the kubelet, never from a spec), with a short timeout and a bounded body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from .api import ModelDeploymentSpec
+from .kube import Kube, KubeError, get_client
+from .reconciler import OperatorState
+from .routing import PICKER_METRICS_PORT, picker_labels
+from .scaletozero import FAILED, HELD, POLL_S, RUNNING, SERVED, Activity, applies, busy, should_look
+
+METRICS_LIMIT = 4 * 2**20  # bytes of a picker's /metrics read at most (one pool's is a few tens of KiB)
+READ_TIMEOUT_S = 1.0
+ADDRESS_TTL_S = 30.0  # the picker pod's address is looked up again after this, or after a failed read
+
+log = logging.getLogger("modelfit.zerowatch")
+
+
+def parse_activity(text: str) -> Activity:
+    """The picker's counts from its Prometheus text (prometheus-client's parser), summed over labels; an absent
+    family counts 0 (the EPP adds a labelled series at its first request). ValueError on malformed text."""
+    sums = {SERVED: 0.0, FAILED: 0.0, RUNNING: 0.0, HELD: 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in sums and math.isfinite(sample.value):
+                sums[sample.name] += sample.value
+    return Activity(served=sums[SERVED], failed=sums[FAILED], running=sums[RUNNING], held=sums[HELD])
+
+
+async def read_activity(session: aiohttp.ClientSession, url: str) -> Activity | None:
+    """One read of a picker's /metrics; None when it cannot be read or parsed (logged at debug: it is retried)."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S)) as resp:
+            if resp.status != 200:
+                log.debug(f"{url}: HTTP {resp.status}")
+                return None
+            body = await resp.content.read(METRICS_LIMIT + 1)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        log.debug(f"{url}: {type(exc).__name__}: {exc}")
+        return None
+    if len(body) > METRICS_LIMIT:
+        log.warning(f"{url}: /metrics larger than {METRICS_LIMIT} bytes: not read")
+        return None
+    try:
+        return parse_activity(body.decode("utf-8", "replace"))
+    except ValueError as exc:
+        log.debug(f"{url}: {exc}")
+        return None
+
+
+def _ready_ip(pod: dict[str, Any]) -> str | None:
+    st = pod.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
+    ip = st.get("podIP")
+    return str(ip) if ready and ip and not (pod.get("metadata") or {}).get("deletionTimestamp") else None
+
+
+async def picker_url(kube: Kube, ns: str, name: str) -> str | None:
+    """The /metrics URL of the model's Ready picker pod, if one is."""
+    selector = ",".join(f"{k}={v}" for k, v in picker_labels(name).items())
+    try:
+        pods = await kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=selector)
+    except KubeError as exc:
+        log.debug(f"listing the picker of {ns}/{name}: {exc}")
+        return None
+    ip = next((ip for ip in map(_ready_ip, pods) if ip), None)
+    if ip is None:
+        return None
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{PICKER_METRICS_PORT}/metrics"
+
+
+class ZeroWatch:
+    """The loop's memory: each model's picker address (looked up again now and then, and after a failed read)."""
+
+    def __init__(self, state: OperatorState, kube: Kube) -> None:
+        self.state, self.kube = state, kube
+        self.urls: dict[tuple[str, str], tuple[str | None, float]] = {}
+
+    async def _url(self, key: tuple[str, str]) -> str | None:
+        url, at = self.urls.get(key, (None, 0.0))
+        if url is None or time.monotonic() - at > ADDRESS_TTL_S:
+            url = await picker_url(self.kube, *key)
+            self.urls[key] = (url, time.monotonic())
+        return url
+
+    async def look(self, session: aiohttp.ClientSession, key: tuple[str, str], body: dict[str, Any]) -> bool:
+        """Read one model's picker; True when it was marked for a reconcile."""
+        try:
+            spec = ModelDeploymentSpec.model_validate(body.get("spec") or {})
+        except ValidationError:
+            return False  # the reconcile reports it
+        seen = self.state.seen.get(key)
+        if seen is None or not applies(spec):
+            return False
+        url = await self._url(key)
+        activity = await read_activity(session, url) if url is not None else None
+        if activity is None:
+            self.urls.pop(key, None)
+            seen.activity = None
+            return False
+        now = time.time()
+        if busy(seen.activity, activity):
+            seen.last_busy = now
+        seen.activity = activity
+        if seen.scaled is not None:  # our own /scale write: the body may not show it yet
+            spec = spec.model_copy(update={"replicas": seen.scaled[1]})
+        ready = int((body.get("status") or {}).get("readyReplicas") or 0)
+        if should_look(spec, ready, activity, seen.last_busy, now):
+            self.state.mark_dirty(key)
+            return True
+        return False
+
+    async def tick(self, session: aiohttp.ClientSession) -> None:
+        keys = [
+            (key, body)
+            for key, body in list(self.state.bodies.items())
+            if ((body.get("spec") or {}).get("autoscaling") or {}).get("minReplicas") == 0
+        ]
+        for gone in set(self.urls) - {k for k, _ in keys}:
+            self.urls.pop(gone, None)
+        await asyncio.gather(*(self.look(session, key, body) for key, body in keys))
+
+
+async def zero_loop(state: OperatorState, kube: Kube | None = None, tick: float = POLL_S) -> None:
+    """The task kopf's startup starts beside the resync loop: one tick every ``tick`` seconds."""
+    watch = ZeroWatch(state, kube or get_client())
+    async with aiohttp.ClientSession() as session:
+        while True:
+            started = time.monotonic()
+            try:
+                await watch.tick(session)
+            except Exception as exc:  # noqa: BLE001 - one failed tick must not stop the loop
+                log.warning(f"scale-to-zero watch failed: {exc}")
+            await asyncio.sleep(max(0.0, tick - (time.monotonic() - started)))
+
+
+__all__ = ["ZeroWatch", "parse_activity", "picker_url", "read_activity", "zero_loop"]
