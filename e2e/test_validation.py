@@ -38,6 +38,8 @@ BAD_SPECS = [
     ("minContext-above-context", {"context": 4096, "minContext": 8192}, ["minContext must not exceed context"]),
     ("two-caches", {"modelCache": {"emptyDir": {}, "hostPath": {"path": "/models"}}}, ["at most one of emptyDir, pvc or hostPath"]),
     ("unknown-field", {"contextSize": 4096}, ['unknown field "spec.contextSize"']),
+    ("zero-without-picker", {"autoscaling": {"minReplicas": 0, "maxReplicas": 2}}, ["minReplicas 0 needs routing.mode InferencePool"]),
+    ("idle-too-short", {"routing": {"mode": "InferencePool"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "idleSeconds": 1}}, ["spec.autoscaling.idleSeconds", "greater than or equal to 10"]),
 ]  # fmt: skip
 
 
