@@ -279,17 +279,22 @@ def test_the_watch_wakes_a_model_at_zero_with_a_held_request(
     state.seen[key] = _Seen(at=1.0)
     state.bodies[key] = {"spec": {**ZERO, "replicas": 0}, "status": {"readyReplicas": 0}}
     kube = _Kube()
-    watch = ZeroWatch(state, kube)  # type: ignore[arg-type]
+    woken: list[Obj] = []
+
+    async def act(body: Obj, *_: Any) -> Obj:
+        woken.append(body)
+        return {}
+
+    watch = ZeroWatch(state, kube, act)  # type: ignore[arg-type]
 
     async def run() -> None:
         async with aiohttp.ClientSession() as session:
             await watch.tick(session)
-            assert state.seen[key].pods_dirty  # 4 held: reconcile now
+            assert woken == [state.bodies[key]]  # 4 held: reconciled at once, not after the resync's debounce
             assert state.seen[key].activity == Activity(served=9, failed=1, running=1, held=4)
-            state.seen[key].pods_dirty = False
             _Picker.body = "# empty\n"
             await watch.tick(session)
-            assert not state.seen[key].pods_dirty  # nothing held at zero: nothing to do
+            assert len(woken) == 1 and not state.seen[key].pods_dirty  # nothing held at zero: nothing to do
 
     try:
         asyncio.run(run())

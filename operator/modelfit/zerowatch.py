@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from .api import ModelDeploymentSpec
 from .kube import Kube, KubeError, get_client
-from .reconciler import OperatorState
+from .reconciler import ApiRetry, OperatorState, reconcile
 from .routing import PICKER_METRICS_PORT, picker_labels
 from .scaletozero import FAILED, HELD, POLL_S, RUNNING, SERVED, Activity, applies, busy, should_look
 
@@ -85,11 +86,19 @@ async def picker_url(kube: Kube, ns: str, name: str) -> str | None:
     return f"http://{host}:{PICKER_METRICS_PORT}/metrics"
 
 
-class ZeroWatch:
-    """The loop's memory: each model's picker address (looked up again now and then, and after a failed read)."""
+Reconcile = Callable[[dict[str, Any], logging.Logger, Kube, OperatorState], Awaitable[dict[str, Any]]]
 
-    def __init__(self, state: OperatorState, kube: Kube) -> None:
+
+class ZeroWatch:
+    """The loop's memory: each model's picker address (looked up again now and then, and after a failed read).
+
+    A held request at zero is reconciled at once (``act``: the reconciler, under its per-model lock), not through
+    the resync loop's debounce: every second there is a second the client waits. Going to zero can wait for it.
+    """
+
+    def __init__(self, state: OperatorState, kube: Kube, act: Reconcile | None = None) -> None:
         self.state, self.kube = state, kube
+        self.act: Reconcile = act or reconcile
         self.urls: dict[tuple[str, str], tuple[str | None, float]] = {}
 
     async def _url(self, key: tuple[str, str]) -> str | None:
@@ -121,10 +130,17 @@ class ZeroWatch:
         if seen.scaled is not None:  # our own /scale write: the body may not show it yet
             spec = spec.model_copy(update={"replicas": seen.scaled[1]})
         ready = int((body.get("status") or {}).get("readyReplicas") or 0)
-        if should_look(spec, ready, activity, seen.last_busy, now):
+        if not should_look(spec, ready, activity, seen.last_busy, now):
+            return False
+        if spec.replicas == 0:
+            try:
+                await self.act(self.state.bodies.get(key, body), log, self.kube, self.state)
+            except ApiRetry as exc:  # its condition is written; the resync loop retries
+                log.warning(f"waking {key[0]}/{key[1]}: {exc}")
+                self.state.mark_dirty(key)
+        else:
             self.state.mark_dirty(key)
-            return True
-        return False
+        return True
 
     async def tick(self, session: aiohttp.ClientSession) -> None:
         keys = [
