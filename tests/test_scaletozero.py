@@ -172,7 +172,8 @@ def test_decide_puts_an_idle_model_to_zero(make_node: Builder) -> None:
     ready = next(c for c in d.status.conditions if c.type == "Ready")
     assert (ready.status, ready.reason) == ("True", "ScaledToZero")
     assert d.status.plan is not None and d.status.plan.fits  # the plan stays in status
-    assert any("to zero after 60 s without a request" in r for r in d.status.plan.reasons)
+    line = next(r for r in d.status.plan.reasons if r.startswith("autoscaling "))
+    assert "to zero after 60 s without a request" in line and "every wake downloads the model" in line
 
 
 def test_decide_wakes_a_model_at_zero(make_node: Builder) -> None:

@@ -526,10 +526,17 @@ def _plan_record(
             f"plus deferred per pod), target {target:g} = parallel {parallel} x {a.target_utilization}%"
         )
         if scaletozero.applies(spec):
+            res = placement.result
+            cold = coldstart.predict(snap.loaded.size, spec, res.plan.load_mode, res.memory.kv_cache_bytes)
             line += (
                 f"; to zero after {a.idle_seconds} s without a request (the picker holds a request at zero while a "
-                f"pod starts: predicted {routing.cold_start_s(snap.loaded.size, spec, placement.result):.0f} s)"
+                f"pod starts: predicted {cold.seconds:.0f} s)"
             )
+            if cold.stages.get("fetch", 0.0) > 0:
+                line += (
+                    f"; every wake downloads the model ({cold.stages['fetch']:.0f} s of it): a hostPath modelCache "
+                    "under the admin's root keeps it on the node"
+                )
         plan.reasons = [*[x for x in plan.reasons if not x.startswith("autoscaling ")], line]
     return plan
 
