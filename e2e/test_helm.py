@@ -130,7 +130,11 @@ def test_helm_install_and_least_privilege(cluster, crd, operator_paused, pool, n
         for allowed, table in (("yes", MUST), ("no", MUST_NOT)):
             for verb, res, namespaced in table:
                 scope = ["-n", namespace] if namespaced else ["--all-namespaces"]
-                got = cluster.kubectl("auth", "can-i", verb, res, who, *scope, check=False).stdout.strip()
+                # kubectl reads TYPE/NAME: a subresource is asked with --subresource (else "serviceaccounts/token"
+                # would ask about a ServiceAccount named token)
+                kind, _, sub = res.partition("/")
+                scope += [f"--subresource={sub}"] if sub else []
+                got = cluster.kubectl("auth", "can-i", verb, kind, who, *scope, check=False).stdout.strip()
                 assert got == allowed, f"can-i {verb} {res}: {got}, want {allowed}"
         for scope in (["-n", "kube-system"], ["-n", SYSTEM_NS], ["--all-namespaces"]):
             got = cluster.kubectl("auth", "can-i", "get", "secrets", who, *scope, check=False).stdout.strip()

@@ -267,12 +267,15 @@ def test_requests_go_where_the_picker_says(
     busy.start()
     time.sleep(3)
     done_at: dict[str, float] = {}
+    took: list[float] = []
     for i in range(40):
         if not busy.is_alive():
             break
         tag = f"busy-{i}"
+        t = time.monotonic()
         assert edge.chat(tag, f"short {i}", "q")[0] == 200
         done_at[tag] = time.monotonic()
+        took.append(done_at[tag] - t)
     busy.join(timeout=600)
     assert ended, "the long generation failed"
     during = [t for t, at in done_at.items() if at < ended[0]]
@@ -281,7 +284,8 @@ def test_requests_go_where_the_picker_says(
     to_idle = sum(1 for t in during if seen[t][1] != busy_ip)
     print(
         f"\n[routing] long generation on {pods[busy_ip]} ({ended[0] - done_at.get('busy-0', ended[0]):.0f} s "
-        f"after the first short): {to_idle}/{len(during)} short requests went to the idle pod"
+        f"after the first short): {to_idle}/{len(during)} short requests went to the idle pod, each in "
+        f"{min(took):.2f}-{max(took):.2f} s"
     )
     assert len(during) >= 10, "the long generation ended too soon: the scenario proves nothing"
     assert to_idle >= 0.9 * len(during)

@@ -68,7 +68,13 @@ def test_an_idle_model_goes_to_zero_and_a_held_burst_wakes_it_once(
         done = (st.get("scaleToZero") or {}).get("state") == "Zero" and not _live_pods(real_node, ns)
         return got if done else None
 
-    obj = cluster.wait_for(at_zero, timeout=IDLE_S + 90, interval=1, what=f"{NAME} at zero")
+    try:
+        obj = cluster.wait_for(at_zero, timeout=IDLE_S + 90, interval=1, what=f"{NAME} at zero")
+    except TimeoutError:
+        said = [line for line in operator.log_tail(2000).splitlines() if "picker" in line or "zero" in line]
+        pickers = cluster.get_json("-n", ns, "pods", "-l", f"app.kubernetes.io/instance={NAME}-epp")["items"]
+        ips = [p["status"].get("podIP") for p in pickers]
+        raise AssertionError(f"not at zero; picker pods at {ips}; the operator said:\n" + "\n".join(said[-20:]))
     to_zero_s = time.monotonic() - last_request
     assert obj["spec"]["replicas"] == 0 and obj["status"]["plan"]["fits"]
     ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
@@ -90,11 +96,14 @@ def test_an_idle_model_goes_to_zero_and_a_held_burst_wakes_it_once(
     watcher = threading.Thread(target=watch_pods, daemon=True)
     watcher.start()
     results: dict[int, tuple[int, float]] = {}
+    bodies: dict[int, str] = {}
 
     def one(i: int) -> None:
         t = time.monotonic()
-        code, _ = edge.chat(f"wake-{i}", f"wake {i}", "q")
+        code, body = edge.chat(f"wake-{i}", f"wake {i}", "q")
         results[i] = (code, time.monotonic() - t)
+        if code != 200:
+            bodies[i] = body[:300]
 
     t0 = time.monotonic()
     burst = [threading.Thread(target=one, args=(i,)) for i in range(20)]
@@ -111,7 +120,7 @@ def test_an_idle_model_goes_to_zero_and_a_held_burst_wakes_it_once(
         f"{statistics.median(took):.1f} s, max {took[-1]:.1f} s; pods started {sorted(seen_pods)}; "
         f"burst wall {time.monotonic() - t0:.1f} s"
     )
-    assert codes == [200] * 20, results
+    assert codes == [200] * 20, (results, bodies)
     assert len(seen_pods) == 1, seen_pods  # one scale-up for the whole burst
     obj = cluster.get_json("-n", ns, "modeldeployment", NAME)
     st = obj["status"]["scaleToZero"]

@@ -254,6 +254,43 @@ needs_envoy = pytest.mark.skipif(
 )
 
 
+EPP = Path(os.environ.get("MODELFIT_CACHE") or Path.home() / ".cache" / "modelfit") / "bin" / "epp"
+needs_epp = pytest.mark.skipif(
+    not EPP.exists() and not os.environ.get("CI"), reason="the endpoint picker is not built (e2e/build.sh epp)"
+)
+
+
+@needs_epp
+@pytest.mark.parametrize("zero", [False, True], ids=["always-on", "may-go-to-zero"])
+def test_the_real_picker_loads_the_rendered_profile(tmp_path: Path, make_node: Builder, zero: bool) -> None:
+    """The GIE v1.5.0 picker itself parses and instantiates the profile (it refuses some plugin combinations at
+    load: its token-load scorer with the in-flight producer is one). No API server: it stops after loading."""
+    spec = {**ROUTED, "autoscaling": {"minReplicas": 0, "maxReplicas": 2}} if zero else ROUTED
+    config = named(routed(spec, make_node), "ConfigMap", "qwen-epp")["data"]["epp.yaml"]
+    (tmp_path / "epp.yaml").write_text(config)
+    (tmp_path / "kubeconfig").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "x", "cluster": {"server": f"https://127.0.0.1:{_free_port()}"}}],
+                "users": [{"name": "x", "user": {"token": "x"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "x", "user": "x"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    ports = [f"--grpc-port={_free_port()}", f"--grpc-health-port={_free_port()}", f"--metrics-port={_free_port()}"]
+    args = [str(EPP), "--pool-name=qwen", "--pool-namespace=default", f"--config-file={tmp_path / 'epp.yaml'}"]
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")}
+    proc = subprocess.run(
+        [*args, "--secure-serving=false", *ports], env=env, capture_output=True, text=True, timeout=60
+    )
+    out = proc.stdout + proc.stderr
+    assert "Failed to parse configuration" not in out, out[-3000:]
+    assert "loaded configuration from file/text successfully" in out, out[-3000:]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,11 +10,13 @@ import dataclasses
 import datetime
 import http.server
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from modelfit import scaletozero
@@ -23,7 +25,7 @@ from modelfit.decide import Decision, decide
 from modelfit.reconciler import OperatorState, _Seen
 from modelfit.scaletozero import Activity, busy, should_look, verdict
 from modelfit.settings import Settings
-from modelfit.zerowatch import ZeroWatch, parse_activity
+from modelfit.zerowatch import Unreadable, ZeroWatch, parse_activity, read_activity
 from test_decide import SMALL, snapshot
 from test_routing import named
 
@@ -194,6 +196,19 @@ def test_decide_leaves_a_model_alone_without_a_verdict(make_node: Builder) -> No
     assert plain.scale is None and plain.status.scale_to_zero is None
 
 
+def test_a_model_that_may_sleep_keeps_busy_pods_candidates(make_node: Builder) -> None:
+    """A wake releases every held request at once to the first pod, faster than the picker counts them in flight:
+    with the busy-pod filter all but the first got 429 on the real node."""
+    d = zero_decision(make_node, ZERO)
+    config = yaml.safe_load(named(d, "ConfigMap", "qwen-epp")["data"]["epp.yaml"])
+    assert {"pluginRef": "concurrency-detector"} not in config["schedulingProfiles"][0]["plugins"]
+    assert config["saturationDetector"] == {"pluginRef": "concurrency-detector"}  # the pool still fills up
+    assert d.status.plan is not None and any("A busy pod stays a candidate" in r for r in d.status.plan.reasons)
+    always = zero_decision(make_node, {**ZERO, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}})
+    config = yaml.safe_load(named(always, "ConfigMap", "qwen-epp")["data"]["epp.yaml"])
+    assert config["schedulingProfiles"][0]["plugins"][0] == {"pluginRef": "concurrency-detector"}
+
+
 def test_the_picker_admits_the_operator_to_its_metrics_for_a_model_that_may_sleep(make_node: Builder) -> None:
     settings = Settings(network_policy=True, operator_namespace="modelfit-system")
     d = zero_decision(make_node, ZERO, settings=settings)
@@ -239,6 +254,8 @@ def test_parse_activity_sums_the_pickers_series() -> None:
 
 
 class _Picker(http.server.BaseHTTPRequestHandler):
+    """A picker's /metrics: the body in 4 KiB writes with pauses, as a real one arrives (one read is not all)."""
+
     body = EPP_METRICS
 
     def do_GET(self) -> None:
@@ -246,7 +263,10 @@ class _Picker(http.server.BaseHTTPRequestHandler):
         self.send_response(200 if self.path == "/metrics" else 404)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        for i in range(0, len(data), 4096):
+            self.wfile.write(data[i : i + 4096])
+            self.wfile.flush()
+            time.sleep(0.001)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -327,6 +347,29 @@ def test_the_watch_puts_an_idle_model_to_sleep_and_ignores_other_models(
         _Picker.body = EPP_METRICS
     assert state.seen[idle].pods_dirty and not state.seen[other].pods_dirty
     assert len(kube.lists) == 1
+
+
+FILLER = "".join(
+    f'inference_pool_per_pod_queue_size{{model_server_pod="chat-{i}",name="chat"}} 0\n' for i in range(3000)
+)
+
+
+def test_the_whole_body_is_read_and_a_huge_one_refused(picker_server: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """About 200 KB arrive in many pieces (the real picker's go_* and histogram series: a first read got a part)."""
+    url = f"http://127.0.0.1:{picker_server}/metrics"
+
+    async def read() -> Activity:
+        async with aiohttp.ClientSession() as session:
+            return await read_activity(session, url)
+
+    _Picker.body = FILLER + EPP_METRICS + FILLER
+    try:
+        assert asyncio.run(read()) == Activity(served=9, failed=1, running=1, held=4)
+        monkeypatch.setattr("modelfit.zerowatch.METRICS_LIMIT", 100_000)
+        with pytest.raises(Unreadable, match="larger than 100000 bytes"):
+            asyncio.run(read())
+    finally:
+        _Picker.body = EPP_METRICS
 
 
 def test_an_unreadable_picker_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from . import coldstart
+from . import coldstart, scaletozero
 from .api import ModelDeploymentSpec
 from .facts import ModelFacts
 from .memory import MiB
@@ -63,6 +63,7 @@ class PickerProfile:
     prompt_tokens_per_s: float  # the predicted prompt speed the staleness comes from
     cold_start_s: float
     reasons: tuple[str, ...]
+    busy_filter: bool = True  # a pod with every slot busy is no candidate (not for a model that may go to zero)
 
 
 def active_weights(facts: ModelFacts) -> int:
@@ -137,7 +138,16 @@ def profile(facts: ModelFacts, result: PlanResult, model_bytes: int, spec: Model
         f"warm-up), {queued} at most; past the wait 503, past the count 429, each with Retry-After "
         f"{math.ceil(cold)} s from the edge",
     )
-    return PickerProfile(p.parallel, blocks, staleness, ttl, queued, speed, cold, reasons)
+    busy_filter = not scaletozero.applies(spec)
+    if not busy_filter:
+        reasons = (
+            f"routing: the pool is full at {p.parallel} requests per pod (counted by the picker itself); more wait at "
+            "the picker until a slot frees. A busy pod stays a candidate: the requests held while the model wakes "
+            "from zero are released at once to its first pod, faster than the picker counts them, and a busy-pod "
+            "filter would refuse all but the first (429)",
+            *reasons[1:],
+        )
+    return PickerProfile(p.parallel, blocks, staleness, ttl, queued, speed, cold, reasons, busy_filter)
 
 
 # ---- objects -------------------------------------------------------------------------------------
@@ -204,7 +214,9 @@ def picker_config(prof: PickerProfile) -> dict[str, Any]:
                 "plugins": [
                     # A pod with every slot busy is no candidate: the request waits in flow control for the first
                     # free slot anywhere, instead of in that pod's queue (scraped gauges lag a CPU pod's state).
-                    {"pluginRef": "concurrency-detector"},
+                    # Not when the model may go to zero: flow control releases the requests held during a wake
+                    # faster than the picker counts them, and the filter would answer all but the first with 429.
+                    *([{"pluginRef": "concurrency-detector"}] if prof.busy_filter else []),
                     {"pluginRef": "queue-scorer", "weight": 2},
                     {"pluginRef": "running-requests-size-scorer", "weight": 2},
                     {"pluginRef": "prefix-cache-scorer", "weight": 3},

@@ -43,25 +43,28 @@ def parse_activity(text: str) -> Activity:
     return Activity(served=sums[SERVED], failed=sums[FAILED], running=sums[RUNNING], held=sums[HELD])
 
 
-async def read_activity(session: aiohttp.ClientSession, url: str) -> Activity | None:
-    """One read of a picker's /metrics; None when it cannot be read or parsed (logged at debug: it is retried)."""
+class Unreadable(Exception):
+    """A picker's /metrics could not be read or parsed (the message says why)."""
+
+
+async def read_activity(session: aiohttp.ClientSession, url: str) -> Activity:
+    """One read of a picker's /metrics; ``Unreadable`` when it cannot be read or parsed."""
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S)) as resp:
             if resp.status != 200:
-                log.debug(f"{url}: HTTP {resp.status}")
-                return None
-            body = await resp.content.read(METRICS_LIMIT + 1)
+                raise Unreadable(f"HTTP {resp.status}")
+            chunks, size = [], 0
+            async for chunk in resp.content.iter_chunked(64 * 1024):  # to the end: one read returns what came
+                size += len(chunk)
+                if size > METRICS_LIMIT:
+                    raise Unreadable(f"/metrics larger than {METRICS_LIMIT} bytes")
+                chunks.append(chunk)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        log.debug(f"{url}: {type(exc).__name__}: {exc}")
-        return None
-    if len(body) > METRICS_LIMIT:
-        log.warning(f"{url}: /metrics larger than {METRICS_LIMIT} bytes: not read")
-        return None
+        raise Unreadable(f"{type(exc).__name__}: {exc}") from None
     try:
-        return parse_activity(body.decode("utf-8", "replace"))
+        return parse_activity(b"".join(chunks).decode("utf-8", "replace"))
     except ValueError as exc:
-        log.debug(f"{url}: {exc}")
-        return None
+        raise Unreadable(f"not Prometheus text: {exc}") from None
 
 
 def _ready_ip(pod: dict[str, Any]) -> str | None:
@@ -100,6 +103,7 @@ class ZeroWatch:
         self.state, self.kube = state, kube
         self.act: Reconcile = act or reconcile
         self.urls: dict[tuple[str, str], tuple[str | None, float]] = {}
+        self.readable: dict[tuple[str, str], bool] = {}  # logged when it changes, not every second
 
     async def _url(self, key: tuple[str, str]) -> str | None:
         url, at = self.urls.get(key, (None, 0.0))
@@ -118,7 +122,18 @@ class ZeroWatch:
         if seen is None or not applies(spec):
             return False
         url = await self._url(key)
-        activity = await read_activity(session, url) if url is not None else None
+        activity, why = None, "no Ready picker pod"
+        if url is not None:
+            try:
+                activity = await read_activity(session, url)
+            except Unreadable as exc:
+                why = f"{url}: {exc}"
+        if self.readable.get(key) != (activity is not None):
+            self.readable[key] = activity is not None
+            if activity is None:
+                log.warning(f"[{key[0]}/{key[1]}] cannot read its picker's metrics ({why}): it stays as it is")
+            else:
+                log.info(f"[{key[0]}/{key[1]}] reading its picker's metrics at {url}: {activity}")
         if activity is None:
             self.urls.pop(key, None)
             seen.activity = None
@@ -148,8 +163,9 @@ class ZeroWatch:
             for key, body in list(self.state.bodies.items())
             if ((body.get("spec") or {}).get("autoscaling") or {}).get("minReplicas") == 0
         ]
-        for gone in set(self.urls) - {k for k, _ in keys}:
+        for gone in (set(self.urls) | set(self.readable)) - {k for k, _ in keys}:
             self.urls.pop(gone, None)
+            self.readable.pop(gone, None)
         await asyncio.gather(*(self.look(session, key, body) for key, body in keys))
 
 
@@ -166,4 +182,4 @@ async def zero_loop(state: OperatorState, kube: Kube | None = None, tick: float 
             await asyncio.sleep(max(0.0, tick - (time.monotonic() - started)))
 
 
-__all__ = ["ZeroWatch", "parse_activity", "picker_url", "read_activity", "zero_loop"]
+__all__ = ["Unreadable", "ZeroWatch", "parse_activity", "picker_url", "read_activity", "zero_loop"]
