@@ -1,6 +1,7 @@
 """Scale to zero on the real node (issue 16, items 2 and 4): a routed ModelDeployment with autoscaling.minReplicas 0
 goes to zero pods after a shortened idle period, keeps its plan, picker and edge; 20 concurrent requests to it at
-zero are held by the picker (GIE v1.5.0 flow control), wake it with one scale-up, and are all answered. The
+zero are held by the picker (GIE v1.5.0 flow control), wake it with one scale-up, and are all answered. The model
+file is in a node cache (hostPath under the operator's allowed root), as the plan advises for such a model. The
 harness gives the picker's pod the host's network and the API server's address, as in the routing scenario; the
 operator reads the picker's /metrics at that pod's address.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from _realnode import RealNode, pinned
-from _support import REPO, md, wait_condition
+from _support import HOST_CACHE_ROOT, REPO, md, wait_condition
 from test_routing_realnode import NAME, Edge, shim_picker, small  # noqa: F401 - small is a fixture
 
 pytestmark = pytest.mark.realnode
@@ -51,6 +52,7 @@ def test_an_idle_model_goes_to_zero_and_a_held_burst_wakes_it_once(
         apiKeySecretRef={"name": "chat-key"},
         routing={"mode": "InferencePool"},
         autoscaling={"minReplicas": 0, "maxReplicas": 2, "idleSeconds": IDLE_S},
+        modelCache={"hostPath": {"path": str(HOST_CACHE_ROOT)}},  # the file stays on the node: a wake reads it
     )
     cluster.apply(md(NAME, ns, **spec))
     shim_picker(cluster, ns)
