@@ -324,6 +324,24 @@ def test_the_watch_wakes_a_model_at_zero_with_a_held_request(
     assert kube.lists == ["app.kubernetes.io/name=endpoint-picker,app.kubernetes.io/instance=qwen-epp"]  # cached
 
 
+def test_a_failed_wake_is_left_to_the_resync_loop(picker_server: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("modelfit.zerowatch.PICKER_METRICS_PORT", picker_server)
+    state = OperatorState()
+    key = ("default", "qwen")
+    state.seen[key] = _Seen(at=1.0)
+    state.bodies[key] = {"spec": {**ZERO, "replicas": 0}, "status": {}}
+
+    async def act(*_: Any) -> Obj:
+        raise RuntimeError("the API server went away")
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            await ZeroWatch(state, _Kube(), act).tick(session)  # type: ignore[arg-type]
+
+    asyncio.run(run())  # no exception out of the tick
+    assert state.seen[key].pods_dirty  # 4 held: the resync loop tries again
+
+
 def test_the_watch_puts_an_idle_model_to_sleep_and_ignores_other_models(
     picker_server: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:

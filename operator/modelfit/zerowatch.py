@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from .api import ModelDeploymentSpec
 from .kube import Kube, KubeError, get_client
-from .reconciler import ApiRetry, OperatorState, reconcile
+from .reconciler import OperatorState, reconcile
 from .routing import PICKER_METRICS_PORT, picker_labels
 from .scaletozero import FAILED, HELD, POLL_S, RUNNING, SERVED, Activity, applies, busy, should_look
 
@@ -150,7 +150,7 @@ class ZeroWatch:
         if spec.replicas == 0:
             try:
                 await self.act(self.state.bodies.get(key, body), log, self.kube, self.state)
-            except ApiRetry as exc:  # its condition is written; the resync loop retries
+            except Exception as exc:  # noqa: BLE001 - (ApiRetry: its condition is written) the resync loop retries
                 log.warning(f"waking {key[0]}/{key[1]}: {exc}")
                 self.state.mark_dirty(key)
         else:
@@ -166,7 +166,13 @@ class ZeroWatch:
         for gone in (set(self.urls) | set(self.readable)) - {k for k, _ in keys}:
             self.urls.pop(gone, None)
             self.readable.pop(gone, None)
-        await asyncio.gather(*(self.look(session, key, body) for key, body in keys))
+        for (key, _), out in zip(
+            keys,
+            await asyncio.gather(*(self.look(session, k, b) for k, b in keys), return_exceptions=True),
+            strict=True,
+        ):
+            if isinstance(out, Exception):  # one model's failure is logged; the others were looked at
+                log.warning(f"[{key[0]}/{key[1]}] scale-to-zero watch failed: {out}")
 
 
 async def zero_loop(state: OperatorState, kube: Kube | None = None, tick: float = POLL_S) -> None:
