@@ -8,6 +8,7 @@ operator reads the picker's /metrics at that pod's address.
 
 from __future__ import annotations
 
+import datetime
 import statistics
 import threading
 import time
@@ -27,6 +28,30 @@ IDLE_S = 20
 
 def _live_pods(real_node: RealNode, ns: str) -> list[dict[str, Any]]:
     return [p for p in real_node.pods(ns, NAME) if not p["metadata"].get("deletionTimestamp")]
+
+
+def _stages(pod: dict[str, Any], since: float) -> str:
+    """Seconds from ``since`` (wall) to the woken pod's creation, scheduling, init containers done (the model file
+    verified), llama-server started and Ready."""
+
+    def at(stamp: str | None) -> str:
+        if not stamp:
+            return "?"
+        t = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        return f"{max(t - since, 0.0):.0f}"  # whole seconds: a stamp of the burst's own second reads 0
+
+    st = pod["status"]
+    cond = {c["type"]: c.get("lastTransitionTime") for c in st.get("conditions") or []}
+    inits = [
+        (c.get("state") or {}).get("terminated", {}).get("finishedAt") for c in st.get("initContainerStatuses") or []
+    ]
+    server = next((c for c in st.get("containerStatuses") or [] if c["name"] == "llama-server"), {})
+    started = ((server.get("state") or {}).get("running") or {}).get("startedAt")
+    return (
+        f"created {at(pod['metadata']['creationTimestamp'])}, scheduled {at(cond.get('PodScheduled'))}, "
+        f"init done {at(max((x for x in inits if x), default=None))}, llama-server started {at(started)}, "
+        f"Ready {at(cond.get('Ready'))}"
+    )
 
 
 def test_an_idle_model_goes_to_zero_and_a_held_burst_wakes_it_once(
@@ -107,7 +132,7 @@ def test_an_idle_model_goes_to_zero_and_a_held_burst_wakes_it_once(
         if code != 200:
             bodies[i] = body[:300]
 
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     burst = [threading.Thread(target=one, args=(i,)) for i in range(20)]
     for th in burst:
         th.start()
@@ -128,6 +153,9 @@ def test_an_idle_model_goes_to_zero_and_a_held_burst_wakes_it_once(
     st = obj["status"]["scaleToZero"]
     assert st["state"] == "Active" and st["wakes"] == wakes_before + 1, st
     assert obj["spec"]["replicas"] == 1
+    (woken,) = [p for p in real_node.pods(ns, NAME) if p["metadata"]["name"] in seen_pods]
+    print(f"[zero] the wake by stage, from the burst (API timestamps: whole seconds): {_stages(woken, wall0)}")
+    print(f"[zero] first answer {took[0]:.1f} s after the burst")
     measured = obj["status"].get("coldStart", {})
     print(
         f"[zero] cold start predicted {measured.get('predictedSeconds')} s (warm page cache "

@@ -178,6 +178,23 @@ def test_decide_puts_an_idle_model_to_zero(make_node: Builder) -> None:
     assert "to zero after 60 s without a request" in line and "every wake downloads the model" in line
 
 
+def test_a_model_that_may_go_to_zero_gets_a_one_second_startup_probe(make_node: Builder) -> None:
+    """A held request waits on every start of such a model: its probe looks every second, the load's budget the
+    same, and the predicted cold start's probe stage says so."""
+    zero = zero_decision(make_node, ZERO)
+    always = zero_decision(make_node, {**ZERO, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}})
+
+    def startup(d: Decision) -> Obj:
+        pod = named(d, "Deployment", "qwen")["spec"]["template"]["spec"]
+        return next(c for c in pod["containers"] if c["name"] == "llama-server")["startupProbe"]
+
+    fast, slow = startup(zero), startup(always)
+    assert (fast["periodSeconds"], slow["periodSeconds"]) == (1, 2)
+    assert fast["failureThreshold"] * 1 == slow["failureThreshold"] * 2
+    assert zero.status.cold_start is not None and zero.status.cold_start.stages.probe == 1
+    assert always.status.cold_start is not None and always.status.cold_start.stages.probe == 2
+
+
 def test_decide_wakes_a_model_at_zero(make_node: Builder) -> None:
     old = ModelDeploymentStatus(scale_to_zero=ScaleToZeroStatus(state="Zero", since="2027-01-15T07:00:00Z", wakes=2))
     d = zero_decision(make_node, {**ZERO, "replicas": 0}, old=old, activity=Activity(held=3), last_busy=NOW)

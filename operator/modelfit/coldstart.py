@@ -15,7 +15,8 @@ what ``status.coldStart`` shows beside the last measured one. Its stages, from t
 - load: llama-server reads (``--load-mode none``) or maps the weights and repacks them, from the page cache the
   verify just filled (a model on its own PVC is not verified: the load reads it from disk);
 - warmup: llama-server's context (the KV cache is cleared) and its warm-up run, until it listens;
-- probe: the kubelet sees it at the startup probe's next look, at most ``STARTUP_PERIOD_S`` later.
+- probe: the kubelet sees it at the startup probe's next look, at most ``startup_period`` later (1 s for a model
+  that may go to zero, else 2 s).
 
 The speeds were measured on this project's CI machine kind (see the constants); a node with a faster disk or more
 cores starts sooner.
@@ -31,6 +32,8 @@ from .api import ColdStartStages, ColdStartStatus, ModelDeploymentSpec
 
 # The llama-server container's startup probe period (render.py): Ready at most this long after the load.
 STARTUP_PERIOD_S = 2
+# A model that may go to zero has a client waiting on every start: its startup probe looks every second.
+ZERO_STARTUP_PERIOD_S = 1
 # Measured on this project's CI machine kind (2 vCPUs of an AMD EPYC, virtio disk, 23 GiB; llama.cpp b11434, its
 # CPU build): bench runs of llama-server against synth models with the file evicted (POSIX_FADV_DONTNEED) or in the
 # page cache, and pods of the real-node e2e (containerd, kubelet v1.35.4). The e2e's downloader is Debian's busybox
@@ -97,6 +100,13 @@ def place(spec: ModelDeploymentSpec) -> Place:
     return "download"
 
 
+def startup_period(spec: ModelDeploymentSpec) -> int:
+    """The llama-server container's startup probe period (render.py): 1 s for a model that may go to zero
+    (autoscaling.minReplicas 0: a held request waits on every start), else 2 s."""
+    a = spec.autoscaling
+    return ZERO_STARTUP_PERIOD_S if a is not None and a.min_replicas == 0 else STARTUP_PERIOD_S
+
+
 def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none", kv_bytes: int = 0) -> ColdStart:
     """The predicted cold start of a new pod of ``spec`` for a file of ``model_bytes`` (see the module docstring):
     ``load_mode`` is the plan's (``--load-mode``), ``kv_bytes`` its KV cache (cleared at start)."""
@@ -119,7 +129,7 @@ def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none"
         "verify": verify,
         "load": load,
         "warmup": warmup,
-        "probe": float(STARTUP_PERIOD_S),
+        "probe": float(startup_period(spec)),
     }
     fetched = {
         "download": f"fetch: {gb:.2f} GB at {DOWNLOAD_BYTES_PER_S / 1e6:.0f} MB/s (no node cache: every new pod "
@@ -141,7 +151,7 @@ def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none"
         f"load: {gb:.2f} GB at {speed / 1e9:g} GB/s (--load-mode {load_mode}, from the page cache"
         + (f"; read from disk at {DISK_BYTES_PER_S / 1e9:g} GB/s first)" if where == "volume" else ")"),
         f"warmup: context ({kv_bytes / 1e9:.2f} GB of KV cache cleared) and llama-server's warm-up run",
-        f"probe: the startup probe looks every {STARTUP_PERIOD_S} s",
+        f"probe: the startup probe looks every {startup_period(spec)} s",
     )
     cold_read = disk + (verify - model_bytes / HASH_BYTES_PER_S if where == "node" else 0.0)
     return ColdStart(stages, sum(stages.values()) - cold_read, reasons)
@@ -195,10 +205,12 @@ def status(prediction: ColdStart, pods: list[dict[str, Any]], old: ColdStartStat
 
 __all__ = [
     "STARTUP_PERIOD_S",
+    "ZERO_STARTUP_PERIOD_S",
     "ColdStart",
     "Measured",
     "measured",
     "place",
     "predict",
+    "startup_period",
     "status",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 from . import api, catalog
 from .api import ModelDeploymentSpec
 from .cache import host_cache_dir
-from .coldstart import STARTUP_PERIOD_S
+from .coldstart import STARTUP_PERIOD_S, startup_period
 from .download import DIGEST_DIR, DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
 from .nodes import GPU_RESOURCES, GiB, MiB, format_memory, parse_quantity
@@ -397,8 +397,9 @@ def _server_container(
         "resources": _resources(placement, spec, honour_memory_override),
         "startupProbe": {
             **probe(),
-            "periodSeconds": STARTUP_PERIOD_S,  # Ready within 2 s of the load (coldstart: the probe stage)
-            "failureThreshold": startup_failure_threshold(model.size_bytes),
+            # Ready within a period of the load (coldstart: the probe stage); the load's budget stays the same
+            "periodSeconds": startup_period(spec),
+            "failureThreshold": startup_failure_threshold(model.size_bytes, startup_period(spec)),
         },
         "readinessProbe": {**probe(), "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**probe(), "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 6},
