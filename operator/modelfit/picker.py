@@ -284,8 +284,8 @@ def pods_service(md_meta: dict[str, Any]) -> dict[str, Any]:
 def picker_network_policy(md_meta: dict[str, Any], spec: ModelDeploymentSpec, settings: Settings) -> dict[str, Any]:
     """The picker's pod: the edge port from anywhere (it checks the key), the picker's gRPC from the admin's
     namespaces (an External gateway), its metrics from the admin's namespaces and, for a model that may go to zero,
-    the operator's; egress to the API server and the
-    pods is left open (the API server's address is the cluster's to know)."""
+    the operator's; egress to the API server and the pods is left open (the API server's address is the cluster's
+    to know)."""
     admin = [
         {"namespaceSelector": {"matchLabels": {k: v}}}
         for k, _, v in (label.partition("=") for label in settings.network_policy_ingress_namespaces)
