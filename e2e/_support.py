@@ -121,6 +121,12 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     return {}
 
 
+def serve_inference_pool_crd(cluster: Any) -> None:
+    """The Gateway API Inference Extension's InferencePool CRD (GIE v1.5.0), applied and Established."""
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "e2e" / "inferencepool-crd.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io")
+
+
 def wait_condition(
     cluster: Any,
     namespace: str,

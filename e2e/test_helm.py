@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _support import REPO, Operator, md, wait_condition
+from _support import REPO, Operator, md, serve_inference_pool_crd, wait_condition
 
 SYSTEM_NS = "modelfit-system"
 RELEASE = "modelfit"
@@ -100,8 +100,7 @@ def test_helm_install_and_least_privilege(cluster, crd, operator_paused, pool, n
     pool.add("sys", cpu="4", memory="8Gi")
     # `kubectl auth can-i` finds a resource by discovery: the InferencePool rows need its CRD served
     # (the RBAC rules themselves do not), as on a cluster with the inference extension.
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "e2e" / "inferencepool-crd.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io")
+    serve_inference_pool_crd(cluster)
     try:
         # Secrets only where the values say (issue 17: it could get every Secret in the cluster).
         access = f"--set 'secretAccess.namespaces[0]={namespace}'"

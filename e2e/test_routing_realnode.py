@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from _realnode import RealNode, http, pinned
-from _support import REPO, free_port, md, wait_condition
+from _support import free_port, md, serve_inference_pool_crd, wait_condition
 from modelfit_dev.synth import ensure_model
 
 pytestmark = pytest.mark.realnode
@@ -208,26 +208,31 @@ def shim_picker(cluster: Any, ns: str, name: str = NAME) -> None:
     cluster.kubectl("-n", ns, "patch", "deploy", f"{name}-epp", "--field-manager=e2e-node-shim", "-p", json.dumps(shim))
 
 
+def apply_routed(cluster: Any, ns: str, model_server: Any, model: Path, **spec: Any) -> str:
+    """The InferencePool CRD served, an API key, ``model`` served to the node, and a routed ModelDeployment ``NAME``
+    of it (``spec`` adds to or overrides the shared one), its picker given what this node lacks; returns the key."""
+    serve_inference_pool_crd(cluster)
+    key = uuid.uuid4().hex
+    cluster.kubectl("-n", ns, "create", "secret", "generic", "chat-key", f"--from-literal=api-key={key}")
+    url = model_server.serve(f"/{ns}/{model.name}", model)
+    base = {
+        "model": {"url": url},
+        "context": 4096,
+        "threads": 1,
+        "resources": {"requests": {"cpu": "600m"}},  # two pods and the picker's on a 2-CPU node
+        "apiKeySecretRef": {"name": "chat-key"},
+        "routing": {"mode": "InferencePool"},
+    }
+    cluster.apply(md(NAME, ns, **pinned(**{**base, **spec})))
+    shim_picker(cluster, ns)
+    return key
+
+
 def test_requests_go_where_the_picker_says(
     cluster: Any, operator: Any, real_node: RealNode, model_server: Any, ns: str, small: Path, tmp_path: Path
 ) -> None:
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "e2e" / "inferencepool-crd.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io")
-    key = uuid.uuid4().hex
-    cluster.kubectl("-n", ns, "create", "secret", "generic", "chat-key", f"--from-literal=api-key={key}")
-    url = model_server.serve(f"/{ns}/{small.name}", small)
-    spec = pinned(
-        model={"url": url},
-        context=4096,
-        threads=1,
-        replicas=2,
-        resources={"requests": {"cpu": "600m"}},  # two pods and the picker's on a 2-CPU node
-        apiKeySecretRef={"name": "chat-key"},
-        routing={"mode": "InferencePool"},
-    )
     t0 = time.monotonic()
-    cluster.apply(md(NAME, ns, **spec))
-    shim_picker(cluster, ns)
+    key = apply_routed(cluster, ns, model_server, small, replicas=2)
     obj = wait_condition(cluster, ns, NAME, "Ready", timeout=300, operator=operator)
     assert obj["status"]["routing"]["pool"] == NAME
     reasons = [r for r in obj["status"]["plan"]["reasons"] if r.startswith("routing: ")]

@@ -12,15 +12,14 @@ import datetime
 import statistics
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from _realnode import RealNode, pinned
-from _support import HOST_CACHE_ROOT, REPO, md, wait_condition
-from test_routing_realnode import NAME, Edge, shim_picker, small  # noqa: F401 - small is a fixture
+from _realnode import RealNode
+from _support import HOST_CACHE_ROOT, wait_condition
+from test_routing_realnode import NAME, Edge, apply_routed, small  # noqa: F401 - small is a fixture
 
 pytestmark = pytest.mark.realnode
 IDLE_S = 20
@@ -62,25 +61,16 @@ def test_an_idle_model_goes_to_zero_and_a_held_burst_wakes_it_once(
     ns: str,
     small: Path,  # noqa: F811
 ) -> None:
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "e2e" / "inferencepool-crd.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io")
-    key = uuid.uuid4().hex
-    cluster.kubectl("-n", ns, "create", "secret", "generic", "chat-key", f"--from-literal=api-key={key}")
-    url = model_server.serve(f"/{ns}/{small.name}", small)
-    spec = pinned(
-        model={"url": url},
-        context=4096,
-        threads=1,
+    key = apply_routed(
+        cluster,
+        ns,
+        model_server,
+        small,
         parallel=2,
         replicas=1,
-        resources={"requests": {"cpu": "600m"}},
-        apiKeySecretRef={"name": "chat-key"},
-        routing={"mode": "InferencePool"},
         autoscaling={"minReplicas": 0, "maxReplicas": 2, "idleSeconds": IDLE_S},
         modelCache={"hostPath": {"path": str(HOST_CACHE_ROOT)}},  # the file stays on the node: a wake reads it
     )
-    cluster.apply(md(NAME, ns, **spec))
-    shim_picker(cluster, ns)
     obj = wait_condition(cluster, ns, NAME, "Ready", timeout=300, operator=operator)
     assert obj["status"]["scaleToZero"]["state"] == "Active"
     cluster.kubectl("-n", ns, "rollout", "status", f"deploy/{NAME}-epp", "--timeout=180s", timeout=200)
