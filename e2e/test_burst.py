@@ -14,7 +14,7 @@ from _support import condition, md
 
 MODELS = 20
 NODES = 4
-SETTLE_S = 90.0  # every model has its Deployment and pod within this
+SETTLE_S = 150.0  # every model has its Deployment and pod within this (90 s was missed once on 2 loaded cores)
 WATCH_S = 20.0  # then a few resync ticks (5 s each, and re-plans of refused pods) to see it holds
 
 
@@ -75,7 +75,16 @@ def test_a_burst_larger_than_the_cluster(cluster, operator, pool, namespace):
         mds, pods, deploys = look()
         missing = [n for n in names if n not in deploys or not pods.get(n)]
         words = {n: condition(mds.get(n), "Planned") for n in missing[:5]}
-        raise TimeoutError(f"{exc}\nwithout Deployment or pod: {missing}\n{words}\n{operator.log_tail()}") from None
+        # with a Deployment and a pod, but not one pod, or one neither scheduled nor refused by the scheduler yet
+        unsettled = {
+            n: [(p["metadata"]["name"], p["spec"].get("nodeName"), p["status"].get("conditions")) for p in pods[n]]
+            for n in names
+            if n not in missing
+            and not (len(pods[n]) == 1 and (pods[n][0]["spec"].get("nodeName") or _refused(pods[n][0])))
+        }
+        raise TimeoutError(
+            f"{exc}\nwithout Deployment or pod: {missing}\n{words}\nunsettled: {unsettled}\n{operator.log_tail()}"
+        ) from None
     t_settled = time.monotonic() - t0
     assert not never_eligible, never_eligible
 
