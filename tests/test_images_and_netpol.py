@@ -237,6 +237,7 @@ def test_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
             "--allowed-image-registry=ghcr.io/ggml-org",
             "--network-policy",
             "--network-policy-ingress-namespace-label=kubernetes.io/metadata.name=monitoring",
+            "--gateway-namespace=gw",
         )
     )
     assert got == Settings(
@@ -246,6 +247,7 @@ def test_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         allowed_image_registries=("registry.example.com", "ghcr.io/ggml-org"),
         network_policy=True,
         network_policy_ingress_namespaces=("kubernetes.io/metadata.name=monitoring",),
+        gateway_namespace="gw",
     )
     with pytest.raises(ValueError, match=r"operator settings: .*--server-image 'cpu' is not BACKEND=IMAGE"):
         settings_of(run_args("--server-image=cpu"))
@@ -327,6 +329,21 @@ def test_ingress_is_the_model_port_from_its_namespace_and_the_admins_namespaces(
     ]
     only_own = netpol(rendered(Settings(network_policy=True)))["spec"]["ingress"]
     assert only_own == [{"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": 8080}]}]
+
+
+def test_the_shared_gateways_pods_and_only_they_reach_every_model_from_their_namespace() -> None:
+    """``--gateway-namespace`` (the chart sets it with gateway.enabled): the gateway's pods there, not the whole
+    namespace (the operator's own, say); a name that is not a namespace's is refused at start."""
+    (rule,) = netpol(rendered(Settings(network_policy=True, gateway_namespace="modelfit-system")))["spec"]["ingress"]
+    assert rule["from"][-1] == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "modelfit-system"}},
+        "podSelector": {
+            "matchLabels": {"app.kubernetes.io/component": "gateway", "app.kubernetes.io/part-of": "modelfit"}
+        },
+    }
+    for bad in ("", "Bad_NS", "a" * 64, "x,y"):
+        with pytest.raises(ValueError):
+            Settings(gateway_namespace=bad)
 
 
 def test_egress_is_dns_and_the_download_to_what_the_operator_may_reach() -> None:

@@ -152,6 +152,11 @@ def _node_affinity_problem(affinity: dict[str, Any]) -> str | None:
     return None
 
 
+# A model name as OpenAI clients send it ("qwen3.5-0.8b", "org/model:q4_0"): the gateway matches it exactly.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$"
+ModelAlias = Annotated[str, Field(min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
@@ -572,6 +577,12 @@ class ModelDeploymentSpec(_Model):
     model_cache: ModelCache | None = Field(default=None, description="Where the downloaded model is kept.")
     service: ServiceSpec | None = Field(default=None, description="The Service in front of the pods.")
     routing: Routing | None = Field(default=None, description="How requests reach the pods (Service or InferencePool).")
+    aliases: list[ModelAlias] | None = Field(
+        default=None,
+        max_length=8,
+        description="More names the shared gateway routes to this model (the body's model field), beside the "
+        "ModelDeployment's own name; a name or alias another model already serves there is not taken over.",
+    )
     adapt: bool = Field(
         default=False,
         description="May the operator shrink the context, quantize the KV cache or change backend to fit a node.",

@@ -49,6 +49,7 @@ from .cli_options import (
 )
 from .crd import register as register_crd
 from .facts import ModelFacts
+from .gatewaysync import register as register_gateway
 from .gguf_reader import GGUFError
 from .host import host_facts
 from .nodes import PROFILES, GiB, MiB, NodeFacts, profile
@@ -517,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_values(sub)
     register_crd(sub)
     register_run(sub)
+    register_gateway(sub)
     return ap
 
 

@@ -24,7 +24,7 @@ from .download import DIGEST_DIR, DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
 from .nodes import GPU_RESOURCES, GiB, MiB, format_memory, parse_quantity
 from .placement import Placement
-from .routing import picker_labels
+from .routing import GATEWAY_LABELS, picker_labels
 from .settings import DEFAULT as DEFAULT_SETTINGS
 from .settings import REF_FORMS, REFUSED_NETWORKS, Settings, image_name, pinned
 
@@ -665,6 +665,13 @@ def network_policy(
     for label in settings.network_policy_ingress_namespaces:
         key, _, value = label.partition("=")
         peers.append({"namespaceSelector": {"matchLabels": {key: value}}})
+    if settings.gateway_namespace and not behind_picker:  # behind a picker the gateway reaches the edge instead
+        peers.append(
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.gateway_namespace}},
+                "podSelector": {"matchLabels": dict(GATEWAY_LABELS)},
+            }
+        )
     egress: list[dict[str, Any]] = []
     if not model.pvc_claim:
         dns = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]

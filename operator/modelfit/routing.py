@@ -36,6 +36,8 @@ HEALTH_PORT = 9003  # gRPC health
 PICKER_METRICS_PORT = 9090
 EDGE_PORT = 8081  # Envoy's listener (the Service's http port leads here)
 EDGE_ADMIN_PORT = 19000  # loopback only
+# The shared gateway's pods (the chart's gateway.yaml labels them so): the models' NetworkPolicies admit them
+GATEWAY_LABELS = {"app.kubernetes.io/component": "gateway", "app.kubernetes.io/part-of": "modelfit"}
 PICKER_UID = 65532
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 

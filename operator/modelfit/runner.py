@@ -113,6 +113,7 @@ def settings(args: argparse.Namespace) -> Settings:
                 args.network_policy_ingress_namespace_label, "MODELFIT_NETWORK_POLICY_INGRESS_NAMESPACE_LABELS"
             ),
             operator_namespace=os.environ.get("POD_NAMESPACE") or None,
+            gateway_namespace=args.gateway_namespace or os.environ.get("MODELFIT_GATEWAY_NAMESPACE") or None,
         )
     except ValueError as exc:
         raise ValueError(f"operator settings: {exc}") from exc
@@ -225,6 +226,12 @@ def register(sub: Any) -> None:
         help="with --network-policy, pods of the namespaces with this label may reach the models too (a gateway, "
         "Prometheus: kubernetes.io/metadata.name=monitoring); repeatable "
         "($MODELFIT_NETWORK_POLICY_INGRESS_NAMESPACE_LABELS)",
+    )
+    sp.add_argument(
+        "--gateway-namespace",
+        metavar="NAMESPACE",
+        help="with --network-policy, the shared gateway's pods of this namespace (the chart's, gateway.enabled) may "
+        "reach every model ($MODELFIT_GATEWAY_NAMESPACE)",
     )
     sp.add_argument(
         "--leader-elect",

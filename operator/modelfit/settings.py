@@ -11,7 +11,7 @@ import ipaddress
 import posixpath
 import re
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Never a cache root, whatever the admin says: the node's own system directories.
 FORBIDDEN_ROOTS = ("/", "/etc", "/proc", "/sys", "/dev", "/boot", "/bin", "/sbin", "/usr", "/lib", "/root", "/run")
@@ -97,6 +97,9 @@ class Settings(BaseModel):
     edge_image: str | None = None  # the standalone Envoy's image (None: routing.EDGE_IMAGE); never a tenant's
     network_policy_ingress_namespaces: tuple[str, ...] = ()  # "key=value": namespaces whose pods may reach models
     operator_namespace: str | None = None  # where the operator runs (POD_NAMESPACE): it reads the pickers' metrics
+    gateway_namespace: str | None = Field(  # the shared gateway's namespace: its pods reach every model
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+    )
 
     @field_validator("host_path_roots")
     @classmethod

@@ -160,3 +160,42 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/*
+The shared gateway's labels: component gateway, part-of modelfit (the models' NetworkPolicies admit these pods of
+the release's namespace; modelfit.routing.GATEWAY_LABELS says the same).
+*/}}
+{{- define "modelfit.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "modelfit.name" . }}-gateway
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "modelfit.gatewayLabels" -}}
+helm.sh/chart: {{ include "modelfit.chart" . }}
+{{ include "modelfit.gatewaySelectorLabels" . }}
+app.kubernetes.io/version: {{ include "modelfit.imageTag" . | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: gateway
+app.kubernetes.io/part-of: modelfit
+{{- end }}
+
+{{/*
+What the gateway reads: the ModelDeployments and their Services' EndpointSlices. No Secret: a model with its own
+key checks it itself.
+*/}}
+{{- define "modelfit.gatewayRules" -}}
+- apiGroups: ["modelfit.io"]
+  resources: ["modeldeployments"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+
+{{- define "modelfit.gatewayContainerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+{{- end }}

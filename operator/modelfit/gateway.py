@@ -1,0 +1,537 @@
+"""The shared gateway: one OpenAI endpoint for every ModelDeployment it serves. Pure: no I/O.
+
+The data path is Envoy with the Gateway API Inference Extension's body-based router (BBR, ext_proc) beside it:
+BBR copies the body's ``model`` into ``x-gateway-model-name`` and Envoy routes on that header to the model's
+own Service endpoints (the llama-server pods, or the model's edge when a picker fronts them: its picker holds a
+request while the model is at zero). Nothing hand-written sits on the steady-state path; two Lua filters only
+check keys, answer what no model serves, and shape plain-text errors as OpenAI's.
+
+``table`` reads ModelDeployments and EndpointSlices into who serves which name; ``cds``, ``rds`` and
+``bootstrap`` render Envoy's configuration from it (file-based xDS: ``gatewaysync`` writes the files, Envoy
+takes them without a restart). A gateway never reads a tenant's Secret: a model with its own apiKeySecretRef
+checks its key itself (the request's key passes through); the gateway's own key guards the others.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from .api import ModelDeploymentSpec
+from .routing import dump_yaml
+
+GATEWAY_PORT = 8088  # Envoy's listener (the gateway Service's port)
+GATEWAY_ADMIN_PORT = 19001  # loopback only
+BBR_GRPC_PORT = 9104  # BBR's ext_proc, loopback
+BBR_HEALTH_PORT = 9105
+BBR_METRICS_PORT = 9106
+MODEL_HEADER = "x-gateway-model-name"  # what BBR writes (X-Gateway-Model-Name)
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+INFERENCE_REGEX = "^/v1/(chat/completions|completions|embeddings)$"
+MAX_BODY_BYTES = 8 * 2**20  # a request body BBR reads whole (BUFFERED); larger gets 413
+XDS_DIR = "/xds"
+CDS_FILE = "cds.yaml"
+RDS_FILE = "rds.yaml"
+BOOTSTRAP_FILE = "envoy.yaml"
+ROUTE_CONFIG = "gateway"
+LUA_FRONT = "modelfit.gateway.front"
+LUA_CHECK = "modelfit.gateway.check"
+KEY_ENV = "MODELFIT_GATEWAY_API_KEY"
+JSON_TYPE = "application/json; charset=utf-8"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=modelfit"
+
+
+@dataclass(frozen=True)
+class Served:
+    """One ModelDeployment the gateway routes to: the names it answers to, its state, its Service's endpoints."""
+
+    namespace: str
+    name: str
+    ids: tuple[str, ...]  # its own name first, then each alias it holds
+    state: str  # Ready, Zero (scaled to zero: a request wakes it) or NotReady
+    own_key: bool  # apiKeySecretRef set: the model checks the key itself
+    endpoints: tuple[tuple[str, int], ...]
+    created: int  # seconds since the epoch
+
+    @property
+    def cluster(self) -> str:
+        return f"md_{self.namespace}_{self.name}"
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A name the gateway does not route to this model, and why (another model holds it; a spec it cannot read)."""
+
+    namespace: str
+    name: str
+    model: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Table:
+    models: tuple[Served, ...] = ()
+    refused: tuple[Refused, ...] = field(default=())
+
+    def owner(self, model: str) -> Served | None:
+        return next((s for s in self.models if model in s.ids), None)
+
+
+def _epoch(ts: str | None) -> int:
+    if not ts:
+        return 0
+    try:
+        return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+def _state(status: Mapping[str, Any]) -> str:
+    if (status.get("scaleToZero") or {}).get("state") == "Zero":
+        return "Zero"
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return "Ready" if ready else "NotReady"
+
+
+def _endpoints(slices: Iterable[Mapping[str, Any]], namespace: str, name: str) -> tuple[tuple[str, int], ...]:
+    """The ready addresses of the Service ``name``'s EndpointSlices, at their port named http (else the first)."""
+    out: set[tuple[str, int]] = set()
+    for s in slices:
+        meta = s.get("metadata") or {}
+        if meta.get("namespace") != namespace or (meta.get("labels") or {}).get(SERVICE_NAME_LABEL) != name:
+            continue
+        ports = [p for p in s.get("ports") or [] if isinstance(p.get("port"), int)]
+        port = next((p for p in ports if p.get("name") == "http"), ports[0] if ports else None)
+        if port is None:
+            continue
+        for ep in s.get("endpoints") or []:
+            if (ep.get("conditions") or {}).get("ready") is False:
+                continue
+            out.update((a, port["port"]) for a in ep.get("addresses") or [] if isinstance(a, str))
+    return tuple(sorted(out))
+
+
+def table(
+    mds: Iterable[Mapping[str, Any]],
+    slices: Iterable[Mapping[str, Any]],
+    namespaces: frozenset[str] | None = None,
+) -> Table:
+    """Who serves which model name. A name goes to the oldest ModelDeployment that claims it (its own name
+    before any alias, then creation time, namespace, name): a newer model, in any namespace, cannot take over a
+    name clients already use. Models routed by an External gateway (no Service) and deleting ones are left out."""
+    slices = list(slices)
+    found: list[tuple[tuple[int, str, str], Mapping[str, Any], ModelDeploymentSpec]] = []
+    refused: list[Refused] = []
+    for md in mds:
+        meta = md.get("metadata") or {}
+        ns, name = meta.get("namespace") or "default", meta.get("name") or ""
+        if not name or meta.get("deletionTimestamp") or (namespaces is not None and ns not in namespaces):
+            continue
+        try:
+            spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            refused.append(Refused(ns, name, name, f"its spec is invalid: {where}: {first['msg']}"))
+            continue
+        if spec.routing is not None and spec.routing.mode == "InferencePool" and spec.routing.gateway == "External":
+            continue
+        found.append(((_epoch(meta.get("creationTimestamp")), ns, name), md, spec))
+    found.sort(key=lambda f: f[0])
+    holder: dict[str, tuple[str, str]] = {}
+    ids: dict[tuple[str, str], list[str]] = {}
+    for aliases in (False, True):
+        for (_, ns, name), _md, spec in found:
+            for model in spec.aliases or [] if aliases else [name]:
+                if model in holder:
+                    if holder[model] != (ns, name):
+                        other = "/".join(holder[model])
+                        refused.append(Refused(ns, name, model, f"the name {model!r} is served by {other}"))
+                    continue
+                holder[model] = (ns, name)
+                ids.setdefault((ns, name), []).append(model)
+    models = tuple(
+        Served(
+            namespace=ns,
+            name=name,
+            ids=tuple(ids[(ns, name)]),
+            state=_state(md.get("status") or {}),
+            own_key=spec.api_key_secret_ref is not None,
+            endpoints=_endpoints(slices, ns, name),
+            created=created,
+        )
+        for (created, ns, name), md, spec in found
+        if (ns, name) in ids
+    )
+    return Table(models=models, refused=tuple(refused))
+
+
+def models_body(t: Table) -> dict[str, Any]:
+    """``GET /v1/models``: every name served (aliases too, ``root`` naming the ModelDeployment), with its state."""
+    data = [
+        {
+            "id": model,
+            "object": "model",
+            "created": s.created,
+            "owned_by": s.namespace,
+            "root": s.name,
+            "state": s.state,
+        }
+        for s in t.models
+        for model in s.ids
+    ]
+    return {"object": "list", "data": data}
+
+
+def _error(status: int, message: str, kind: str, code: str | None = None) -> str:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code or status}})
+
+
+def _json_headers() -> list[dict[str, Any]]:
+    return [{"header": {"key": "content-type", "value": JSON_TYPE}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+
+
+_NO_BBR = {
+    "envoy.filters.http.ext_proc": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "disabled": True,
+    }
+}
+
+
+def _meta(kind: str, **more: Any) -> dict[str, Any]:
+    return {"filter_metadata": {LUA_CHECK: {"kind": kind, **more}}}
+
+
+def route_configuration(t: Table) -> dict[str, Any]:
+    """The gateway's routes: /v1/models answered from the table; an inference path to the model named by BBR's
+    header; one no model serves, or without a model, answered by the check filter (404, 400); anything else 404."""
+    infer = {"safe_regex": {"regex": INFERENCE_REGEX}}
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {"path": "/v1/models", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+            "direct_response": {"status": 200, "body": {"inline_string": json.dumps(models_body(t))}},
+            "response_headers_to_add": _json_headers(),
+            "metadata": _meta("models"),
+            "typed_per_filter_config": _NO_BBR,
+        },
+        {
+            "match": {"path": "/health"},
+            "direct_response": {"status": 200, "body": {"inline_string": '{"status":"ok"}'}},
+            "response_headers_to_add": _json_headers(),
+            "typed_per_filter_config": _NO_BBR,
+        },
+    ]
+    for s in t.models:
+        for model in s.ids:
+            routes.append(
+                {
+                    "match": {**infer, "headers": [{"name": MODEL_HEADER, "string_match": {"exact": model}}]},
+                    "route": {
+                        "cluster": s.cluster,
+                        "timeout": "0s",  # a generation takes as long as it takes; idle_timeout bounds silence
+                        "idle_timeout": "3600s",
+                        # a pod that went away before answering (deleted, rolled): another one gets the request
+                        "retry_policy": {"retry_on": "connect-failure,refused-stream,reset-before-request"},
+                    },
+                    "metadata": _meta("model", ownKey=s.own_key, model=model),
+                }
+            )
+    unknown = _error(404, "The model does not exist or is not served here", "invalid_request_error", "model_not_found")
+    routes += [
+        {
+            "match": {**infer, "headers": [{"name": MODEL_HEADER, "present_match": True}]},
+            "direct_response": {"status": 404, "body": {"inline_string": unknown}},
+            "response_headers_to_add": _json_headers(),
+            "metadata": _meta("unknown"),
+        },
+        {
+            "match": infer,
+            "direct_response": {
+                "status": 400,
+                "body": {"inline_string": _error(400, "you must provide a model parameter", "invalid_request_error")},
+            },
+            "response_headers_to_add": _json_headers(),
+            "metadata": _meta("missing"),
+        },
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 404,
+                "body": {
+                    "inline_string": _error(
+                        404,
+                        f"Unknown path: this gateway serves GET /v1/models and POST {', '.join(INFERENCE_PATHS)}",
+                        "invalid_request_error",
+                        "unknown_url",
+                    )
+                },
+            },
+            "response_headers_to_add": _json_headers(),
+            "typed_per_filter_config": _NO_BBR,
+        },
+    ]
+    return {
+        "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        "name": ROUTE_CONFIG,
+        "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
+    }
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def clusters(t: Table) -> list[dict[str, Any]]:
+    """One cluster per served model: its Service's ready endpoints (no kube-proxy, no DNS on the path)."""
+    return [
+        {
+            "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            "name": s.cluster,
+            "type": "STATIC",
+            "connect_timeout": "5s",
+            "lb_policy": "LEAST_REQUEST",
+            "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096}]},
+            "load_assignment": {
+                "cluster_name": s.cluster,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(a, p)}} for a, p in s.endpoints]}],
+            },
+        }
+        for s in t.models
+    ]
+
+
+def _discovery(version: str, resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"version_info": version, "resources": resources}
+
+
+def xds_files(t: Table, version: str) -> dict[str, str]:
+    """The files Envoy watches: the clusters and the routes, each a DiscoveryResponse."""
+    return {
+        CDS_FILE: dump_yaml(_discovery(version, clusters(t))),
+        RDS_FILE: dump_yaml(_discovery(version, [route_configuration(t)])),
+    }
+
+
+# Before BBR: a client's own model header is dropped (only the body names the model). On the way out, an error
+# that is not JSON (BBR's 400 for a body that is not JSON, Envoy's 413 and 503s, a plain-text upstream) is
+# answered in OpenAI's error shape; a JSON answer and every success pass untouched, unbuffered.
+LUA_FRONT_CODE = r"""local kinds = {["400"] = "invalid_request_error", ["401"] = "authentication_error",
+  ["403"] = "permission_error", ["404"] = "invalid_request_error", ["413"] = "invalid_request_error",
+  ["429"] = "rate_limit_error"}
+local function quote(s)
+  return '"' .. (s:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end)) .. '"'
+end
+function envoy_on_request(h)
+  h:headers():remove("@MODEL@")
+end
+function envoy_on_response(h)
+  local headers = h:headers()
+  local status = headers:get(":status") or "200"
+  local code = tonumber(status) or 200
+  if code < 400 or (headers:get("content-type") or ""):find("json", 1, true) then return end
+  local kind = kinds[status] or (code >= 500 and "server_error" or "invalid_request_error")
+  headers:replace("content-type", "@JSON@")
+  local body = h:body(true)
+  local text = body and body:getBytes(0, body:length()) or ""
+  if text == "" then text = "HTTP " .. status end
+  body:setBytes('{"error":{"message":' .. quote(text) .. ',"type":"' .. kind .. '","param":null,"code":' .. status .. '}}')
+end
+""".replace("@MODEL@", MODEL_HEADER).replace("@JSON@", JSON_TYPE)
+
+# After BBR (the route now names the model): the gateway's key guards /v1/models, names no model serves, and
+# every model without a key of its own (one with its own key checks it itself: the request's key passes). A
+# name no model serves gets OpenAI's 404, a body without a model its 400. Keys as llama-server reads them:
+# Bearer or X-Api-Key, any of the comma-separated keys.
+LUA_CHECK_CODE = (
+    r"""local keys = {}
+for k in string.gmatch(os.getenv("@KEYENV@") or "", "[^,]+") do keys[k] = true end
+local function quote(s)
+  return '"' .. (s:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end)) .. '"'
+end
+local function reply(h, status, kind, code, message, extra)
+  local headers = {[":status"] = status, ["content-type"] = "@JSON@"}
+  for k, v in pairs(extra or {}) do headers[k] = v end
+  h:respond(headers, '{"error":{"message":' .. quote(message) .. ',"type":"' .. kind .. '","param":null,"code":' .. code .. '}}')
+end
+local function key_ok(headers)
+  if next(keys) == nil then return true end
+  local given = headers:get("x-api-key")
+  local auth = headers:get("authorization")
+  if given == nil and auth ~= nil and auth:sub(1, 7) == "Bearer " then given = auth:sub(8) end
+  return given ~= nil and keys[given] == true
+end
+function envoy_on_request(h)
+  local meta = h:metadata()
+  local kind = meta:get("kind")
+  if kind == nil or (kind == "model" and meta:get("ownKey")) then return end
+  local headers = h:headers()
+  if not key_ok(headers) then
+    return reply(h, "401", "authentication_error", '"invalid_api_key"', "Invalid API Key", {["www-authenticate"] = "Bearer"})
+  end
+  if kind == "unknown" then
+    local model = headers:get("@MODEL@") or ""
+    return reply(h, "404", "invalid_request_error", '"model_not_found"',
+      "The model " .. model .. " does not exist or is not served here")
+  end
+  if kind == "missing" then
+    return reply(h, "400", "invalid_request_error", "null", "you must provide a model parameter")
+  end
+end
+""".replace("@KEYENV@", KEY_ENV)
+    .replace("@MODEL@", MODEL_HEADER)
+    .replace("@JSON@", JSON_TYPE)
+)
+
+
+def _lua(name: str, code: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": code},
+        },
+    }
+
+
+def _watched(directory: str, name: str) -> dict[str, Any]:
+    return {
+        "path_config_source": {"path": f"{directory}/{name}", "watched_directory": {"path": directory}},
+        "resource_api_version": "V3",
+    }
+
+
+def bootstrap(directory: str = XDS_DIR, port: int = GATEWAY_PORT, bbr_port: int = BBR_GRPC_PORT) -> dict[str, Any]:
+    """Envoy's bootstrap: the listener (front filter, BBR's ext_proc reading whole bodies up to MAX_BODY_BYTES,
+    the check filter, the router; streamed responses pass unbuffered), the routes and the model clusters from
+    files in ``directory`` (replaced by rename: Envoy reloads them on the move), BBR on loopback."""
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gateway",
+        "use_remote_address": True,
+        "preserve_external_request_id": True,
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+        "stream_idle_timeout": "3600s",
+        "request_timeout": "0s",
+        "rds": {"route_config_name": ROUTE_CONFIG, "config_source": _watched(directory, RDS_FILE)},
+        "http_filters": [
+            _lua(LUA_FRONT, LUA_FRONT_CODE),
+            {
+                "name": "envoy.filters.http.ext_proc",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                    "failure_mode_allow": False,
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": "bbr", "authority": f"127.0.0.1:{bbr_port}"},
+                        "timeout": "10s",
+                    },
+                    "processing_mode": {
+                        "request_header_mode": "SEND",
+                        "response_header_mode": "SKIP",
+                        "request_body_mode": "BUFFERED",
+                        "response_body_mode": "NONE",
+                        "request_trailer_mode": "SKIP",
+                        "response_trailer_mode": "SKIP",
+                    },
+                    "message_timeout": "10s",
+                },
+            },
+            _lua(LUA_CHECK, LUA_CHECK_CODE),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                    "suppress_envoy_headers": True,
+                },
+            },
+        ],
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    "log_format": {
+                        "text_format_source": {
+                            "inline_string": "%START_TIME% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
+                            f"%RESPONSE_FLAGS% model=%REQ({MODEL_HEADER})% upstream=%UPSTREAM_HOST% "
+                            "ms=%DURATION% id=%REQ(X-REQUEST-ID)%\n"
+                        }
+                    },
+                },
+            }
+        ],
+    }
+    return {
+        "node": {"id": "modelfit-gateway", "cluster": "modelfit-gateway"},
+        "admin": {"address": _address("127.0.0.1", GATEWAY_ADMIN_PORT)},
+        "dynamic_resources": {"cds_config": _watched(directory, CDS_FILE)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "gateway",
+                    "address": _address("0.0.0.0", port),
+                    "per_connection_buffer_limit_bytes": MAX_BODY_BYTES,
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "bbr",
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "bbr",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address("127.0.0.1", bbr_port)}}]}],
+                    },
+                }
+            ],
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 10000,
+                    },
+                }
+            ]
+        },
+    }
+
+
+def bbr_args(
+    port: int = BBR_GRPC_PORT, health_port: int = BBR_HEALTH_PORT, metrics_port: int = BBR_METRICS_PORT
+) -> list[str]:
+    """BBR's flags: only the model-to-header plugin (the default set adds a ConfigMap-watching LoRA plugin),
+    plain gRPC on loopback, no auth-checked metrics, pprof or tracing."""
+    plugin = json.dumps({"fieldName": "model", "headerName": "X-Gateway-Model-Name"}, separators=(",", ":"))
+    return [
+        f"--grpc-port={port}",
+        f"--grpc-health-port={health_port}",
+        f"--metrics-port={metrics_port}",
+        "--secure-serving=false",
+        "--metrics-endpoint-auth=false",
+        "--enable-pprof=false",
+        "--tracing=false",
+        "--streaming=false",
+        f"--plugin=body-field-to-header:model-header:{plugin}",
+    ]
