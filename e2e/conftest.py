@@ -384,8 +384,8 @@ def real_node(cluster: Cluster) -> Iterable[Any]:
             pytest.fail(f"real node required but unavailable: {why}", pytrace=False)
         pytest.skip(why)
     t0 = time.monotonic()
-    # The routing scenarios' picker and Envoy too (the venv's bin on PATH: images.sh finds the envoy wheel there).
-    images = ["pause", "curl", "operator", "llama", "epp", "envoy"]
+    # The routing scenarios' picker and Envoy, and the gateway's body-based router, too (the venv's bin on PATH: images.sh finds the envoy wheel there).
+    images = ["pause", "curl", "operator", "llama", "epp", "bbr", "envoy"]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.run(
         [str(E2E_DIR / "images.sh"), str(IMAGES_DIR), *images],

@@ -165,7 +165,7 @@ cmd_up() {
   ctr version >/dev/null || die "containerd did not start (see $N/containerd/containerd.log)"
   log "containerd up after $(since "$t0")s"
   local img
-  for img in pause curl llama operator epp envoy; do   # what e2e/images.sh builds; nothing is ever pulled
+  for img in pause curl llama operator epp bbr envoy; do   # what e2e/images.sh builds; nothing is ever pulled
     [[ -f $IMAGES/$img.tar ]] || continue
     ctr -n k8s.io images import "$IMAGES/$img.tar" >/dev/null
   done

@@ -237,8 +237,9 @@ def route_configuration(t: Table) -> dict[str, Any]:
                         "cluster": s.cluster,
                         "timeout": "0s",  # a generation takes as long as it takes; idle_timeout bounds silence
                         "idle_timeout": "3600s",
-                        # a pod that went away before answering (deleted, rolled): another one gets the request
-                        "retry_policy": {"retry_on": "connect-failure,refused-stream,reset-before-request"},
+                        # a pod that went away before its answer began (deleted, rolled, crashed): another one
+                        # gets the request; once the answer has begun nothing is retried
+                        "retry_policy": {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2},
                     },
                     "metadata": _meta("model", ownKey=s.own_key, model=model),
                 }

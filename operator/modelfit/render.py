@@ -125,6 +125,9 @@ def owner_reference(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+DRAIN_S = 10  # a deleted pod's time to finish and to leave the routes before SIGTERM (within the 30 s grace)
+
+
 def _meta(md_meta: dict[str, Any], name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": name,
@@ -403,6 +406,10 @@ def _server_container(
         },
         "readinessProbe": {**probe(), "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**probe(), "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 6},
+        # A deleted pod keeps serving while the EndpointSlices, the gateway and the pickers stop sending to it:
+        # what it runs finishes, what comes meanwhile is answered (llama-server stops at SIGTERM, cutting
+        # requests; the gateway retries one cut before its answer began)
+        "lifecycle": {"preStop": {"sleep": {"seconds": DRAIN_S}}},
         "volumeMounts": mounts,
         "securityContext": _container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
