@@ -7,7 +7,8 @@ ModelDeployments and their EndpointSlices, as it does between polls.
 
 Prints, per N: Envoy's RSS once it serves the N models' routes (a request to the last model answered), its
 increase per model, BBR's RSS (independent of N: it only copies the body's model to a header), the lister's RSS,
-and the rendered files' size. One run, ratios within it; no network beyond loopback.
+the rendered files' size, how long until the last model was routed, and one render's CPU time (the lister renders
+only when a listed object changed). One run, ratios within it; no network beyond loopback.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ from modelfit import gateway, gatewaysync
 
 BBR = Path(os.environ.get("MODELFIT_CACHE") or Path.home() / ".cache" / "modelfit") / "bin" / "bbr"
 LISTER = r"""
-import json, resource, sys
+import json, resource, sys, time
 from modelfit import gatewaysync
 from bench.gateway_memory import objects
 n = int(sys.argv[1])
 mds, slices = objects(n, 1)
+t0 = time.perf_counter()
 for _ in range(3):  # as between polls: the lists and the last render held
     t, files = gatewaysync.render(mds, slices, None)
 print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "bytes": sum(len(v) for v in files.values())}))
+                  "bytes": sum(len(v) for v in files.values()), "render": (time.perf_counter() - t0) / 3}))
 """
 
 
@@ -181,7 +183,7 @@ def main() -> int:
                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
                     )
                     got = json.loads(lister.stdout)
-                    rows.append((n, rss(proc.pid), rss(bbr.pid), got["rss"], got["bytes"], took))
+                    rows.append((n, rss(proc.pid), rss(bbr.pid), got["rss"], got["bytes"], took, got["render"]))
                 finally:
                     proc.terminate()
                     proc.wait(timeout=10)
@@ -192,14 +194,15 @@ def main() -> int:
     mib = 2**20
     base = rows[0][1] if rows and rows[0][0] == 0 else None
     print(
-        "| models | Envoy RSS MiB | Envoy per model KiB | BBR RSS MiB | lister RSS MiB | route files KiB | routed in s |"
+        "| models | Envoy RSS MiB | Envoy per model KiB | BBR RSS MiB | lister RSS MiB | gateway total MiB "
+        "| route files KiB | routed in s | a render in ms |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for n, env_rss, bbr_rss, lister_rss, size, took in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, env_rss, bbr_rss, lister_rss, size, took, render_s in rows:
         per = f"{(env_rss - base) / n / 1024:.0f}" if base is not None and n else "-"
         print(
             f"| {n} | {env_rss / mib:.1f} | {per} | {bbr_rss / mib:.1f} | {lister_rss / mib:.1f} | "
-            f"{size / 1024:.0f} | {took:.2f} |"
+            f"{(env_rss + bbr_rss + lister_rss) / mib:.0f} | {size / 1024:.0f} | {took:.2f} | {render_s * 1000:.0f} |"
         )
     return 0
 

@@ -426,3 +426,24 @@ def test_a_new_model_and_moved_endpoints_are_served_without_a_restart(served: tu
     gw.sync(mds, [slices[1]])
     _until(lambda: gw.chat("alpha", key="gk")[0] == 503)
     assert gw.chat("alpha", key="gk")[1]["error"]["type"] == "server_error"
+
+
+@needs_gateway
+def test_hundreds_of_models_are_listed_and_routed(served: tuple[Gateway, int, int]) -> None:
+    """/v1/models is an inline answer Envoy bounds at 4 KiB by default (about 30 names): the routes raise it."""
+    gw, a_port, _ = served
+    mds = [md(f"model-{i:03d}", ns=f"team-{i % 7}", aliases=[f"org/model-{i:03d}:q4_0"]) for i in range(300)]
+    slices = [eslice(m["metadata"]["name"], m["metadata"]["namespace"], a_port, "127.0.0.1") for m in mds]
+    gw.sync(mds, slices)
+    _until(lambda: gw.chat("org/model-299:q4_0", key="gk")[0] == 200)
+    status, listing, _ = gw.call("/v1/models", headers={"authorization": "Bearer gk"})
+    assert status == 200 and len(listing["data"]) == 600
+
+
+def test_the_lister_renders_again_only_when_an_object_changed() -> None:
+    a = {**md("alpha"), "metadata": {**md("alpha")["metadata"], "resourceVersion": "7"}}
+    s = {**eslice("alpha", "team-a", 8080, "10.0.0.2"), "metadata": {"name": "x", "resourceVersion": "9"}}
+    same = gatewaysync.versions([a], [s])
+    assert gatewaysync.versions([dict(a)], [dict(s)]) == same
+    moved = {**s, "metadata": {**s["metadata"], "resourceVersion": "10"}}
+    assert gatewaysync.versions([a], [moved]) != same and gatewaysync.versions([a], []) != same

@@ -195,6 +195,32 @@ def test_a_model_that_may_go_to_zero_gets_a_one_second_startup_probe(make_node: 
     assert always.status.cold_start is not None and always.status.cold_start.stages.probe == 2
 
 
+def test_a_model_that_may_go_to_zero_reads_its_file_from_the_nodes_cache_when_the_admin_allows_one(
+    make_node: Builder,
+) -> None:
+    """Every wake would download the file again into a fresh emptyDir: with an allowed root, such a model that
+    names no cache gets the node's (its own directory under the first root), the plan's reason goes, and the
+    predicted cold start loses its download. A named cache, a model on a PVC or no allowed root: as it was."""
+    roots = Settings(host_path_roots=("/var/lib/modelfit/models", "/mnt/other"))
+
+    def volumes(d: Decision) -> dict[str, Obj]:
+        return {v["name"]: v for v in named(d, "Deployment", "qwen")["spec"]["template"]["spec"]["volumes"]}
+
+    cached = zero_decision(make_node, ZERO, settings=roots)
+    (host,) = [v["hostPath"]["path"] for v in volumes(cached).values() if "hostPath" in v]
+    assert host.startswith("/var/lib/modelfit/models/")
+    assert cached.status.plan is not None
+    assert not any("every wake downloads" in r for r in cached.status.plan.reasons)
+    assert cached.status.cold_start is not None and cached.status.cold_start.stages.fetch == 0
+    for raw, settings in (
+        (ZERO, Settings()),
+        ({**ZERO, "modelCache": {"emptyDir": {}}}, roots),
+        ({**ZERO, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}, roots),
+    ):
+        d = zero_decision(make_node, raw, settings=settings)
+        assert not any("hostPath" in v for v in volumes(d).values()), raw
+
+
 def test_decide_wakes_a_model_at_zero(make_node: Builder) -> None:
     old = ModelDeploymentStatus(scale_to_zero=ScaleToZeroStatus(state="Zero", since="2027-01-15T07:00:00Z", wakes=2))
     d = zero_decision(make_node, {**ZERO, "replicas": 0}, old=old, activity=Activity(held=3), last_busy=NOW)

@@ -535,7 +535,8 @@ def _plan_record(
             if cold.stages.get("fetch", 0.0) > 0:
                 line += (
                     f"; every wake downloads the model ({cold.stages['fetch']:.0f} s of it): a hostPath modelCache "
-                    "under the admin's root keeps it on the node"
+                    "under an allowed root keeps it on the node (the default for such a model once the admin "
+                    "allows one)"
                 )
         plan.reasons = [*[x for x in plan.reasons if not x.startswith("autoscaling ")], line]
     return plan
@@ -721,7 +722,9 @@ def _cold_start(snap: Snapshot, placement: Placement) -> api.ColdStartStatus:
 
 def decide(snap: Snapshot) -> Decision:
     """Plan, choose between keeping and moving, render the children and compute the status."""
-    meta, spec = snap.meta, snap.spec
+    spec = scaletozero.with_node_cache(snap.spec, snap.settings)  # a model that may go to zero: the node's cache
+    snap = replace(snap, spec=spec)
+    meta = snap.meta
     refused = image_problem(spec, snap.settings)  # the spec's own images: refused before any plan
     if refused is not None:
         return failure(meta, snap.old, *refused, "invalid")

@@ -23,7 +23,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from .api import ModelDeploymentSpec
-from .routing import dump_yaml
 
 GATEWAY_PORT = 8088  # Envoy's listener (the gateway Service's port)
 GATEWAY_ADMIN_PORT = 19001  # loopback only
@@ -34,9 +33,10 @@ MODEL_HEADER = "x-gateway-model-name"  # what BBR writes (X-Gateway-Model-Name)
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 INFERENCE_REGEX = "^/v1/(chat/completions|completions|embeddings)$"
 MAX_BODY_BYTES = 8 * 2**20  # a request body BBR reads whole (BUFFERED); larger gets 413
+MAX_LISTING_BYTES = 2**20  # /v1/models, an inline answer (Envoy's default of 4 KiB holds about 30 names)
 XDS_DIR = "/xds"
-CDS_FILE = "cds.yaml"
-RDS_FILE = "rds.yaml"
+CDS_FILE = "cds.json"  # JSON: Envoy reads it as fast, and Python writes it 50x faster than YAML
+RDS_FILE = "rds.json"
 BOOTSTRAP_FILE = "envoy.yaml"
 ROUTE_CONFIG = "gateway"
 LUA_FRONT = "modelfit.gateway.front"
@@ -281,6 +281,7 @@ def route_configuration(t: Table) -> dict[str, Any]:
     return {
         "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         "name": ROUTE_CONFIG,
+        "max_direct_response_body_size_bytes": MAX_LISTING_BYTES,
         "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
     }
 
@@ -315,8 +316,8 @@ def _discovery(version: str, resources: list[dict[str, Any]]) -> dict[str, Any]:
 def xds_files(t: Table, version: str) -> dict[str, str]:
     """The files Envoy watches: the clusters and the routes, each a DiscoveryResponse."""
     return {
-        CDS_FILE: dump_yaml(_discovery(version, clusters(t))),
-        RDS_FILE: dump_yaml(_discovery(version, [route_configuration(t)])),
+        CDS_FILE: json.dumps(_discovery(version, clusters(t)), separators=(",", ":")),
+        RDS_FILE: json.dumps(_discovery(version, [route_configuration(t)]), separators=(",", ":")),
     }
 
 

@@ -55,6 +55,15 @@ def write_files(directory: Path, files: dict[str, str]) -> list[str]:
     return changed
 
 
+def versions(*lists: list[dict[str, Any]]) -> tuple[tuple[str, ...], ...]:
+    """Each listed object's namespace, name and resourceVersion: the same again means the same routes."""
+    return tuple(
+        (str(m.get("namespace")), str(m.get("name")), str(m.get("resourceVersion")))
+        for objs in lists
+        for m in (o.get("metadata") or {} for o in objs)
+    )
+
+
 def render(
     mds: list[dict[str, Any]], slices: list[dict[str, Any]], namespaces: frozenset[str] | None
 ) -> tuple[gateway.Table, dict[str, str]]:
@@ -76,6 +85,7 @@ async def run(directory: Path, namespaces: frozenset[str] | None, once: bool = F
     kube = get_client()
     problem: str | None = None
     refused: tuple[gateway.Refused, ...] = ()
+    seen: tuple[tuple[str, ...], ...] | None = None
     try:
         while True:
             try:
@@ -90,6 +100,11 @@ async def run(directory: Path, namespaces: frozenset[str] | None, once: bool = F
                 if problem is not None:
                     log.info("listing the models again")
                     problem = None
+                now = versions(mds, slices)
+                if now == seen and not once:  # nothing changed since the last render
+                    await asyncio.sleep(poll_s)
+                    continue
+                seen = now
                 t, files = render(mds, slices, namespaces)
                 changed = write_files(directory, files)
                 if changed:

@@ -13,6 +13,10 @@ what ``verdict`` says:
   of the last activity and the newest pod's Ready -> 0 pods. A pod still pending, downloading or loading is never
   scaled down (KServe's failure mode: a pod scaled away before it was ever Ready);
 - otherwise nothing, and ``look_again`` says when the idle period would end.
+
+A wake reads the model from the node when it can: such a model that names no cache gets a hostPath cache under the
+admin's first allowed root (``with_node_cache``; its own directory there, ``cache.host_cache_dir``), instead of an
+emptyDir that every wake fills again from the network.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-from .api import ModelDeploymentSpec, ScaleToZeroStatus
+from .api import HostPathCache, ModelCache, ModelDeploymentSpec, ScaleToZeroStatus
+from .settings import Settings
 
 POLL_S = 1.0  # how often the shell reads the picker of a model that may go to zero
 
@@ -31,6 +36,16 @@ SERVED = "inference_objective_request_total"
 FAILED = "inference_objective_request_error_total"
 RUNNING = "inference_objective_running_requests"
 HELD = "inference_extension_flow_control_queue_size"
+
+
+def with_node_cache(spec: ModelDeploymentSpec, settings: Settings) -> ModelDeploymentSpec:
+    """The spec a model that may go to zero runs with: without a modelCache of its own, a hostPath cache under the
+    admin's first allowed root (``--host-path-root``), so a wake reads the file on the node. The spec as it is when
+    no root is allowed, a cache is named (``emptyDir: {}`` keeps a download per pod) or the model is on a PVC."""
+    if not applies(spec) or spec.model_cache is not None or spec.model.pvc is not None or not settings.host_path_roots:
+        return spec
+    cache = ModelCache(host_path=HostPathCache(path=settings.host_path_roots[0]))
+    return spec.model_copy(update={"model_cache": cache})
 
 
 @dataclass(frozen=True)
