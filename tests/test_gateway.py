@@ -81,6 +81,40 @@ def test_each_model_is_served_by_its_name_and_aliases_with_its_services_ready_en
     ]
 
 
+NO_FIT = {
+    "conditions": [
+        {"type": "Planned", "status": "True", "reason": "Planned"},
+        {"type": "Unschedulable", "status": "True", "reason": "NoNodeFits", "message": "needs 9 GiB; nodes have 4"},
+    ],
+    "scaleToZero": {"state": "Zero"},
+}
+
+
+def test_a_model_that_cannot_run_says_so_at_once_instead_of_holding() -> None:
+    """At zero (or with no ready endpoint) and no node to run on: CannotRun with the operator's message. Waiting
+    for a node an autoscaler adds is not that: it is held. A model that still serves from old pods is routed."""
+    waiting = {**NO_FIT, "conditions": [{"type": "Unschedulable", "status": "True", "reason": "WaitingForNode"}]}
+    unplanned = {"conditions": [{"type": "Planned", "status": "False", "reason": "NoNodes", "message": "no nodes"}]}
+    t = gateway.table(
+        [
+            md("big", status=NO_FIT),
+            md("soon", status=waiting),
+            md("none", status=unplanned),
+            md("old", status={**unplanned, "conditions": [*unplanned["conditions"], *READY["conditions"]]}),
+        ],
+        [eslice("old", "team-a", 8080, "10.0.0.5")],
+    )
+    states = {s.name: (s.state, s.why) for s in t.models}
+    assert states == {
+        "big": ("CannotRun", "needs 9 GiB; nodes have 4"),
+        "soon": ("Zero", ""),
+        "none": ("CannotRun", "no nodes"),
+        "old": ("Ready", ""),
+    }
+    listing = {m["id"]: m for m in gateway.models_body(t)["data"]}
+    assert listing["big"]["message"] == "needs 9 GiB; nodes have 4" and "message" not in listing["soon"]
+
+
 def test_a_newer_model_cannot_take_a_name_clients_already_use() -> None:
     """Same name in two namespaces, or an alias naming another model: the oldest claim holds it; names before
     aliases, so an old alias cannot take a newer model's own name either; each refusal says who holds it."""
@@ -338,6 +372,14 @@ def test_one_endpoint_routes_each_request_by_the_models_name(served: tuple[Gatew
     status, listing, _ = gw.call("/v1/models", headers={"authorization": "Bearer gk"})
     assert status == 200 and listing["object"] == "list"
     assert {(m["id"], m["state"]) for m in listing["data"]} == {("alpha", "Ready"), ("beta", "Zero"), ("b", "Zero")}
+
+    # a model that cannot run: 503 at once, the operator's reason, Retry-After
+    gw.sync([*_two_models(a_port, b_port)[0], md("big", status=NO_FIT)], _two_models(a_port, b_port)[1])
+    _until(lambda: gw.chat("big", key="gk")[0] == 503)
+    t0 = time.monotonic()
+    status, err, headers = gw.chat("big", key="gk")
+    assert time.monotonic() - t0 < 1 and headers["retry-after"] == str(gateway.CANNOT_RUN_RETRY_S)
+    assert "cannot run now: needs 9 GiB" in err["error"]["message"] and err["error"]["type"] == "unavailable_error"
 
     # a name nobody serves: OpenAI's 404; no model: OpenAI's 400; a body that is not JSON: 400 in the same shape
     status, err, _ = gw.chat("gpt-9", key="gk")

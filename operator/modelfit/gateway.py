@@ -33,6 +33,7 @@ MODEL_HEADER = "x-gateway-model-name"  # what BBR writes (X-Gateway-Model-Name)
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 INFERENCE_REGEX = "^/v1/(chat/completions|completions|embeddings)$"
 MAX_BODY_BYTES = 8 * 2**20  # a request body BBR reads whole (BUFFERED); larger gets 413
+CANNOT_RUN_RETRY_S = 60  # Retry-After of a model that cannot run: the cluster has to change first
 MAX_LISTING_BYTES = 2**20  # /v1/models, an inline answer (Envoy's default of 4 KiB holds about 30 names)
 XDS_DIR = "/xds"
 CDS_FILE = "cds.json"  # JSON: Envoy reads it as fast, and Python writes it 50x faster than YAML
@@ -54,10 +55,11 @@ class Served:
     namespace: str
     name: str
     ids: tuple[str, ...]  # its own name first, then each alias it holds
-    state: str  # Ready, Zero (scaled to zero: a request wakes it) or NotReady
+    state: str  # Ready, Zero (scaled to zero: a request wakes it), NotReady or CannotRun (see ``_cannot_run``)
     own_key: bool  # apiKeySecretRef set: the model checks the key itself
     endpoints: tuple[tuple[str, int], ...]
     created: int  # seconds since the epoch
+    why: str = ""  # CannotRun: the operator's message
 
     @property
     def cluster(self) -> str:
@@ -92,11 +94,32 @@ def _epoch(ts: str | None) -> int:
         return 0
 
 
-def _state(status: Mapping[str, Any]) -> str:
-    if (status.get("scaleToZero") or {}).get("state") == "Zero":
-        return "Zero"
+NO_NODE = ("NoNodeFits", "NoEligibleNodes", "NoNodes")  # Unschedulable reasons no autoscaler's node would end
+
+
+def _cannot_run(status: Mapping[str, Any]) -> str | None:
+    """Why the operator says no pod of the model can run now (no plan, or no node that fits and no node shape an
+    autoscaler could add: WaitingForNode is not this), or None."""
+    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    planned, unschedulable = conds.get("Planned") or {}, conds.get("Unschedulable") or {}
+    if planned.get("status") == "False":
+        return str(planned.get("message") or planned.get("reason") or "no plan")
+    if unschedulable.get("status") == "True" and unschedulable.get("reason") in NO_NODE:
+        return str(unschedulable.get("message") or unschedulable.get("reason"))
+    return None
+
+
+def _state(status: Mapping[str, Any], endpoints: tuple[tuple[str, int], ...]) -> tuple[str, str]:
+    """The model's state and, when it cannot run and nothing serves it (at zero, or no ready endpoint), why: a
+    request for it is answered at once instead of held until the picker's TTL."""
+    at_zero = (status.get("scaleToZero") or {}).get("state") == "Zero"
+    why = _cannot_run(status)
+    if why is not None and (at_zero or not endpoints):
+        return "CannotRun", why
+    if at_zero:
+        return "Zero", ""
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-    return "Ready" if ready else "NotReady"
+    return ("Ready" if ready else "NotReady"), ""
 
 
 def _endpoints(slices: Iterable[Mapping[str, Any]], namespace: str, name: str) -> tuple[tuple[str, int], ...]:
@@ -156,20 +179,15 @@ def table(
                     continue
                 holder[model] = (ns, name)
                 ids.setdefault((ns, name), []).append(model)
-    models = tuple(
-        Served(
-            namespace=ns,
-            name=name,
-            ids=tuple(ids[(ns, name)]),
-            state=_state(md.get("status") or {}),
-            own_key=spec.api_key_secret_ref is not None,
-            endpoints=_endpoints(slices, ns, name),
-            created=created,
-        )
-        for (created, ns, name), md, spec in found
-        if (ns, name) in ids
-    )
-    return Table(models=models, refused=tuple(refused))
+    models = []
+    for (created, ns, name), md, spec in found:
+        if (ns, name) not in ids:
+            continue
+        endpoints = _endpoints(slices, ns, name)
+        state, why = _state(md.get("status") or {}, endpoints)
+        own_key = spec.api_key_secret_ref is not None
+        models.append(Served(ns, name, tuple(ids[(ns, name)]), state, own_key, endpoints, created, why))
+    return Table(models=tuple(models), refused=tuple(refused))
 
 
 def models_body(t: Table) -> dict[str, Any]:
@@ -182,6 +200,7 @@ def models_body(t: Table) -> dict[str, Any]:
             "owned_by": s.namespace,
             "root": s.name,
             "state": s.state,
+            **({"message": s.why} if s.why else {}),
         }
         for s in t.models
         for model in s.ids
@@ -230,6 +249,23 @@ def route_configuration(t: Table) -> dict[str, Any]:
     ]
     for s in t.models:
         for model in s.ids:
+            if s.state == "CannotRun":
+                why = f"The model {model} cannot run now: {s.why}"
+                routes.append(
+                    {
+                        "match": {**infer, "headers": [{"name": MODEL_HEADER, "string_match": {"exact": model}}]},
+                        "direct_response": {
+                            "status": 503,
+                            "body": {"inline_string": _error(503, why, "unavailable_error")},
+                        },
+                        "response_headers_to_add": [
+                            *_json_headers(),
+                            {"header": {"key": "retry-after", "value": str(CANNOT_RUN_RETRY_S)}},
+                        ],
+                        "metadata": _meta("model", ownKey=s.own_key, model=model),
+                    }
+                )
+                continue
             routes.append(
                 {
                     "match": {**infer, "headers": [{"name": MODEL_HEADER, "string_match": {"exact": model}}]},
