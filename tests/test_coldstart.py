@@ -19,7 +19,6 @@ from modelfit.coldstart import (
     DISK_BYTES_PER_S,
     DOWNLOAD_BYTES_PER_S,
     HASH_BYTES_PER_S,
-    HASH_COLD_BYTES_PER_S,
     LOAD_BYTES_PER_S,
     STARTUP_PERIOD_S,
     measured,
@@ -63,22 +62,21 @@ def test_where_the_model_is_decides_the_fetch() -> None:
     assert place(spec(model={"pvc": {"claimName": "models", "path": "m.gguf"}})) == "volume"
 
 
-def test_a_node_cache_skips_the_download_but_not_the_check_nor_the_load() -> None:
+def test_a_node_cache_skips_the_download_and_the_check_but_not_the_load() -> None:
     size = GB // 2
     volume = spec(model={"pvc": {"claimName": "m", "path": "m.gguf"}})
     down, node, vol = (predict(size, s) for s in (spec(), spec(modelCache=HOST_CACHE), volume))
     assert down.stages["fetch"] == pytest.approx(size / DOWNLOAD_BYTES_PER_S)
     assert node.stages["fetch"] == vol.stages["fetch"] == 0
-    # The downloader hashes the file on every start: a cached one is read from disk there and the load finds it in
-    # the page cache; a downloaded one is in the page cache already; a model on its own PVC is not checked.
-    assert node.stages["verify"] == pytest.approx(size / HASH_COLD_BYTES_PER_S)
+    # A download is hashed as it lands; a node's cached file was hashed once, after its download (a wake trusts the
+    # stamp written then), and a model on its own PVC is not checked: both are read from disk by the load.
     assert down.stages["verify"] == pytest.approx(size / HASH_BYTES_PER_S)
-    assert vol.stages["verify"] == 0
-    assert node.stages["load"] == pytest.approx(size / LOAD_BYTES_PER_S["none"])
+    assert node.stages["verify"] == vol.stages["verify"] == 0
+    assert node.stages["load"] == vol.stages["load"]
     assert vol.stages["load"] == pytest.approx(size / LOAD_BYTES_PER_S["none"] + size / DISK_BYTES_PER_S)
     assert node.seconds < down.seconds
     # A warm page cache saves the disk read where there is one; a download has none to save.
-    assert node.warm_seconds == pytest.approx(node.seconds - size / HASH_COLD_BYTES_PER_S + size / HASH_BYTES_PER_S)
+    assert node.warm_seconds == pytest.approx(node.seconds - size / DISK_BYTES_PER_S)
     assert vol.warm_seconds == pytest.approx(vol.seconds - size / DISK_BYTES_PER_S)
     assert down.warm_seconds == pytest.approx(down.seconds)
     for p in (down, node, vol):
@@ -95,7 +93,7 @@ def test_the_prediction_grows_with_the_file_and_the_kv_cache() -> None:
     assert predict(5 * GB, s).seconds > predict(GB // 2, s).seconds
     kv = predict(GB, s, kv_bytes=2 * GB).stages["warmup"] - predict(GB, s).stages["warmup"]
     assert kv == pytest.approx(2 * GB / CLEAR_BYTES_PER_S)
-    assert predict(GB, s, "mmap").stages["load"] == pytest.approx(GB / LOAD_BYTES_PER_S["mmap"])
+    assert predict(GB, s, "mmap").stages["load"] == pytest.approx(GB / LOAD_BYTES_PER_S["mmap"] + GB / DISK_BYTES_PER_S)
     with pytest.raises(ValueError, match="model_bytes"):
         predict(-1, s)
 

@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -535,3 +536,29 @@ def test_shard_names_and_urls() -> None:
         "https://h/m-00002-of-00002.gguf",
     ]
     assert shard_urls("https://h/m.gguf") == ["https://h/m.gguf"]
+
+
+def test_a_verified_cached_file_is_not_hashed_again_until_it_changes(srv: Env, shell: Shell) -> None:
+    """A node cache's wake: the stamp written after the sha256 matched lets the next start skip hashing the file;
+    a changed file (its ctime moves), a stamp of the same second as the file's last change, or another digest
+    hash it again."""
+    sha = hashlib.sha256(DATA).hexdigest()
+    put(model(srv), DATA)
+    r = run(srv, shell, sha=sha)
+    assert r.rc == 0 and "computing sha256" in r.out, r.out
+    stamp = model(srv).with_name(model(srv).name + ".verified")
+    assert stamp.read_text().startswith(sha + " ")
+    r = run(srv, shell, sha=sha)  # the stamp's second is the file's: not trusted yet
+    assert "computing sha256" in r.out, r.out
+    later = time.time() + 5
+    os.utime(stamp, (later, later))  # as if a later start wrote it
+    r = run(srv, shell, sha=sha)
+    assert r.rc == 0 and "computing sha256" not in r.out and "verified by an earlier start" in r.out, r.out
+    assert verified_digests(r.message) == [sha]
+    # the content changed in place (same size, same inode) after the stamp was written: its ctime moved on (a
+    # later second than the stamp's), so it is hashed and refused
+    time.sleep(1.1)
+    with open(model(srv), "r+b") as f:
+        f.write(b"X")
+    r = run(srv, shell, sha=sha)
+    assert "computing sha256" in r.out and "is bad" in r.out, r.out

@@ -10,10 +10,11 @@ what ``status.coldStart`` shows beside the last measured one. Its stages, from t
   pull adds its download, which is not predicted;
 - fetch: the model's download, when the cache is not the node's (emptyDir: every new pod downloads); 0 when a
   hostPath or PVC cache holds it, or the model is on a PVC of its own;
-- verify: the downloader's sha256 of the file, on every start (``download.py``: a cached file is checked too); it
-  is where a cached file is first read, from disk unless the node's page cache holds it;
-- load: llama-server reads (``--load-mode none``) or maps the weights and repacks them, from the page cache the
-  verify just filled (a model on its own PVC is not verified: the load reads it from disk);
+- verify: the downloader's sha256 of a download (in the page cache as it lands); a node's cached file was hashed
+  once, after its download, and a later start trusts the stamp written then while the file is unchanged
+  (``download.py``); a model on its own PVC is not checked;
+- load: llama-server reads (``--load-mode none``) or maps the weights and repacks them: a download from the page
+  cache, a cached file or a PVC's from disk unless the node's page cache holds it (the warm prediction);
 - warmup: llama-server's context (the KV cache is cleared) and its warm-up run, until it listens;
 - probe: the kubelet sees it at the startup probe's next look, at most ``startup_period`` later (1 s for a model
   that may go to zero, else 2 s).
@@ -47,8 +48,6 @@ IMAGE_S = 0.0
 DOWNLOAD_BYTES_PER_S = 50 * 10**6
 # busybox sha256sum, file in the page cache: 1.32 GB in 5.8-5.9 s (coreutils: 3.6-3.9 s).
 HASH_BYTES_PER_S = 220 * 10**6
-# The same from disk: 7.5-8.2 s (its small reads do not overlap the disk's; dd bs=4M reads it at 2.0-2.4 GB/s).
-HASH_COLD_BYTES_PER_S = 170 * 10**6
 # llama-server reading a file not in the page cache, beyond its load from the page cache: 1.6-2.0 GB/s with
 # --load-mode none, 0.6-2.2 GB/s through mmap's page faults.
 DISK_BYTES_PER_S = 1000 * 10**6
@@ -115,11 +114,12 @@ def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none"
     where = place(spec)
     gb = model_bytes / 1e9
     fetch = model_bytes / DOWNLOAD_BYTES_PER_S if where == "download" else 0.0
-    # A downloaded file is in the page cache already; a cached one is read from disk by the check.
-    hash_speed = HASH_COLD_BYTES_PER_S if where == "node" else HASH_BYTES_PER_S
-    verify = model_bytes / hash_speed if where != "volume" else 0.0
+    # A download is hashed as it lands (in the page cache). A node's cached file was hashed once, after its
+    # download; a later start trusts the stamp written then (``download.py``): the load reads it, from disk
+    # unless the page cache holds it. A model on its own PVC is read in place, unchecked.
+    verify = model_bytes / HASH_BYTES_PER_S if where == "download" else 0.0
     speed = LOAD_BYTES_PER_S.get(load_mode, LOAD_BYTES_PER_S["none"])
-    disk = model_bytes / DISK_BYTES_PER_S if where == "volume" else 0.0  # not checked: the load reads it first
+    disk = model_bytes / DISK_BYTES_PER_S if where != "download" else 0.0
     load = model_bytes / speed + disk
     warmup = WARMUP_S + model_bytes / WARMUP_BYTES_PER_S + kv_bytes / CLEAR_BYTES_PER_S
     stages = {
@@ -137,24 +137,27 @@ def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none"
         "node": "fetch: none, the node's cache holds the model (downloaded once)",
         "volume": "fetch: none, the model is read in place from its PVC",
     }[where]
-    checked = (
-        "verify: none (a model on its own PVC is not checked)"
-        if where == "volume"
-        else f"verify: sha256 at {hash_speed / 1e6:.0f} MB/s on every start"
-        + (f" from disk ({HASH_BYTES_PER_S / 1e6:.0f} MB/s from the page cache)" if where == "node" else "")
-    )
+    checked = {
+        "download": f"verify: sha256 of the download at {HASH_BYTES_PER_S / 1e6:.0f} MB/s (in the page cache)",
+        "node": "verify: none on a wake; the cached file was hashed once, after its download, and a start trusts "
+        "the stamp written then while the file is unchanged (size, ctime, inode)",
+        "volume": "verify: none (a model on its own PVC is not checked)",
+    }[where]
     reasons = (
         f"scheduling: {SCHEDULING_S:g} s on a node already present (a new node takes minutes more)",
         "image: 0 s, the images are taken to be on the node already (a node's first pull adds its download)",
         fetched,
         checked,
         f"load: {gb:.2f} GB at {speed / 1e9:g} GB/s (--load-mode {load_mode}, from the page cache"
-        + (f"; read from disk at {DISK_BYTES_PER_S / 1e9:g} GB/s first)" if where == "volume" else ")"),
+        + (
+            f"; read from disk at {DISK_BYTES_PER_S / 1e9:g} GB/s first when it does not hold the file)"
+            if disk
+            else ")"
+        ),
         f"warmup: context ({kv_bytes / 1e9:.2f} GB of KV cache cleared) and llama-server's warm-up run",
         f"probe: the startup probe looks every {startup_period(spec)} s",
     )
-    cold_read = disk + (verify - model_bytes / HASH_BYTES_PER_S if where == "node" else 0.0)
-    return ColdStart(stages, sum(stages.values()) - cold_read, reasons)
+    return ColdStart(stages, sum(stages.values()) - disk, reasons)
 
 
 def _time(value: Any) -> datetime.datetime | None:

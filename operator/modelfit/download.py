@@ -100,6 +100,11 @@ verify() {
   vmsg="$vsz bytes"
   vgot=
   if [ -n "$gh" ]; then
+    vst=$(stamp "$1")
+    vct=$(echo "$vst" | cut -d' ' -f2); vmt=$(stat -c %Y "$1.verified" 2>/dev/null || echo 0)
+    if [ "$(cat "$1.verified" 2>/dev/null)" = "$gh $vst" ] && isnum "$vct" && [ "$vct" -lt "$vmt" ]; then
+      vgot=$gh; vmsg="$vmsg, sha256 ok (verified by an earlier start; unchanged since)"; return 0
+    fi
     echo "computing sha256 of $1"
     vgot=$(sha256sum "$1" | cut -d' ' -f1)
     if [ "$vgot" != "$gh" ]; then vkind=sha; vmsg="expected $gh, got $vgot"; return 1; fi
@@ -108,11 +113,19 @@ verify() {
   return 0
 }
 
+# stamp FILE: what any change to the file changes (size, ctime, inode; ctime cannot be set back). Only this
+# script writes the cache (llama-server mounts it read-only), so a file whose stamp matches the one written
+# after its sha256 was verified is that content: a node cache's wake skips hashing it again. ctime has whole
+# seconds here (busybox stat): a stamp is trusted only when the file changed last before the second the stamp
+# was written, so a change within that second is hashed again.
+stamp() { stat -c '%s %Z %i' "$1" 2>/dev/null || echo unknown; }
+
 # record FILE: its sha256 (computed by verify, else now) joins the digests this pod reports on success.
 digests=
 record() {
   if [ -z "$vgot" ]; then vgot=$(sha256sum "$1" | cut -d' ' -f1); fi
   digests="$digests $vgot"
+  { printf '%s %s\n' "$vgot" "$(stamp "$1")" > "$1.verified"; } 2>/dev/null || true
 }
 
 # get_file FILE URL SIZE SHA256: reuse a verified FILE, else download URL to FILE.part and rename.
