@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +22,7 @@ class Behaviour:
     cut_first: int = 0  # the first N whole-file GETs send half the body, then close the connection
     # (ranged reads, such as the operator's header read, are never cut: they are not downloads)
     wrong: bool = False  # flip every byte (same length)
+    rate: int = 0  # bytes per second of a whole-file GET (0: as fast as it goes); ranged reads are not slowed
 
 
 @dataclass
@@ -93,10 +95,15 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         budget = length // 2 if cut else length
+        slow = b.rate if not head and rng is None else 0
+        t0, sent = time.monotonic(), 0
         try:
             with open(file, "rb") as f:
                 f.seek(start)
                 while budget > 0:
+                    if slow and sent > slow * (time.monotonic() - t0):
+                        time.sleep(min(0.1, sent / slow - (time.monotonic() - t0)))
+                        continue
                     chunk = f.read(min(1 << 20, budget))
                     if not chunk:
                         break
@@ -104,6 +111,7 @@ class _Handler(BaseHTTPRequestHandler):
                         chunk = bytes(x ^ 0x5A for x in chunk)
                     self.wfile.write(chunk)
                     budget -= len(chunk)
+                    sent += len(chunk)
             if cut:
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)

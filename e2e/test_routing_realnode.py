@@ -208,13 +208,14 @@ def shim_picker(cluster: Any, ns: str, name: str = NAME) -> None:
     cluster.kubectl("-n", ns, "patch", "deploy", f"{name}-epp", "--field-manager=e2e-node-shim", "-p", json.dumps(shim))
 
 
-def apply_routed(cluster: Any, ns: str, model_server: Any, model: Path, **spec: Any) -> str:
-    """The InferencePool CRD served, an API key, ``model`` served to the node, and a routed ModelDeployment ``NAME``
-    of it (``spec`` adds to or overrides the shared one), its picker given what this node lacks; returns the key."""
+def apply_routed(cluster: Any, ns: str, model_server: Any, model: Path, rate: int = 0, **spec: Any) -> str:
+    """The InferencePool CRD served, an API key, ``model`` served to the node (at ``rate`` bytes/s when given), and
+    a routed ModelDeployment ``NAME`` of it (``spec`` adds to or overrides the shared one), its picker given what
+    this node lacks; returns the key."""
     serve_inference_pool_crd(cluster)
     key = uuid.uuid4().hex
     cluster.kubectl("-n", ns, "create", "secret", "generic", "chat-key", f"--from-literal=api-key={key}")
-    url = model_server.serve(f"/{ns}/{model.name}", model)
+    url = model_server.serve(f"/{ns}/{model.name}", model, **({"rate": rate} if rate else {}))
     base = {
         "model": {"url": url},
         "context": 4096,

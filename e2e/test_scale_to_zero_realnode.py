@@ -151,3 +151,57 @@ def test_an_idle_model_goes_to_zero_and_a_held_burst_wakes_it_once(
         f"[zero] cold start predicted {measured.get('predictedSeconds')} s (warm page cache "
         f"{measured.get('predictedWarmSeconds')} s), measured {measured.get('lastMeasuredSeconds')} s"
     )
+
+
+def test_a_pod_still_downloading_is_never_scaled_down(
+    cluster: Any,
+    operator: Any,
+    real_node: RealNode,
+    model_server: Any,
+    ns: str,
+    small: Path,  # noqa: F811
+) -> None:
+    """KServe's failure mode: a pod scaled away before it was ever Ready. With idleSeconds 10 and a first start
+    that downloads for about 20 s, the one pod stays until Ready; idleSeconds after its Ready the model goes to
+    zero."""
+    idle = 10
+    apply_routed(
+        cluster,
+        ns,
+        model_server,
+        small,
+        rate=small.stat().st_size // 20,
+        autoscaling={"minReplicas": 0, "maxReplicas": 1, "idleSeconds": idle},
+        modelCache={"emptyDir": {}},  # a download on this start
+    )
+    uids: set[str] = set()
+    deleting: list[str] = []
+    replicas: set[int] = set()
+
+    def ready_pod() -> dict[str, Any] | None:
+        pods = real_node.pods(ns, NAME, terminating=True)
+        uids.update(p["metadata"]["uid"] for p in pods)
+        deleting.extend(p["metadata"]["name"] for p in pods if p["metadata"].get("deletionTimestamp"))
+        replicas.add(cluster.get_json("-n", ns, "modeldeployment", NAME)["spec"].get("replicas", 1))
+        ready = [
+            p
+            for p in pods
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or [])
+        ]
+        return ready[0] if ready else None
+
+    pod = cluster.wait_for(ready_pod, timeout=300, interval=0.5, what=f"{NAME}'s first pod Ready")
+    created = datetime.datetime.fromisoformat(pod["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+    ready_at = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")["lastTransitionTime"]
+    took = (datetime.datetime.fromisoformat(ready_at.replace("Z", "+00:00")) - created).total_seconds()
+    print(f"\n[zero] a first start of {took:.0f} s (idleSeconds {idle}): pods {len(uids)}, deleted {deleting}")
+    assert took > idle + 5, "the start was not longer than the idle period: the scenario proves nothing"
+    assert len(uids) == 1 and not deleting and replicas == {1}, (uids, deleting, replicas)
+    t0 = time.monotonic()
+
+    def at_zero() -> bool:
+        st = (cluster.get_json("-n", ns, "modeldeployment", NAME).get("status") or {}).get("scaleToZero") or {}
+        return st.get("state") == "Zero"
+
+    cluster.wait_for(at_zero, timeout=idle + 90, interval=1, what=f"{NAME} at zero after its idle period")
+    print(f"[zero] Ready -> zero: {time.monotonic() - t0 + 0:.0f} s after the wait began")
