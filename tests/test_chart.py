@@ -690,6 +690,11 @@ def test_notes_render(helm: str, helm_env: dict[str, str], tmp_path: Path) -> No
     assert "all namespaces" in notes
     notes = render_notes(helm, helm_env, OPERATOR_CHART, tmp_path / "ns", {"watchNamespaces": ["a", "b"]})
     assert "It watches ModelDeployments in: a, b." in notes
+    assert "OpenAI endpoint" not in notes
+    gw = {"gateway": {"enabled": True, "namespaces": ["a"], "apiKeySecretRef": {"name": "gk"}}}
+    notes = render_notes(helm, helm_env, OPERATOR_CHART, tmp_path / "gw", gw)
+    assert "One OpenAI endpoint for the models of a:" in notes
+    assert "http://mf-modelfit-gateway.modelfit-system.svc:8080/v1" in notes and "Secret gk" in notes
 
 
 def test_modeldeployment_notes_say_how_it_scales(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
