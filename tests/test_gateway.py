@@ -409,6 +409,19 @@ def test_keys_the_gateways_for_keyless_models_a_models_own_checked_by_the_model(
     # beta checks its own key (the gateway holds no tenant's Secret): the request and its key pass through
     assert gw.chat("beta", key="beta-secret")[0] == 200
     assert [(tag, h.get("authorization")) for tag, _, h in _Model.hits] == [("b", "Bearer beta-secret")]
+    # the gateway's key never reaches a tenant's pod: dropped before alpha, refused (not forwarded) for beta
+    _Model.hits = []
+    assert gw.chat("alpha", key="gk")[0] == 200
+    assert gw.call("/v1/embeddings", {"model": "alpha", "input": "x"}, {"x-api-key": "gk2"})[0] == 200
+    status, err, _ = gw.chat("beta", key="gk")
+    assert status == 401 and "does not open it" in err["error"]["message"]
+    assert gw.call("/v1/embeddings", {"model": "b", "input": "x"}, {"x-api-key": "gk2"})[0] == 401
+    both = {"x-api-key": "beta-secret", "authorization": "Bearer gk"}  # X-Api-Key is the one checked downstream
+    assert gw.call("/v1/embeddings", {"model": "b", "input": "x"}, both)[0] == 401
+    assert [(tag, h.get("authorization"), h.get("x-api-key")) for tag, _, h in _Model.hits] == [
+        ("a", None, None),
+        ("a", None, None),
+    ]
 
 
 @needs_gateway

@@ -278,6 +278,8 @@ def route_configuration(t: Table) -> dict[str, Any]:
                         "retry_policy": {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2},
                     },
                     "metadata": _meta("model", ownKey=s.own_key, model=model),
+                    # the gateway's key stays at the gateway: a tenant's pod never sees what opens the others
+                    **({} if s.own_key else {"request_headers_to_remove": ["authorization", "x-api-key"]}),
                 }
             )
     unknown = _error(404, "The model does not exist or is not served here", "invalid_request_error", "model_not_found")
@@ -384,9 +386,10 @@ end
 """.replace("@MODEL@", MODEL_HEADER).replace("@JSON@", JSON_TYPE)
 
 # After BBR (the route now names the model): the gateway's key guards /v1/models, names no model serves, and
-# every model without a key of its own (one with its own key checks it itself: the request's key passes). A
-# name no model serves gets OpenAI's 404, a body without a model its 400. Keys as llama-server reads them:
-# Bearer or X-Api-Key, any of the comma-separated keys.
+# every model without a key of its own (one with its own key checks it itself: the request's key passes, unless
+# it is the gateway's, which is refused here rather than shown to a tenant's pod). A name no model serves gets
+# OpenAI's 404, a body without a model its 400. Keys as llama-server reads them: Bearer or X-Api-Key, any of the
+# comma-separated keys.
 LUA_CHECK_CODE = (
     r"""local keys = {}
 for k in string.gmatch(os.getenv("@KEYENV@") or "", "[^,]+") do keys[k] = true end
@@ -398,18 +401,31 @@ local function reply(h, status, kind, code, message, extra)
   for k, v in pairs(extra or {}) do headers[k] = v end
   h:respond(headers, '{"error":{"message":' .. quote(message) .. ',"type":"' .. kind .. '","param":null,"code":' .. code .. '}}')
 end
+local function given(headers)
+  local key = headers:get("x-api-key")
+  local auth = headers:get("authorization")
+  if key == nil and auth ~= nil and auth:sub(1, 7) == "Bearer " then key = auth:sub(8) end
+  return key
+end
 local function key_ok(headers)
   if next(keys) == nil then return true end
-  local given = headers:get("x-api-key")
-  local auth = headers:get("authorization")
-  if given == nil and auth ~= nil and auth:sub(1, 7) == "Bearer " then given = auth:sub(8) end
-  return given ~= nil and keys[given] == true
+  local key = given(headers)
+  return key ~= nil and keys[key] == true
 end
 function envoy_on_request(h)
   local meta = h:metadata()
   local kind = meta:get("kind")
-  if kind == nil or (kind == "model" and meta:get("ownKey")) then return end
+  if kind == nil then return end
   local headers = h:headers()
+  if kind == "model" and meta:get("ownKey") then
+    -- the model checks its own key; the gateway's, in either header, is never sent on to a tenant's pod
+    local auth = headers:get("authorization") or ""
+    if keys[headers:get("x-api-key") or ""] or keys[auth] or keys[auth:sub(8)] then
+      return reply(h, "401", "authentication_error", '"invalid_api_key"',
+        "This model checks a key of its own: the gateway's key does not open it", {["www-authenticate"] = "Bearer"})
+    end
+    return
+  end
   if not key_ok(headers) then
     return reply(h, "401", "authentication_error", '"invalid_api_key"', "Invalid API Key", {["www-authenticate"] = "Bearer"})
   end
