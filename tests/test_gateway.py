@@ -386,6 +386,9 @@ def test_one_endpoint_routes_each_request_by_the_models_name(served: tuple[Gatew
     assert status == 404 and err["error"]["code"] == "model_not_found" and "gpt-9" in err["error"]["message"]
     status, err, _ = gw.chat(None, key="gk")
     assert status == 400 and err["error"]["message"] == "you must provide a model parameter"
+    for hostile in ("alpha\r\nx-api-key: gk", "alpha\u0000", {"alpha": 1}, ["alpha"], 7, "x" * 20000):
+        status, err, _ = gw.chat(hostile, key="gk")  # type: ignore[arg-type]
+        assert status in (400, 404) and "error" in err, (hostile, status, err)
     status, err, _ = gw.call("/v1/chat/completions", b"{not json", {"content-type": "application/json"})
     assert status == 400 and err["error"]["type"] == "invalid_request_error"
     status, err, _ = gw.call("/v1/audio/speech", {"model": "alpha"}, {"authorization": "Bearer gk"})

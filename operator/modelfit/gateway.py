@@ -365,6 +365,8 @@ def xds_files(t: Table, version: str) -> dict[str, str]:
 LUA_FRONT_CODE = r"""local kinds = {["400"] = "invalid_request_error", ["401"] = "authentication_error",
   ["403"] = "permission_error", ["404"] = "invalid_request_error", ["413"] = "invalid_request_error",
   ["429"] = "rate_limit_error"}
+local empty = {["400"] = "the gateway could not route this request: its body must be JSON whose model is text "
+  .. "without control characters"}
 local function quote(s)
   return '"' .. (s:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end)) .. '"'
 end
@@ -380,7 +382,7 @@ function envoy_on_response(h)
   headers:replace("content-type", "@JSON@")
   local body = h:body(true)
   local text = body and body:getBytes(0, body:length()) or ""
-  if text == "" then text = "HTTP " .. status end
+  if text == "" then text = empty[status] or ("HTTP " .. status) end
   body:setBytes('{"error":{"message":' .. quote(text) .. ',"type":"' .. kind .. '","param":null,"code":' .. status .. '}}')
 end
 """.replace("@MODEL@", MODEL_HEADER).replace("@JSON@", JSON_TYPE)
@@ -484,6 +486,9 @@ def bootstrap(directory: str = XDS_DIR, port: int = GATEWAY_PORT, bbr_port: int 
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
                     "failure_mode_allow": False,
+                    # BBR's header from a model that is no header value (control characters) fails the request:
+                    # the client's input, so 400 (a BBR that is down fails its container's readiness instead)
+                    "status_on_error": {"code": 400},
                     "grpc_service": {
                         "envoy_grpc": {"cluster_name": "bbr", "authority": f"127.0.0.1:{bbr_port}"},
                         "timeout": "10s",
