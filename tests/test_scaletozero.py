@@ -25,7 +25,7 @@ from modelfit.decide import Decision, decide
 from modelfit.reconciler import OperatorState, _Seen
 from modelfit.scaletozero import Activity, busy, should_look, verdict
 from modelfit.settings import Settings
-from modelfit.zerowatch import Unreadable, ZeroWatch, parse_activity, read_activity
+from modelfit.zerowatch import Unreadable, ZeroWatch, held_of, parse_activity, read_activity
 from test_decide import SMALL, snapshot
 from test_routing import named
 
@@ -296,12 +296,29 @@ def test_parse_activity_sums_the_pickers_series() -> None:
         parse_activity("inference_objective_request_total{model_name=} x\n")
 
 
+def test_held_of_reads_only_the_held_count() -> None:
+    """A model at zero is read four times a second: only the held family is looked at, the rest not parsed."""
+    assert held_of(EPP_METRICS) == 4 == parse_activity(EPP_METRICS).held
+    assert held_of("# nothing yet\n") == 0
+    two = (
+        'inference_extension_flow_control_queue_size{priority="0",target_model_name="a}b"} 2 1700000000000\n'
+        "inference_extension_flow_control_queue_size 3\n"
+        "inference_extension_flow_control_queue_size_bytes 999\n"  # another family with the same prefix
+        "inference_extension_flow_control_queue_size NaN\n"
+    )
+    assert held_of(two) == 5
+    with pytest.raises(ValueError):
+        held_of('inference_extension_flow_control_queue_size{a="b"} many\n')
+
+
 class _Picker(http.server.BaseHTTPRequestHandler):
     """A picker's /metrics: the body in 4 KiB writes with pauses, as a real one arrives (one read is not all)."""
 
     body = EPP_METRICS
+    reads = 0
 
     def do_GET(self) -> None:
+        _Picker.reads += 1
         data = _Picker.body.encode()
         self.send_response(200 if self.path == "/metrics" else 404)
         self.send_header("Content-Length", str(len(data)))
@@ -365,6 +382,44 @@ def test_the_watch_wakes_a_model_at_zero_with_a_held_request(
     finally:
         _Picker.body = EPP_METRICS
     assert kube.lists == ["app.kubernetes.io/name=endpoint-picker,app.kubernetes.io/instance=qwen-epp"]  # cached
+
+
+def test_a_model_at_zero_is_read_every_tick_and_an_active_one_every_second(
+    picker_server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held request at zero waits for the read that sees it: such a model's picker is read every tick (its held
+    count only, between full reads each second); an active model's once a second."""
+    monkeypatch.setattr("modelfit.zerowatch.PICKER_METRICS_PORT", picker_server)
+    state = OperatorState()
+    zero, active = ("default", "qwen"), ("default", "busy")
+    state.seen[zero] = _Seen(at=1.0)
+    state.seen[active] = _Seen(at=1.0, last_busy=time.time())
+    state.bodies[zero] = {"spec": {**ZERO, "replicas": 0}, "status": {}}
+    state.bodies[active] = {"spec": ZERO, "status": {"readyReplicas": 1}}
+    woken: list[Obj] = []
+
+    async def act(body: Obj, *_: Any) -> Obj:
+        woken.append(body)
+        return {}
+
+    watch = ZeroWatch(state, _Kube(), act)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            _Picker.body = "# empty\n"
+            await watch.tick(session)  # both read in full
+            assert _Picker.reads == 2 and state.seen[zero].activity == Activity()
+            _Picker.body = EPP_METRICS.replace("} 7", "} 70")  # a full read would see 72 served
+            await watch.tick(session)  # only the model at zero, its held count only: it wakes
+            assert _Picker.reads == 3 and woken == [state.bodies[zero]]
+            assert state.seen[zero].activity == Activity(held=4)
+            assert state.seen[active].activity == Activity()  # not read again within its second
+
+    _Picker.reads = 0
+    try:
+        asyncio.run(run())
+    finally:
+        _Picker.body = EPP_METRICS
 
 
 def test_a_failed_wake_is_left_to_the_resync_loop(picker_server: int, monkeypatch: pytest.MonkeyPatch) -> None:

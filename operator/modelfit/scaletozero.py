@@ -29,6 +29,7 @@ from .api import HostPathCache, ModelCache, ModelDeploymentSpec, ScaleToZeroStat
 from .settings import Settings
 
 POLL_S = 1.0  # how often the shell reads the picker of a model that may go to zero
+WAKE_POLL_S = 0.25  # how often it reads the picker of a model at zero: a held request waits for that read
 
 # GIE v1.5.0 EPP metrics (pkg/epp/metrics/metrics.go): requests sent to a pod (counted once scheduled), refused
 # (TTL, capacity, no endpoint), on a pod now, and waiting in flow control.

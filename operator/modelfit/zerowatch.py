@@ -1,14 +1,17 @@
-"""The shell of scale to zero: read the endpoint picker of every model that may go to zero (``scaletozero``) every
-``POLL_S``, remember when it last showed a request, and mark the model for a reconcile when ``should_look`` says a
-held request waits for a pod or the idle period is over (``decide`` then asks ``scaletozero.verdict``).
+"""The shell of scale to zero: read the endpoint picker of every model that may go to zero (``scaletozero``), remember
+when it last showed a request, and mark the model for a reconcile when ``should_look`` says a held request waits for
+a pod or the idle period is over (``decide`` then asks ``scaletozero.verdict``).
 
-The picker's /metrics port admits the operator (the picker's NetworkPolicy); it is read at the picker pod's own
-address (Ready, its IP from the kubelet, never from a spec), with a short timeout and a bounded body.
+A model at zero is read every ``WAKE_POLL_S`` (only its held count, ``held_of``, between full reads: a held request
+waits for that read); the others every ``POLL_S``. The picker's /metrics port admits the operator (the picker's
+NetworkPolicy); it is read at the picker pod's own address (Ready, its IP from the kubelet, never from a spec), with
+a short timeout and a bounded body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -23,7 +26,7 @@ from .api import ModelDeploymentSpec
 from .kube import Kube, KubeError, get_client
 from .reconciler import OperatorState, reconcile
 from .routing import PICKER_METRICS_PORT, picker_labels
-from .scaletozero import FAILED, HELD, POLL_S, RUNNING, SERVED, Activity, applies, busy, should_look
+from .scaletozero import FAILED, HELD, POLL_S, RUNNING, SERVED, WAKE_POLL_S, Activity, applies, busy, should_look
 
 METRICS_LIMIT = 4 * 2**20  # bytes of a picker's /metrics read at most (one pool's is a few tens of KiB)
 READ_TIMEOUT_S = 1.0
@@ -43,12 +46,27 @@ def parse_activity(text: str) -> Activity:
     return Activity(served=sums[SERVED], failed=sums[FAILED], running=sums[RUNNING], held=sums[HELD])
 
 
+def held_of(text: str) -> float:
+    """The requests held at the picker, from its Prometheus text without parsing the rest: a model at zero is read
+    every ``WAKE_POLL_S``, and only a held request matters then. ValueError on a malformed sample of that family."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(HELD) or line[len(HELD) : len(HELD) + 1] not in ("{", " "):
+            continue
+        rest = line[line.rindex("}") + 1 :] if "{" in line else line[len(HELD) :]
+        value = float(rest.split()[0])
+        if math.isfinite(value):
+            total += value
+    return total
+
+
 class Unreadable(Exception):
     """A picker's /metrics could not be read or parsed (the message says why)."""
 
 
-async def read_activity(session: aiohttp.ClientSession, url: str) -> Activity:
-    """One read of a picker's /metrics; ``Unreadable`` when it cannot be read or parsed."""
+async def read_activity(session: aiohttp.ClientSession, url: str, held_only: Activity | None = None) -> Activity:
+    """One read of a picker's /metrics; ``Unreadable`` when it cannot be read or parsed. ``held_only``: the last
+    activity, with only its held count read again (``held_of``)."""
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S)) as resp:
             if resp.status != 200:
@@ -61,9 +79,12 @@ async def read_activity(session: aiohttp.ClientSession, url: str) -> Activity:
                 chunks.append(chunk)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise Unreadable(f"{type(exc).__name__}: {exc}") from None
+    text = b"".join(chunks).decode("utf-8", "replace")
     try:
-        return parse_activity(b"".join(chunks).decode("utf-8", "replace"))
-    except ValueError as exc:
+        if held_only is not None:
+            return dataclasses.replace(held_only, held=held_of(text))
+        return parse_activity(text)
+    except (ValueError, IndexError) as exc:
         raise Unreadable(f"not Prometheus text: {exc}") from None
 
 
@@ -104,6 +125,17 @@ class ZeroWatch:
         self.act: Reconcile = act or reconcile
         self.urls: dict[tuple[str, str], tuple[str | None, float]] = {}
         self.readable: dict[tuple[str, str], bool] = {}  # logged when it changes, not every second
+        self.looked: dict[tuple[str, str], float] = {}  # the last full read of each model's picker (monotonic)
+
+    def _due(self, key: tuple[str, str]) -> bool:
+        """Is a full read of the model's picker due (every ``POLL_S``)?"""
+        return time.monotonic() - self.looked.get(key, 0.0) >= POLL_S
+
+    def _at_zero(self, key: tuple[str, str], body: dict[str, Any]) -> bool:
+        seen = self.state.seen.get(key)
+        if seen is not None and seen.scaled is not None:
+            return seen.scaled[1] == 0
+        return (body.get("spec") or {}).get("replicas") == 0
 
     async def _url(self, key: tuple[str, str]) -> str | None:
         url, at = self.urls.get(key, (None, 0.0))
@@ -123,11 +155,15 @@ class ZeroWatch:
             return False
         url = await self._url(key)
         activity, why = None, "no Ready picker pod"
+        at_zero = (seen.scaled[1] if seen.scaled is not None else spec.replicas) == 0
         if url is not None:
-            try:
-                activity = await read_activity(session, url)
+            try:  # at zero, between full reads, only whether a request is held
+                fast = at_zero and seen.activity is not None and not self._due(key)
+                activity = await read_activity(session, url, seen.activity if fast else None)
             except Unreadable as exc:
                 why = f"{url}: {exc}"
+            if activity is not None and not fast:
+                self.looked[key] = time.monotonic()
         if self.readable.get(key) != (activity is not None):
             self.readable[key] = activity is not None
             if activity is None:
@@ -158,14 +194,18 @@ class ZeroWatch:
         return True
 
     async def tick(self, session: aiohttp.ClientSession) -> None:
-        keys = [
+        """Read the picker of every model that may go to zero: those at zero every tick (``WAKE_POLL_S``), the
+        others every ``POLL_S``."""
+        every = [
             (key, body)
             for key, body in list(self.state.bodies.items())
             if ((body.get("spec") or {}).get("autoscaling") or {}).get("minReplicas") == 0
         ]
-        for gone in (set(self.urls) | set(self.readable)) - {k for k, _ in keys}:
+        for gone in (set(self.urls) | set(self.readable) | set(self.looked)) - {k for k, _ in every}:
             self.urls.pop(gone, None)
             self.readable.pop(gone, None)
+            self.looked.pop(gone, None)
+        keys = [(k, b) for k, b in every if self._at_zero(k, b) or self._due(k)]
         for (key, _), out in zip(
             keys,
             await asyncio.gather(*(self.look(session, k, b) for k, b in keys), return_exceptions=True),
@@ -175,7 +215,7 @@ class ZeroWatch:
                 log.warning(f"[{key[0]}/{key[1]}] scale-to-zero watch failed: {out}")
 
 
-async def zero_loop(state: OperatorState, kube: Kube | None = None, tick: float = POLL_S) -> None:
+async def zero_loop(state: OperatorState, kube: Kube | None = None, tick: float = WAKE_POLL_S) -> None:
     """The task kopf's startup starts beside the resync loop: one tick every ``tick`` seconds."""
     watch = ZeroWatch(state, kube or get_client())
     async with aiohttp.ClientSession() as session:
@@ -188,4 +228,4 @@ async def zero_loop(state: OperatorState, kube: Kube | None = None, tick: float 
             await asyncio.sleep(max(0.0, tick - (time.monotonic() - started)))
 
 
-__all__ = ["Unreadable", "ZeroWatch", "parse_activity", "picker_url", "read_activity", "zero_loop"]
+__all__ = ["Unreadable", "ZeroWatch", "held_of", "parse_activity", "picker_url", "read_activity", "zero_loop"]
