@@ -186,11 +186,10 @@ def test_one_endpoint_serves_two_models_by_name_through_zero_deletion_and_rollou
     assert events[-1] == b"data: [DONE]" and len(events) > 5 and first < total / 2
 
     # 3. chat goes to zero; the gateway says so; a request through it wakes chat and is answered
-    def at_zero() -> bool:
+    def at_zero() -> bool:  # and the old pod gone (its drain holds its CPU request on this full node)
         obj = cluster.get_json("-n", ns, "modeldeployment", CHAT)
-        return (obj.get("status", {}).get("scaleToZero") or {}).get("state") == "Zero" and not [
-            p for p in real_node.pods(ns, CHAT) if not p["metadata"].get("deletionTimestamp")
-        ]
+        state = (obj.get("status", {}).get("scaleToZero") or {}).get("state")
+        return state == "Zero" and not real_node.pods(ns, CHAT, terminating=True)
 
     cluster.wait_for(at_zero, timeout=IDLE_S + 120, interval=1, what="chat at zero")
     cluster.wait_for(lambda: models(gw_key).get(CHAT) == "Zero", timeout=30, interval=1, what="/v1/models: Zero")
