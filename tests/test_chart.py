@@ -1013,6 +1013,23 @@ def test_the_gateway_is_the_gateway_modules_and_reads_no_secret(
     assert "--gateway-namespace=modelfit-system" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def test_the_gateways_network_policy_admits_envoys_port_only(
+    helm: str, helm_env: dict[str, str], tmp_path: Path
+) -> None:
+    from modelfit import gateway
+
+    values = {"gateway": {"enabled": True}, "networkPolicy": {"enabled": True}}
+    docs = render(helm, helm_env, OPERATOR_CHART, values, tmp_path=tmp_path)
+    validate_manifests(docs)
+    (policy,) = [d for d in by_kind(docs, "NetworkPolicy") if d["metadata"]["name"] == "mf-modelfit-gateway"]
+    (deploy,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "mf-modelfit-gateway"]
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": gateway.GATEWAY_PORT}]}]
+    off = render(helm, helm_env, OPERATOR_CHART, {"gateway": {"enabled": True}}, tmp_path=tmp_path)
+    assert not by_kind(off, "NetworkPolicy")
+
+
 def test_no_gateway_by_default(helm: str, helm_env: dict[str, str], tmp_path: Path) -> None:
     docs = render(helm, helm_env, OPERATOR_CHART, {}, tmp_path=tmp_path)
     assert not [d for d in docs if "gateway" in d["metadata"]["name"]]
