@@ -63,7 +63,7 @@ def objects(n: int, port: int) -> tuple[list[dict[str, Any]], list[dict[str, Any
                 "metadata": {
                     "name": f"{name}-abcde",
                     "namespace": f"team-{i % 10}",
-                    "labels": {gateway.SERVICE_NAME_LABEL: name},
+                    "labels": {gateway.SERVICE_NAME_LABEL: name, gateway.SLICE_MANAGER_LABEL: gateway.SLICE_MANAGER},
                 },
                 "ports": [{"name": "http", "port": port}],
                 "endpoints": [

@@ -43,7 +43,11 @@ def eslice(service: str, ns: str, port: int, *addresses: str, ready: bool = True
         "metadata": {
             "name": f"{service}-x1",
             "namespace": ns,
-            "labels": {gateway.SERVICE_NAME_LABEL: service, "app.kubernetes.io/managed-by": "modelfit"},
+            "labels": {
+                gateway.SERVICE_NAME_LABEL: service,
+                gateway.SLICE_MANAGER_LABEL: gateway.SLICE_MANAGER,
+                "app.kubernetes.io/managed-by": "modelfit",
+            },
         },
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
         "endpoints": [{"addresses": [a], "conditions": {"ready": ready}} for a in addresses],
@@ -58,6 +62,8 @@ ZERO = {**READY, "scaleToZero": {"state": "Zero"}}
 
 
 def test_each_model_is_served_by_its_name_and_aliases_with_its_services_ready_endpoints() -> None:
+    forged = eslice("alpha", "team-a", 80, "169.254.169.254")
+    forged["metadata"]["labels"].pop(gateway.SLICE_MANAGER_LABEL)
     t = gateway.table(
         [md("alpha", status=READY), md("beta", ns="team-b", aliases=["b", "org/beta:q4_0"], status=ZERO)],
         [
@@ -66,6 +72,7 @@ def test_each_model_is_served_by_its_name_and_aliases_with_its_services_ready_en
             eslice("beta", "team-b", 8081, "10.0.1.2"),
             eslice("beta-epp", "team-b", 9002, "10.0.1.3"),  # the picker's own Service: not the model's
             eslice("alpha", "team-b", 8080, "10.0.9.9"),  # another namespace's alpha Service
+            forged,  # written by hand, not by Kubernetes' controller: to the cloud's metadata service
         ],
     )
     alpha, beta = t.models

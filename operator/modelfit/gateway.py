@@ -6,8 +6,8 @@ own Service endpoints (the llama-server pods, or the model's edge when a picker 
 request while the model is at zero). Nothing hand-written sits on the steady-state path; two Lua filters only
 check keys, answer what no model serves, and shape plain-text errors as OpenAI's.
 
-``table`` reads ModelDeployments and EndpointSlices into who serves which name; ``cds``, ``rds`` and
-``bootstrap`` render Envoy's configuration from it (file-based xDS: ``gatewaysync`` writes the files, Envoy
+``table`` reads ModelDeployments and EndpointSlices into who serves which name; ``clusters``,
+``route_configuration`` and ``bootstrap`` render Envoy's configuration from it (file-based xDS: ``gatewaysync`` writes the files, Envoy
 takes them without a restart). A gateway never reads a tenant's Secret: a model with its own apiKeySecretRef
 checks its key itself (the request's key passes through); the gateway's own key guards the others.
 """
@@ -45,6 +45,10 @@ LUA_CHECK = "modelfit.gateway.check"
 KEY_ENV = "MODELFIT_GATEWAY_API_KEY"
 JSON_TYPE = "application/json; charset=utf-8"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# Only the Service's own slices, as Kubernetes' controller writes them from the pods it selects: a slice someone
+# wrote by hand could send a model's requests anywhere the gateway's pod can reach
+SLICE_MANAGER_LABEL = "endpointslice.kubernetes.io/managed-by"
+SLICE_MANAGER = "endpointslice-controller.k8s.io"
 MANAGED_SELECTOR = "app.kubernetes.io/managed-by=modelfit"
 
 
@@ -123,11 +127,15 @@ def _state(status: Mapping[str, Any], endpoints: tuple[tuple[str, int], ...]) ->
 
 
 def _endpoints(slices: Iterable[Mapping[str, Any]], namespace: str, name: str) -> tuple[tuple[str, int], ...]:
-    """The ready addresses of the Service ``name``'s EndpointSlices, at their port named http (else the first)."""
+    """The ready addresses of the Service ``name``'s EndpointSlices (those Kubernetes' controller wrote), at their
+    port named http (else the first)."""
     out: set[tuple[str, int]] = set()
     for s in slices:
         meta = s.get("metadata") or {}
-        if meta.get("namespace") != namespace or (meta.get("labels") or {}).get(SERVICE_NAME_LABEL) != name:
+        labels = meta.get("labels") or {}
+        if meta.get("namespace") != namespace or labels.get(SERVICE_NAME_LABEL) != name:
+            continue
+        if labels.get(SLICE_MANAGER_LABEL) != SLICE_MANAGER:
             continue
         ports = [p for p in s.get("ports") or [] if isinstance(p.get("port"), int)]
         port = next((p for p in ports if p.get("name") == "http"), ports[0] if ports else None)
