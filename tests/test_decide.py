@@ -592,6 +592,20 @@ def test_surge_when_there_is_room_else_replace(
     )
 
 
+def test_pods_none_of_which_runs_are_replaced_when_their_plan_moves(make_node: Builder, make_pod: Builder) -> None:
+    """A surge keeps the old pending pod, pinned where there is no room, until a new one runs: a model moved to
+    another node class in a burst, its new pod as unschedulable as its old one, kept both pending for good. In its
+    own class a pending pod's plan keeps Surge (no churn of a plan that did not change)."""
+    first = decide(snapshot(SMALL, [make_node("cpu-small")]))
+    pending = after(first, make_pod)
+    pending["pods"] = [{**p, "status": {**p.get("status", {}), "phase": "Pending"}} for p in pending["pods"]]
+    nodes = [make_node("cpu-small"), make_node("gpu-24g")]
+    d = decide(snapshot({**SMALL, "context": 16384}, nodes, generation=2, **pending))
+    assert d.status.plan.node_selector != first.status.plan.node_selector
+    assert d.apply and d.status.plan.rollout == "Replace"
+    assert child(d, "Deployment")["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
 # ---- drift: a hand edit of the Deployment -----------------------------------------------------------
 
 

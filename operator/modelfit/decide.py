@@ -415,11 +415,16 @@ def keep_running(snap: Snapshot, r: _Reaction, new_plan: PlanStatus, pinned: boo
 
 
 def surge_fits(snap: Snapshot, placement: Placement) -> bool:
-    """Room for the new pod beside a running one? Always when the pods move to another node class."""
+    """Room for the new pod beside a running one? Always when the pods move to another node class, unless none of
+    them runs: then nothing is kept serving, and a surge would keep the old pending pod, pinned where there is no
+    room, until the new one runs (a model moved in a burst had two pods pending, neither ever replaced)."""
     old_plan = snap.old.plan
     running = [p for p in snap.pods if (p.get("status") or {}).get("phase") == "Running"]
     node, res = placement.node, placement.result
-    if not running or node is None or res is None or old_plan is None or old_plan.node_selector != placement.selector:
+    moved = old_plan is not None and old_plan.node_selector != placement.selector
+    if not running:
+        return not (moved and snap.pods)
+    if node is None or res is None or old_plan is None or moved:
         return True
     if node.count > len(running):
         return True  # a member of the class without our pod takes the new one
