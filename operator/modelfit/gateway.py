@@ -14,6 +14,7 @@ checks its key itself (the request's key passes through); the gateway's own key 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .api import ModelDeploymentSpec
+from .routing import address, grpc_cluster, hcm_base, overload_manager, router_filter, stdout_access_log
 
 GATEWAY_PORT = 8088  # Envoy's listener (the gateway Service's port)
 GATEWAY_ADMIN_PORT = 19001  # loopback only
@@ -332,10 +334,6 @@ def route_configuration(t: Table) -> dict[str, Any]:
     }
 
 
-def _address(host: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": host, "port_value": port}}
-
-
 def clusters(t: Table) -> list[dict[str, Any]]:
     """One cluster per served model: its Service's ready endpoints (no kube-proxy, no DNS on the path)."""
     return [
@@ -348,7 +346,7 @@ def clusters(t: Table) -> list[dict[str, Any]]:
             "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096}]},
             "load_assignment": {
                 "cluster_name": s.cluster,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(a, p)}} for a, p in s.endpoints]}],
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(a, p)}} for a, p in s.endpoints]}],
             },
         }
         for s in t.models
@@ -359,11 +357,14 @@ def _discovery(version: str, resources: list[dict[str, Any]]) -> dict[str, Any]:
     return {"version_info": version, "resources": resources}
 
 
-def xds_files(t: Table, version: str) -> dict[str, str]:
-    """The files Envoy watches: the clusters and the routes, each a DiscoveryResponse."""
+def xds_files(t: Table) -> dict[str, str]:
+    """The files Envoy watches: the clusters and the routes, each a DiscoveryResponse whose version is their
+    content's digest."""
+    cds, rds = clusters(t), [route_configuration(t)]
+    version = hashlib.sha256(json.dumps([cds, rds], separators=(",", ":")).encode()).hexdigest()[:16]
     return {
-        CDS_FILE: json.dumps(_discovery(version, clusters(t)), separators=(",", ":")),
-        RDS_FILE: json.dumps(_discovery(version, [route_configuration(t)]), separators=(",", ":")),
+        CDS_FILE: json.dumps(_discovery(version, cds), separators=(",", ":")),
+        RDS_FILE: json.dumps(_discovery(version, rds), separators=(",", ":")),
     }
 
 
@@ -476,16 +477,7 @@ def bootstrap(directory: str = XDS_DIR, port: int = GATEWAY_PORT, bbr_port: int 
     the check filter, the router; streamed responses pass unbuffered), the routes and the model clusters from
     files in ``directory`` (replaced by rename: Envoy reloads them on the move), BBR on loopback."""
     hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "gateway",
-        "use_remote_address": True,
-        "preserve_external_request_id": True,
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
-        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
-        "stream_idle_timeout": "3600s",
-        "request_timeout": "0s",
+        **hcm_base("gateway"),
         "rds": {"route_config_name": ROUTE_CONFIG, "config_source": _watched(directory, RDS_FILE)},
         "http_filters": [
             _lua(LUA_FRONT, LUA_FRONT_CODE),
@@ -513,75 +505,28 @@ def bootstrap(directory: str = XDS_DIR, port: int = GATEWAY_PORT, bbr_port: int 
                 },
             },
             _lua(LUA_CHECK, LUA_CHECK_CODE),
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                    "suppress_envoy_headers": True,
-                },
-            },
+            router_filter(),
         ],
-        "access_log": [
-            {
-                "name": "envoy.access_loggers.stdout",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                    "log_format": {
-                        "text_format_source": {
-                            "inline_string": "%START_TIME% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
-                            f"%RESPONSE_FLAGS% model=%REQ({MODEL_HEADER})% upstream=%UPSTREAM_HOST% "
-                            "ms=%DURATION% id=%REQ(X-REQUEST-ID)%\n"
-                        }
-                    },
-                },
-            }
-        ],
+        "access_log": stdout_access_log(f"model=%REQ({MODEL_HEADER})% "),
     }
     return {
         "node": {"id": "modelfit-gateway", "cluster": "modelfit-gateway"},
-        "admin": {"address": _address("127.0.0.1", GATEWAY_ADMIN_PORT)},
+        "admin": {"address": address("127.0.0.1", GATEWAY_ADMIN_PORT)},
         "dynamic_resources": {"cds_config": _watched(directory, CDS_FILE)},
         "static_resources": {
             "listeners": [
                 {
                     "name": "gateway",
-                    "address": _address("0.0.0.0", port),
+                    "address": address("0.0.0.0", port),
                     "per_connection_buffer_limit_bytes": MAX_BODY_BYTES,
                     "filter_chains": [
                         {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
                     ],
                 }
             ],
-            "clusters": [
-                {
-                    "name": "bbr",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "bbr",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address("127.0.0.1", bbr_port)}}]}],
-                    },
-                }
-            ],
+            "clusters": [grpc_cluster("bbr", bbr_port)],
         },
-        "overload_manager": {
-            "resource_monitors": [
-                {
-                    "name": "envoy.resource_monitors.global_downstream_max_connections",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
-                        "downstream_connections.v3.DownstreamConnectionsConfig",
-                        "max_active_downstream_connections": 10000,
-                    },
-                }
-            ]
-        },
+        "overload_manager": overload_manager(),
     }
 
 

@@ -9,8 +9,6 @@ cannot be read; a failed list is logged once per change, not per poll.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -68,15 +66,14 @@ def render(
     mds: list[dict[str, Any]], slices: list[dict[str, Any]], namespaces: frozenset[str] | None
 ) -> tuple[gateway.Table, dict[str, str]]:
     t = gateway.table(mds, slices, namespaces)
-    version = hashlib.sha256(json.dumps([gateway.clusters(t), gateway.route_configuration(t)]).encode()).hexdigest()
-    return t, gateway.xds_files(t, version[:16])
+    return t, gateway.xds_files(t)
 
 
 def write_bootstrap(directory: Path) -> None:
     """Envoy's bootstrap and empty route and cluster files: Envoy can start before the first list."""
     write_files(directory, {gateway.BOOTSTRAP_FILE: dump_yaml(gateway.bootstrap(str(directory)))})
     if not (directory / gateway.CDS_FILE).exists():
-        write_files(directory, gateway.xds_files(gateway.Table(), "empty"))
+        write_files(directory, gateway.xds_files(gateway.Table()))
 
 
 async def run(directory: Path, namespaces: frozenset[str] | None, once: bool = False, poll_s: float = POLL_S) -> int:

@@ -324,21 +324,7 @@ def envoy_config(md_meta: dict[str, Any], spec: ModelDeploymentSpec, retry_after
             "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
             "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096}]},
         },
-        {
-            "name": "picker",
-            "type": "STATIC",
-            "connect_timeout": "2s",
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            },
-            "load_assignment": {
-                "cluster_name": "picker",
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address("127.0.0.1", GRPC_PORT)}}]}],
-            },
-        },
+        grpc_cluster("picker", GRPC_PORT),
     ]
     if fail_open:
         routes.append({"match": {"prefix": "/"}, "route": {**picked, "cluster": "pods"}})
@@ -351,7 +337,7 @@ def envoy_config(md_meta: dict[str, Any], spec: ModelDeploymentSpec, retry_after
                 "lb_policy": "LEAST_REQUEST",
                 "load_assignment": {
                     "cluster_name": "pods",
-                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, 8080)}}]}],
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(host, 8080)}}]}],
                 },
             }
         )
@@ -366,16 +352,7 @@ def envoy_config(md_meta: dict[str, Any], spec: ModelDeploymentSpec, retry_after
             }
         )
     hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "edge",
-        "use_remote_address": True,
-        "preserve_external_request_id": True,  # a client's x-request-id names its request in both logs
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
-        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
-        "stream_idle_timeout": "3600s",
-        "request_timeout": "0s",
+        **hcm_base("edge"),
         "route_config": {
             "name": "edge",
             "virtual_hosts": [{"name": "edge", "domains": ["*"], "routes": routes}],
@@ -408,36 +385,17 @@ def envoy_config(md_meta: dict[str, Any], spec: ModelDeploymentSpec, retry_after
                     "message_timeout": "1000s",
                 },
             },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                    "suppress_envoy_headers": True,
-                },
-            },
+            router_filter(),
         ],
-        "access_log": [
-            {
-                "name": "envoy.access_loggers.stdout",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                    "log_format": {
-                        "text_format_source": {
-                            "inline_string": "%START_TIME% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
-                            "%RESPONSE_FLAGS% upstream=%UPSTREAM_HOST% ms=%DURATION% id=%REQ(X-REQUEST-ID)%\n"
-                        }
-                    },
-                },
-            }
-        ],
+        "access_log": stdout_access_log(),
     }
     return {
-        "admin": {"address": _address("127.0.0.1", EDGE_ADMIN_PORT)},
+        "admin": {"address": address("127.0.0.1", EDGE_ADMIN_PORT)},
         "static_resources": {
             "listeners": [
                 {
                     "name": "edge",
-                    "address": _address("0.0.0.0", EDGE_PORT),
+                    "address": address("0.0.0.0", EDGE_PORT),
                     "per_connection_buffer_limit_bytes": 32768,
                     "filter_chains": [
                         {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
@@ -446,22 +404,91 @@ def envoy_config(md_meta: dict[str, Any], spec: ModelDeploymentSpec, retry_after
             ],
             "clusters": clusters,
         },
-        "overload_manager": {
-            "resource_monitors": [
-                {
-                    "name": "envoy.resource_monitors.global_downstream_max_connections",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
-                        "downstream_connections.v3.DownstreamConnectionsConfig",
-                        "max_active_downstream_connections": 10000,
-                    },
-                }
-            ]
+        "overload_manager": overload_manager(),
+    }
+
+
+def hcm_base(stat_prefix: str) -> dict[str, Any]:
+    """What every Envoy listener of ours sets on its HTTP connection manager: client addresses and request ids as
+    given, paths normalized, headers with underscores refused, no request timeout (a generation takes as long as
+    it takes), an hour of silence at most."""
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": stat_prefix,
+        "use_remote_address": True,
+        "preserve_external_request_id": True,  # a client's x-request-id names its request in both logs
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+        "stream_idle_timeout": "3600s",
+        "request_timeout": "0s",
+    }
+
+
+def router_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.router",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+            "suppress_envoy_headers": True,
         },
     }
 
 
-def _address(host: str, port: int) -> dict[str, Any]:
+def stdout_access_log(fields: str = "") -> list[dict[str, Any]]:
+    """One line per request on stdout; ``fields`` go after the response flags."""
+    line = (
+        "%START_TIME% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
+        f"%RESPONSE_FLAGS% {fields}upstream=%UPSTREAM_HOST% ms=%DURATION% id=%REQ(X-REQUEST-ID)%\n"
+    )
+    return [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                "log_format": {"text_format_source": {"inline_string": line}},
+            },
+        }
+    ]
+
+
+def grpc_cluster(name: str, port: int) -> dict[str, Any]:
+    """An ext_proc server on loopback (HTTP/2)."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address("127.0.0.1", port)}}]}],
+        },
+    }
+
+
+def overload_manager() -> dict[str, Any]:
+    """At most 10000 client connections."""
+    return {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                    "downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": 10000,
+                },
+            }
+        ]
+    }
+
+
+def address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 

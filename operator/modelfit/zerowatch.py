@@ -155,10 +155,9 @@ class ZeroWatch:
             return False
         url = await self._url(key)
         activity, why = None, "no Ready picker pod"
-        at_zero = (seen.scaled[1] if seen.scaled is not None else spec.replicas) == 0
         if url is not None:
             try:  # at zero, between full reads, only whether a request is held
-                fast = at_zero and seen.activity is not None and not self._due(key)
+                fast = self._at_zero(key, body) and seen.activity is not None and not self._due(key)
                 activity = await read_activity(session, url, seen.activity if fast else None)
             except Unreadable as exc:
                 why = f"{url}: {exc}"
