@@ -23,11 +23,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=2, help="wakes per condition (default 2)")
     ap.add_argument("--out", default="/tmp/coldstart-stages.md", help="where the table is written")
+    ap.add_argument(
+        "--kubelet-out", default="/tmp/coldstart-kubelet.md", help="where the kubelet's view (PLEG, probe) is written"
+    )
     args = ap.parse_args()
     env = {
         **os.environ,
         "MODELFIT_BENCH_RUNS": str(args.runs),
         "MODELFIT_BENCH_OUT": args.out,
+        "MODELFIT_BENCH_KUBELET": args.kubelet_out,
         "MODELFIT_REQUIRE_REALNODE": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
@@ -35,6 +39,7 @@ def main() -> int:
     rc = subprocess.run(cmd, env=env, cwd=ROOT, check=False).returncode
     if rc == 0:
         print(Path(args.out).read_text())
+        print(Path(args.kubelet_out).read_text())
     return rc
 
 

@@ -7,7 +7,9 @@ harness's file server on the node bridge). Each stage is measured against the op
 sha256 verified), llama-server started, model loaded (its own log line), Ready, first token.
 
 API timestamps are whole seconds; the model-loaded line (the container runtime's timestamp) and the first token
-(the client's clock) are not.
+(the client's clock) are not. The kubelet's own log (``--v=2``) gives its view to the microsecond: when its PLEG
+relist saw each container start and end, and when the startup probe passed; ``MODELFIT_BENCH_KUBELET`` names the
+file where those rows go.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -22,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from _realnode import RealNode, drop_page_cache
+from _realnode import NODE_DIR, RealNode, drop_page_cache
 from _support import HOST_CACHE_ROOT, wait_condition
 from modelfit_dev.synth import ensure_model
 from test_routing_realnode import NAME, apply_routed
@@ -31,6 +34,9 @@ pytestmark = pytest.mark.realnode
 IDLE_S = 10
 RUNS = int(os.environ.get("MODELFIT_BENCH_RUNS", "2"))
 OUT = Path(os.environ.get("MODELFIT_BENCH_OUT", "/tmp/coldstart-stages.md"))
+KUBELET_OUT = Path(os.environ.get("MODELFIT_BENCH_KUBELET", "/tmp/coldstart-kubelet.md"))
+KUBELET_LOG = NODE_DIR / "kubelet" / "kubelet.log"
+_KLOG = re.compile(r"^[IWE](\d{2})(\d{2}) (\d{2}):(\d{2}):(\d{2}\.\d{6})")
 
 
 def _at(stamp: str | None, since: float) -> float | None:
@@ -47,6 +53,38 @@ def _loaded_at(cluster: Any, ns: str, pod: str, since: float) -> float | None:
             stamp = line.split(" ", 1)[0]
             return datetime.datetime.fromisoformat(stamp[:26].rstrip("Z") + "+00:00").timestamp() - since
     return None
+
+
+def _kubelet_saw(pod: dict[str, Any], since: float) -> list[tuple[float, str]]:
+    """(seconds from ``since``, what) for each PLEG event and startup-probe result the kubelet logged for ``pod``:
+    its own clock to the microsecond (klog's local time, this machine's UTC). Container IDs are named from the
+    pod's status."""
+    ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+    st = pod.get("status") or {}
+    names = {
+        str(c.get("containerID") or "").split("://")[-1]: c["name"]
+        for c in list(st.get("initContainerStatuses") or []) + list(st.get("containerStatuses") or [])
+        if c.get("containerID")
+    }
+    year = datetime.datetime.fromtimestamp(since, datetime.UTC).year
+    out: list[tuple[float, str]] = []
+    for line in KUBELET_LOG.read_text(errors="replace").splitlines():
+        if f'pod="{ns}/{name}"' not in line or ("SyncLoop (PLEG)" not in line and "SyncLoop (probe)" not in line):
+            continue
+        m = _KLOG.match(line)
+        if not m:
+            continue
+        mo, d, h, mi, sec = m.groups()
+        t = datetime.datetime(year, int(mo), int(d), int(h), int(mi), tzinfo=datetime.UTC).timestamp()
+        t += float(sec)
+        if "SyncLoop (probe)" in line:
+            probe = re.search(r'probe="(\w+)" status="(\w*)"', line)
+            what = f"{probe.group(1)} probe {probe.group(2) or 'unknown'}" if probe else "probe"
+        else:
+            ev = re.search(r'"Type":"(\w+)","Data":"(\w+)"', line)
+            what = f"{ev.group(1)} {names.get(ev.group(2), 'sandbox')}" if ev else "PLEG"
+        out.append((t - since, what))
+    return out
 
 
 def _first_token(port: int, key: str) -> tuple[int, float, float]:
@@ -79,6 +117,7 @@ def test_cold_start_by_stage(
 ) -> None:
     seed = ensure_model("qwen35-0.8b", "Q4_0")
     rows: list[str] = []
+    kubelet_rows: list[str] = []
     for where in ("node cache", "not cached"):
         cache = {"hostPath": {"path": str(HOST_CACHE_ROOT)}} if where == "node cache" else {"emptyDir": {}}
         if where == "not cached":
@@ -136,6 +175,9 @@ def test_cold_start_by_stage(
                 row = f"| {where}, {cond} | {run + 1} | {shown} | {predicted:.1f} | {cs.get('lastMeasuredSeconds')} |"
                 print(row, flush=True)
                 rows.append(row)
+                saw = " ; ".join(f"{what} {t:.2f}" for t, what in _kubelet_saw(pod, wall) if t >= -1)
+                kubelet_rows.append(f"| {where}, {cond} | {run + 1} | {first:.2f} | {saw} |")
+                print(kubelet_rows[-1], flush=True)
     size_mib = seed.stat().st_size / 2**20
     head = (
         f"Seed shape: {seed.name} ({size_mib:.0f} MiB), context 4096, 1 slot, 1 CPU requested, on the real node "
@@ -145,3 +187,8 @@ def test_cold_start_by_stage(
     )
     OUT.write_text(head + "\n" + "\n".join(rows) + "\n")
     print("\n" + OUT.read_text())
+    KUBELET_OUT.write_text(
+        "What the kubelet saw (its log, seconds from the request): PLEG events and startup-probe results.\n\n"
+        "| where the file is | run | first token | kubelet saw |\n|---|---|---|---|\n" + "\n".join(kubelet_rows) + "\n"
+    )
+    print("\n" + KUBELET_OUT.read_text())
