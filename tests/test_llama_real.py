@@ -21,6 +21,8 @@ from modelfit_dev.synth import ensure_model, llama_bin
 
 pytestmark = pytest.mark.llama
 
+NOISE = 3 * MiB  # resident file pages (the binary, its libraries, the mapped model), between runs of one shape
+
 CASES = [
     ("qwen35-tiny", "Q4_0", 4096, "none", 1, "f16"),
     ("qwen35-tiny", "Q4_0", 2048, "mmap", 4, "q8_0"),
@@ -53,8 +55,12 @@ def test_predicted_rss_matches_real_server(model: str, quant: str, ctx: int, mod
     err = (pred - meas) / meas
     # Never under. The peak counts a full context (the whole compute buffer, HOST_BYTES_PER_CELL per cell),
     # which a 300-word prompt leaves mostly untouched: 4-6 MiB on these ~30 MiB runtime-dominated processes.
-    # The full-context test below and bench/memory_fill.py (real shapes) hold the peak closer.
-    assert 0 <= err <= 0.25, f"predicted {pred / MiB:.1f} MiB, measured {meas / MiB:.1f} MiB ({100 * err:+.1f}%)"
+    # The full-context test below and bench/memory_fill.py (real shapes) hold the peak closer. Over by at most a
+    # quarter and NOISE: under mmap the resident pages of the mapped file vary between runs of one shape (gpt-oss-tiny
+    # Q4_0 mmap: 28.8 MiB measured in 2 of 6 runs on a loaded machine, more in the others, 36.1 predicted).
+    assert pred >= meas and pred <= 1.25 * meas + NOISE, (
+        f"predicted {pred / MiB:.1f} MiB, measured {meas / MiB:.1f} MiB ({100 * err:+.1f}%)"
+    )
 
 
 FULL = [
@@ -63,9 +69,6 @@ FULL = [
     ("lfm2-tiny", "none", 2, "q8_0"),
     ("gpt-oss-tiny", "mmap", 1, "f16"),
 ]
-
-
-NOISE = 3 * MiB  # resident file pages (the binary, its libraries, the mapped model), between runs of one shape
 
 
 @pytest.mark.parametrize(("model", "mode", "np_", "kv"), FULL)
