@@ -175,7 +175,7 @@ def test_the_queue_ttl_and_the_status_are_one_prediction(make_node: Builder) -> 
     ttl = int(yaml.safe_load(epp["data"]["epp.yaml"])["flowControl"]["defaultRequestTTL"].rstrip("s"))
     assert ttl == min(routing.MAX_QUEUE_TTL_S, max(routing.MIN_QUEUE_TTL_S, math.ceil(1.5 * cold)))
     assert f"predicted cold start of {cold:.0f} s" in " ".join(plan.reasons)
-    assert routing.cold_start_s(plan.model_bytes, snap.spec) == predict(plan.model_bytes, snap.spec).seconds
+    assert routing.cold_start_s(plan.model_bytes, snap.spec) == round(predict(plan.model_bytes, snap.spec).seconds, 1)
 
 
 def test_the_startup_probe_sees_the_load_end_within_two_seconds(make_node: Builder) -> None:
@@ -199,3 +199,26 @@ def test_an_old_status_without_a_cold_start_still_reads() -> None:
     assert read.cold_start is None
     back = ModelDeploymentStatus.model_validate({"coldStart": {"predictedSeconds": 4.5, "lastMeasuredPod": "p"}})
     assert back.cold_start == ColdStartStatus(predicted_seconds=4.5, last_measured_pod="p")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"modelCache": HOST_CACHE},
+        {"modelCache": {"pvc": {"size": "10Gi"}}},
+    ],
+    ids=["emptyDir", "hostPath", "pvc-cache"],  # a model on its own PVC: none (tests/test_render.py)
+)
+def test_each_init_container_the_pod_runs_costs_a_relist_of_the_kubelet(
+    make_node: Builder, change: dict[str, Any]
+) -> None:
+    """The kubelet starts the next container only after its next look at the runtime (1 s): the prediction counts
+    the init containers the rendered pod really has."""
+    d = decide(snapshot({**SMALL, **change}, [make_node("cpu-large")]))
+    pod_spec = child(d, "Deployment")["spec"]["template"]["spec"]
+    inits = len(pod_spec.get("initContainers") or [])
+    s = spec(**change)
+    assert coldstart.init_containers(s) == inits == (1 if place(s) == "download" else inits)
+    assert predict(GB, s).stages["scheduling"] == coldstart.SCHEDULING_S + coldstart.RELIST_S * inits
+    assert f"each of its {inits} init container(s)" in " ".join(predict(GB, s).reasons)

@@ -3,6 +3,7 @@ import pytest
 
 from modelfit import catalog
 from modelfit.api import ModelDeploymentSpec
+from modelfit.coldstart import init_containers
 from modelfit.download import DOWNLOAD_SCRIPT
 from modelfit.nodes import GiB, MiB, NodeFacts, format_memory
 from modelfit.placement import place
@@ -152,6 +153,7 @@ def test_pvc_model_source_has_no_init():
     _, p, _ = build()
     r = render(META, spec, p, mf)
     assert "initContainers" not in pod(r) and mf.path == "/model-source/q/m.gguf"
+    assert init_containers(spec) == 0  # the predicted cold start counts none
     vol = next(v for v in pod(r)["volumes"] if v["name"] == "model-source")
     assert vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
 

@@ -178,21 +178,29 @@ def test_decide_puts_an_idle_model_to_zero(make_node: Builder) -> None:
     assert "to zero after 60 s without a request" in line and "every wake downloads the model" in line
 
 
-def test_a_model_that_may_go_to_zero_gets_a_one_second_startup_probe(make_node: Builder) -> None:
-    """A held request waits on every start of such a model: its probe looks every second, the load's budget the
-    same, and the predicted cold start's probe stage says so."""
+def test_a_model_that_may_go_to_zero_is_ready_the_moment_its_one_second_readiness_probe_passes(
+    make_node: Builder,
+) -> None:
+    """A held request waits on every start of such a model: no startup probe (a passed one leaves Ready to the
+    kubelet's next pod sync, up to a second later), readiness every second, liveness held off for the same load
+    budget; the predicted cold start's probe stage says so."""
     zero = zero_decision(make_node, ZERO)
     always = zero_decision(make_node, {**ZERO, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}})
 
-    def startup(d: Decision) -> Obj:
+    def server(d: Decision) -> Obj:
         pod = named(d, "Deployment", "qwen")["spec"]["template"]["spec"]
-        return next(c for c in pod["containers"] if c["name"] == "llama-server")["startupProbe"]
+        return next(c for c in pod["containers"] if c["name"] == "llama-server")
 
-    fast, slow = startup(zero), startup(always)
-    assert (fast["periodSeconds"], slow["periodSeconds"]) == (1, 2)
-    assert fast["failureThreshold"] * 1 == slow["failureThreshold"] * 2
+    fast, slow = server(zero), server(always)
+    assert "startupProbe" not in fast and fast["readinessProbe"]["periodSeconds"] == 1
+    assert fast["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert (slow["startupProbe"]["periodSeconds"], slow["readinessProbe"]["periodSeconds"]) == (2, 10)
+    budget = slow["startupProbe"]["failureThreshold"] * 2
+    assert fast["livenessProbe"]["initialDelaySeconds"] == budget and "initialDelaySeconds" not in slow["livenessProbe"]
+    assert fast["livenessProbe"]["periodSeconds"] == slow["livenessProbe"]["periodSeconds"] == 20
     assert zero.status.cold_start is not None and zero.status.cold_start.stages.probe == 1
     assert always.status.cold_start is not None and always.status.cold_start.stages.probe == 2
+    assert "readiness probe looks every 1 s" in " ".join(zero.status.cold_start.reasons)
 
 
 def test_a_model_that_may_go_to_zero_reads_its_file_from_the_nodes_cache_when_the_admin_allows_one(

@@ -757,7 +757,10 @@ class ColdStartStages(_Status):
     verify: float = Field(default=0.0, description="The downloader's sha256 of the file (every start).")
     load: float = Field(default=0.0, description="llama-server reads the weights (and repacks them).")
     warmup: float = Field(default=0.0, description="llama-server's context and warm-up run, until it listens.")
-    probe: float = Field(default=0.0, description="Until the startup probe next looks (its period).")
+    probe: float = Field(
+        default=0.0,
+        description="Until the probe next looks while it loads (its period): readiness for a model that may go to zero, else startup.",
+    )
 
 
 class ColdStartStatus(_Status):

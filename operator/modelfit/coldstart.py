@@ -4,8 +4,8 @@ on the pods. Pure: no I/O.
 The prediction is what a request held while a model scales from zero waits (the picker's queue TTL, ``routing``) and
 what ``status.coldStart`` shows beside the last measured one. Its stages, from the pod's creation to Ready:
 
-- scheduling: bound to a node already present, the sandbox and the containers started (a node a cluster autoscaler
-  adds takes minutes more and is not predicted);
+- scheduling: bound to a node already present, the sandbox, and a second per init container until llama-server
+  starts (the kubelet's relist; a node a cluster autoscaler adds takes minutes more and is not predicted);
 - image: 0 -- the images are taken to be on the node (``IfNotPresent``; an earlier pod pulled them); a node's first
   pull adds its download, which is not predicted;
 - fetch: the model's download, when the cache is not the node's (emptyDir: every new pod downloads); 0 when a
@@ -16,8 +16,8 @@ what ``status.coldStart`` shows beside the last measured one. Its stages, from t
 - load: llama-server reads (``--load-mode none``) or maps the weights and repacks them: a download from the page
   cache, a cached file or a PVC's from disk unless the node's page cache holds it (the warm prediction);
 - warmup: llama-server's context (the KV cache is cleared) and its warm-up run, until it listens;
-- probe: the kubelet sees it at the startup probe's next look, at most ``startup_period`` later (1 s for a model
-  that may go to zero, else 2 s).
+- probe: the kubelet sees it at the probe's next look, at most ``startup_period`` later: 1 s for a model that may go
+  to zero (its readiness probe, Ready at once), else 2 s (the startup probe; readiness follows at the next pod sync).
 
 The speeds were measured on this project's CI machine kind (see the constants); a node with a faster disk or more
 cores starts sooner.
@@ -33,16 +33,21 @@ from .api import ColdStartStages, ColdStartStatus, ModelDeploymentSpec
 
 # The llama-server container's startup probe period (render.py): Ready at most this long after the load.
 STARTUP_PERIOD_S = 2
-# A model that may go to zero has a client waiting on every start: its startup probe looks every second.
+# A model that may go to zero has a client waiting on every start: no startup probe, its readiness probe looks every
+# second and the kubelet writes Ready the moment it passes (render.py).
 ZERO_STARTUP_PERIOD_S = 1
 # Measured on this project's CI machine kind (2 vCPUs of an AMD EPYC, virtio disk, 23 GiB; llama.cpp b11434, its
 # CPU build): bench runs of llama-server against synth models with the file evicted (POSIX_FADV_DONTNEED) or in the
 # page cache, and pods of the real-node e2e (containerd, kubelet v1.35.4). The e2e's downloader is Debian's busybox
 # 1.35; a busybox built with SHA-NI hashes several times faster.
 #
-# Created -> the llama-server container started, less the download's own work: scheduling, the sandbox, three
-# container starts. Real node: 0-2 s (whole seconds) with the machine otherwise idle, 3-4 s under load.
-SCHEDULING_S = 2.0
+# Created -> the first container started: the scheduler's bind, the sandbox and its network. Real node (kubelet log,
+# bench/coldstart_stages.py): within 0.6-1.6 s of a held request, the PLEG's relist included.
+SCHEDULING_S = 0.5
+# Each init container costs one relist of the kubelet's PLEG (generic PLEG: every second): the kubelet starts the
+# next container only in the pod sync after a relist saw the last one exit. The real node's kubelet log shows the
+# cache's owner set, the file's stamp checked and llama-server started exactly 1.0 s apart (issue 16).
+RELIST_S = 1.0
 IMAGE_S = 0.0
 # A Hugging Face download into one pod: not measured (no internet here); a typical CDN stream.
 DOWNLOAD_BYTES_PER_S = 50 * 10**6
@@ -99,9 +104,19 @@ def place(spec: ModelDeploymentSpec) -> Place:
     return "download"
 
 
+def init_containers(spec: ModelDeploymentSpec) -> int:
+    """How many init containers a pod of ``spec`` runs before llama-server (render.py): none for a model on its own
+    PVC; the download (or the cached file's check), after the hostPath cache's owner is set when the cache is one."""
+    if place(spec) == "volume":
+        return 0
+    cache = spec.model_cache
+    return 2 if cache is not None and cache.host_path is not None else 1
+
+
 def startup_period(spec: ModelDeploymentSpec) -> int:
-    """The llama-server container's startup probe period (render.py): 1 s for a model that may go to zero
-    (autoscaling.minReplicas 0: a held request waits on every start), else 2 s."""
+    """How often the llama-server container's probe looks while it loads (render.py): 1 s for a model that may go to
+    zero (autoscaling.minReplicas 0: a held request waits on every start; its readiness probe), else 2 s (its
+    startup probe)."""
     a = spec.autoscaling
     return ZERO_STARTUP_PERIOD_S if a is not None and a.min_replicas == 0 else STARTUP_PERIOD_S
 
@@ -123,7 +138,7 @@ def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none"
     load = model_bytes / speed + disk
     warmup = WARMUP_S + model_bytes / WARMUP_BYTES_PER_S + kv_bytes / CLEAR_BYTES_PER_S
     stages = {
-        "scheduling": SCHEDULING_S,
+        "scheduling": SCHEDULING_S + RELIST_S * init_containers(spec),
         "image": IMAGE_S,
         "fetch": fetch,
         "verify": verify,
@@ -144,7 +159,9 @@ def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none"
         "volume": "verify: none (a model on its own PVC is not checked)",
     }[where]
     reasons = (
-        f"scheduling: {SCHEDULING_S:g} s on a node already present (a new node takes minutes more)",
+        f"scheduling: {SCHEDULING_S:g} s on a node already present (a new node takes minutes more), and "
+        f"{RELIST_S:g} s for each of its {init_containers(spec)} init container(s) (the kubelet starts the next "
+        "container after its next look at the runtime, every second)",
         "image: 0 s, the images are taken to be on the node already (a node's first pull adds its download)",
         fetched,
         checked,
@@ -155,7 +172,8 @@ def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none"
             else ")"
         ),
         f"warmup: context ({kv_bytes / 1e9:.2f} GB of KV cache cleared) and llama-server's warm-up run",
-        f"probe: the startup probe looks every {startup_period(spec)} s",
+        f"probe: the {'readiness' if startup_period(spec) == ZERO_STARTUP_PERIOD_S else 'startup'} probe looks every "
+        f"{startup_period(spec)} s",
     )
     return ColdStart(stages, sum(stages.values()) - disk, reasons)
 
@@ -207,10 +225,13 @@ def status(prediction: ColdStart, pods: list[dict[str, Any]], old: ColdStartStat
 
 
 __all__ = [
+    "RELIST_S",
+    "SCHEDULING_S",
     "STARTUP_PERIOD_S",
     "ZERO_STARTUP_PERIOD_S",
     "ColdStart",
     "Measured",
+    "init_containers",
     "measured",
     "place",
     "predict",

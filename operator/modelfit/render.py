@@ -19,7 +19,7 @@ from typing import Any
 from . import api, catalog
 from .api import ModelDeploymentSpec
 from .cache import host_cache_dir
-from .coldstart import STARTUP_PERIOD_S, startup_period
+from .coldstart import STARTUP_PERIOD_S, ZERO_STARTUP_PERIOD_S, startup_period
 from .download import DIGEST_DIR, DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
 from .nodes import GPU_RESOURCES, GiB, MiB, format_memory, parse_quantity
@@ -394,6 +394,27 @@ def _server_container(
     def probe() -> dict[str, Any]:
         return {"httpGet": {"path": "/health", "port": "http"}}
 
+    period = startup_period(spec)
+    budget_probes = startup_failure_threshold(model.size_bytes, period)
+    liveness = {**probe(), "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 6}
+    probes: dict[str, Any]
+    if period == ZERO_STARTUP_PERIOD_S:
+        # A model that may go to zero has a client waiting on every start. The kubelet writes Ready the moment a
+        # readiness probe passes, while a passed startup probe waits for its next pod sync (up to a PLEG relist,
+        # about 1 s) before readiness is even looked at: so no startup probe, readiness every second (llama-server
+        # answers /health at once, 503 while it loads), and liveness held off for the same load budget.
+        probes = {
+            "readinessProbe": {**probe(), "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": 10},
+            "livenessProbe": {**liveness, "initialDelaySeconds": budget_probes * period},
+        }
+    else:
+        probes = {
+            # Ready within a period of the load (coldstart: the probe stage); the load's budget stays the same
+            "startupProbe": {**probe(), "periodSeconds": period, "failureThreshold": budget_probes},
+            "readinessProbe": {**probe(), "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+            "livenessProbe": liveness,
+        }
+
     return {
         "name": "llama-server",
         "image": server_image(spec, p.backend, settings),
@@ -401,14 +422,7 @@ def _server_container(
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": env,
         "resources": _resources(placement, spec, honour_memory_override),
-        "startupProbe": {
-            **probe(),
-            # Ready within a period of the load (coldstart: the probe stage); the load's budget stays the same
-            "periodSeconds": startup_period(spec),
-            "failureThreshold": startup_failure_threshold(model.size_bytes, startup_period(spec)),
-        },
-        "readinessProbe": {**probe(), "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {**probe(), "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 6},
+        **probes,
         # A deleted pod keeps serving while the EndpointSlices, the gateway and the pickers stop sending to it:
         # what it runs finishes, what comes meanwhile is answered (llama-server stops at SIGTERM, cutting
         # requests; the gateway retries one cut before its answer began)

@@ -98,10 +98,11 @@ def prompt_tokens_per_s(facts: ModelFacts, result: PlanResult) -> float:
 
 def cold_start_s(model_bytes: int, spec: ModelDeploymentSpec, result: PlanResult | None = None) -> float:
     """Predicted seconds from a new pod's creation to Ready, page cache cold: ``coldstart.predict``, the one
-    prediction ``status.coldStart`` shows too (the flow-control queue's TTL comes from it)."""
+    prediction ``status.coldStart`` shows too, to the same tenth of a second (the flow-control queue's TTL and the
+    edge's Retry-After come from it)."""
     load_mode = result.plan.load_mode if result is not None else "none"
     kv = result.memory.kv_cache_bytes if result is not None else 0
-    return coldstart.predict(model_bytes, spec, load_mode, kv).seconds
+    return round(coldstart.predict(model_bytes, spec, load_mode, kv).seconds, 1)
 
 
 def _prefix_tokens(result: PlanResult) -> tuple[int, int]:
