@@ -78,7 +78,7 @@ def _kubelet_saw(pod: dict[str, Any], since: float) -> list[tuple[float, str]]:
         t = datetime.datetime(year, int(mo), int(d), int(h), int(mi), tzinfo=datetime.UTC).timestamp()
         t += float(sec)
         if "SyncLoop (probe)" in line:
-            probe = re.search(r'probe="(\w+)" status="(\w*)"', line)
+            probe = re.search(r'probe="(\w+)" status="([^"]*)"', line)
             what = f"{probe.group(1)} probe {probe.group(2) or 'unknown'}" if probe else "probe"
         else:
             ev = re.search(r'"Type":"(\w+)","Data":"(\w+)"', line)
