@@ -30,7 +30,7 @@ def holder(cluster: Any, lease: str) -> str | None:
 
 def test_two_replicas_fail_over(cluster, session_operator_paused, pool, namespace, tmp_path: Path) -> None:
     pool.add("a", cpu="16", memory="64Gi")
-    lease = f"ha-{uuid.uuid4().hex[:6]}"
+    lease = f"lease-{uuid.uuid4().hex[:6]}"  # never containing a model's name ("ha-1" in "ha-17697f" failed CI once)
     args = ["-A", "--leader-elect", "--leader-elect-namespace", LEASE_NS, "--leader-elect-id", lease]
     a = Operator(cluster.kubeconfig, tmp_path / "a.log", args).start()
     cluster.wait_for(lambda: holder(cluster, lease), timeout=30, what="a leader")

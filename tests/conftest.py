@@ -80,9 +80,11 @@ def md_pod(
     ready: bool = False,
     unschedulable: str | None = None,
     oom_killed: bool = False,
+    node_selector: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A pod: Running on ``node``, else Pending (refused by the scheduler with ``unschedulable``); of
-    ModelDeployment ``owner`` (None: another tenant's) and pod template ``template`` (the plan-hash annotation)."""
+    ModelDeployment ``owner`` (None: another tenant's) and pod template ``template`` (the plan-hash annotation),
+    pinned by ``node_selector`` as its template says."""
     status: dict[str, Any] = {"phase": "Running" if node else "Pending", "conditions": []}
     if ready:
         status["conditions"].append({"type": "Ready", "status": "True"})
@@ -95,6 +97,8 @@ def md_pod(
     spec: dict[str, Any] = {"containers": [{"resources": {"requests": requests or {}}}]}
     if node:
         spec["nodeName"] = node
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
     return {
         "metadata": {
             "name": name,

@@ -131,10 +131,11 @@ def after(decision: Decision, make_pod: Builder, **pod: Any) -> Obj:
     on its plan's node, or is the given pod (of the same template)."""
     deploy = deployment(decision, ready=0 if pod else 1)
     node = decision.status.plan.node_selector.get(HOST)
+    pinned = deploy["spec"]["template"]["spec"].get("nodeSelector")
     p = (
-        make_pod(template=template(deploy), **pod)
+        make_pod(template=template(deploy), node_selector=pinned, **pod)
         if pod
-        else make_pod(template=template(deploy), node=node, ready=True)
+        else make_pod(template=template(deploy), node=node, ready=True, node_selector=pinned)
     )
     return {"old": decision.status, "deploy": deploy, "pods": [p]}
 
@@ -604,6 +605,35 @@ def test_pods_none_of_which_runs_are_replaced_when_their_plan_moves(make_node: B
     assert d.status.plan.node_selector != first.status.plan.node_selector
     assert d.apply and d.status.plan.rollout == "Replace"
     assert child(d, "Deployment")["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_a_move_decided_again_before_the_deployment_controller_acted_keeps_replace(
+    make_node: Builder, make_pod: Builder
+) -> None:
+    """e2e/test_burst, once in CI: a model refused on n0 moved to n1 (Replace), and the next resync, with the old
+    pod still pending on n0, re-decided it. That pod's refusal said nothing of n1, yet it made the operator avoid n1
+    too and, the recorded plan already naming n1 (not a move), surge: the Deployment controller then kept the old
+    pod beside the new one, both pending for good. The old template's pod is neither a refusal of the new plan nor
+    a reason to surge."""
+    spec = {**SEED, "context": 4096, "resources": {"requests": {"cpu": "3"}}}
+    nodes = [make_node("n0", "4", "8Gi"), make_node("n1", "4", "8Gi")]
+    first = decide(snapshot(spec, nodes))
+    refused = after(first, make_pod, unschedulable="0/2 nodes: 1 Insufficient cpu")
+    moved = decide(snapshot(spec, nodes, **refused))
+    assert moved.status.plan.node_selector != first.status.plan.node_selector and moved.status.plan.rollout == "Replace"
+    # applied; the Deployment controller has not replaced the old pod yet
+    again = decide(
+        snapshot(spec, nodes, old=moved.status, deploy=deployment(moved), pods=refused["pods"], avoid=moved.avoid)
+    )
+    assert again.status.plan.node_selector == moved.status.plan.node_selector
+    assert not again.apply or child(again, "Deployment")["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    assert not any("adapting" in line for _, line in again.logs), again.logs
+    # a re-plan of the same class with the old pod there (a new spec) replaces it too: nothing runs
+    bigger = decide(
+        snapshot({**spec, "context": 8192}, nodes, generation=2, old=moved.status, deploy=deployment(moved),
+                 pods=refused["pods"], avoid=moved.avoid)
+    )  # fmt: skip
+    assert bigger.apply and bigger.status.plan.rollout == "Replace"
 
 
 # ---- drift: a hand edit of the Deployment -----------------------------------------------------------

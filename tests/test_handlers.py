@@ -233,10 +233,16 @@ def test_failed_scheduling_with_adapt_moves_elsewhere():
     k, st = FakeKube([CPU_LARGE, other]), OperatorState()
     status = go(md(SEED), k, st)
     first = status["plan"]["nodeClass"]
+    pod_template = k.objects[deploy_path()]["spec"]["template"]
     k.pods.append(
         {
-            "metadata": {"name": "qwen-1", "namespace": "default", "labels": {"modelfit.io/modeldeployment": "qwen"}},
-            "spec": {},
+            "metadata": {
+                "name": "qwen-1",
+                "namespace": "default",
+                "labels": {"modelfit.io/modeldeployment": "qwen"},
+                "annotations": pod_template["metadata"]["annotations"],
+            },
+            "spec": {"nodeSelector": pod_template["spec"]["nodeSelector"]},
             "status": {
                 "phase": "Pending",
                 "conditions": [

@@ -323,7 +323,8 @@ def react(snap: Snapshot) -> _Reaction:
     avoid = {k: t for k, t in snap.avoid.items() if t > snap.now}
     placement = _place(snap, boost, avoid)
     sig = pod_signals(snap.pods, template_hash(snap.deploy))
-    out = _Reaction(placement, boost, old.oom_kills or 0, rejected, override_failed, avoid, bool(sig.unschedulable), [])
+    refused = bool(sig.unschedulable_current)  # a pod of the applied template: an old one's says nothing of this plan
+    out = _Reaction(placement, boost, old.oom_kills or 0, rejected, override_failed, avoid, refused, [])
     if not placement.fits or placement.result is None:
         return out
     honour = memory_override_verdict(placement, spec, override_failed) is None
@@ -337,7 +338,7 @@ def react(snap: Snapshot) -> _Reaction:
         out.oom_kills += 1
         out.logs.append((logging.WARNING, f"OOMKilled in {sig.oom_killed}; memory headroom boost now {out.boost:.2f}"))
         out.placement = _place(snap, out.boost, avoid)
-    elif sig.unschedulable and spec.adapt and placement.reason != WAITING_FOR_NODE:
+    elif refused and spec.adapt and placement.reason != WAITING_FOR_NODE:
         # The facts say the class has room, the scheduler says no: avoid it. A pod that waits for room or a node
         # (WaitingForNode) is refused by design until then; avoiding its class would only move it about.
         avoid[tuple(sorted(placement.selector.items()))] = snap.now + AVOID_SECONDS
@@ -417,13 +418,16 @@ def keep_running(snap: Snapshot, r: _Reaction, new_plan: PlanStatus, pinned: boo
 def surge_fits(snap: Snapshot, placement: Placement) -> bool:
     """Room for the new pod beside a running one? Always when the pods move to another node class, unless none of
     them runs: then nothing is kept serving, and a surge would keep the old pending pod, pinned where there is no
-    room, until the new one runs (a model moved in a burst had two pods pending, neither ever replaced)."""
+    room, until the new one runs (a model moved in a burst had two pods pending, neither ever replaced). Judged by
+    the pods' own node selectors as well as by the recorded plan, which already names the new class when the
+    move is decided again before the Deployment controller acted on it."""
     old_plan = snap.old.plan
-    running = [p for p in snap.pods if (p.get("status") or {}).get("phase") == "Running"]
+    live = [p for p in snap.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
     node, res = placement.node, placement.result
     moved = old_plan is not None and old_plan.node_selector != placement.selector
     if not running:
-        return not (moved and snap.pods)
+        return not (live and (moved or any(_elsewhere(p, placement.selector) for p in live)))
     if node is None or res is None or old_plan is None or moved:
         return True
     if node.count > len(running):
@@ -432,6 +436,12 @@ def surge_fits(snap: Snapshot, placement: Placement) -> bool:
     both = requests_of(old_plan.resources) + requests_of(res.resources.model_dump())
     mem_ok = node.memory_bytes is None or node.memory_bytes >= old_mem + res.memory_request_bytes
     return mem_ok and node.cpu_millis >= both.cpu_millis and node.gpus >= both.gpus
+
+
+def _elsewhere(pod: dict[str, Any], selector: dict[str, str]) -> bool:
+    """A pod pinned outside ``selector`` (the placement's node class); one pinned nowhere may run anywhere."""
+    pinned = (pod.get("spec") or {}).get("nodeSelector") or {}
+    return bool(pinned) and any(pinned.get(k) != v for k, v in selector.items())
 
 
 def replicas_that_fit(snap: Snapshot, placement: Placement, requests: dict[str, str]) -> tuple[int, int]:

@@ -75,6 +75,9 @@ class PodSignals:
     """What the pods of a ModelDeployment say about its health."""
 
     unschedulable: str | None = None
+    # the same, of the pods of ``template_hash`` only: an old template's pod, pinned where the plan no longer goes,
+    # says nothing of the new placement (it leaves once the rollout reaches it)
+    unschedulable_current: str | None = None
     oom_killed: list[str] = field(default_factory=list)  # pod names, current template only when filtered
     download_failed: str | None = None
     image_pull: str | None = None
@@ -205,6 +208,7 @@ def pod_signals(pods: list[dict[str, Any]], template_hash: str | None = None) ->
 
     return PodSignals(
         unschedulable=last(_unschedulable),
+        unschedulable_current=_last(_unschedulable(p.get("status") or {}) for p in current),
         oom_killed=[name for p in current for name in _oom_killed(p)],
         download_failed=last(_download_failed),
         image_pull=last(_image_pull),
