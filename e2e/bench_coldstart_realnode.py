@@ -8,7 +8,7 @@ sha256 verified), llama-server started, model loaded (its own log line), Ready, 
 
 API timestamps are whole seconds; the model-loaded line (the container runtime's timestamp) and the first token
 (the client's clock) are not. The kubelet's own log (``--v=2``) gives its view to the microsecond: when its PLEG
-relist saw each container start and end, and when the startup probe passed; ``MODELFIT_BENCH_KUBELET`` names the
+relist saw each container start and end, and its probes' results; ``MODELFIT_BENCH_KUBELET`` names the
 file where those rows go.
 """
 
@@ -56,7 +56,7 @@ def _loaded_at(cluster: Any, ns: str, pod: str, since: float) -> float | None:
 
 
 def _kubelet_saw(pod: dict[str, Any], since: float) -> list[tuple[float, str]]:
-    """(seconds from ``since``, what) for each PLEG event and startup-probe result the kubelet logged for ``pod``:
+    """(seconds from ``since``, what) for each PLEG event and probe result the kubelet logged for ``pod``:
     its own clock to the microsecond (klog's local time, this machine's UTC). Container IDs are named from the
     pod's status."""
     ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
@@ -188,7 +188,7 @@ def test_cold_start_by_stage(
     OUT.write_text(head + "\n" + "\n".join(rows) + "\n")
     print("\n" + OUT.read_text())
     KUBELET_OUT.write_text(
-        "What the kubelet saw (its log, seconds from the request): PLEG events and startup-probe results.\n\n"
+        "What the kubelet saw (its log, seconds from the request): PLEG events and probe results.\n\n"
         "| where the file is | run | first token | kubelet saw |\n|---|---|---|---|\n" + "\n".join(kubelet_rows) + "\n"
     )
     print("\n" + KUBELET_OUT.read_text())
