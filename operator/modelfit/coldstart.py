@@ -29,6 +29,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import scaletozero
 from .api import ColdStartStages, ColdStartStatus, ModelDeploymentSpec
 
 # The llama-server container's startup probe period (render.py): Ready at most this long after the load.
@@ -117,8 +118,7 @@ def startup_period(spec: ModelDeploymentSpec) -> int:
     """How often the llama-server container's probe looks while it loads (render.py): 1 s for a model that may go to
     zero (autoscaling.minReplicas 0: a held request waits on every start; its readiness probe), else 2 s (its
     startup probe)."""
-    a = spec.autoscaling
-    return ZERO_STARTUP_PERIOD_S if a is not None and a.min_replicas == 0 else STARTUP_PERIOD_S
+    return ZERO_STARTUP_PERIOD_S if scaletozero.applies(spec) else STARTUP_PERIOD_S
 
 
 def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none", kv_bytes: int = 0) -> ColdStart:
@@ -172,7 +172,7 @@ def predict(model_bytes: int, spec: ModelDeploymentSpec, load_mode: str = "none"
             else ")"
         ),
         f"warmup: context ({kv_bytes / 1e9:.2f} GB of KV cache cleared) and llama-server's warm-up run",
-        f"probe: the {'readiness' if startup_period(spec) == ZERO_STARTUP_PERIOD_S else 'startup'} probe looks every "
+        f"probe: the {'readiness' if scaletozero.applies(spec) else 'startup'} probe looks every "
         f"{startup_period(spec)} s",
     )
     return ColdStart(stages, sum(stages.values()) - disk, reasons)

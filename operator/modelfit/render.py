@@ -16,10 +16,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from . import api, catalog
+from . import api, catalog, scaletozero
 from .api import ModelDeploymentSpec
 from .cache import host_cache_dir
-from .coldstart import STARTUP_PERIOD_S, ZERO_STARTUP_PERIOD_S, startup_period
+from .coldstart import STARTUP_PERIOD_S, startup_period
 from .download import DIGEST_DIR, DOWNLOAD_SCRIPT, download_env, shard_names
 from .memory import LLAMA_CPP_BUILD
 from .nodes import GPU_RESOURCES, GiB, MiB, format_memory, parse_quantity
@@ -398,7 +398,7 @@ def _server_container(
     budget_probes = startup_failure_threshold(model.size_bytes, period)
     liveness = {**probe(), "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 6}
     probes: dict[str, Any]
-    if period == ZERO_STARTUP_PERIOD_S:
+    if scaletozero.applies(spec):
         # A model that may go to zero has a client waiting on every start. The kubelet writes Ready the moment a
         # readiness probe passes, while a passed startup probe waits for its next pod sync (up to a PLEG relist,
         # about 1 s) before readiness is even looked at: so no startup probe, readiness every second (llama-server
